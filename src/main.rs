@@ -1,0 +1,2 @@
+//! The `ckptstore` command.
+fn main() {}

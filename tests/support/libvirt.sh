@@ -1,0 +1,142 @@
+#!/usr/bin/env bash
+# Install libvirt 11.3 + QEMU 10.0.2 from bookworm-backports and run a private
+# libvirtd for the test suite.  Safe to run twice.
+#
+#   tests/support/libvirt.sh install   # packages only (needs root)
+#   tests/support/libvirt.sh start     # install if needed, configure, start, wait
+#   tests/support/libvirt.sh stop      # stop the daemon this script started (by pid)
+#   tests/support/libvirt.sh pid       # print the daemon's pid
+#
+# State lives in $CKPTSTORE_LIBVIRT_DIR (default /var/tmp/ckptstore-libvirtd).
+set -euo pipefail
+
+STATE_DIR=${CKPTSTORE_LIBVIRT_DIR:-/var/tmp/ckptstore-libvirtd}
+PID_FILE="$STATE_DIR/libvirtd.pid"
+CONF="$STATE_DIR/libvirtd.conf"
+LOG="$STATE_DIR/libvirtd.log"
+BPO=bookworm-backports
+# pkg-config comes from bookworm itself; everything else is pinned to backports.
+PACKAGES=(libvirt-dev libvirt0 libvirt-common libvirt-clients
+  libvirt-daemon libvirt-daemon-common libvirt-daemon-log
+  libvirt-daemon-driver-qemu qemu-system-x86 qemu-system-common
+  qemu-system-data qemu-utils seabios)
+
+log() { echo "libvirt.sh: $*" >&2; }
+
+need_install() {
+  command -v libvirtd >/dev/null 2>&1 || return 0
+  command -v virsh >/dev/null 2>&1 || return 0
+  command -v qemu-system-x86_64 >/dev/null 2>&1 || return 0
+  command -v qemu-img >/dev/null 2>&1 || return 0
+  pkg-config --exists libvirt 2>/dev/null || return 0
+  case "$(libvirtd --version 2>/dev/null)" in *11.3.*) ;; *) return 0 ;; esac
+  return 1
+}
+
+install_packages() {
+  if ! need_install; then
+    log "libvirt $(libvirtd --version | awk '{print $NF}') already installed"
+    return 0
+  fi
+  [ "$(id -u)" = 0 ] || { log "installing packages needs root"; exit 1; }
+  local src=/etc/apt/sources.list.d/ckptstore-bookworm-backports.sources
+  if ! grep -rqs "$BPO" /etc/apt/sources.list.d/ /etc/apt/sources.list; then
+    cat >"$src" <<SRC
+Types: deb
+URIs: http://deb.debian.org/debian
+Suites: $BPO
+Components: main
+Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
+SRC
+  fi
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq >&2
+  local pinned=()
+  for p in "${PACKAGES[@]}"; do pinned+=("$p/$BPO"); done
+  apt-get install -y -qq --no-install-recommends \
+    -o Dpkg::Options::=--force-confold pkg-config "${pinned[@]}" >&2
+  log "installed $(libvirtd --version)"
+}
+
+write_config() {
+  mkdir -p "$STATE_DIR"
+  chmod 0700 "$STATE_DIR"
+  cat >/etc/libvirt/qemu.conf <<'QCONF'
+# written by ckptstore tests/support/libvirt.sh: a container without cgroups,
+# namespaces, virtlogd or a security driver
+user = "root"
+group = "root"
+dynamic_ownership = 0
+remember_owner = 0
+security_driver = "none"
+cgroup_controllers = [ ]
+namespaces = [ ]
+stdio_handler = "file"
+QCONF
+  cat >"$CONF" <<LCONF
+listen_tls = 0
+listen_tcp = 0
+unix_sock_group = "root"
+unix_sock_rw_perms = "0770"
+auth_unix_rw = "none"
+auth_unix_ro = "none"
+log_outputs = "3:file:$LOG"
+LCONF
+}
+
+daemon_pid() {
+  [ -s "$PID_FILE" ] || return 1
+  local pid
+  pid=$(cat "$PID_FILE")
+  [ -d "/proc/$pid" ] || return 1
+  # the pid must still be a libvirtd (guards against a reused pid)
+  case "$(cat /proc/$pid/comm 2>/dev/null)" in libvirtd) echo "$pid" ;; *) return 1 ;; esac
+}
+
+wait_ready() {
+  local i
+  for i in $(seq 1 120); do
+    if virsh -c qemu:///system version >/dev/null 2>&1; then return 0; fi
+    sleep 0.5
+  done
+  log "libvirtd did not answer on qemu:///system within 60 s; see $LOG"
+  tail -n 20 "$LOG" >&2 || true
+  return 1
+}
+
+start_daemon() {
+  install_packages
+  if pid=$(daemon_pid); then
+    log "libvirtd already running (pid $pid)"
+    wait_ready
+    return 0
+  fi
+  write_config
+  mkdir -p /run/libvirt /var/lib/libvirt/qemu /var/log/libvirt/qemu /var/cache/libvirt/qemu
+  rm -f "$PID_FILE"
+  libvirtd -d --config "$CONF" --pid-file "$PID_FILE"
+  for _ in $(seq 1 50); do [ -s "$PID_FILE" ] && break; sleep 0.1; done
+  wait_ready
+  log "libvirtd running (pid $(cat "$PID_FILE")), qemu:///system answers"
+}
+
+stop_daemon() {
+  local pid
+  if ! pid=$(daemon_pid); then
+    log "no libvirtd started by this script is running"
+    return 0
+  fi
+  kill -TERM "$pid"
+  for _ in $(seq 1 100); do [ -d "/proc/$pid" ] || break; sleep 0.1; done
+  if [ -d "/proc/$pid" ]; then kill -KILL "$pid"; fi
+  rm -f "$PID_FILE"
+  log "libvirtd (pid $pid) stopped"
+}
+
+case "${1:-start}" in
+  install) install_packages ;;
+  start) start_daemon ;;
+  stop) stop_daemon ;;
+  pid) daemon_pid ;;
+  *) echo "usage: $0 install|start|stop|pid" >&2; exit 2 ;;
+esac
