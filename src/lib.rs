@@ -18,3 +18,11 @@ pub mod xml;
 
 pub use backend::{Backend, BackendError, BackendErrorKind};
 pub use chain::{Chain, ChainError, Checkpoint, CheckpointDef, ValidChain};
+pub mod engine;
+pub mod error;
+pub mod journal;
+pub mod owner;
+pub mod plan;
+
+pub use engine::{Outcome, Policy, Recovered, Status, Store, StoreOptions, SyncReport};
+pub use error::{Error, Result};

@@ -210,6 +210,10 @@ fn disk_attrs(e: &BytesStart<'_>) -> Result<(String, Option<String>, Option<Stri
     Ok((name, attr(e, b"checkpoint", W)?, attr(e, b"bitmap", W)?))
 }
 
+/// A `<disk>` being read: (is a `device='disk'`, target, format, source,
+/// backing chain).
+type DiskBuilder = (bool, Option<String>, Option<String>, Option<PathBuf>, Vec<PathBuf>);
+
 /// Parse the facts the store needs from a domain's XML. `running` is taken
 /// from the caller (libvirt's `virDomainIsActive`), not guessed from the XML.
 ///
@@ -225,12 +229,12 @@ pub fn parse_domain(xml: &str, running: bool) -> Result<DomainInfo, XmlError> {
     let mut text = String::new();
     let mut disks = Vec::new();
     // The disk being read: (is_disk_device, target, format, source, backing)
-    let mut cur: Option<(bool, Option<String>, Option<String>, Option<PathBuf>, Vec<PathBuf>)> = None;
+    let mut cur: Option<DiskBuilder> = None;
     // Depth of <backingStore> nesting inside the current disk.
     let mut bs_depth = 0usize;
     let handle = |e: &BytesStart<'_>,
                   path: &[Vec<u8>],
-                  cur: &mut Option<(bool, Option<String>, Option<String>, Option<PathBuf>, Vec<PathBuf>)>,
+                  cur: &mut Option<DiskBuilder>,
                   bs_depth: usize|
      -> Result<(), XmlError> {
         let n = e.name().as_ref().to_vec();

@@ -71,6 +71,8 @@ struct FakeDomain {
     bitmaps: BTreeMap<String, BTreeSet<String>>,
     checkpoints: Vec<CheckpointDef>,
     current: Option<String>,
+    /// Definitions libvirt will refuse to redefine (a simulated refusal).
+    refused: Vec<CheckpointDef>,
 }
 
 #[derive(Debug, Default)]
@@ -173,6 +175,26 @@ impl FakeBackend {
         for d in &mut st.domains {
             d.current = recompute_current(&d.checkpoints);
         }
+    }
+
+    /// Make every redefine of exactly this definition fail with
+    /// `InvalidArgument`, as libvirt refuses a definition it finds invalid.
+    pub fn refuse_def(&self, domain: &str, def: &CheckpointDef) {
+        let mut st = self.lock();
+        if let Some(d) = st.domains.iter_mut().find(|d| d.name == domain || d.uuid == domain) {
+            d.refused.push(def.clone());
+        }
+    }
+
+    /// The domain's checkpoints, parents first, read without counting a
+    /// call or striking a fault (for test assertions).
+    pub fn peek(&self, domain: &str) -> Vec<CheckpointDef> {
+        let st = self.lock();
+        st.domains
+            .iter()
+            .find(|d| d.name == domain || d.uuid == domain)
+            .map(|d| topological(&d.checkpoints))
+            .unwrap_or_default()
     }
 
     /// Inject a fault; faults are checked in the order they were added.
@@ -294,6 +316,12 @@ impl Backend for FakeBackend {
                 return Err(BackendError::new(
                     K::InvalidArgument,
                     format!("invalid argument: invalid checkpoint name '{}'", def.name),
+                ));
+            }
+            if d.refused.contains(&def) {
+                return Err(BackendError::new(
+                    K::InvalidArgument,
+                    format!("invalid argument: checkpoint {} refused (simulated)", def.name),
                 ));
             }
             if validate {
