@@ -210,6 +210,9 @@ fn disk_attrs(e: &BytesStart<'_>) -> Result<(String, Option<String>, Option<Stri
     Ok((name, attr(e, b"checkpoint", W)?, attr(e, b"bitmap", W)?))
 }
 
+/// The disk being read: (is_disk_device, target, format, source, backing).
+type DiskParts = (bool, Option<String>, Option<String>, Option<PathBuf>, Vec<PathBuf>);
+
 /// Parse the facts the store needs from a domain's XML. `running` is taken
 /// from the caller (libvirt's `virDomainIsActive`), not guessed from the XML.
 ///
@@ -225,41 +228,38 @@ pub fn parse_domain(xml: &str, running: bool) -> Result<DomainInfo, XmlError> {
     let mut text = String::new();
     let mut disks = Vec::new();
     // The disk being read: (is_disk_device, target, format, source, backing)
-    let mut cur: Option<(bool, Option<String>, Option<String>, Option<PathBuf>, Vec<PathBuf>)> = None;
+    let mut cur: Option<DiskParts> = None;
     // Depth of <backingStore> nesting inside the current disk.
     let mut bs_depth = 0usize;
-    let handle = |e: &BytesStart<'_>,
-                  path: &[Vec<u8>],
-                  cur: &mut Option<(bool, Option<String>, Option<String>, Option<PathBuf>, Vec<PathBuf>)>,
-                  bs_depth: usize|
-     -> Result<(), XmlError> {
-        let n = e.name().as_ref().to_vec();
-        let in_disk = path.len() >= 3 && path[1] == b"devices" && path[2] == b"disk";
-        if !in_disk {
-            return Ok(());
-        }
-        let Some(c) = cur.as_mut() else { return Ok(()) };
-        let parent = path.last().map(Vec::as_slice);
-        match n.as_slice() {
-            b"target" if path.len() == 3 => c.1 = attr(e, b"dev", W)?,
-            b"driver" if path.len() == 3 => c.2 = attr(e, b"type", W)?,
-            b"source" if path.len() == 3 || parent == Some(b"backingStore".as_slice()) => {
-                let p = match attr(e, b"file", W)? {
-                    Some(f) => Some(f),
-                    None => attr(e, b"dev", W)?,
-                };
-                if let Some(p) = p {
-                    if bs_depth == 0 {
-                        c.3 = Some(PathBuf::from(p));
-                    } else {
-                        c.4.push(PathBuf::from(p));
+    let handle =
+        |e: &BytesStart<'_>, path: &[Vec<u8>], cur: &mut Option<DiskParts>, bs_depth: usize| -> Result<(), XmlError> {
+            let n = e.name().as_ref().to_vec();
+            let in_disk = path.len() >= 3 && path[1] == b"devices" && path[2] == b"disk";
+            if !in_disk {
+                return Ok(());
+            }
+            let Some(c) = cur.as_mut() else { return Ok(()) };
+            let parent = path.last().map(Vec::as_slice);
+            match n.as_slice() {
+                b"target" if path.len() == 3 => c.1 = attr(e, b"dev", W)?,
+                b"driver" if path.len() == 3 => c.2 = attr(e, b"type", W)?,
+                b"source" if path.len() == 3 || parent == Some(b"backingStore".as_slice()) => {
+                    let p = match attr(e, b"file", W)? {
+                        Some(f) => Some(f),
+                        None => attr(e, b"dev", W)?,
+                    };
+                    if let Some(p) = p {
+                        if bs_depth == 0 {
+                            c.3 = Some(PathBuf::from(p));
+                        } else {
+                            c.4.push(PathBuf::from(p));
+                        }
                     }
                 }
+                _ => {}
             }
-            _ => {}
-        }
-        Ok(())
-    };
+            Ok(())
+        };
     loop {
         let ev = r.read_event().map_err(|e| err(W, e.to_string()))?;
         match ev {

@@ -215,7 +215,7 @@ impl FakeBackend {
     fn enter(st: &mut State, op: Op) -> Option<(Phase, K)> {
         *st.calls.entry(op).or_default() += 1;
         for (f, seen) in &mut st.faults {
-            if f.op.is_none_or(|o| o == op) {
+            if f.op.map_or(true, |o| o == op) {
                 *seen += 1;
                 if *seen == f.nth || (f.forever && *seen > f.nth) {
                     return Some((f.phase, f.kind));

@@ -1,13 +1,14 @@
 //! The backend: what the store needs from libvirt, as a small synchronous,
 //! object-safe trait, with two implementations — [`fake::FakeBackend`]
 //! (libvirt's behaviour in memory, with fault injection) and
-//! `libvirt::LibvirtBackend` (the real thing, over the `virt` crate).
+//! [`libvirt::LibvirtBackend`] (the real thing, over the `virt` crate).
 //!
 //! Errors carry a [`BackendErrorKind`] that the engine branches on; the most
 //! important one is [`BackendErrorKind::ConnectionLost`]: the call's outcome
 //! is unknown, and the engine must look before it decides anything.
 
 pub mod fake;
+pub mod libvirt;
 
 use serde::{Deserialize, Serialize};
 
