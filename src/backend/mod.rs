@@ -61,6 +61,11 @@ impl BackendError {
         BackendError { kind, code: 0, message: message.into() }
     }
 
+    /// Build an error of a kind carrying libvirt's error code.
+    pub fn with_code(kind: BackendErrorKind, code: i32, message: impl Into<String>) -> Self {
+        BackendError { kind, code, message: message.into() }
+    }
+
     /// The call may or may not have taken effect.
     pub fn is_outcome_unknown(&self) -> bool {
         self.kind == BackendErrorKind::ConnectionLost
