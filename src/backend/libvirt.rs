@@ -179,6 +179,9 @@ pub fn classify(code: i32, from: i32, message: &str) -> K {
         sys::VIR_ERR_NO_CONNECT | sys::VIR_ERR_INVALID_CONN => K::ConnectionLost,
         sys::VIR_ERR_SYSTEM_ERROR | sys::VIR_ERR_INTERNAL_ERROR | sys::VIR_ERR_RPC if rpc => K::ConnectionLost,
         sys::VIR_ERR_SYSTEM_ERROR if message.contains("End of file while reading data") => K::ConnectionLost,
+        // virCheckFlags: a driver that lacks a flag (the test driver and
+        // REDEFINE_VALIDATE) says so with VIR_ERR_INVALID_ARG.
+        sys::VIR_ERR_INVALID_ARG if message.starts_with("unsupported flags") => K::Unsupported,
         sys::VIR_ERR_INVALID_ARG
         | sys::VIR_ERR_XML_ERROR
         | sys::VIR_ERR_XML_DETAIL
@@ -276,6 +279,8 @@ mod tests {
         assert_eq!(c(109, sys::VIR_FROM_QEMU, ""), K::Inconsistent);
         assert_eq!(c(sys::VIR_ERR_NO_SUPPORT, sys::VIR_FROM_TEST, ""), K::Unsupported);
         assert_eq!(c(sys::VIR_ERR_ARGUMENT_UNSUPPORTED, sys::VIR_FROM_TEST, ""), K::Unsupported);
+        let flags = "unsupported flags (0x4) in function testDomainCheckpointCreateXML";
+        assert_eq!(c(sys::VIR_ERR_INVALID_ARG, sys::VIR_FROM_TEST, flags), K::Unsupported);
         assert_eq!(c(38, sys::VIR_FROM_RPC, "End of file while reading data: Input/output error"), K::ConnectionLost);
         assert_eq!(c(1, sys::VIR_FROM_RPC, "internal error: client socket is closed"), K::ConnectionLost);
         assert_eq!(c(38, sys::VIR_FROM_NONE, "End of file while reading data"), K::ConnectionLost);
