@@ -351,7 +351,8 @@ impl ValidChain {
                 name: c.id.to_string(),
                 parent: c.parent.map(|p| p.to_string()),
                 creation_time: c.created.timestamp(),
-                description: c.description.as_deref().map(xml_safe_text),
+                // libvirt keeps no empty description.
+                description: c.description.as_deref().map(xml_safe_text).filter(|d| !d.is_empty()),
                 disks: c
                     .disks
                     .iter()

@@ -61,7 +61,8 @@ impl DomainInfo {
 }
 
 /// Render the minimal redefine XML for one checkpoint. Every text and
-/// attribute value is escaped.
+/// attribute value is escaped. An empty description is left out: libvirt
+/// reads `<description></description>` as no description.
 pub fn render_checkpoint(def: &CheckpointDef) -> String {
     let mut w = Writer::new(Vec::with_capacity(256 + 96 * def.disks.len()));
     // Writing into a Vec cannot fail.
@@ -72,7 +73,7 @@ pub fn render_checkpoint(def: &CheckpointDef) -> String {
 fn write_checkpoint(w: &mut Writer<Vec<u8>>, def: &CheckpointDef) -> std::io::Result<()> {
     w.write_event(Event::Start(BytesStart::new("domaincheckpoint")))?;
     text_elem(w, "name", &def.name)?;
-    if let Some(d) = &def.description {
+    if let Some(d) = def.description.as_deref().filter(|d| !d.is_empty()) {
         text_elem(w, "description", d)?;
     }
     if let Some(p) = &def.parent {
@@ -114,12 +115,14 @@ fn attr(e: &BytesStart<'_>, name: &[u8], what: &'static str) -> Result<Option<St
 
 /// Parse libvirt's checkpoint XML (with or without `<domain>`) into the
 /// comparable form. Disks with `checkpoint='no'` are left out; a disk with
-/// no `bitmap` attribute uses the checkpoint's name, as libvirt does.
+/// no `bitmap` attribute uses the checkpoint's name, as libvirt does. As
+/// libvirt reads and writes them, an empty description is no description,
+/// and a missing `creationTime` is 0 (libvirt omits a zero one).
 ///
 /// # Errors
 ///
 /// [`XmlError`] when the document is not well-formed, is not a
-/// `<domaincheckpoint>`, or lacks a name or a valid creation time.
+/// `<domaincheckpoint>`, or lacks a name or has an invalid creation time.
 pub fn parse_checkpoint(xml: &str) -> Result<CheckpointDef, XmlError> {
     const W: &str = "checkpoint";
     let mut r = Reader::from_str(xml);
@@ -153,7 +156,7 @@ pub fn parse_checkpoint(xml: &str) -> Result<CheckpointDef, XmlError> {
                     disks.push(disk_attrs(&e)?);
                 }
                 if path.len() == 1 && n == b"description" {
-                    description = Some(String::new());
+                    description = None;
                 }
             }
             Event::Text(t) => {
@@ -180,7 +183,7 @@ pub fn parse_checkpoint(xml: &str) -> Result<CheckpointDef, XmlError> {
                     creation =
                         Some(t.parse::<i64>().map_err(|_| err(W, format!("creationTime {t:?} is not a number")))?);
                 } else if is(&[b"domaincheckpoint", b"description"]) {
-                    description = Some(std::mem::take(&mut text));
+                    description = Some(std::mem::take(&mut text)).filter(|d| !d.is_empty());
                 }
                 path.pop();
                 text.clear();
@@ -193,7 +196,8 @@ pub fn parse_checkpoint(xml: &str) -> Result<CheckpointDef, XmlError> {
         return Err(err(W, "document ends inside an element"));
     }
     let name = name.ok_or_else(|| err(W, "no <name>"))?;
-    let creation_time = creation.ok_or_else(|| err(W, format!("checkpoint {name} has no <creationTime>")))?;
+    // libvirt leaves out a creationTime of 0 when it formats a checkpoint.
+    let creation_time = creation.unwrap_or(0);
     let mut map = BTreeMap::new();
     for (target, kind, bitmap) in disks {
         if kind.as_deref() == Some("no") {
@@ -210,9 +214,8 @@ fn disk_attrs(e: &BytesStart<'_>) -> Result<(String, Option<String>, Option<Stri
     Ok((name, attr(e, b"checkpoint", W)?, attr(e, b"bitmap", W)?))
 }
 
-/// A `<disk>` being read: (is a `device='disk'`, target, format, source,
-/// backing chain).
-type DiskBuilder = (bool, Option<String>, Option<String>, Option<PathBuf>, Vec<PathBuf>);
+/// The disk being read: (is_disk_device, target, format, source, backing).
+type DiskParts = (bool, Option<String>, Option<String>, Option<PathBuf>, Vec<PathBuf>);
 
 /// Parse the facts the store needs from a domain's XML. `running` is taken
 /// from the caller (libvirt's `virDomainIsActive`), not guessed from the XML.
@@ -229,41 +232,38 @@ pub fn parse_domain(xml: &str, running: bool) -> Result<DomainInfo, XmlError> {
     let mut text = String::new();
     let mut disks = Vec::new();
     // The disk being read: (is_disk_device, target, format, source, backing)
-    let mut cur: Option<DiskBuilder> = None;
+    let mut cur: Option<DiskParts> = None;
     // Depth of <backingStore> nesting inside the current disk.
     let mut bs_depth = 0usize;
-    let handle = |e: &BytesStart<'_>,
-                  path: &[Vec<u8>],
-                  cur: &mut Option<DiskBuilder>,
-                  bs_depth: usize|
-     -> Result<(), XmlError> {
-        let n = e.name().as_ref().to_vec();
-        let in_disk = path.len() >= 3 && path[1] == b"devices" && path[2] == b"disk";
-        if !in_disk {
-            return Ok(());
-        }
-        let Some(c) = cur.as_mut() else { return Ok(()) };
-        let parent = path.last().map(Vec::as_slice);
-        match n.as_slice() {
-            b"target" if path.len() == 3 => c.1 = attr(e, b"dev", W)?,
-            b"driver" if path.len() == 3 => c.2 = attr(e, b"type", W)?,
-            b"source" if path.len() == 3 || parent == Some(b"backingStore".as_slice()) => {
-                let p = match attr(e, b"file", W)? {
-                    Some(f) => Some(f),
-                    None => attr(e, b"dev", W)?,
-                };
-                if let Some(p) = p {
-                    if bs_depth == 0 {
-                        c.3 = Some(PathBuf::from(p));
-                    } else {
-                        c.4.push(PathBuf::from(p));
+    let handle =
+        |e: &BytesStart<'_>, path: &[Vec<u8>], cur: &mut Option<DiskParts>, bs_depth: usize| -> Result<(), XmlError> {
+            let n = e.name().as_ref().to_vec();
+            let in_disk = path.len() >= 3 && path[1] == b"devices" && path[2] == b"disk";
+            if !in_disk {
+                return Ok(());
+            }
+            let Some(c) = cur.as_mut() else { return Ok(()) };
+            let parent = path.last().map(Vec::as_slice);
+            match n.as_slice() {
+                b"target" if path.len() == 3 => c.1 = attr(e, b"dev", W)?,
+                b"driver" if path.len() == 3 => c.2 = attr(e, b"type", W)?,
+                b"source" if path.len() == 3 || parent == Some(b"backingStore".as_slice()) => {
+                    let p = match attr(e, b"file", W)? {
+                        Some(f) => Some(f),
+                        None => attr(e, b"dev", W)?,
+                    };
+                    if let Some(p) = p {
+                        if bs_depth == 0 {
+                            c.3 = Some(PathBuf::from(p));
+                        } else {
+                            c.4.push(PathBuf::from(p));
+                        }
                     }
                 }
+                _ => {}
             }
-            _ => {}
-        }
-        Ok(())
-    };
+            Ok(())
+        };
     loop {
         let ev = r.read_event().map_err(|e| err(W, e.to_string()))?;
         match ev {
@@ -368,10 +368,21 @@ mod tests {
     }
 
     #[test]
+    fn reads_libvirts_zero_time_and_empty_description() {
+        let d =
+            parse_checkpoint("<domaincheckpoint><name>x</name><description></description></domaincheckpoint>").unwrap();
+        assert_eq!((d.creation_time, d.description), (0, None));
+        let mut def = def();
+        def.description = Some(String::new());
+        assert!(!render_checkpoint(&def).contains("description"));
+    }
+
+    #[test]
     fn refuses_what_is_not_a_checkpoint() {
         assert!(parse_checkpoint("<domain/>").is_err());
         assert!(parse_checkpoint("<domaincheckpoint><name>x</name>").is_err());
-        assert!(parse_checkpoint("<domaincheckpoint><name>x</name></domaincheckpoint>").is_err());
+        assert!(parse_checkpoint("<domaincheckpoint><name>x</name><creationTime>z</creationTime></domaincheckpoint>")
+            .is_err());
         assert!(parse_checkpoint("not xml at all").is_err());
         assert!(parse_checkpoint("").is_err());
     }
@@ -417,7 +428,7 @@ mod tests {
         ) {
             // XML 1.0 cannot carry most control characters; libvirt would
             // refuse them too, so the round trip is stated for the rest.
-            let description = description.as_deref().map(crate::chain::xml_safe_text);
+            let description = description.as_deref().map(crate::chain::xml_safe_text).filter(|d| !d.is_empty());
             let d = CheckpointDef { name, parent, creation_time: t, description, disks };
             let back = parse_checkpoint(&render_checkpoint(&d)).unwrap();
             prop_assert_eq!(back, d);

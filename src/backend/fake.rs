@@ -2,27 +2,59 @@
 //! the specification of the behaviour the store relies on, with fault
 //! injection for simulation tests.
 //!
-//! What it does like libvirt (each line is covered by the conformance suite
-//! that also runs against real libvirt):
+//! What it does like libvirt 11.3 (each line is covered by the conformance
+//! suite, `tests/conformance.rs`, that also runs against real libvirt), with
+//! libvirt's error codes and messages:
+//! - the redefine XML is checked first as libvirt's schema does (names,
+//!   disk targets, a non-empty `<disks>`, an unsigned `creationTime`):
+//!   `InvalidArgument`, code 92; XML that is not well-formed is code 35; a
+//!   missing `creationTime` is `Other`, code 1;
 //! - redefine needs the parent to exist: `InvalidArgument`, "parent P for
-//!   moment N not found"; a self-parent or a cycle is `InvalidArgument` too;
-//! - redefining an existing name replaces its definition, in place;
+//!   moment N not found"; a self-parent or a cycle is `InvalidArgument` too,
+//!   the cycle message naming the ancestor whose parent is N;
+//! - redefining an existing name replaces its definition (any parent, any
+//!   creation time) and keeps its children;
+//! - an empty `<description>` is no description; line ends are normalised
+//!   as an XML parser does; other whitespace is kept;
+//! - disk names are not checked against the domain's disks;
 //! - delete (metadata only) re-parents the children to the deleted one's
 //!   parent; an unknown name is `NoCheckpoint`;
 //! - the hidden *current* checkpoint: a redefined checkpoint becomes current
-//!   when its parent is current or there is none; deleting the current one
-//!   makes its parent current; [`FakeBackend::create`] (a real, non-redefine
-//!   checkpoint) takes the current one as parent;
-//! - `validate` needs a running domain (`NotRunning`) and every named bitmap
-//!   present in the domain's images (`Inconsistent`);
-//! - listing is topological: parents before children.
+//!   when its parent is current or there is none (a replaced current one
+//!   stays current); deleting the current one makes its parent current;
+//!   [`FakeBackend::create`] (a real, non-redefine checkpoint) takes the
+//!   current one as parent, and needs a running domain (`Unsupported`);
+//! - `validate` runs after the parent checks, needs a running domain
+//!   (`NotRunning`) and, on every disk the domain has, a bitmap named after
+//!   the checkpoint (`Inconsistent`); disks the domain lacks are skipped;
+//! - listing is libvirt's topological order: depth first from the roots,
+//!   siblings most recently (re)defined first; a delete moves the children
+//!   to the front of their new parent's list, in their order.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Mutex;
 
+use quick_xml::events::{BytesStart, Event};
+use quick_xml::Reader;
+
 use super::{Backend, BackendError, BackendErrorKind as K, DomainDisk, DomainInfo};
 use crate::chain::{is_valid_checkpoint_name, CheckpointDef};
 use crate::xml::parse_checkpoint;
+
+/// libvirt's error codes the fake reproduces.
+mod code {
+    pub const INTERNAL_ERROR: i32 = 1;
+    pub const INVALID_ARG: i32 = 8;
+    pub const XML_ERROR: i32 = 27;
+    pub const XML_DETAIL: i32 = 35;
+    pub const SYSTEM_ERROR: i32 = 38;
+    pub const NO_DOMAIN: i32 = 42;
+    pub const OPERATION_INVALID: i32 = 55;
+    pub const OPERATION_UNSUPPORTED: i32 = 84;
+    pub const XML_INVALID_SCHEMA: i32 = 92;
+    pub const NO_DOMAIN_CHECKPOINT: i32 = 103;
+    pub const CHECKPOINT_INCONSISTENT: i32 = 109;
+}
 
 /// Which backend operation a fault or a counter refers to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -69,10 +101,72 @@ struct FakeDomain {
     disks: Vec<DomainDisk>,
     /// Bitmap names present in each disk's image, by target.
     bitmaps: BTreeMap<String, BTreeSet<String>>,
-    checkpoints: Vec<CheckpointDef>,
+    /// Checkpoints by name.
+    checkpoints: HashMap<String, CheckpointDef>,
+    /// libvirt's sibling lists: parent (`None`: the roots) → children,
+    /// the most recently linked first.
+    children: HashMap<Option<String>, Vec<String>>,
     current: Option<String>,
     /// Definitions libvirt will refuse to redefine (a simulated refusal).
     refused: Vec<CheckpointDef>,
+}
+
+impl FakeDomain {
+    /// Link a checkpoint under its parent, in front of its siblings.
+    fn link(&mut self, name: &str, parent: Option<String>) {
+        self.children.entry(parent).or_default().insert(0, name.to_string());
+    }
+
+    fn unlink(&mut self, name: &str, parent: Option<String>) {
+        if let Some(list) = self.children.get_mut(&parent) {
+            list.retain(|c| c != name);
+        }
+    }
+
+    /// Depth first from the roots, siblings in list order.
+    fn listing(&self) -> Vec<CheckpointDef> {
+        let mut out = Vec::with_capacity(self.checkpoints.len());
+        let mut stack: Vec<&str> = Vec::new();
+        if let Some(roots) = self.children.get(&None) {
+            stack.extend(roots.iter().rev().map(String::as_str));
+        }
+        while let Some(n) = stack.pop() {
+            if let Some(d) = self.checkpoints.get(n) {
+                out.push(d.clone());
+                if let Some(list) = self.children.get(&Some(n.to_string())) {
+                    stack.extend(list.iter().rev().map(String::as_str));
+                }
+            }
+        }
+        out
+    }
+
+    /// Replace every checkpoint, linking each under its parent (or as a
+    /// root when the parent is missing) so that siblings list in the order
+    /// given.
+    fn replace_all(&mut self, defs: Vec<CheckpointDef>) {
+        self.current = recompute_current(&defs);
+        self.checkpoints.clear();
+        self.children.clear();
+        let names: BTreeSet<String> = defs.iter().map(|d| d.name.clone()).collect();
+        for d in defs.into_iter().rev() {
+            let parent = d.parent.clone().filter(|p| names.contains(p) && *p != d.name);
+            let name = d.name.clone();
+            if self.checkpoints.insert(name.clone(), d).is_none() {
+                self.link(&name, parent);
+            }
+        }
+    }
+
+    fn is(&self, domain: &str) -> bool {
+        if self.name == domain {
+            return true;
+        }
+        match (uuid::Uuid::parse_str(domain), uuid::Uuid::parse_str(&self.uuid)) {
+            (Ok(a), Ok(b)) => a == b,
+            _ => false,
+        }
+    }
 }
 
 #[derive(Debug, Default)]
@@ -122,10 +216,17 @@ impl FakeBackend {
         self.lock().domains.retain(|d| d.name != name);
     }
 
+    /// Start or stop a domain (checkpoint metadata and bitmaps stay).
+    pub fn set_running(&self, domain: &str, running: bool) {
+        if let Some(d) = self.lock().domains.iter_mut().find(|d| d.is(domain)) {
+            d.running = running;
+        }
+    }
+
     /// Add a bitmap to a disk's image (what `qemu-img bitmap --add` does).
     pub fn add_bitmap(&self, domain: &str, target: &str, bitmap: &str) {
         let mut st = self.lock();
-        if let Some(d) = st.domains.iter_mut().find(|d| d.name == domain) {
+        if let Some(d) = st.domains.iter_mut().find(|d| d.is(domain)) {
             d.bitmaps.entry(target.into()).or_default().insert(bitmap.into());
         }
     }
@@ -136,29 +237,39 @@ impl FakeBackend {
     ///
     /// # Errors
     ///
-    /// `NoDomain`, `NotRunning` (like libvirt, a real checkpoint needs a
-    /// running domain), `InvalidArgument` for a bad or taken name.
+    /// `NoDomain`; `Unsupported` when the domain is not running (like
+    /// libvirt: "cannot create checkpoint for inactive domain");
+    /// `InvalidArgument` for a bad name; `Other` for a taken one.
     pub fn create(&self, domain: &str, name: &str, creation_time: i64) -> Result<Option<String>, BackendError> {
         let mut st = self.lock();
         let d = find(&mut st, domain)?;
         if !d.running {
-            return Err(BackendError::new(K::NotRunning, "Requested operation is not valid: domain is not running"));
+            return Err(BackendError::with_code(
+                K::Unsupported,
+                code::OPERATION_UNSUPPORTED,
+                "Operation not supported: cannot create checkpoint for inactive domain",
+            ));
         }
-        if !is_valid_checkpoint_name(name) || d.checkpoints.iter().any(|c| c.name == name) {
-            return Err(BackendError::new(K::InvalidArgument, format!("invalid argument: checkpoint name {name}")));
+        if !is_valid_checkpoint_name(name) {
+            return Err(schema_error());
+        }
+        if d.checkpoints.contains_key(name) {
+            return Err(BackendError::with_code(
+                K::Other,
+                code::INTERNAL_ERROR,
+                format!("internal error: bitmap '{name}' already exists"),
+            ));
         }
         let parent = d.current.clone();
         let disks: BTreeMap<String, String> = d.disks.iter().map(|k| (k.target.clone(), name.to_string())).collect();
         for t in disks.keys() {
             d.bitmaps.entry(t.clone()).or_default().insert(name.into());
         }
-        d.checkpoints.push(CheckpointDef {
-            name: name.into(),
-            parent: parent.clone(),
-            creation_time,
-            description: None,
-            disks,
-        });
+        d.checkpoints.insert(
+            name.into(),
+            CheckpointDef { name: name.into(), parent: parent.clone(), creation_time, description: None, disks },
+        );
+        d.link(name, parent.clone());
         d.current = Some(name.into());
         Ok(parent)
     }
@@ -166,14 +277,15 @@ impl FakeBackend {
     /// The hidden current checkpoint (no libvirt API reads it; tests of the
     /// fake may).
     pub fn current(&self, domain: &str) -> Option<String> {
-        self.lock().domains.iter().find(|d| d.name == domain).and_then(|d| d.current.clone())
+        self.lock().domains.iter().find(|d| d.is(domain)).and_then(|d| d.current.clone())
     }
 
     /// Forget the current checkpoint and recompute it as a daemon restart does.
     pub fn restart(&self) {
         let mut st = self.lock();
         for d in &mut st.domains {
-            d.current = recompute_current(&d.checkpoints);
+            let defs: Vec<CheckpointDef> = d.checkpoints.values().cloned().collect();
+            d.current = recompute_current(&defs);
         }
     }
 
@@ -181,7 +293,7 @@ impl FakeBackend {
     /// `InvalidArgument`, as libvirt refuses a definition it finds invalid.
     pub fn refuse_def(&self, domain: &str, def: &CheckpointDef) {
         let mut st = self.lock();
-        if let Some(d) = st.domains.iter_mut().find(|d| d.name == domain || d.uuid == domain) {
+        if let Some(d) = st.domains.iter_mut().find(|d| d.is(domain)) {
             d.refused.push(def.clone());
         }
     }
@@ -189,12 +301,7 @@ impl FakeBackend {
     /// The domain's checkpoints, parents first, read without counting a
     /// call or striking a fault (for test assertions).
     pub fn peek(&self, domain: &str) -> Vec<CheckpointDef> {
-        let st = self.lock();
-        st.domains
-            .iter()
-            .find(|d| d.name == domain || d.uuid == domain)
-            .map(|d| topological(&d.checkpoints))
-            .unwrap_or_default()
+        self.lock().domains.iter().find(|d| d.is(domain)).map(FakeDomain::listing).unwrap_or_default()
     }
 
     /// Inject a fault; faults are checked in the order they were added.
@@ -218,12 +325,11 @@ impl FakeBackend {
     }
 
     /// Replace a domain's checkpoints directly (test set-up), current = the
-    /// newest leaf.
+    /// newest leaf. Siblings list in the order given.
     pub fn set_checkpoints(&self, domain: &str, defs: Vec<CheckpointDef>) {
         let mut st = self.lock();
-        if let Some(d) = st.domains.iter_mut().find(|d| d.name == domain || d.uuid == domain) {
-            d.current = recompute_current(&defs);
-            d.checkpoints = defs;
+        if let Some(d) = st.domains.iter_mut().find(|d| d.is(domain)) {
+            d.replace_all(defs);
         }
     }
 
@@ -261,16 +367,23 @@ impl FakeBackend {
 }
 
 fn fault_error(kind: K) -> BackendError {
-    let msg = match kind {
-        K::ConnectionLost => "End of file while reading data: Input/output error (injected)",
-        _ => "injected fault",
-    };
-    BackendError::new(kind, msg)
+    match kind {
+        K::ConnectionLost => BackendError::with_code(
+            kind,
+            code::SYSTEM_ERROR,
+            "End of file while reading data: Input/output error (injected)",
+        ),
+        _ => BackendError::new(kind, "injected fault"),
+    }
 }
 
 fn find<'a>(st: &'a mut State, domain: &str) -> Result<&'a mut FakeDomain, BackendError> {
-    st.domains.iter_mut().find(|d| d.name == domain || d.uuid == domain).ok_or_else(|| {
-        BackendError::new(K::NoDomain, format!("Domain not found: no domain with matching name '{domain}'"))
+    st.domains.iter_mut().find(|d| d.is(domain)).ok_or_else(|| {
+        BackendError::with_code(
+            K::NoDomain,
+            code::NO_DOMAIN,
+            format!("Domain not found: no domain with matching name '{domain}'"),
+        )
     })
 }
 
@@ -278,100 +391,247 @@ fn recompute_current(defs: &[CheckpointDef]) -> Option<String> {
     crate::chain::leaf_of(defs).map(|d| d.name.clone())
 }
 
-/// Parents before children; siblings in definition order.
-fn topological(defs: &[CheckpointDef]) -> Vec<CheckpointDef> {
-    let names: BTreeSet<&str> = defs.iter().map(|d| d.name.as_str()).collect();
-    let mut out: Vec<CheckpointDef> = Vec::with_capacity(defs.len());
-    let mut placed: BTreeSet<String> = BTreeSet::new();
-    let mut frontier: Vec<Option<String>> = vec![None];
-    while let Some(p) = frontier.pop() {
-        for d in defs.iter().rev() {
-            let parent_ok = match (&d.parent, &p) {
-                (None, None) => true,
-                (Some(dp), Some(pp)) => dp == pp,
-                (Some(dp), None) => !names.contains(dp.as_str()),
-                (None, Some(_)) => false,
-            };
-            if parent_ok && !placed.contains(&d.name) {
-                placed.insert(d.name.clone());
-                out.push(d.clone());
-                frontier.push(Some(d.name.clone()));
+fn invalid(message: String) -> BackendError {
+    BackendError::with_code(K::InvalidArgument, code::INVALID_ARG, message)
+}
+
+/// What libvirt says when its RELAX NG schema refuses the document.
+fn schema_error() -> BackendError {
+    BackendError::with_code(
+        K::InvalidArgument,
+        code::XML_INVALID_SCHEMA,
+        "XML document failed to validate against schema: Unable to validate doc against \
+         /usr/share/libvirt/schemas/domaincheckpoint.rng\nElement domaincheckpoint failed to validate content\n",
+    )
+}
+
+/// `unsignedLong` in libvirt's schema: digits only, within u64.
+fn is_unsigned_long(s: &str) -> bool {
+    !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()) && s.parse::<u64>().is_ok()
+}
+
+/// libvirt's `diskTargetDev` (`(ioemu:)?(fd|hd|sd|vd|xvd|ubd)[a-zA-Z0-9_]+`)
+/// or an absolute path.
+fn is_disk_name(s: &str) -> bool {
+    if s.starts_with('/') && s.len() > 1 {
+        return true;
+    }
+    let s = s.strip_prefix("ioemu:").unwrap_or(s);
+    ["fd", "hd", "sd", "vd", "xvd", "ubd"].iter().any(|p| {
+        s.strip_prefix(p)
+            .is_some_and(|rest| !rest.is_empty() && rest.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_'))
+    })
+}
+
+/// Check a redefine document as libvirt does before it looks at the
+/// domain's checkpoints: well-formed XML (code 27), then the schema of
+/// `domaincheckpoint.rng` (code 92), then a `creationTime` (code 1).
+fn check_redefine_xml(xml: &str) -> Result<(), BackendError> {
+    let not_well_formed =
+        |e: String| BackendError::with_code(K::InvalidArgument, code::XML_DETAIL, format!("at line 1: {e}"));
+    if let Some(c) = xml.chars().find(|&c| !is_xml_char(c)) {
+        return Err(not_well_formed(format!("character U+{:04X} is not allowed in XML", c as u32)));
+    }
+    let mut r = Reader::from_str(xml);
+    let mut path: Vec<Vec<u8>> = Vec::new();
+    let mut seen: BTreeSet<Vec<u8>> = BTreeSet::new();
+    let mut text = String::new();
+    let mut disks = 0usize;
+    let mut has_time = false;
+    let mut schema_ok = true;
+    let mut root_seen = false;
+    let mut parent_named = false;
+    let check_disk = |e: &BytesStart<'_>| -> bool {
+        let mut name = None;
+        let mut kind = None;
+        let mut extra_ok = true;
+        for a in e.attributes() {
+            let Ok(a) = a else { return false };
+            let Ok(v) = a.unescape_value() else { return false };
+            match a.key.as_ref() {
+                b"name" => name = Some(v.into_owned()),
+                b"checkpoint" => kind = Some(v.into_owned()),
+                b"bitmap" => {}
+                b"size" => extra_ok &= is_unsigned_long(&v),
+                _ => extra_ok = false,
             }
         }
+        let kind_ok = match kind.as_deref() {
+            None | Some("bitmap") => true,
+            Some("no") => e.attributes().flatten().all(|a| !matches!(a.key.as_ref(), b"bitmap" | b"size")),
+            Some(_) => false,
+        };
+        name.is_some_and(|n| is_disk_name(&n)) && kind_ok && extra_ok
+    };
+    loop {
+        let ev = r.read_event().map_err(|e| not_well_formed(e.to_string()))?;
+        match ev {
+            Event::Start(ref e) | Event::Empty(ref e) => {
+                let n = e.name().as_ref().to_vec();
+                let empty = matches!(ev, Event::Empty(_));
+                match path.len() {
+                    0 => {
+                        root_seen = true;
+                        schema_ok &= n == b"domaincheckpoint";
+                    }
+                    1 => {
+                        let known = [&b"name"[..], b"description", b"creationTime", b"disks", b"domain", b"parent"];
+                        schema_ok &= known.contains(&n.as_slice()) && seen.insert(n.clone());
+                        schema_ok &=
+                            !(empty && [&b"name"[..], b"creationTime", b"disks", b"parent"].contains(&n.as_slice()));
+                        has_time |= n == b"creationTime";
+                    }
+                    2 if path[1] == b"disks" => {
+                        schema_ok &= n == b"disk" && check_disk(e);
+                        disks += 1;
+                    }
+                    2 if path[1] == b"parent" => {
+                        schema_ok &= n == b"name" && !empty && !parent_named;
+                        parent_named = true;
+                    }
+                    2 if path[1] != b"domain" => schema_ok = false,
+                    _ => {}
+                }
+                if !empty {
+                    path.push(n);
+                }
+                text.clear();
+            }
+            Event::Text(t) => {
+                let s = t.decode().map_err(|e| not_well_formed(e.to_string()))?;
+                let s = quick_xml::escape::unescape(&s).map_err(|e| not_well_formed(e.to_string()))?;
+                if path.len() == 1 && !s.trim().is_empty() {
+                    schema_ok = false;
+                }
+                text.push_str(&s);
+            }
+            Event::GeneralRef(g) => {
+                let name = g.decode().map_err(|e| not_well_formed(e.to_string()))?;
+                let entity = format!("&{name};");
+                let s = quick_xml::escape::unescape(&entity).map_err(|e| not_well_formed(e.to_string()))?;
+                text.push_str(&s);
+            }
+            Event::CData(c) => text.push_str(&String::from_utf8_lossy(&c.into_inner())),
+            Event::End(_) => {
+                let at = |p: &[&[u8]]| path.len() == p.len() && path.iter().zip(p).all(|(a, b)| a == b);
+                if at(&[b"domaincheckpoint", b"name"]) || at(&[b"domaincheckpoint", b"parent", b"name"]) {
+                    schema_ok &= is_valid_checkpoint_name(&text);
+                } else if at(&[b"domaincheckpoint", b"creationTime"]) {
+                    schema_ok &= is_unsigned_long(&text);
+                } else if at(&[b"domaincheckpoint", b"disks"]) {
+                    schema_ok &= disks > 0;
+                } else if at(&[b"domaincheckpoint", b"parent"]) {
+                    schema_ok &= parent_named;
+                }
+                path.pop();
+                text.clear();
+            }
+            Event::Eof => break,
+            _ => {}
+        }
     }
-    out
+    if !root_seen || !path.is_empty() {
+        return Err(not_well_formed("document is empty or ends inside an element".into()));
+    }
+    if !schema_ok {
+        return Err(schema_error());
+    }
+    if !has_time {
+        return Err(BackendError::with_code(
+            K::Other,
+            code::INTERNAL_ERROR,
+            "internal error: missing creationTime from existing checkpoint",
+        ));
+    }
+    Ok(())
+}
+
+/// XML 1.0's `Char` production.
+fn is_xml_char(c: char) -> bool {
+    matches!(c, '\t' | '\n' | '\r') || (c >= ' ' && c != '\u{FFFE}' && c != '\u{FFFF}')
+}
+
+/// XML end-of-line handling: a parser turns `\r\n` and `\r` into `\n`
+/// before anything else.
+fn normalise_line_ends(xml: &str) -> std::borrow::Cow<'_, str> {
+    if xml.contains('\r') {
+        xml.replace("\r\n", "\n").replace('\r', "\n").into()
+    } else {
+        xml.into()
+    }
 }
 
 impl Backend for FakeBackend {
     fn list(&self, domain: &str) -> Result<Vec<CheckpointDef>, BackendError> {
-        self.call(Op::List, |st| Ok(topological(&find(st, domain)?.checkpoints)))
+        self.call(Op::List, |st| Ok(find(st, domain)?.listing()))
     }
 
     fn redefine(&self, domain: &str, xml: &str, validate: bool) -> Result<(), BackendError> {
         self.call(Op::Redefine, |st| {
             let d = find(st, domain)?;
-            let def =
-                parse_checkpoint(xml).map_err(|e| BackendError::new(K::InvalidArgument, format!("XML error: {e}")))?;
-            if !is_valid_checkpoint_name(&def.name) {
-                return Err(BackendError::new(
-                    K::InvalidArgument,
-                    format!("invalid argument: invalid checkpoint name '{}'", def.name),
-                ));
+            let xml = normalise_line_ends(xml);
+            check_redefine_xml(&xml)?;
+            let mut def = parse_checkpoint(&xml)
+                .map_err(|e| BackendError::with_code(K::InvalidArgument, code::XML_ERROR, format!("XML error: {e}")))?;
+            // libvirt reads an empty description as none.
+            if def.description.as_deref() == Some("") {
+                def.description = None;
             }
             if d.refused.contains(&def) {
-                return Err(BackendError::new(
-                    K::InvalidArgument,
-                    format!("invalid argument: checkpoint {} refused (simulated)", def.name),
-                ));
-            }
-            if validate {
-                if !d.running {
-                    return Err(BackendError::new(
-                        K::NotRunning,
-                        "Requested operation is not valid: domain is not running",
-                    ));
-                }
-                for (target, bitmap) in &def.disks {
-                    let present = d.bitmaps.get(target).is_some_and(|b| b.contains(bitmap));
-                    if !present {
-                        return Err(BackendError::new(
-                            K::Inconsistent,
-                            format!("checkpoint inconsistent: missing or broken bitmap '{bitmap}' for disk '{target}'"),
-                        ));
-                    }
-                }
+                return Err(invalid(format!("invalid argument: checkpoint {} refused (simulated)", def.name)));
             }
             if let Some(p) = &def.parent {
                 if *p == def.name {
-                    return Err(BackendError::new(
-                        K::InvalidArgument,
-                        format!("invalid argument: cannot set moment {p} as its own parent"),
+                    return Err(invalid(format!("invalid argument: cannot set moment {p} as its own parent")));
+                }
+                let Some(mut other) = d.checkpoints.get(p) else {
+                    return Err(invalid(format!("invalid argument: parent {p} for moment {} not found", def.name)));
+                };
+                // A cycle: walking up from the new parent reaches this one.
+                while let Some(up) = &other.parent {
+                    if *up == def.name {
+                        return Err(invalid(format!(
+                            "invalid argument: parent {} would create cycle to {}",
+                            other.name, def.name
+                        )));
+                    }
+                    match d.checkpoints.get(up) {
+                        Some(o) => other = o,
+                        None => break,
+                    }
+                }
+            }
+            if validate {
+                if !d.running {
+                    return Err(BackendError::with_code(
+                        K::NotRunning,
+                        code::OPERATION_INVALID,
+                        "Requested operation is not valid: domain is not running",
                     ));
                 }
-                if !d.checkpoints.iter().any(|c| &c.name == p) {
-                    return Err(BackendError::new(
-                        K::InvalidArgument,
-                        format!("invalid argument: parent {p} for moment {} not found", def.name),
-                    ));
-                }
-                // A cycle: the new parent descends from this checkpoint.
-                let mut cur = Some(p.clone());
-                while let Some(c) = cur {
-                    if c == def.name {
-                        return Err(BackendError::new(
-                            K::InvalidArgument,
-                            format!("invalid argument: parent {p} would create cycle to {}", def.name),
+                // libvirt checks the bitmap named after the checkpoint, on
+                // the disks the domain has (a detached disk is tolerated).
+                for target in def.disks.keys() {
+                    let Some(present) = d.bitmaps.get(target) else { continue };
+                    if !present.contains(&def.name) {
+                        return Err(BackendError::with_code(
+                            K::Inconsistent,
+                            code::CHECKPOINT_INCONSISTENT,
+                            format!(
+                                "checkpoint inconsistent: missing or broken bitmap '{}' for disk '{target}'",
+                                def.name
+                            ),
                         ));
                     }
-                    cur = d.checkpoints.iter().find(|x| x.name == c).and_then(|x| x.parent.clone());
                 }
             }
             let becomes_current = d.current.is_none() || def.parent.is_some() && def.parent == d.current;
             let name = def.name.clone();
-            match d.checkpoints.iter_mut().find(|c| c.name == def.name) {
-                Some(slot) => *slot = def,
-                None => d.checkpoints.push(def),
+            let parent = def.parent.clone();
+            if let Some(old) = d.checkpoints.insert(name.clone(), def) {
+                d.unlink(&name, old.parent);
             }
+            d.link(&name, parent);
             if becomes_current {
                 d.current = Some(name);
             }
@@ -382,18 +642,22 @@ impl Backend for FakeBackend {
     fn delete(&self, domain: &str, name: &str) -> Result<(), BackendError> {
         self.call(Op::Delete, |st| {
             let d = find(st, domain)?;
-            let Some(pos) = d.checkpoints.iter().position(|c| c.name == name) else {
-                return Err(BackendError::new(
+            let Some(gone) = d.checkpoints.remove(name) else {
+                return Err(BackendError::with_code(
                     K::NoCheckpoint,
+                    code::NO_DOMAIN_CHECKPOINT,
                     format!("Domain checkpoint not found: no domain checkpoint with matching name '{name}'"),
                 ));
             };
-            let gone = d.checkpoints.remove(pos);
-            for c in &mut d.checkpoints {
-                if c.parent.as_deref() == Some(name) {
-                    c.parent = gone.parent.clone();
+            d.unlink(name, gone.parent.clone());
+            let orphans = d.children.remove(&Some(name.to_string())).unwrap_or_default();
+            for c in &orphans {
+                if let Some(child) = d.checkpoints.get_mut(c) {
+                    child.parent = gone.parent.clone();
                 }
             }
+            let siblings = d.children.entry(gone.parent.clone()).or_default();
+            siblings.splice(0..0, orphans);
             if d.current.as_deref() == Some(name) {
                 d.current = gone.parent;
             }
@@ -410,5 +674,32 @@ impl Backend for FakeBackend {
 
     fn describe(&self) -> String {
         "fake".into()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn schema_checks_refuse_what_libvirts_schema_refuses() {
+        let ok = "<domaincheckpoint><name>c1</name><creationTime>1</creationTime>\
+                  <disks><disk name='vda' checkpoint='bitmap' bitmap='c1'/></disks></domaincheckpoint>";
+        assert_eq!(check_redefine_xml(ok), Ok(()));
+        let code_of = |xml: &str| check_redefine_xml(xml).unwrap_err().code;
+        assert_eq!(code_of(&ok.replace("<name>c1</name>", "<name>.c1</name>")), code::XML_INVALID_SCHEMA);
+        assert_eq!(code_of(&ok.replace(">1<", ">-1<")), code::XML_INVALID_SCHEMA);
+        assert_eq!(code_of(&ok.replace("vda", "disk0")), code::XML_INVALID_SCHEMA);
+        assert_eq!(code_of(&ok.replace("checkpoint='bitmap'", "checkpoint='maybe'")), code::XML_INVALID_SCHEMA);
+        assert_eq!(
+            code_of(&ok.replace("<disk name='vda' checkpoint='bitmap' bitmap='c1'/>", "")),
+            code::XML_INVALID_SCHEMA
+        );
+        assert_eq!(code_of(&ok.replace("<name>c1</name>", "<name>c1</name><foo/>")), code::XML_INVALID_SCHEMA);
+        assert_eq!(code_of(&ok.replace("<creationTime>1</creationTime>", "")), code::INTERNAL_ERROR);
+        assert_eq!(code_of("<domaincheckpoint><name>c1</name>"), code::XML_DETAIL);
+        assert_eq!(code_of("<domain/>"), code::XML_INVALID_SCHEMA);
+        assert!(is_disk_name("sda") && is_disk_name("vdz") && is_disk_name("/img/a.qcow2"));
+        assert!(!is_disk_name("vd") && !is_disk_name("nvme0n1") && !is_disk_name("vd-a"));
     }
 }

@@ -1,13 +1,14 @@
 //! The backend: what the store needs from libvirt, as a small synchronous,
 //! object-safe trait, with two implementations — [`fake::FakeBackend`]
 //! (libvirt's behaviour in memory, with fault injection) and
-//! `libvirt::LibvirtBackend` (the real thing, over the `virt` crate).
+//! [`libvirt::LibvirtBackend`] (the real thing, over the `virt` crate).
 //!
 //! Errors carry a [`BackendErrorKind`] that the engine branches on; the most
 //! important one is [`BackendErrorKind::ConnectionLost`]: the call's outcome
 //! is unknown, and the engine must look before it decides anything.
 
 pub mod fake;
+pub mod libvirt;
 
 use serde::{Deserialize, Serialize};
 
@@ -58,6 +59,11 @@ impl BackendError {
     /// Build an error of a kind with a message.
     pub fn new(kind: BackendErrorKind, message: impl Into<String>) -> Self {
         BackendError { kind, code: 0, message: message.into() }
+    }
+
+    /// Build an error of a kind carrying libvirt's error code.
+    pub fn with_code(kind: BackendErrorKind, code: i32, message: impl Into<String>) -> Self {
+        BackendError { kind, code, message: message.into() }
     }
 
     /// The call may or may not have taken effect.

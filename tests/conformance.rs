@@ -1,0 +1,602 @@
+//! One set of behaviour tests, run against every backend: the in-memory
+//! [`FakeBackend`], libvirt's in-process test driver (`test:///default`) and
+//! the real daemon (`qemu:///system`, shut-off domains on real qcow2
+//! images, running TCG domains where a behaviour needs one).
+//!
+//! Each behaviour is written once, as a function of a [`Harness`]; the
+//! `conformance!` macro at the bottom runs each one on the three backends.
+//! Expected values are written out in full, so a difference between the
+//! fake and libvirt fails the fake's test or libvirt's: every such
+//! difference is a bug in the fake.
+
+mod support;
+
+use std::collections::BTreeMap;
+
+use ckptstore::backend::fake::FakeBackend;
+use ckptstore::chain::xml_safe_text;
+use ckptstore::xml::render_checkpoint;
+use ckptstore::{Backend, BackendError, BackendErrorKind as K, CheckpointDef, LibvirtBackend};
+use support::TestDomain;
+
+/// A fresh domain on one backend; dropping it removes it.
+struct Dom {
+    name: String,
+    uuid: String,
+    targets: Vec<String>,
+    _guard: Option<TestDomain>,
+}
+
+/// What a behaviour needs from a backend besides the [`Backend`] trait.
+trait Harness {
+    /// The backend under test.
+    fn backend(&self) -> &dyn Backend;
+
+    /// A fresh domain with `disks` disks (`vda`, `vdb`, ...), each image
+    /// holding `bitmaps`, in the state in which the driver redefines
+    /// (shut off where it can; the test driver needs it running).
+    fn domain(&self, tag: &str, disks: usize, bitmaps: &[&str]) -> Dom;
+
+    /// A fresh *running* domain, as [`Harness::domain`].
+    fn running_domain(&self, tag: &str, disks: usize, bitmaps: &[&str]) -> Dom;
+
+    /// Whether [`Harness::domain`] gives running domains.
+    fn domains_run(&self) -> bool;
+
+    /// Create a real (non-redefine) checkpoint on a running domain, as a
+    /// backup does; returns the parent libvirt gave it.
+    fn create(&self, dom: &Dom, name: &str) -> Result<Option<String>, BackendError>;
+
+    /// The hidden current checkpoint, where the harness can read it
+    /// directly (the fake); `None` where only [`Harness::create`] shows it.
+    fn current(&self, dom: &Dom) -> Option<Option<String>>;
+
+    /// Whether the driver knows REDEFINE_VALIDATE.
+    fn validates(&self) -> bool;
+}
+
+fn now() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64
+}
+
+struct FakeHarness {
+    fake: FakeBackend,
+}
+
+impl FakeHarness {
+    fn new() -> Self {
+        FakeHarness { fake: FakeBackend::new() }
+    }
+
+    fn define(&self, tag: &str, disks: usize, bitmaps: &[&str], running: bool) -> Dom {
+        let name = support::unique_name(tag);
+        let uuid = uuid::Uuid::new_v4().to_string();
+        let targets = support::targets(disks);
+        let t: Vec<&str> = targets.iter().map(String::as_str).collect();
+        self.fake.define_domain(&name, &uuid, &t, running);
+        for target in &t {
+            for b in bitmaps {
+                self.fake.add_bitmap(&name, target, b);
+            }
+        }
+        Dom { name, uuid, targets, _guard: None }
+    }
+}
+
+impl Harness for FakeHarness {
+    fn backend(&self) -> &dyn Backend {
+        &self.fake
+    }
+    fn domain(&self, tag: &str, disks: usize, bitmaps: &[&str]) -> Dom {
+        self.define(tag, disks, bitmaps, false)
+    }
+    fn running_domain(&self, tag: &str, disks: usize, bitmaps: &[&str]) -> Dom {
+        self.define(tag, disks, bitmaps, true)
+    }
+    fn domains_run(&self) -> bool {
+        false
+    }
+    fn create(&self, dom: &Dom, name: &str) -> Result<Option<String>, BackendError> {
+        self.fake.create(&dom.name, name, now())
+    }
+    fn current(&self, dom: &Dom) -> Option<Option<String>> {
+        Some(self.fake.current(&dom.name))
+    }
+    fn validates(&self) -> bool {
+        true
+    }
+}
+
+/// A harness over a real libvirt connection.
+struct LibvirtHarness {
+    backend: LibvirtBackend,
+    conn: virt::connect::Connect,
+    /// The test driver redefines only on running domains.
+    always_running: bool,
+}
+
+impl LibvirtHarness {
+    fn test_driver() -> Self {
+        LibvirtHarness {
+            backend: LibvirtBackend::connect(support::TEST_URI).unwrap(),
+            conn: support::test_driver(),
+            always_running: true,
+        }
+    }
+
+    fn system() -> Self {
+        let conn = support::system();
+        LibvirtHarness { backend: LibvirtBackend::connect(support::SYSTEM_URI).unwrap(), conn, always_running: false }
+    }
+
+    fn define(&self, tag: &str, disks: usize, bitmaps: &[&str], running: bool) -> Dom {
+        let d = TestDomain::define(&self.conn, tag, disks);
+        for b in bitmaps {
+            d.add_bitmap_everywhere(b);
+        }
+        if running {
+            d.start();
+        }
+        Dom { name: d.name.clone(), uuid: d.uuid.clone(), targets: d.targets.clone(), _guard: Some(d) }
+    }
+}
+
+impl Harness for LibvirtHarness {
+    fn backend(&self) -> &dyn Backend {
+        &self.backend
+    }
+    fn domain(&self, tag: &str, disks: usize, bitmaps: &[&str]) -> Dom {
+        self.define(tag, disks, bitmaps, self.always_running)
+    }
+    fn running_domain(&self, tag: &str, disks: usize, bitmaps: &[&str]) -> Dom {
+        self.define(tag, disks, bitmaps, true)
+    }
+    fn domains_run(&self) -> bool {
+        self.always_running
+    }
+    fn create(&self, dom: &Dom, name: &str) -> Result<Option<String>, BackendError> {
+        let xml = format!("<domaincheckpoint><name>{name}</name></domaincheckpoint>");
+        let def = self.backend.create_checkpoint(&dom.name, &xml)?;
+        assert_eq!(def.name, name);
+        Ok(def.parent)
+    }
+    fn current(&self, _dom: &Dom) -> Option<Option<String>> {
+        None
+    }
+    fn validates(&self) -> bool {
+        !self.always_running
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Helpers
+
+/// A checkpoint whose bitmap on each disk is named after it.
+fn def(name: &str, parent: Option<&str>, time: i64, disks: &[&str]) -> CheckpointDef {
+    CheckpointDef {
+        name: name.into(),
+        parent: parent.map(Into::into),
+        creation_time: time,
+        description: None,
+        disks: disks.iter().map(|d| (d.to_string(), name.to_string())).collect(),
+    }
+}
+
+/// Redefine through the XML the store renders.
+fn put(h: &dyn Harness, dom: &Dom, d: &CheckpointDef) -> Result<(), BackendError> {
+    h.backend().redefine(&dom.name, &render_checkpoint(d), false)
+}
+
+fn put_ok(h: &dyn Harness, dom: &Dom, d: &CheckpointDef) {
+    put(h, dom, d).unwrap_or_else(|e| panic!("redefine {} on {}: {e:?}", d.name, h.backend().describe()));
+}
+
+/// `(name, parent)` in listing order.
+fn tree(h: &dyn Harness, dom: &Dom) -> Vec<(String, Option<String>)> {
+    h.backend().list(&dom.name).unwrap().into_iter().map(|d| (d.name, d.parent)).collect()
+}
+
+fn t(pairs: &[(&str, Option<&str>)]) -> Vec<(String, Option<String>)> {
+    pairs.iter().map(|(n, p)| (n.to_string(), p.map(Into::into))).collect()
+}
+
+fn assert_err(r: Result<(), BackendError>, kind: K, code: i32, message: Option<&str>) {
+    let e = r.expect_err("libvirt must refuse this");
+    assert_eq!((e.kind, e.code), (kind, code), "{e:?}");
+    if let Some(m) = message {
+        assert_eq!(e.message, m);
+    }
+}
+
+fn assert_parents_first(list: &[(String, Option<String>)]) {
+    for (i, (name, parent)) in list.iter().enumerate() {
+        if let Some(p) = parent {
+            let at = list.iter().position(|(n, _)| n == p);
+            assert!(at.is_some_and(|at| at < i), "{name} listed before its parent {p}: {list:?}");
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Behaviours
+
+fn child_before_parent_is_refused(h: &dyn Harness) {
+    let dom = h.domain("orphan", 1, &[]);
+    assert_err(
+        put(h, &dom, &def("c2", Some("c1"), 200, &["vda"])),
+        K::InvalidArgument,
+        8,
+        Some("invalid argument: parent c1 for moment c2 not found"),
+    );
+    assert_eq!(tree(h, &dom), t(&[]));
+    put_ok(h, &dom, &def("c1", None, 100, &["vda"]));
+    put_ok(h, &dom, &def("c2", Some("c1"), 200, &["vda"]));
+    assert_eq!(tree(h, &dom), t(&[("c1", None), ("c2", Some("c1"))]));
+}
+
+fn redefining_a_name_replaces_it(h: &dyn Harness) {
+    let dom = h.domain("replace", 2, &[]);
+    put_ok(h, &dom, &def("c1", None, 100, &["vda"]));
+    put_ok(h, &dom, &def("c2", Some("c1"), 200, &["vda"]));
+    put_ok(h, &dom, &def("c3", Some("c2"), 300, &["vda"]));
+    put_ok(h, &dom, &def("r2", None, 50, &["vdb"]));
+    // Same name, another parent, time, description and disk map: replaced
+    // silently, its child kept.
+    let mut new = def("c2", Some("r2"), 999, &["vda", "vdb"]);
+    new.description = Some("moved".into());
+    new.disks.insert("vdb".into(), "other-bitmap".into());
+    put_ok(h, &dom, &new);
+    let list = h.backend().list(&dom.name).unwrap();
+    let got: BTreeMap<_, _> = list.iter().map(|d| (d.name.as_str(), d)).collect();
+    assert_eq!(got["c2"], &new);
+    assert_eq!(got["c3"].parent.as_deref(), Some("c2"));
+    assert_eq!(tree(h, &dom), t(&[("r2", None), ("c2", Some("r2")), ("c3", Some("c2")), ("c1", None)]));
+    // Idempotent: the same definition again changes nothing.
+    put_ok(h, &dom, &new);
+    assert_eq!(h.backend().list(&dom.name).unwrap(), list);
+    // Back to a root.
+    put_ok(h, &dom, &def("c2", None, 200, &["vda"]));
+    assert_eq!(tree(h, &dom), t(&[("c2", None), ("c3", Some("c2")), ("r2", None), ("c1", None)]));
+}
+
+fn delete_reparents_the_children(h: &dyn Harness) {
+    let dom = h.domain("delete", 1, &[]);
+    for d in [
+        def("c1", None, 100, &["vda"]),
+        def("c2", Some("c1"), 200, &["vda"]),
+        def("c3", Some("c2"), 300, &["vda"]),
+        def("c4", Some("c2"), 400, &["vda"]),
+        def("c5", Some("c1"), 500, &["vda"]),
+    ] {
+        put_ok(h, &dom, &d);
+    }
+    assert_eq!(
+        tree(h, &dom),
+        t(&[("c1", None), ("c5", Some("c1")), ("c2", Some("c1")), ("c4", Some("c2")), ("c3", Some("c2"))])
+    );
+    h.backend().delete(&dom.name, "c2").unwrap();
+    // The children move, in their order, in front of their new siblings.
+    assert_eq!(tree(h, &dom), t(&[("c1", None), ("c4", Some("c1")), ("c3", Some("c1")), ("c5", Some("c1"))]));
+    h.backend().delete(&dom.name, "c1").unwrap();
+    assert_eq!(tree(h, &dom), t(&[("c4", None), ("c3", None), ("c5", None)]));
+    // The definitions of the moved children say so too.
+    let c4 = h.backend().list(&dom.name).unwrap().remove(0);
+    assert_eq!(c4, def("c4", None, 400, &["vda"]));
+}
+
+fn deleting_an_unknown_name_is_no_checkpoint(h: &dyn Harness) {
+    let dom = h.domain("nockpt", 1, &[]);
+    assert_err(
+        h.backend().delete(&dom.name, "nope"),
+        K::NoCheckpoint,
+        103,
+        Some("Domain checkpoint not found: no domain checkpoint with matching name 'nope'"),
+    );
+    put_ok(h, &dom, &def("c1", None, 100, &["vda"]));
+    h.backend().delete(&dom.name, "c1").unwrap();
+    assert_err(h.backend().delete(&dom.name, "c1"), K::NoCheckpoint, 103, None);
+}
+
+fn an_unknown_domain_is_no_domain(h: &dyn Harness) {
+    let b = h.backend();
+    let missing = support::unique_name("missing");
+    let check = |e: BackendError| {
+        assert_eq!((e.kind, e.code), (K::NoDomain, 42), "{e:?}");
+        assert!(e.message.starts_with("Domain not found"), "{e:?}");
+        assert!(e.is_unreachable());
+    };
+    check(b.list(&missing).unwrap_err());
+    check(b.redefine(&missing, &render_checkpoint(&def("c1", None, 1, &["vda"])), false).unwrap_err());
+    check(b.delete(&missing, "c1").unwrap_err());
+    check(b.domain_info(&missing).unwrap_err());
+    check(b.list(&uuid::Uuid::new_v4().to_string()).unwrap_err());
+}
+
+fn self_parents_and_cycles_are_refused(h: &dyn Harness) {
+    let dom = h.domain("cycle", 1, &[]);
+    put_ok(h, &dom, &def("c1", None, 100, &["vda"]));
+    put_ok(h, &dom, &def("c2", Some("c1"), 200, &["vda"]));
+    put_ok(h, &dom, &def("c3", Some("c2"), 300, &["vda"]));
+    let before = tree(h, &dom);
+    assert_err(
+        put(h, &dom, &def("c4", Some("c4"), 400, &["vda"])),
+        K::InvalidArgument,
+        8,
+        Some("invalid argument: cannot set moment c4 as its own parent"),
+    );
+    assert_err(
+        put(h, &dom, &def("c2", Some("c2"), 200, &["vda"])),
+        K::InvalidArgument,
+        8,
+        Some("invalid argument: cannot set moment c2 as its own parent"),
+    );
+    // libvirt names the ancestor whose parent is the checkpoint redefined.
+    assert_err(
+        put(h, &dom, &def("c1", Some("c3"), 100, &["vda"])),
+        K::InvalidArgument,
+        8,
+        Some("invalid argument: parent c2 would create cycle to c1"),
+    );
+    assert_err(
+        put(h, &dom, &def("c1", Some("c2"), 100, &["vda"])),
+        K::InvalidArgument,
+        8,
+        Some("invalid argument: parent c2 would create cycle to c1"),
+    );
+    assert_eq!(tree(h, &dom), before);
+}
+
+fn listing_is_libvirts_topological_order(h: &dyn Harness) {
+    let dom = h.domain("order", 1, &[]);
+    for d in [
+        def("r", None, 100, &["vda"]),
+        def("b", Some("r"), 300, &["vda"]),
+        def("a", Some("r"), 200, &["vda"]),
+        def("c", Some("r"), 150, &["vda"]),
+        def("a1", Some("a"), 400, &["vda"]),
+        def("z", None, 50, &["vda"]),
+    ] {
+        put_ok(h, &dom, &d);
+    }
+    // Depth first; siblings (roots too) most recently defined first,
+    // whatever their names or creation times.
+    let expected =
+        t(&[("z", None), ("r", None), ("c", Some("r")), ("a", Some("r")), ("a1", Some("a")), ("b", Some("r"))]);
+    assert_eq!(tree(h, &dom), expected);
+    assert_parents_first(&expected);
+    // A redefine, even an identical one, moves the checkpoint to the front.
+    put_ok(h, &dom, &def("b", Some("r"), 300, &["vda"]));
+    assert_eq!(
+        tree(h, &dom),
+        t(&[("z", None), ("r", None), ("b", Some("r")), ("c", Some("r")), ("a", Some("r")), ("a1", Some("a"))])
+    );
+}
+
+fn rendered_xml_round_trips(h: &dyn Harness) {
+    let dom = h.domain("roundtrip", 2, &[]);
+    let described = |name: &str, parent: Option<&str>, text: &str| {
+        let mut d = def(name, parent, 1_700_000_000, &["vda", "vdb"]);
+        d.description = Some(xml_safe_text(text));
+        d
+    };
+    let mut defs = vec![
+        described("meta", None, "a <b> & ]]> 'q' \"d\" <domain type='kvm'><name>x</name></domain> &amp; <![CDATA[x]]>"),
+        described("spaces", Some("meta"), "  leading and trailing  "),
+        described("lines", Some("spaces"), "\nfirst\n\n  second\t\n"),
+        described("blank", Some("lines"), "   "),
+        described("crlf", Some("blank"), "one\r\ntwo\rthree"),
+        described("unicode", Some("crlf"), "Ünïcødé ✓ 日本語 \u{1F600}"),
+        described("control", Some("unicode"), "bell\u{7} nul\u{0} esc\u{1b}"),
+        def("epoch", Some("control"), 0, &["vda"]),
+        def("far", Some("epoch"), 4_102_444_800, &["vdb"]),
+    ];
+    // A bitmap that is not named after the checkpoint, and a disk that
+    // takes no part.
+    defs[8].disks.insert("vda".into(), "some.other_bitmap-1".into());
+    for d in &defs {
+        put_ok(h, &dom, d);
+    }
+    assert_eq!(defs[4].description.as_deref(), Some("one\ntwo\nthree"));
+    assert_eq!(h.backend().list(&dom.name).unwrap(), defs);
+
+    // What the store never renders but libvirt still reads the same way.
+    let b = h.backend();
+    let raw = "<domaincheckpoint><name>raw</name><description>x\r\ny</description><creationTime>5</creationTime>\
+               <disks><disk name='vda'/><disk name='vdb' checkpoint='no'/></disks></domaincheckpoint>";
+    b.redefine(&dom.name, raw, false).unwrap();
+    let mut expected = def("raw", None, 5, &["vda"]);
+    expected.description = Some("x\ny".into());
+    assert_eq!(b.list(&dom.name).unwrap()[0], expected);
+    // An empty description is no description.
+    let mut empty = def("empty", None, 6, &["vda"]);
+    b.redefine(
+        &dom.name,
+        &render_checkpoint(&empty).replace("<creationTime>", "<description></description><creationTime>"),
+        false,
+    )
+    .unwrap();
+    empty.description = Some(String::new());
+    assert!(!render_checkpoint(&empty).contains("description"));
+    empty.description = None;
+    assert_eq!(b.list(&dom.name).unwrap()[0], empty);
+}
+
+fn disks_the_domain_lacks_are_accepted(h: &dyn Harness) {
+    let dom = h.domain("nodisk", 1, &[]);
+    assert_eq!(dom.targets, vec!["vda"]);
+    let d = def("c1", None, 100, &["vda", "vdz", "sdq"]);
+    put_ok(h, &dom, &d);
+    assert_eq!(h.backend().list(&dom.name).unwrap(), vec![d]);
+}
+
+fn schema_refusals(h: &dyn Harness) {
+    let dom = h.domain("schema", 1, &[]);
+    let b = h.backend();
+    put_ok(h, &dom, &def("c1", None, 100, &["vda"]));
+    let good = render_checkpoint(&def("c2", Some("c1"), 200, &["vda"]));
+    let schema = |xml: String| assert_err(b.redefine(&dom.name, &xml, false), K::InvalidArgument, 92, None);
+    schema(good.replace("<name>c2</name>", "<name>.c2</name>"));
+    schema(good.replace("<name>c2</name>", "<name>c/2</name>"));
+    schema(good.replace("<name>c1</name>", "<name>c 1</name>"));
+    schema(good.replace("<creationTime>200", "<creationTime>-200"));
+    schema(good.replace("name=\"vda\"", "name=\"disk0\""));
+    schema(good.replace("<disk name=\"vda\" checkpoint=\"bitmap\" bitmap=\"c2\"/>", ""));
+    schema(good.replace("<name>c2</name>", "<name>c2</name><unknown/>"));
+    assert_err(
+        b.redefine(&dom.name, &good.replace("<creationTime>200</creationTime>", ""), false),
+        K::Other,
+        1,
+        Some("internal error: missing creationTime from existing checkpoint"),
+    );
+    // Not well-formed: VIR_ERR_XML_DETAIL.
+    assert_err(b.redefine(&dom.name, "<domaincheckpoint><name>c2</name>", false), K::InvalidArgument, 35, None);
+    assert_err(b.redefine(&dom.name, &good.replace("c2", "c\u{1}2"), false), K::InvalidArgument, 35, None);
+    assert_eq!(tree(h, &dom), t(&[("c1", None)]));
+}
+
+fn domain_info_names_disks_and_state(h: &dyn Harness) {
+    let dom = h.domain("info", 3, &[]);
+    for key in [&dom.name, &dom.uuid, &dom.uuid.to_uppercase()] {
+        let info = h.backend().domain_info(key).unwrap();
+        assert_eq!((info.name.as_str(), info.uuid.as_str()), (dom.name.as_str(), dom.uuid.as_str()));
+        assert_eq!(info.running, h.domains_run());
+        let targets: Vec<&str> = info.disks.iter().map(|d| d.target.as_str()).collect();
+        assert_eq!(targets, ["vda", "vdb", "vdc"]);
+        assert!(info.disks.iter().all(|d| d.format.as_deref() == Some("qcow2") && d.source.is_some()));
+    }
+    // Checkpoint calls take the UUID too.
+    put_ok(h, &dom, &def("c1", None, 100, &["vda"]));
+    assert_eq!(h.backend().list(&dom.uuid).unwrap().len(), 1);
+}
+
+fn the_hidden_current_checkpoint(h: &dyn Harness) {
+    let dom = h.running_domain("current", 1, &[]);
+    let cur = |expected: Option<&str>| {
+        if let Some(c) = h.current(&dom) {
+            assert_eq!(c.as_deref(), expected);
+        }
+    };
+    // The first redefined checkpoint becomes current, then any whose
+    // parent is the current one; a new root does not.
+    put_ok(h, &dom, &def("c1", None, 100, &["vda"]));
+    cur(Some("c1"));
+    put_ok(h, &dom, &def("c2", Some("c1"), 200, &["vda"]));
+    put_ok(h, &dom, &def("c3", None, 300, &["vda"]));
+    put_ok(h, &dom, &def("side", Some("c1"), 250, &["vda"]));
+    cur(Some("c2"));
+    // A new checkpoint takes the current one as its parent and becomes current.
+    assert_eq!(h.create(&dom, "x").unwrap().as_deref(), Some("c2"));
+    cur(Some("x"));
+    put_ok(h, &dom, &def("c4", Some("x"), 400, &["vda"]));
+    cur(Some("c4"));
+    // Replacing the current checkpoint, even under a parent that is not
+    // current, leaves it current.
+    put_ok(h, &dom, &def("c4", Some("c3"), 401, &["vda"]));
+    cur(Some("c4"));
+    assert_eq!(h.create(&dom, "y").unwrap().as_deref(), Some("c4"));
+    // Deleting the current checkpoint makes its parent current.
+    h.backend().delete(&dom.name, "y").unwrap();
+    cur(Some("c4"));
+    assert_eq!(h.create(&dom, "z").unwrap().as_deref(), Some("c4"));
+    // Deleting another checkpoint does not move it; deleting a current root
+    // leaves none, and the next redefine becomes current again.
+    h.backend().delete(&dom.name, "c3").unwrap();
+    h.backend().delete(&dom.name, "z").unwrap();
+    cur(Some("c4"));
+    h.backend().delete(&dom.name, "c4").unwrap();
+    cur(None);
+    put_ok(h, &dom, &def("c5", Some("x"), 500, &["vda"]));
+    cur(Some("c5"));
+    assert_eq!(h.create(&dom, "w").unwrap().as_deref(), Some("c5"));
+    // A real checkpoint covers every disk, with a bitmap named after it.
+    let w = h.backend().list(&dom.name).unwrap().into_iter().find(|d| d.name == "w").unwrap();
+    assert_eq!(w.disks, BTreeMap::from([("vda".to_string(), "w".to_string())]));
+}
+
+fn creating_needs_a_running_domain(h: &dyn Harness) {
+    if h.domains_run() {
+        return;
+    }
+    let dom = h.domain("create-off", 1, &[]);
+    let e = h.create(&dom, "x").unwrap_err();
+    assert_eq!((e.kind, e.code), (K::Unsupported, 84), "{e:?}");
+    assert_eq!(e.message, "Operation not supported: cannot create checkpoint for inactive domain");
+}
+
+fn validate_checks_the_bitmaps_of_a_running_domain(h: &dyn Harness) {
+    let b = h.backend();
+    if !h.validates() {
+        let dom = h.domain("novalidate", 1, &[]);
+        let e = b.redefine(&dom.name, &render_checkpoint(&def("c1", None, 1, &["vda"])), true).unwrap_err();
+        assert_eq!(e.kind, K::Unsupported, "{e:?}");
+        return;
+    }
+    let off = h.domain("validate-off", 1, &["c1"]);
+    let validate = |dom: &Dom, d: &CheckpointDef| b.redefine(&dom.name, &render_checkpoint(d), true);
+    // The parent is checked before the run state.
+    assert_err(validate(&off, &def("c2", Some("c1"), 2, &["vda"])), K::InvalidArgument, 8, None);
+    assert_err(
+        validate(&off, &def("c1", None, 1, &["vda"])),
+        K::NotRunning,
+        55,
+        Some("Requested operation is not valid: domain is not running"),
+    );
+    assert_eq!(tree(h, &off), t(&[]));
+
+    let on = h.running_domain("validate-on", 2, &["c1"]);
+    validate(&on, &def("c1", None, 1, &["vda", "vdb"])).unwrap();
+    assert_err(
+        validate(&on, &def("c2", Some("c1"), 2, &["vda"])),
+        K::Inconsistent,
+        109,
+        Some("checkpoint inconsistent: missing or broken bitmap 'c2' for disk 'vda'"),
+    );
+    // libvirt looks for the bitmap named after the checkpoint, whatever the
+    // XML's bitmap attribute says...
+    let mut renamed = def("c3", Some("c1"), 3, &["vda"]);
+    renamed.disks.insert("vda".into(), "c1".into());
+    assert_err(validate(&on, &renamed), K::Inconsistent, 109, None);
+    // ...and skips disks the domain does not have.
+    validate(&on, &def("c4", Some("c1"), 4, &["vdz"])).unwrap();
+    assert_eq!(tree(h, &on), t(&[("c1", None), ("c4", Some("c1"))]));
+}
+
+macro_rules! conformance {
+    ($($behaviour:ident),* $(,)?) => {
+        mod fake {
+            $(#[test]
+            fn $behaviour() {
+                super::$behaviour(&super::FakeHarness::new());
+            })*
+        }
+        mod test_driver {
+            $(#[test]
+            fn $behaviour() {
+                super::$behaviour(&super::LibvirtHarness::test_driver());
+            })*
+        }
+        mod qemu_system {
+            $(#[test]
+            fn $behaviour() {
+                super::$behaviour(&super::LibvirtHarness::system());
+            })*
+        }
+    };
+}
+
+conformance!(
+    child_before_parent_is_refused,
+    redefining_a_name_replaces_it,
+    delete_reparents_the_children,
+    deleting_an_unknown_name_is_no_checkpoint,
+    an_unknown_domain_is_no_domain,
+    self_parents_and_cycles_are_refused,
+    listing_is_libvirts_topological_order,
+    rendered_xml_round_trips,
+    disks_the_domain_lacks_are_accepted,
+    schema_refusals,
+    domain_info_names_disks_and_state,
+    the_hidden_current_checkpoint,
+    creating_needs_a_running_domain,
+    validate_checks_the_bitmaps_of_a_running_domain,
+);
