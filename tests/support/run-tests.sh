@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# The whole test suite, with its own set-up: install libvirt and QEMU if
+# needed, start a private libvirtd for qemu:///system, check formatting and
+# lints, run every test against the real daemon, and stop the daemon again
+# if this script started it (by its pid, never by name).
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+
+lv=tests/support/libvirt.sh
+started=0
+if ! bash "$lv" pid >/dev/null 2>&1; then
+  started=1
+fi
+bash "$lv" start
+stop() { if [ "$started" = 1 ]; then bash "$lv" stop; fi; }
+trap stop EXIT
+
+export CARGO_TERM_COLOR=${CARGO_TERM_COLOR:-never}
+echo "== cargo fmt --check" >&2
+cargo fmt --all -- --check
+echo "== cargo clippy --all-targets -- -D warnings" >&2
+cargo clippy --all-targets --locked -- -D warnings
+echo "== cargo test" >&2
+cargo test --locked --tests -- --nocapture 2>&1 | tee target/test-output.txt
+echo "== cargo test --doc" >&2
+cargo test --locked --doc
