@@ -1,12 +1,12 @@
 //! The real backend: libvirt through the `virt` crate, with the checkpoint
-//! calls `virt` lacks in the [`ffi`] wrapper (the crate's only `unsafe`).
+//! calls `virt` lacks in a small private `ffi` wrapper (the crate's only `unsafe`).
 //!
 //! One connection per backend, opened lazily and kept in a mutex; calls
 //! run on a reference-counted clone of it, so the lock is never held across
 //! a libvirt call. When a call reports a lost connection the connection is
 //! dropped and the next call opens a new one to the same URI.
 //!
-//! libvirt's error codes become [`BackendErrorKind`]s (see [`classify`]);
+//! libvirt's error codes become [`BackendErrorKind`](super::BackendErrorKind)s (see [`classify`]);
 //! the raw code stays in [`BackendError::code`] and libvirt's message in
 //! [`BackendError::message`].
 

@@ -95,6 +95,7 @@ pub fn domain_xml(name: &str, images: &[PathBuf]) -> String {
 /// removes its images.
 pub struct TestDomain {
     conn: Connect,
+    uri: String,
     /// The domain's unique name.
     pub name: String,
     /// Its UUID.
@@ -119,7 +120,8 @@ impl TestDomain {
             .define_domain_xml(&domain_xml(&name, &images))
             .unwrap_or_else(|e| panic!("cannot define domain {name}: {e}"));
         let uuid = dom.uuid_string().expect("uuid");
-        TestDomain { conn: conn.clone(), name, uuid, targets: targets(disks), images, dir }
+        let uri = conn.uri().expect("connection URI");
+        TestDomain { conn: conn.clone(), uri, name, uuid, targets: targets(disks), images, dir }
     }
 
     /// Add a bitmap to the image of disk `index` (shut-off domains only:
@@ -153,7 +155,18 @@ impl TestDomain {
 
 impl Drop for TestDomain {
     fn drop(&mut self) {
-        let Ok(dom) = self.conn.lookup_domain_by_name(&self.name) else { return };
+        // A test may have broken this connection on purpose: use a new one.
+        let dom = match self.conn.lookup_domain_by_name(&self.name) {
+            Ok(dom) => dom,
+            Err(e) if e.code().to_raw() == sys::VIR_ERR_NO_DOMAIN => return,
+            Err(_) => match Connect::open(Some(&self.uri)).and_then(|c| c.lookup_domain_by_name(&self.name)) {
+                Ok(dom) => dom,
+                Err(e) => {
+                    eprintln!("cannot find test domain {} to remove it: {e}", self.name);
+                    return;
+                }
+            },
+        };
         if dom.is_active().unwrap_or(false) {
             let _ = dom.destroy();
         }
