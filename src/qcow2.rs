@@ -16,7 +16,11 @@
 //! to load). A few checks are stricter than QEMU's and say so below.
 //!
 //! Images may be in use by a running QEMU: after reading the directory the
-//! reader reads the header again and starts over if it changed.
+//! reader reads cluster 0 again and starts over if it changed. When QEMU
+//! rewrites the directory in place (as it opens an image writable and as it
+//! closes it) it clears autoclear bit 0 for a few milliseconds; a read that
+//! lands in that window sees [`Image::bitmaps_consistent`] `false`, and a
+//! read a moment later sees the settled state.
 //!
 //! ```no_run
 //! use std::path::Path;
@@ -753,8 +757,11 @@ fn read_file(file: &File, path: &Path) -> Result<Image, Qcow2Error> {
                 }
             }
         };
-        let again = read_at(file, 0, first.len() as u64).map_err(|e| io_error(path, e))?;
-        if again != first {
+        // Only cluster 0 holds header data; with small clusters the first
+        // read also covers tables a running guest keeps changing.
+        let header_bytes = &first[..first.len().min(1 << header.cluster_bits)];
+        let again = read_at(file, 0, header_bytes.len() as u64).map_err(|e| io_error(path, e))?;
+        if again != header_bytes {
             continue;
         }
         return match bitmaps {
