@@ -14,6 +14,7 @@
 
 pub mod backend;
 pub mod chain;
+pub mod qcow2;
 pub mod xml;
 
 pub use backend::libvirt::LibvirtBackend;

@@ -1,0 +1,74 @@
+//! `qemu-img` helpers shared by the qcow2 tests, the fuzz test and the bench.
+#![allow(dead_code)]
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+use serde_json::Value;
+
+/// One bitmap as `qemu-img info` shows it: name, granularity, in-use, auto.
+pub type InfoBitmap = (String, u64, bool, bool);
+
+/// Runs `qemu-img` with these arguments.
+pub fn qemu_img_output(args: &[&str]) -> Output {
+    Command::new("qemu-img").args(args).output().expect("qemu-img runs")
+}
+
+/// Runs `qemu-img`, panics with its stderr when it fails, returns stdout.
+pub fn qemu_img(args: &[&str]) -> String {
+    let out = qemu_img_output(args);
+    assert!(out.status.success(), "qemu-img {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).expect("qemu-img prints UTF-8")
+}
+
+/// `qemu-img create -f qcow2 [opts] PATH SIZE`.
+pub fn create(path: &Path, size: &str, opts: &[&str]) {
+    let path = path.to_str().unwrap();
+    let mut args = vec!["create", "-q", "-f", "qcow2"];
+    args.extend_from_slice(opts);
+    args.extend_from_slice(&[path, size]);
+    qemu_img(&args);
+}
+
+/// `qemu-img bitmap --add [-g GRANULARITY] PATH NAME`.
+pub fn add_bitmap(path: &Path, name: &str, granularity: Option<&str>) {
+    let path = path.to_str().unwrap();
+    let mut args = vec!["bitmap", "--add"];
+    if let Some(g) = granularity {
+        args.extend_from_slice(&["-g", g]);
+    }
+    args.extend_from_slice(&[path, name]);
+    qemu_img(&args);
+}
+
+/// `qemu-img bitmap --disable PATH NAME`.
+pub fn disable_bitmap(path: &Path, name: &str) {
+    qemu_img(&["bitmap", "--disable", path.to_str().unwrap(), name]);
+}
+
+/// `qemu-img info --output=json -U PATH`, parsed.
+pub fn info(path: &Path) -> Value {
+    serde_json::from_str(&qemu_img(&["info", "--output=json", "-U", path.to_str().unwrap()])).unwrap()
+}
+
+/// `qemu-img info --output=json --backing-chain -U PATH`, parsed, top first.
+pub fn info_chain(path: &Path) -> Vec<Value> {
+    let out = qemu_img(&["info", "--output=json", "--backing-chain", "-U", path.to_str().unwrap()]);
+    serde_json::from_str(&out).unwrap()
+}
+
+/// The bitmaps of one `qemu-img info` object, in its order.
+pub fn info_bitmaps(info: &Value) -> Vec<InfoBitmap> {
+    let Some(list) = info["format-specific"]["data"]["bitmaps"].as_array() else { return Vec::new() };
+    list.iter()
+        .map(|b| {
+            let flags: Vec<&str> = b["flags"].as_array().unwrap().iter().map(|f| f.as_str().unwrap()).collect();
+            (
+                b["name"].as_str().unwrap().to_owned(),
+                b["granularity"].as_u64().unwrap(),
+                flags.contains(&"in-use"),
+                flags.contains(&"auto"),
+            )
+        })
+        .collect()
+}
