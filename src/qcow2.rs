@@ -805,7 +805,7 @@ fn read_directory(
         return invalid("bitmap directory at offset 0");
     }
     let end = ext.directory_offset.checked_add(ext.directory_size);
-    if end.map_or(true, |end| end > file_len) {
+    if end.is_none_or(|end| end > file_len) {
         return invalid(format!(
             "bitmap directory ({} bytes at {:#x}) beyond the end of the file ({file_len} bytes)",
             ext.directory_size, ext.directory_offset
@@ -892,7 +892,7 @@ fn parse_directory(
             return invalid(format!("bitmap {} has an empty name", bitmaps.len()));
         }
         let table_end = table_offset.checked_add(u64::from(table_size) * 8);
-        if table_end.map_or(true, |end| end > file_len) {
+        if table_end.is_none_or(|end| end > file_len) {
             return fail("has its bitmap table beyond the end of the file".into());
         }
         if !names.insert(raw_name.clone()) {
