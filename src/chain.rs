@@ -135,8 +135,10 @@ pub enum ChainError {
     /// A domain name libvirt would refuse.
     #[error("domain name {0:?} is not valid (empty, too long, or contains '/' or control characters)")]
     BadDomain(String),
-    /// A creation time libvirt cannot store.
-    #[error("checkpoint {0} has a creation time before 1970-01-01")]
+    /// A creation time libvirt cannot store: libvirt writes a zero
+    /// `creationTime` out without the element and then cannot read its own
+    /// metadata back, and refuses negative ones.
+    #[error("checkpoint {0} has a creation time at or before 1970-01-01T00:00:00Z")]
     BadTime(Uuid),
 }
 
@@ -186,10 +188,13 @@ pub fn is_valid_checkpoint_name(name: &str) -> bool {
     name.len() <= 1024 && bytes.all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-' || b == b'.')
 }
 
-/// Check a disk target name: the same alphabet as checkpoint names, at most
-/// 64 characters.
+/// Check a disk target name against libvirt's checkpoint schema,
+/// `(fd|hd|sd|vd|xvd|ubd)[a-zA-Z0-9_]+`, at most 64 characters. (The
+/// schema also allows an absolute path and an `ioemu:` prefix; neither names
+/// a target in a domain's XML today, and a path has no place in a name.)
 pub fn is_valid_target(name: &str) -> bool {
-    name.len() <= 64 && is_valid_checkpoint_name(name)
+    let rest = ["xvd", "ubd", "fd", "hd", "sd", "vd"].iter().find_map(|p| name.strip_prefix(p));
+    name.len() <= 64 && rest.is_some_and(|r| !r.is_empty() && r.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_'))
 }
 
 /// Check a libvirt domain name (or UUID string): non-empty, at most 255
@@ -238,7 +243,7 @@ impl Chain {
         }
         let mut detached = Vec::new();
         for c in &self.checkpoints {
-            if c.created.timestamp() < 0 {
+            if c.created.timestamp() <= 0 {
                 return Err(ChainError::BadTime(c.id));
             }
             if let Some(p) = c.parent {
@@ -509,6 +514,16 @@ mod tests {
         let v = c.validate().unwrap();
         assert_eq!(v.detached(), &[DetachedDisk { checkpoint: id(1), disk: id(77) }]);
         assert_eq!(v.defs()[0].disks.len(), 1);
+    }
+
+    #[test]
+    fn targets_follow_libvirts_schema() {
+        for ok in ["sda", "vdb", "hdc", "xvda", "ubda", "fd0", "sd_1"] {
+            assert!(is_valid_target(ok), "{ok}");
+        }
+        for bad in ["", "sd", "nvme0n1", "disk-a", "sda.1", "../sda", "vda/x", "v<a>"] {
+            assert!(!is_valid_target(bad), "{bad}");
+        }
     }
 
     #[test]

@@ -173,6 +173,9 @@ pub struct StoreOptions {
     pub liveness: Option<Liveness>,
     /// Called at every crash point (simulation tests).
     pub hook: Option<Hook>,
+    /// Threads that work on different domains at once (recover, resync of
+    /// many domains). Calls within one domain are always sequential.
+    pub workers: usize,
 }
 
 impl Default for StoreOptions {
@@ -185,6 +188,7 @@ impl Default for StoreOptions {
             owner: None,
             liveness: None,
             hook: None,
+            workers: 4,
         }
     }
 }
@@ -196,6 +200,7 @@ impl std::fmt::Debug for StoreOptions {
             .field("reconnect_attempts", &self.reconnect_attempts)
             .field("reconnect_delay", &self.reconnect_delay)
             .field("owner", &self.owner)
+            .field("workers", &self.workers)
             .finish_non_exhaustive()
     }
 }
@@ -402,14 +407,27 @@ impl Store {
     ///
     /// The first transaction that could not be finished stops the
     /// recovery with its error; it stays open.
+    ///
+    /// Domains are recovered in parallel by at most
+    /// [`StoreOptions::workers`] threads; each domain's calls stay
+    /// sequential.
     pub fn recover(&self, backend: &dyn Backend, policy: Policy, domain: Option<&str>) -> Result<Vec<Recovered>> {
+        let open = self.journal.incomplete(domain)?;
+        let results = parallel_map(open, self.opts.workers, |t| self.recover_one(backend, &t, policy));
         let mut out = Vec::new();
-        for t in self.journal.incomplete(domain)? {
-            if let Some(r) = self.recover_one(backend, &t, policy)? {
+        for r in results {
+            if let Some(r) = r? {
                 out.push(r);
             }
         }
         Ok(out)
+    }
+
+    /// [`Store::resync`] of several domains, in parallel by at most
+    /// [`StoreOptions::workers`] threads (a host restart re-applies every
+    /// transient domain's chain). Results are in the order given.
+    pub fn resync_many(&self, backend: &dyn Backend, domains: &[String]) -> Vec<Result<SyncReport>> {
+        parallel_map(domains.iter().collect(), self.opts.workers, |d| self.resync(backend, d))
     }
 
     /// Recover one open transaction if it is orphaned; `None` when another
@@ -790,6 +808,29 @@ impl Store {
         let mut added = self.journal.add_steps(txn, phase, &to_add)?.into_iter();
         Ok(seqs.into_iter().map(|s| s.or_else(|| added.next()).unwrap_or(u32::MAX)).collect())
     }
+}
+
+/// Apply `f` to every item with at most `workers` threads; results in the
+/// items' order.
+fn parallel_map<T: Send, R: Send>(items: Vec<T>, workers: usize, f: impl Fn(T) -> R + Sync) -> Vec<R> {
+    let n = items.len();
+    let workers = workers.clamp(1, n.max(1));
+    if workers == 1 {
+        return items.into_iter().map(f).collect();
+    }
+    let queue = Mutex::new(items.into_iter().enumerate());
+    let results = Mutex::new((0..n).map(|_| None).collect::<Vec<Option<R>>>());
+    std::thread::scope(|s| {
+        for _ in 0..workers {
+            s.spawn(|| loop {
+                let next = queue.lock().unwrap_or_else(|e| e.into_inner()).next();
+                let Some((i, item)) = next else { break };
+                let r = f(item);
+                results.lock().unwrap_or_else(|e| e.into_inner())[i] = Some(r);
+            });
+        }
+    });
+    results.into_inner().unwrap_or_else(|e| e.into_inner()).into_iter().flatten().collect()
 }
 
 fn op_name(step: &Step) -> &'static str {

@@ -1,0 +1,288 @@
+//! The engine's promises on the fake backend: economy (calls counted),
+//! one writer per domain, import and re-sync, history, threads.
+
+mod sim;
+
+use std::sync::Arc;
+
+use ckptstore::backend::fake::{FakeBackend, Op};
+use ckptstore::engine::Hook;
+use ckptstore::owner::Owner;
+use ckptstore::plan::same_content;
+use ckptstore::{Error, Outcome, Policy, Store, StoreOptions};
+use sim::*;
+
+fn fake_with_domain() -> FakeBackend {
+    let fake = FakeBackend::new();
+    fake.define_domain(DOMAIN, VM_UUID, &["sda", "sdb"], false);
+    fake
+}
+
+fn defs(n: usize) -> Vec<ckptstore::CheckpointDef> {
+    linear_chain(n, 2).validate().unwrap().defs()
+}
+
+#[test]
+fn a_sync_redefines_each_missing_checkpoint_once_and_a_resync_nothing() {
+    let fake = fake_with_domain();
+    let j = TempJournal::new();
+    let store = j.store(1);
+    let r = store.sync(&fake, linear_chain(20, 2)).unwrap();
+    assert_eq!(r.outcome, Outcome::Committed);
+    assert_eq!(r.libvirt_calls, 20);
+    assert_eq!(fake.calls(Op::Redefine), 20);
+    assert!(same_content(&fake.peek(DOMAIN), &defs(20)));
+
+    fake.reset_calls();
+    let r = store.sync(&fake, linear_chain(20, 2)).unwrap();
+    assert_eq!(r.outcome, Outcome::Unchanged);
+    assert_eq!((r.libvirt_calls, fake.calls(Op::Redefine), fake.calls(Op::Delete)), (0, 0, 0));
+    assert_eq!(r.unchanged.len(), 20);
+}
+
+#[test]
+fn a_prefix_costs_only_the_rest() {
+    let fake = fake_with_domain();
+    fake.set_checkpoints(DOMAIN, defs(12)[..7].to_vec());
+    let store = TempJournal::new().store(1);
+    let r = store.sync(&fake, linear_chain(12, 2)).unwrap();
+    assert_eq!(r.redefined.len(), 5);
+    assert_eq!(fake.calls(Op::Redefine), 5);
+}
+
+#[test]
+fn a_resume_issues_only_the_remaining_calls() {
+    for k in [3u64, 10, 17] {
+        let fake = fake_with_domain();
+        let j = TempJournal::new();
+        // Die after the k-th recorded step of a 20-checkpoint sync.
+        let seen = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let s2 = seen.clone();
+        let hook: Hook = Arc::new(move |p| {
+            if p == "step.recorded" && s2.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1 == k {
+                std::panic::panic_any(SimCrash);
+            }
+        });
+        let crashed = Store::open_with(
+            j.path(),
+            StoreOptions {
+                owner: Some(Owner { pid: 1, boot_id: "gone".into(), start: 1 }),
+                liveness: Some(Arc::new(|_| false)),
+                hook: Some(hook),
+                ..StoreOptions::default()
+            },
+        )
+        .unwrap();
+        assert!(run_crashing(|| crashed.sync(&fake, linear_chain(20, 2))).is_none());
+        drop(crashed);
+        fake.reset_calls();
+        let rec = j.store(2);
+        let status = rec.status(None).unwrap();
+        assert_eq!(status.incomplete.len(), 1);
+        assert_eq!((status.incomplete[0].summary.done, status.incomplete[0].summary.total), (k, 20));
+        let out = rec.recover(&fake, Policy::Resume, None).unwrap();
+        assert_eq!(out.len(), 1);
+        assert_eq!(out[0].outcome, Outcome::Committed);
+        assert_eq!(fake.calls(Op::Redefine), 20 - k, "resume after {k} steps");
+        assert_eq!(out[0].libvirt_calls, 20 - k);
+        assert!(same_content(&fake.peek(DOMAIN), &defs(20)));
+    }
+}
+
+#[test]
+fn a_live_owner_makes_the_domain_busy_and_a_dead_one_is_recovered_first() {
+    let fake = fake_with_domain();
+    let j = TempJournal::new();
+    // An open transaction owned by a process that is alive: this one, seen
+    // from another store identity.
+    let me = Owner::current();
+    let hook: Hook = Arc::new(|p| {
+        if p == "txn.intent_committed" {
+            std::panic::panic_any(SimCrash);
+        }
+    });
+    let holder =
+        Store::open_with(j.path(), StoreOptions { owner: Some(me.clone()), hook: Some(hook), ..Default::default() })
+            .unwrap();
+    assert!(run_crashing(|| holder.sync(&fake, linear_chain(3, 1))).is_none());
+    drop(holder);
+    // Another process (a different identity whose liveness check is real).
+    let other = Store::open_with(
+        j.path(),
+        StoreOptions { owner: Some(Owner { pid: 2, boot_id: "x".into(), start: 2 }), ..Default::default() },
+    )
+    .unwrap();
+    let err = other.sync(&fake, linear_chain(3, 1)).unwrap_err();
+    assert!(err.is_busy(), "{err}");
+    assert!(matches!(&err, Error::Busy { owner, .. } if *owner == me));
+    assert_eq!(fake.calls(Op::Redefine), 0, "busy changes nothing");
+    assert!(other.recover(&fake, Policy::Resume, None).unwrap().is_empty(), "a live owner is left alone");
+
+    // Once the owner is dead, a sync of the domain recovers it first.
+    let later = Store::open_with(
+        j.path(),
+        StoreOptions {
+            owner: Some(Owner { pid: 3, boot_id: "y".into(), start: 3 }),
+            liveness: Some(Arc::new(|_| false)),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let r = later.sync(&fake, linear_chain(4, 1)).unwrap();
+    assert_eq!(r.recovered.len(), 1);
+    assert_eq!(r.recovered[0].outcome, Outcome::Committed);
+    assert!(same_content(&fake.peek(DOMAIN), &linear_chain(4, 1).validate().unwrap().defs()));
+    assert!(later.status(None).unwrap().incomplete.is_empty());
+}
+
+#[test]
+fn a_refused_step_rolls_back_to_the_exact_before_image() {
+    let fake = fake_with_domain();
+    let mut before = defs(6)[..4].to_vec();
+    before[2].description = Some("stale".into());
+    before.push(extra_def("x", Some(&before[1].name), 99));
+    fake.set_checkpoints(DOMAIN, before.clone());
+    let target = defs(6);
+    fake.refuse_def(DOMAIN, &target[5]);
+    let store = TempJournal::new().store(1);
+    let err = store.sync(&fake, linear_chain(6, 2)).unwrap_err();
+    assert!(err.is_rolled_back(), "{err}");
+    assert!(err.to_string().contains(&target[5].name), "the error names the checkpoint: {err}");
+    assert!(same_content(&fake.peek(DOMAIN), &before));
+    let h = store.history(DOMAIN, 10).unwrap();
+    assert_eq!(h[0].state, ckptstore::journal::TxnState::RolledBack);
+    assert!(store.committed(DOMAIN).unwrap().is_none(), "a rolled-back sync commits no chain");
+}
+
+#[test]
+fn bad_input_changes_nothing() {
+    let fake = fake_with_domain();
+    let j = TempJournal::new();
+    let store = j.store(1);
+    let mut chain = linear_chain(3, 2);
+    chain.disks.insert(disk_id(9), "vdz".into());
+    let err = store.sync(&fake, chain).unwrap_err();
+    assert!(err.is_bad_input() && matches!(&err, Error::UnknownTarget { target, .. } if target == "vdz"), "{err}");
+    let mut chain = linear_chain(3, 2);
+    chain.checkpoints[0].parent = Some(ckpt_id(2));
+    assert!(store.sync(&fake, chain).unwrap_err().is_bad_input());
+    assert_eq!(fake.calls(Op::Redefine) + fake.calls(Op::Delete), 0);
+    assert!(store.history(DOMAIN, 10).unwrap().is_empty());
+    let err = store.sync(&fake, ckptstore::Chain { domain: Some("nope".into()), ..linear_chain(1, 1) }).unwrap_err();
+    assert!(err.is_unreachable(), "{err}");
+}
+
+#[test]
+fn detached_disks_are_left_out_and_reported() {
+    let fake = fake_with_domain();
+    let store = TempJournal::new().store(1);
+    let mut chain = linear_chain(2, 2);
+    chain.disks.remove(&disk_id(1));
+    let r = store.sync(&fake, chain).unwrap();
+    assert_eq!(r.warnings.len(), 2, "{:?}", r.warnings);
+    assert!(fake.peek(DOMAIN).iter().all(|d| d.disks.len() == 1));
+}
+
+#[test]
+fn import_adopts_and_resync_reapplies_after_the_domain_is_recreated() {
+    let fake = fake_with_domain();
+    let store = TempJournal::new().store(1);
+    store.sync(&fake, linear_chain(5, 2)).unwrap();
+    // A transient domain is destroyed and created again: metadata gone.
+    fake.undefine_domain(DOMAIN);
+    fake.define_domain(DOMAIN, VM_UUID, &["sda", "sdb"], false);
+    let r = store.resync(&fake, DOMAIN).unwrap();
+    assert_eq!((r.outcome, r.libvirt_calls), (Outcome::Committed, 5));
+    assert!(same_content(&fake.peek(DOMAIN), &defs(5)));
+
+    // import: adopt what libvirt has now.
+    let mut odd = defs(5);
+    odd.push(extra_def("manual", Some(&odd[4].name), 7_000));
+    fake.set_checkpoints(DOMAIN, odd.clone());
+    fake.reset_calls();
+    let r = store.import(&fake, DOMAIN).unwrap();
+    assert_eq!(r.libvirt_calls, 0);
+    assert_eq!(fake.calls(Op::Redefine), 0);
+    let c = store.committed(DOMAIN).unwrap().unwrap();
+    assert!(same_content(&c.defs, &odd));
+    assert!(c.chain.is_none());
+    let st = store.status(Some(DOMAIN)).unwrap();
+    assert_eq!(st.domains[0].checkpoints, 6);
+    assert_eq!(st.domains[0].leaf.as_deref(), Some("manual"));
+    assert_eq!(st.domains[0].root.as_deref(), Some(odd[0].name.as_str()));
+    assert!(matches!(store.resync(&fake, "other").unwrap_err(), Error::NoCommittedChain { .. }));
+}
+
+#[test]
+fn history_is_pruned_but_open_transactions_never_are() {
+    let fake = fake_with_domain();
+    let j = TempJournal::new();
+    let store = Store::open_with(
+        j.path(),
+        StoreOptions {
+            history: 3,
+            owner: Some(Owner { pid: 1, boot_id: "h".into(), start: 1 }),
+            liveness: Some(Arc::new(|_| true)),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    for n in 1..=6 {
+        store.sync(&fake, linear_chain(n, 1)).unwrap();
+    }
+    let h = store.history(DOMAIN, 100).unwrap();
+    assert_eq!(h.len(), 3);
+    assert_eq!(h[0].target_len, 6, "newest first");
+}
+
+#[test]
+fn eight_threads_sync_eight_domains_on_one_store() {
+    let fake = FakeBackend::new();
+    let names: Vec<String> = (0..8).map(|i| format!("dom{i}")).collect();
+    for (i, n) in names.iter().enumerate() {
+        fake.define_domain(n, &uuid::Uuid::from_u128(i as u128 + 1).to_string(), &["sda", "sdb"], false);
+    }
+    let j = TempJournal::new();
+    let store = j.store(1);
+    std::thread::scope(|s| {
+        for n in &names {
+            let (store, fake) = (&store, &fake);
+            s.spawn(move || {
+                for len in [5, 9, 4] {
+                    let chain = ckptstore::Chain { domain: Some(n.clone()), ..linear_chain(len, 2) };
+                    let r = store.sync(fake, chain).unwrap();
+                    assert_eq!(r.outcome, Outcome::Committed);
+                }
+            });
+        }
+    });
+    for n in &names {
+        assert_eq!(fake.peek(n).len(), 4);
+        assert_eq!(store.history(n, 10).unwrap().len(), 3);
+    }
+    assert_eq!(store.journal().integrity_check().unwrap(), "ok");
+    assert!(store.status(None).unwrap().incomplete.is_empty());
+}
+
+#[test]
+fn recovery_of_many_domains_runs_in_parallel_and_finishes_all() {
+    let fake = FakeBackend::new();
+    let j = TempJournal::new();
+    let names: Vec<String> = (0..6).map(|i| format!("p{i}")).collect();
+    for (i, n) in names.iter().enumerate() {
+        fake.define_domain(n, &uuid::Uuid::from_u128(100 + i as u128).to_string(), &["sda"], false);
+        let crashed = j.store_crashing_at(10 + i as u32, 7);
+        let chain = ckptstore::Chain { domain: Some(n.clone()), ..linear_chain(8, 1) };
+        assert!(run_crashing(|| crashed.sync(&fake, chain)).is_none());
+    }
+    let rec = j.store(99);
+    assert_eq!(rec.status(None).unwrap().incomplete.len(), 6);
+    let out = rec.recover(&fake, Policy::Resume, None).unwrap();
+    assert_eq!(out.len(), 6);
+    assert!(out.iter().all(|r| r.outcome == Outcome::Committed));
+    for n in &names {
+        assert_eq!(fake.peek(n).len(), 8);
+    }
+    let again = rec.resync_many(&fake, &names);
+    assert!(again.iter().all(|r| r.as_ref().is_ok_and(|r| r.outcome == Outcome::Unchanged)));
+}
