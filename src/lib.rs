@@ -1,14 +1,4 @@
-//! # ckptstore
-//!
-//! Crash-safe redefinition and validation of libvirt checkpoint chains, for
-//! host agents that keep the chain themselves (oVirt's engine, KubeVirt,
-//! backup tools) and must put it back into libvirt after a domain was
-//! recreated, migrated or libvirt reinstalled.
-//!
-//! A local SQLite journal records the intended chain and the progress of the
-//! redefine loop, so an interrupted loop resumes or rolls back against
-//! libvirt; agents ask it at start-up what is left to recover. See
-//! `ARCHITECTURE.md` for the code map and the invariants.
+#![doc = include_str!("../README.md")]
 #![deny(missing_docs)]
 #![deny(unsafe_code)]
 
