@@ -1,0 +1,838 @@
+//! The whole redefine loop against the real daemon (`qemu:///system`), next
+//! to what agents do today, both sides in the same run on the same daemon,
+//! A/B order alternating between runs to cancel drift. Shut-off domains,
+//! 4 qcow2 disks each; the journal lives on the real disk (`/var/tmp`).
+//!
+//! - S1 journal overhead: `Store::sync` into an empty domain vs the bare
+//!   loop of the same redefine calls (same XML, rendered beforehand).
+//! - S2 no-op re-sync: `Store::sync` when libvirt already matches vs
+//!   redefining everything.
+//! - S3 resume: a sync killed after its 180th of 200 steps, then `recover`,
+//!   vs wipe-and-redo (vdsm/ovirt-engine) and lookup-and-skip
+//!   (virtnbdbackup).
+//! - S4 host restart: `Store::resync_many` of 32 domains × 25 checkpoints
+//!   with 2 and 4 workers vs serially (1 worker).
+//! - S5 validate: libvirt's 200 checkpoints × 4 disks against the qcow2
+//!   bitmap directories read in-process vs `qemu-img info` per image.
+//!
+//! Run with `cargo bench --bench libvirt_loop` (as root, with
+//! `bash tests/support/libvirt.sh start` done). Environment:
+//! `CKPTSTORE_BENCH_RUNS` (default 5), `CKPTSTORE_BENCH_ONLY` (e.g. `S1,S3`),
+//! `CKPTSTORE_BENCH_DIR` (journal folder, default `/var/tmp`).
+
+#[path = "../tests/support/mod.rs"]
+mod support;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use chrono::DateTime;
+use ckptstore::backend::DomainInfo;
+use ckptstore::engine::Hook;
+use ckptstore::owner::Owner;
+use ckptstore::plan::same_content;
+use ckptstore::xml::render_checkpoint;
+use ckptstore::{
+    Backend, BackendError, BackendErrorKind, Chain, Checkpoint, CheckpointDef, LibvirtBackend, Policy, Store,
+};
+use ckptstore::{StoreOptions, SyncReport};
+use support::TestDomain;
+use uuid::Uuid;
+
+const DISKS: usize = 4;
+
+// ---------------------------------------------------------------------------
+// Counting every libvirt call, and the time spent in it.
+
+#[derive(Clone, Copy)]
+enum Op {
+    List,
+    Redefine,
+    Delete,
+    Info,
+    Lookup,
+}
+
+/// Calls and nanoseconds per operation.
+#[derive(Default)]
+struct Tally {
+    calls: [AtomicU64; 5],
+    nanos: [AtomicU64; 5],
+}
+
+impl Tally {
+    fn add(&self, op: Op, d: Duration) {
+        self.calls[op as usize].fetch_add(1, Ordering::Relaxed);
+        self.nanos[op as usize].fetch_add(d.as_nanos() as u64, Ordering::Relaxed);
+    }
+
+    fn calls(&self, op: Op) -> u64 {
+        self.calls[op as usize].load(Ordering::Relaxed)
+    }
+
+    fn total_calls(&self) -> u64 {
+        self.calls.iter().map(|c| c.load(Ordering::Relaxed)).sum()
+    }
+
+    fn libvirt_time(&self) -> Duration {
+        Duration::from_nanos(self.nanos.iter().map(|c| c.load(Ordering::Relaxed)).sum())
+    }
+}
+
+/// A [`Backend`] that counts and times every call of the one it wraps.
+struct Counted<'a> {
+    inner: &'a LibvirtBackend,
+    tally: Tally,
+}
+
+impl<'a> Counted<'a> {
+    fn new(inner: &'a LibvirtBackend) -> Self {
+        Counted { inner, tally: Tally::default() }
+    }
+
+    fn timed<T>(&self, op: Op, f: impl FnOnce() -> T) -> T {
+        let t = Instant::now();
+        let r = f();
+        self.tally.add(op, t.elapsed());
+        r
+    }
+
+    /// Look one checkpoint up by name (what lookup-and-skip does).
+    fn lookup(&self, domain: &str, name: &str) -> Result<CheckpointDef, BackendError> {
+        self.timed(Op::Lookup, || self.inner.checkpoint(domain, name))
+    }
+}
+
+impl Backend for Counted<'_> {
+    fn list(&self, domain: &str) -> Result<Vec<CheckpointDef>, BackendError> {
+        self.timed(Op::List, || self.inner.list(domain))
+    }
+
+    fn redefine(&self, domain: &str, xml: &str, validate: bool) -> Result<(), BackendError> {
+        self.timed(Op::Redefine, || self.inner.redefine(domain, xml, validate))
+    }
+
+    fn delete(&self, domain: &str, name: &str) -> Result<(), BackendError> {
+        self.timed(Op::Delete, || self.inner.delete(domain, name))
+    }
+
+    fn domain_info(&self, domain: &str) -> Result<DomainInfo, BackendError> {
+        self.timed(Op::Info, || self.inner.domain_info(domain))
+    }
+
+    fn describe(&self) -> String {
+        self.inner.describe()
+    }
+}
+
+// ---------------------------------------------------------------------------
+// CPU time of libvirtd, of this process and of the whole machine.
+
+/// `/proc` counts CPU time in USER_HZ ticks, 100 per second on x86-64.
+fn ticks_per_sec() -> f64 {
+    100.0
+}
+
+fn proc_cpu(pid: &str) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    // Fields 14 and 15 (utime, stime), counted from the state field (3).
+    Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
+}
+
+/// (busy, total) ticks summed over every CPU.
+fn machine_cpu() -> Option<(u64, u64)> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let line = stat.lines().next()?;
+    let v: Vec<u64> = line.split_whitespace().skip(1).filter_map(|x| x.parse().ok()).collect();
+    let total: u64 = v.iter().sum();
+    let idle = v.get(3)? + v.get(4).unwrap_or(&0);
+    Some((total - idle, total))
+}
+
+fn libvirtd_pid() -> Option<String> {
+    let dir = std::env::var("CKPTSTORE_LIBVIRT_DIR").unwrap_or_else(|_| "/var/tmp/ckptstore-libvirtd".into());
+    let pid = std::fs::read_to_string(Path::new(&dir).join("libvirtd.pid")).ok()?.trim().to_string();
+    (std::fs::read_to_string(format!("/proc/{pid}/comm")).ok()?.trim() == "libvirtd").then_some(pid)
+}
+
+#[derive(Clone, Copy)]
+struct Cpu {
+    daemon: Option<u64>,
+    me: Option<u64>,
+    machine: Option<(u64, u64)>,
+}
+
+fn cpu_now(daemon: &Option<String>) -> Cpu {
+    Cpu { daemon: daemon.as_deref().and_then(proc_cpu), me: proc_cpu("self"), machine: machine_cpu() }
+}
+
+// ---------------------------------------------------------------------------
+// One measured run of one side.
+
+#[derive(Clone, Default)]
+struct Sample {
+    wall: Duration,
+    in_libvirt: Duration,
+    redefine: u64,
+    delete: u64,
+    list: u64,
+    other: u64,
+    /// libvirtd CPU seconds during the run.
+    daemon_cpu: Option<f64>,
+    /// This process's CPU seconds.
+    my_cpu: Option<f64>,
+    /// Share of the machine's CPUs busy (all processes), 0..1.
+    machine_busy: Option<f64>,
+    /// Did libvirt end where it should?
+    correct: bool,
+}
+
+struct Meter {
+    daemon: Option<String>,
+}
+
+impl Meter {
+    /// Time `f` (which makes its calls through `b`), with CPU use.
+    fn measure(&self, b: &Counted<'_>, f: impl FnOnce() -> bool) -> Sample {
+        let c0 = cpu_now(&self.daemon);
+        let t = Instant::now();
+        let correct = f();
+        let wall = t.elapsed();
+        let c1 = cpu_now(&self.daemon);
+        let secs = |a: Option<u64>, b: Option<u64>| Some((b? - a?) as f64 / ticks_per_sec());
+        let busy = match (c0.machine, c1.machine) {
+            (Some((b0, t0)), Some((b1, t1))) if t1 > t0 => Some((b1 - b0) as f64 / (t1 - t0) as f64),
+            _ => None,
+        };
+        let t = &b.tally;
+        Sample {
+            wall,
+            in_libvirt: t.libvirt_time(),
+            redefine: t.calls(Op::Redefine),
+            delete: t.calls(Op::Delete),
+            list: t.calls(Op::List),
+            other: t.total_calls() - t.calls(Op::Redefine) - t.calls(Op::Delete) - t.calls(Op::List),
+            daemon_cpu: secs(c0.daemon, c1.daemon),
+            my_cpu: secs(c0.me, c1.me),
+            machine_busy: busy,
+            correct,
+        }
+    }
+}
+
+/// The runs of one side of a comparison.
+struct Side {
+    label: String,
+    runs: Vec<Sample>,
+}
+
+impl Side {
+    fn new(label: impl Into<String>) -> Side {
+        Side { label: label.into(), runs: Vec::new() }
+    }
+
+    fn median_by(&self, f: impl Fn(&Sample) -> f64) -> f64 {
+        let mut v: Vec<f64> = self.runs.iter().map(f).collect();
+        v.sort_by(|a, b| a.total_cmp(b));
+        match v.len() {
+            0 => f64::NAN,
+            n if n % 2 == 1 => v[n / 2],
+            n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+        }
+    }
+
+    fn ms(&self) -> f64 {
+        self.median_by(|s| s.wall.as_secs_f64() * 1e3)
+    }
+
+    fn range(&self) -> (f64, f64) {
+        let v: Vec<f64> = self.runs.iter().map(|s| s.wall.as_secs_f64() * 1e3).collect();
+        (v.iter().copied().fold(f64::INFINITY, f64::min), v.iter().copied().fold(0.0, f64::max))
+    }
+
+    /// Calls of the median run (they are the same in every run; when not,
+    /// the range is shown).
+    fn calls(&self, f: impl Fn(&Sample) -> u64) -> String {
+        let v: BTreeSet<u64> = self.runs.iter().map(f).collect();
+        match (v.first(), v.last()) {
+            (Some(a), Some(b)) if a == b => a.to_string(),
+            (Some(a), Some(b)) => format!("{a}–{b}"),
+            _ => "–".into(),
+        }
+    }
+
+    fn row(&self, scenario: &str, vs: Option<&Side>) {
+        let (lo, hi) = self.range();
+        let ratio = vs.map_or(String::new(), |o| format!("{:.2}×", self.ms() / o.ms()));
+        let outside = self.median_by(|s| (s.wall.saturating_sub(s.in_libvirt)).as_secs_f64() * 1e3);
+        let opt = |f: &dyn Fn(&Sample) -> Option<f64>| {
+            let v: Vec<f64> = self.runs.iter().filter_map(f).collect();
+            if v.len() == self.runs.len() {
+                format!("{:.2}", self.median_by(|s| f(s).unwrap_or(f64::NAN)))
+            } else {
+                "n/a".into()
+            }
+        };
+        println!(
+            "| {scenario} | {} | {:.1} | {:.1}–{:.1} | {} | {} | {} | {} | {:.1} | {} | {} | {} | {} | {ratio} |",
+            self.label,
+            self.ms(),
+            lo,
+            hi,
+            self.calls(|s| s.redefine),
+            self.calls(|s| s.delete),
+            self.calls(|s| s.list),
+            self.calls(|s| s.other),
+            outside,
+            opt(&|s| s.daemon_cpu),
+            opt(&|s| s.my_cpu),
+            opt(&|s| s.machine_busy.map(|b| b * 100.0)),
+            if self.runs.iter().all(|s| s.correct) { "yes" } else { "NO" },
+        );
+    }
+}
+
+fn header() {
+    println!(
+        "| scenario | side | median ms | min–max ms | redefine | delete | list | other calls | ms outside libvirt \
+         | libvirtd CPU s | bench CPU s | machine busy % | correct | ratio |"
+    );
+    println!("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|");
+}
+
+// ---------------------------------------------------------------------------
+// Chains and domains.
+
+fn disk_id(i: usize) -> Uuid {
+    Uuid::from_u128(0xd15c_0000 + i as u128)
+}
+
+/// A linear chain of `n` checkpoints over the domain's 4 disks.
+fn chain(dom: &TestDomain, n: usize) -> Chain {
+    let ckpt = |i: usize| Uuid::from_u128(0xc4e0_0000_0000 + i as u128);
+    Chain {
+        vm_id: Uuid::parse_str(&dom.uuid).unwrap(),
+        domain: Some(dom.name.clone()),
+        disks: dom.targets.iter().enumerate().map(|(i, t)| (disk_id(i), t.clone())).collect(),
+        checkpoints: (0..n)
+            .map(|i| Checkpoint {
+                id: ckpt(i),
+                parent: i.checked_sub(1).map(ckpt),
+                created: DateTime::from_timestamp(1_700_000_000 + i as i64 * 3600, 0).unwrap(),
+                description: Some(format!("backup {i}")),
+                disks: (0..dom.targets.len()).map(disk_id).collect(),
+            })
+            .collect(),
+    }
+}
+
+fn defs(chain: &Chain) -> Vec<CheckpointDef> {
+    chain.clone().validate().unwrap().defs()
+}
+
+/// Delete every checkpoint of the domain, children first (not measured).
+fn wipe(b: &LibvirtBackend, domain: &str) {
+    for d in b.list(domain).unwrap().iter().rev() {
+        b.delete(domain, &d.name).unwrap();
+    }
+}
+
+/// Redefine `xmls` in order (set-up, not measured).
+fn redefine_all(b: &dyn Backend, domain: &str, xmls: &[String]) {
+    for x in xmls {
+        b.redefine(domain, x, false).unwrap();
+    }
+}
+
+fn at(b: &LibvirtBackend, domain: &str, goal: &[CheckpointDef]) -> bool {
+    same_content(&b.list(domain).unwrap(), goal)
+}
+
+// ---------------------------------------------------------------------------
+// Simulated crashes.
+
+struct Crash;
+
+fn quiet_crashes() {
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        if info.payload().downcast_ref::<Crash>().is_none() {
+            default(info);
+        }
+    }));
+}
+
+/// An owner from another boot: dead by `Owner::is_alive`.
+fn dead_owner() -> Owner {
+    Owner { pid: std::process::id(), boot_id: "boot-before-the-crash".into(), start: 1 }
+}
+
+/// A store that dies (panics) right after recording its `k`-th step.
+fn store_crashing_after(path: &Path, k: u64) -> Store {
+    let seen = Arc::new(AtomicU64::new(0));
+    let hook: Hook = Arc::new(move |point| {
+        if point == "step.recorded" && seen.fetch_add(1, Ordering::SeqCst) + 1 == k {
+            std::panic::panic_any(Crash);
+        }
+    });
+    let opts = StoreOptions { owner: Some(dead_owner()), hook: Some(hook), ..StoreOptions::default() };
+    Store::open_with(path, opts).unwrap()
+}
+
+// ---------------------------------------------------------------------------
+// Scenarios.
+
+struct Ctx {
+    backend: LibvirtBackend,
+    conn: virt::connect::Connect,
+    meter: Meter,
+    runs: usize,
+    dir: tempfile::TempDir,
+}
+
+impl Ctx {
+    fn journal(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    fn counted(&self) -> Counted<'_> {
+        Counted::new(&self.backend)
+    }
+}
+
+/// S1 and S2 on one domain of 200 checkpoints; leaves it synced.
+fn s1_s2(ctx: &Ctx, dom: &TestDomain) {
+    let chain = chain(dom, 200);
+    let target = defs(&chain);
+    let xmls: Vec<String> = target.iter().map(render_checkpoint).collect();
+    let store = Store::open(ctx.journal("s1.db")).unwrap();
+    let b = &ctx.backend;
+    let name = dom.name.as_str();
+
+    let mut sync = Side::new("`Store::sync`, empty domain");
+    let mut bare = Side::new("bare redefine loop, no journal");
+    for run in 0..ctx.runs {
+        for side in if run % 2 == 0 { [0, 1] } else { [1, 0] } {
+            wipe(b, name);
+            let c = ctx.counted();
+            let mut sample = if side == 0 {
+                ctx.meter.measure(&c, || {
+                    let r: SyncReport = store.sync(&c, chain.clone()).unwrap();
+                    r.redefined.len() == 200
+                })
+            } else {
+                ctx.meter.measure(&c, || {
+                    redefine_all(&c, name, &xmls);
+                    true
+                })
+            };
+            sample.correct &= at(b, name, &target);
+            [&mut sync, &mut bare][side].runs.push(sample);
+        }
+        eprintln!("S1 run {} of {}: sync {:.0} ms, bare {:.0} ms", run + 1, ctx.runs, last_ms(&sync), last_ms(&bare));
+    }
+    sync.row("S1 journal overhead (200 × 4)", Some(&bare));
+    bare.row("S1 journal overhead (200 × 4)", None);
+
+    // S2: libvirt already matches (the last S1 run left it so).
+    let mut noop = Side::new("`Store::sync`, libvirt matches");
+    let mut again = Side::new("redefine all 200 again");
+    for run in 0..ctx.runs {
+        for side in if run % 2 == 0 { [0, 1] } else { [1, 0] } {
+            let c = ctx.counted();
+            if side == 0 {
+                noop.runs.push(ctx.meter.measure(&c, || {
+                    let r = store.sync(&c, chain.clone()).unwrap();
+                    r.redefined.is_empty() && r.libvirt_calls == 0
+                }));
+            } else {
+                again.runs.push(ctx.meter.measure(&c, || {
+                    redefine_all(&c, name, &xmls);
+                    true
+                }));
+            }
+        }
+        eprintln!(
+            "S2 run {} of {}: no-op {:.0} ms, redefine all {:.0} ms",
+            run + 1,
+            ctx.runs,
+            last_ms(&noop),
+            last_ms(&again)
+        );
+    }
+    noop.row("S2 no-op re-sync", None);
+    again.row("S2 no-op re-sync", Some(&noop));
+}
+
+fn last_ms(s: &Side) -> f64 {
+    s.runs.last().map_or(f64::NAN, |r| r.wall.as_secs_f64() * 1e3)
+}
+
+/// Leave libvirt as a sync killed after its 180th step left it: wipe, then
+/// run a sync that crashes; its transaction stays open in `journal`.
+fn crash_at_180(ctx: &Ctx, dom: &TestDomain, chain: &Chain, journal: &Path) {
+    wipe(&ctx.backend, &dom.name);
+    let _ = std::fs::remove_file(journal);
+    let crashing = store_crashing_after(journal, 180);
+    let r = catch_unwind(AssertUnwindSafe(|| crashing.sync(&ctx.backend, chain.clone())));
+    assert!(r.is_err(), "the sync was meant to crash");
+    assert_eq!(ctx.backend.list(&dom.name).unwrap().len(), 180);
+}
+
+/// S3 on one domain of 200 checkpoints.
+fn s3(ctx: &Ctx, dom: &TestDomain) {
+    let chain = chain(dom, 200);
+    let target = defs(&chain);
+    let xmls: Vec<String> = target.iter().map(render_checkpoint).collect();
+    let b = &ctx.backend;
+    let name = dom.name.as_str();
+    let journal = ctx.journal("s3.db");
+
+    let mut recover = Side::new("`Store::recover` after a crash at step 180");
+    let mut redo = Side::new("wipe-and-redo (vdsm, ovirt-engine)");
+    let mut skip = Side::new("lookup-and-skip (virtnbdbackup)");
+    for run in 0..ctx.runs {
+        let mut order = [0, 1, 2];
+        order.rotate_left(run % 3);
+        for side in order {
+            match side {
+                0 => {
+                    crash_at_180(ctx, dom, &chain, &journal);
+                    let store = Store::open(&journal).unwrap();
+                    assert_eq!(store.journal().incomplete(None).unwrap().len(), 1);
+                    let c = ctx.counted();
+                    recover.runs.push(ctx.meter.measure(&c, || {
+                        let r = store.recover(&c, Policy::Resume, None).unwrap();
+                        r.len() == 1 && r[0].libvirt_calls == 20
+                    }));
+                    assert!(store.journal().incomplete(None).unwrap().is_empty());
+                }
+                1 => {
+                    wipe(b, name);
+                    redefine_all(b, name, &xmls[..180]);
+                    let c = ctx.counted();
+                    redo.runs.push(ctx.meter.measure(&c, || {
+                        wipe_and_redo(&c, name, &xmls);
+                        true
+                    }));
+                }
+                _ => {
+                    wipe(b, name);
+                    redefine_all(b, name, &xmls[..180]);
+                    let c = ctx.counted();
+                    skip.runs.push(ctx.meter.measure(&c, || {
+                        lookup_and_skip(&c, name, &target, &xmls);
+                        true
+                    }));
+                }
+            }
+            let s = [&mut recover, &mut redo, &mut skip][side].runs.last_mut().unwrap();
+            s.correct &= at(b, name, &target);
+        }
+        eprintln!(
+            "S3 run {} of {}: recover {:.0} ms, wipe-and-redo {:.0} ms, lookup-and-skip {:.0} ms",
+            run + 1,
+            ctx.runs,
+            last_ms(&recover),
+            last_ms(&redo),
+            last_ms(&skip)
+        );
+    }
+    recover.row("S3 resume at 180 of 200", None);
+    redo.row("S3 resume at 180 of 200", Some(&recover));
+    skip.row("S3 resume at 180 of 200", Some(&recover));
+
+    // Once more with a stale definition of a checkpoint still to do (c190
+    // left by an earlier chain: a root with another creation time), to
+    // show what each approach makes of it.
+    let mut stale = target[190].clone();
+    stale.parent = None;
+    stale.creation_time -= 86_400;
+    let stale_xml = render_checkpoint(&stale);
+    let mut recover = Side::new("`Store::recover`, stale c190 present");
+    let mut redo = Side::new("wipe-and-redo, stale c190 present");
+    let mut skip = Side::new("lookup-and-skip, stale c190 present");
+    wipe(b, name);
+    b.redefine(name, &stale_xml, false).unwrap();
+    let _ = std::fs::remove_file(&journal);
+    let crashing = store_crashing_after(&journal, 180);
+    assert!(catch_unwind(AssertUnwindSafe(|| crashing.sync(b, chain.clone()))).is_err());
+    drop(crashing);
+    let store = Store::open(&journal).unwrap();
+    let c = ctx.counted();
+    let mut sample = ctx.meter.measure(&c, || store.recover(&c, Policy::Resume, None).is_ok());
+    sample.correct &= at(b, name, &target);
+    recover.runs.push(sample);
+    for (side, which) in [(&mut redo, 0), (&mut skip, 1)] {
+        wipe(b, name);
+        b.redefine(name, &stale_xml, false).unwrap();
+        redefine_all(b, name, &xmls[..180]);
+        let c = ctx.counted();
+        let mut sample = ctx.meter.measure(&c, || {
+            match which {
+                0 => wipe_and_redo(&c, name, &xmls),
+                _ => lookup_and_skip(&c, name, &target, &xmls),
+            }
+            true
+        });
+        sample.correct &= at(b, name, &target);
+        side.runs.push(sample);
+    }
+    recover.row("S3b stale checkpoint (1 run)", None);
+    redo.row("S3b stale checkpoint (1 run)", None);
+    skip.row("S3b stale checkpoint (1 run)", None);
+}
+
+/// What vdsm and ovirt-engine do: delete every checkpoint libvirt has,
+/// children first, then redefine the whole chain.
+fn wipe_and_redo(b: &Counted<'_>, domain: &str, xmls: &[String]) {
+    for d in b.list(domain).unwrap().iter().rev() {
+        b.delete(domain, &d.name).unwrap();
+    }
+    redefine_all(b, domain, xmls);
+}
+
+/// What virtnbdbackup does: look each checkpoint up by name and redefine
+/// only those libvirt does not have, without comparing content.
+fn lookup_and_skip(b: &Counted<'_>, domain: &str, target: &[CheckpointDef], xmls: &[String]) {
+    for (d, x) in target.iter().zip(xmls) {
+        match b.lookup(domain, &d.name) {
+            Ok(_) => {}
+            Err(e) if e.kind == BackendErrorKind::NoCheckpoint => b.redefine(domain, x, false).unwrap(),
+            Err(e) => panic!("lookup of {}: {e}", d.name),
+        }
+    }
+}
+
+/// S4: 32 domains × 25 checkpoints re-applied after a "host restart"
+/// (libvirt's metadata gone, the journal's committed chains intact).
+fn s4(ctx: &Ctx) {
+    let doms: Vec<TestDomain> = (0..32).map(|_| TestDomain::define(&ctx.conn, "s4", DISKS)).collect();
+    let names: Vec<String> = doms.iter().map(|d| d.name.clone()).collect();
+    let journal = ctx.journal("s4.db");
+    let store_with = |workers| {
+        let store = Store::open_with(&journal, StoreOptions { workers, ..StoreOptions::default() }).unwrap();
+        (workers, store)
+    };
+    let stores = [store_with(1), store_with(2), store_with(4)];
+    let targets: Vec<Vec<CheckpointDef>> = doms.iter().map(|d| defs(&chain(d, 25))).collect();
+    // Commit each domain's chain once (set-up).
+    for d in &doms {
+        stores[2].1.sync(&ctx.backend, chain(d, 25)).unwrap();
+    }
+    let mut sides: Vec<Side> = stores
+        .iter()
+        .map(|(w, _)| match w {
+            1 => Side::new("`resync_many`, workers = 1 (serial)"),
+            w => Side::new(format!("`resync_many`, workers = {w}")),
+        })
+        .collect();
+    for run in 0..ctx.runs {
+        let mut order: Vec<usize> = (0..stores.len()).collect();
+        order.rotate_left(run % stores.len());
+        for i in order {
+            for n in &names {
+                wipe(&ctx.backend, n);
+            }
+            let c = ctx.counted();
+            let store = &stores[i].1;
+            sides[i].runs.push(ctx.meter.measure(&c, || {
+                let r = store.resync_many(&c, &names);
+                r.iter().all(|r| r.as_ref().is_ok_and(|r| r.redefined.len() == 25))
+            }));
+            let s = sides[i].runs.last_mut().unwrap();
+            s.correct &= names.iter().zip(&targets).all(|(n, t)| at(&ctx.backend, n, t));
+        }
+        let times: Vec<String> = sides.iter().map(|s| format!("{:.0} ms", last_ms(s))).collect();
+        eprintln!("S4 run {} of {}: workers 1/2/4: {}", run + 1, ctx.runs, times.join(", "));
+    }
+    let serial = &sides[0];
+    serial.row("S4 host restart (32 × 25 × 4)", None);
+    for s in &sides[1..] {
+        s.row("S4 host restart (32 × 25 × 4)", Some(serial));
+    }
+    // Per-call latency of the redefines on each side: does parallelism
+    // make each call slower (the daemon's CPUs are full) or not?
+    for s in &sides {
+        let per_call = s.median_by(|x| x.in_libvirt.as_secs_f64() * 1e3 / x.redefine.max(1) as f64);
+        eprintln!("S4 {}: {:.1} ms in libvirt per redefine (all calls' time / redefines)", s.label, per_call);
+    }
+    drop(doms);
+}
+
+// S5 --------------------------------------------------------------------------
+
+/// One bitmap as the check needs it: present, in use, enabled.
+#[derive(Clone, Copy)]
+struct Seen {
+    in_use: bool,
+    enabled: bool,
+}
+
+/// Problems between libvirt's checkpoints and the images' bitmaps: missing
+/// bitmap, bitmap in use on a stopped image, disabled bitmap.
+fn compare(checkpoints: &[CheckpointDef], bitmaps: &BTreeMap<String, BTreeMap<String, Seen>>) -> usize {
+    let mut problems = 0;
+    for c in checkpoints {
+        for (target, bitmap) in &c.disks {
+            match bitmaps.get(target).and_then(|b| b.get(bitmap)) {
+                None => problems += 1,
+                Some(s) if s.in_use || !s.enabled => problems += 1,
+                Some(_) => {}
+            }
+        }
+    }
+    problems
+}
+
+fn in_process(info: &DomainInfo) -> BTreeMap<String, BTreeMap<String, Seen>> {
+    info.disks
+        .iter()
+        .map(|d| {
+            let chain = ckptstore::qcow2::read_chain(d.source.as_ref().unwrap()).unwrap();
+            let top = &chain.layers[0];
+            let seen =
+                top.bitmaps.iter().map(|b| (b.name.clone(), Seen { in_use: b.in_use, enabled: b.auto })).collect();
+            (d.target.clone(), seen)
+        })
+        .collect()
+}
+
+fn with_qemu_img(info: &DomainInfo) -> BTreeMap<String, BTreeMap<String, Seen>> {
+    info.disks
+        .iter()
+        .map(|d| {
+            let out = Command::new("qemu-img")
+                .args(["info", "--output=json", "--backing-chain", "-U"])
+                .arg(d.source.as_ref().unwrap())
+                .output()
+                .unwrap();
+            assert!(out.status.success());
+            let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+            let top = &v[0]["format-specific"]["data"]["bitmaps"];
+            let seen = top
+                .as_array()
+                .map(|a| {
+                    a.iter()
+                        .map(|b| {
+                            let flags: Vec<&str> =
+                                b["flags"].as_array().unwrap().iter().filter_map(|f| f.as_str()).collect();
+                            let s = Seen { in_use: flags.contains(&"in-use"), enabled: flags.contains(&"auto") };
+                            (b["name"].as_str().unwrap().to_string(), s)
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            (d.target.clone(), seen)
+        })
+        .collect()
+}
+
+/// S5 on the S1 domain (libvirt holds its 200 checkpoints): give every
+/// image the 200 bitmaps, then check both ways.
+fn s5(ctx: &Ctx, dom: &TestDomain) {
+    let target = defs(&chain(dom, 200));
+    let b = &ctx.backend;
+    assert!(at(b, &dom.name, &target));
+    let first = &dom.images[0];
+    for d in &target {
+        support::add_bitmap(first, &d.name);
+    }
+    for image in &dom.images[1..] {
+        std::fs::copy(first, image).unwrap();
+    }
+    let mut fast = Side::new("list + qcow2 bitmap directories read in-process");
+    let mut slow = Side::new("list + `qemu-img info --backing-chain` per image");
+    let mut fast_img = Vec::new();
+    let mut slow_img = Vec::new();
+    for run in 0..ctx.runs.max(5) * 2 {
+        for side in if run % 2 == 0 { [0, 1] } else { [1, 0] } {
+            let c = ctx.counted();
+            let mut img = Duration::ZERO;
+            let s = ctx.meter.measure(&c, || {
+                let checkpoints = c.list(&dom.name).unwrap();
+                let info = c.domain_info(&dom.name).unwrap();
+                let t = Instant::now();
+                let bitmaps = if side == 0 { in_process(&info) } else { with_qemu_img(&info) };
+                img = t.elapsed();
+                checkpoints.len() == 200 && compare(&checkpoints, &bitmaps) == 0
+            });
+            if side == 0 {
+                fast.runs.push(s);
+                fast_img.push(img);
+            } else {
+                slow.runs.push(s);
+                slow_img.push(img);
+            }
+        }
+    }
+    fast.row("S5 validate (200 × 4), whole check", None);
+    slow.row("S5 validate (200 × 4), whole check", Some(&fast));
+    let med = |v: &mut Vec<Duration>| {
+        v.sort();
+        v[v.len() / 2].as_secs_f64() * 1e3
+    };
+    let (f, s) = (med(&mut fast_img), med(&mut slow_img));
+    println!(
+        "| S5 validate, images only | 4 × `read_chain` vs 4 × `qemu-img info` | {f:.2} vs {s:.1} | | | | | | | | | | yes | {:.0}× |",
+        s / f
+    );
+}
+
+fn main() {
+    quiet_crashes();
+    let runs: usize = std::env::var("CKPTSTORE_BENCH_RUNS").ok().and_then(|r| r.parse().ok()).unwrap_or(5);
+    let only = std::env::var("CKPTSTORE_BENCH_ONLY").unwrap_or_else(|_| "S1,S2,S3,S4,S5".into());
+    let want = |s: &str| only.split(',').any(|o| o.trim().eq_ignore_ascii_case(s));
+    let base = std::env::var("CKPTSTORE_BENCH_DIR").unwrap_or_else(|_| "/var/tmp".into());
+    let conn = support::system();
+    let ctx = Ctx {
+        backend: LibvirtBackend::connect(support::SYSTEM_URI).unwrap(),
+        conn,
+        meter: Meter { daemon: libvirtd_pid() },
+        runs,
+        dir: tempfile::Builder::new().prefix("ckptstore-bench-").tempdir_in(&base).unwrap(),
+    };
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| {
+            c.lines()
+                .find(|l| l.starts_with("model name"))
+                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
+        })
+        .unwrap_or_default();
+    println!(
+        "libvirt_loop: {} UTC, {} CPUs ({cpu}), journal in {}, {runs} runs per side, medians",
+        chrono::Utc::now().format("%Y-%m-%d %H:%M"),
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        base,
+    );
+    println!();
+    header();
+    if want("S1") || want("S2") || want("S5") {
+        let dom = TestDomain::define(&ctx.conn, "s1", DISKS);
+        if want("S1") || want("S2") {
+            s1_s2(&ctx, &dom);
+        } else {
+            let store = Store::open(ctx.journal("s1.db")).unwrap();
+            store.sync(&ctx.backend, chain(&dom, 200)).unwrap();
+        }
+        if want("S5") {
+            s5(&ctx, &dom);
+        }
+    }
+    if want("S3") {
+        let dom = TestDomain::define(&ctx.conn, "s3", DISKS);
+        s3(&ctx, &dom);
+    }
+    if want("S4") {
+        s4(&ctx);
+    }
+}
