@@ -1,6 +1,7 @@
 //! The journal: one SQLite file in WAL mode with `synchronous=FULL`, holding
 //! each domain's committed chain, every transaction with its target and
-//! before-image, its steps, and the history.
+//! before-image, its steps, and the history. Marking a step done is the one
+//! commit that does not wait for the disk (see [`Journal::step_done`]).
 //!
 //! Architecture invariant: this module knows nothing of backends. It stores
 //! and answers; the engine decides.
@@ -571,23 +572,34 @@ impl Journal {
 
     /// Mark one step done and count its libvirt call.
     ///
+    /// This is the one commit that does not wait for the disk: a step's
+    /// state is a cache of progress that may lag behind libvirt (recovery
+    /// compares libvirt's checkpoints with the target by content), so it is
+    /// committed with `synchronous=NORMAL`. A crash of the process loses
+    /// nothing; a power loss may lose the last steps marked done, never the
+    /// intent (committed durably before the first call) and never a step
+    /// older than the last durable commit, which syncs the whole WAL.
+    ///
     /// # Errors
     ///
     /// SQLite errors.
     pub fn step_done(&self, txn: Uuid, phase: StepPhase, seq: u32) -> Result<()> {
         let mut conn = self.conn();
-        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(JournalError::from_sqlite)?;
-        tx.execute(
-            "UPDATE steps SET state = 'done' WHERE txn_id = ?1 AND phase = ?2 AND seq = ?3",
-            params![txn.to_string(), phase.as_str(), seq],
-        )
-        .map_err(JournalError::from_sqlite)?;
-        tx.execute(
-            "UPDATE txns SET libvirt_calls = libvirt_calls + 1, updated_at = ?2 WHERE id = ?1",
-            params![txn.to_string(), now()],
-        )
-        .map_err(JournalError::from_sqlite)?;
-        tx.commit().map_err(JournalError::from_sqlite)
+        without_fsync(&mut conn, |conn| {
+            let tx =
+                conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(JournalError::from_sqlite)?;
+            tx.execute(
+                "UPDATE steps SET state = 'done' WHERE txn_id = ?1 AND phase = ?2 AND seq = ?3",
+                params![txn.to_string(), phase.as_str(), seq],
+            )
+            .map_err(JournalError::from_sqlite)?;
+            tx.execute(
+                "UPDATE txns SET libvirt_calls = libvirt_calls + 1, updated_at = ?2 WHERE id = ?1",
+                params![txn.to_string(), now()],
+            )
+            .map_err(JournalError::from_sqlite)?;
+            tx.commit().map_err(JournalError::from_sqlite)
+        })
     }
 
     /// Mark steps done that libvirt showed are no longer needed (no call).
@@ -900,6 +912,18 @@ impl Journal {
     }
 }
 
+/// Run `f`, whose commit need not be durable at once, with
+/// `synchronous=NORMAL`: in WAL mode the commit is written to the WAL but
+/// not synced, and the next `FULL` commit (or checkpoint) syncs it along.
+/// `FULL` is set back before the connection's lock is released, whatever
+/// `f` returned, so every other commit stays durable.
+fn without_fsync<T>(conn: &mut Connection, f: impl FnOnce(&mut Connection) -> Result<T>) -> Result<T> {
+    conn.pragma_update(None, "synchronous", "NORMAL").map_err(JournalError::from_sqlite)?;
+    let result = f(conn);
+    conn.pragma_update(None, "synchronous", "FULL").map_err(JournalError::from_sqlite)?;
+    result
+}
+
 fn expect(name: &'static str, expected: &str, found: &str) -> Result<()> {
     if expected == found {
         Ok(())
@@ -1093,4 +1117,28 @@ fn decode_committed(row: CommittedRow) -> Result<Committed> {
         txn: Uuid::parse_str(&txn).map_err(|e| JournalError::decode("transaction id", e))?,
         committed_at,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn synchronous(conn: &Connection) -> i64 {
+        conn.query_row("PRAGMA synchronous", [], |r| r.get(0)).unwrap()
+    }
+
+    #[test]
+    fn only_progress_skips_the_fsync_and_full_is_back_even_after_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let j = Journal::open(&dir.path().join("journal.db")).unwrap();
+        j.step_done(Uuid::new_v4(), StepPhase::Apply, 0).unwrap();
+        assert_eq!(synchronous(&j.conn()), 2, "FULL after a step");
+        let mut conn = j.conn();
+        let r: Result<()> = without_fsync(&mut conn, |c| {
+            assert_eq!(synchronous(c), 1, "NORMAL inside");
+            Err(JournalError::Io { detail: "failed inside".into() })
+        });
+        assert!(matches!(r, Err(JournalError::Io { .. })));
+        assert_eq!(synchronous(&conn), 2, "FULL after a failed commit");
+    }
 }
