@@ -17,7 +17,7 @@
 //!
 //! Run with `cargo bench --bench libvirt_loop` (as root, with
 //! `bash tests/support/libvirt.sh start` done). Environment:
-//! `CKPTSTORE_BENCH_RUNS` (default 5), `CKPTSTORE_BENCH_ONLY` (e.g. `S1,S3`),
+//! `CKPTSTORE_BENCH_RUNS` (default 7), `CKPTSTORE_BENCH_ONLY` (e.g. `S1,S3`),
 //! `CKPTSTORE_BENCH_DIR` (journal folder, default `/var/tmp`).
 
 #[path = "../tests/support/mod.rs"]
@@ -40,7 +40,7 @@ use ckptstore::xml::render_checkpoint;
 use ckptstore::{
     Backend, BackendError, BackendErrorKind, Chain, Checkpoint, CheckpointDef, LibvirtBackend, Policy, Store,
 };
-use ckptstore::{StoreOptions, SyncReport};
+use ckptstore::{Outcome, StoreOptions, SyncReport};
 use support::TestDomain;
 use uuid::Uuid;
 
@@ -162,15 +162,17 @@ fn libvirtd_pid() -> Option<String> {
     (std::fs::read_to_string(format!("/proc/{pid}/comm")).ok()?.trim() == "libvirtd").then_some(pid)
 }
 
-#[derive(Clone, Copy)]
+#[derive(Clone)]
 struct Cpu {
+    daemon_pid: Option<String>,
     daemon: Option<u64>,
     me: Option<u64>,
     machine: Option<(u64, u64)>,
 }
 
-fn cpu_now(daemon: &Option<String>) -> Cpu {
-    Cpu { daemon: daemon.as_deref().and_then(proc_cpu), me: proc_cpu("self"), machine: machine_cpu() }
+fn cpu_now() -> Cpu {
+    let daemon_pid = libvirtd_pid();
+    Cpu { daemon: daemon_pid.as_deref().and_then(proc_cpu), daemon_pid, me: proc_cpu("self"), machine: machine_cpu() }
 }
 
 // ---------------------------------------------------------------------------
@@ -184,7 +186,7 @@ struct Sample {
     delete: u64,
     list: u64,
     other: u64,
-    /// libvirtd CPU seconds during the run.
+    /// libvirtd CPU seconds during the run (every client's calls).
     daemon_cpu: Option<f64>,
     /// This process's CPU seconds.
     my_cpu: Option<f64>,
@@ -192,39 +194,83 @@ struct Sample {
     machine_busy: Option<f64>,
     /// Did libvirt end where it should?
     correct: bool,
+    /// The daemon was restarted during the run (other test suites on this
+    /// machine restart it): the run does not count.
+    restarted: bool,
 }
 
-struct Meter {
-    daemon: Option<String>,
+/// Time `f` (which makes its calls through `b`), with CPU use.
+fn measure(b: &Counted<'_>, f: impl FnOnce() -> bool) -> Sample {
+    let c0 = cpu_now();
+    let t = Instant::now();
+    let correct = f();
+    let wall = t.elapsed();
+    let c1 = cpu_now();
+    let secs = |a: Option<u64>, b: Option<u64>| Some(b?.checked_sub(a?)? as f64 / ticks_per_sec());
+    let busy = match (c0.machine, c1.machine) {
+        (Some((b0, t0)), Some((b1, t1))) if t1 > t0 => Some((b1 - b0) as f64 / (t1 - t0) as f64),
+        _ => None,
+    };
+    let t = &b.tally;
+    Sample {
+        wall,
+        in_libvirt: t.libvirt_time(),
+        redefine: t.calls(Op::Redefine),
+        delete: t.calls(Op::Delete),
+        list: t.calls(Op::List),
+        other: t.total_calls() - t.calls(Op::Redefine) - t.calls(Op::Delete) - t.calls(Op::List),
+        daemon_cpu: secs(c0.daemon, c1.daemon),
+        my_cpu: secs(c0.me, c1.me),
+        machine_busy: busy,
+        correct,
+        restarted: c0.daemon_pid.is_none() || c0.daemon_pid != c1.daemon_pid,
+    }
 }
 
-impl Meter {
-    /// Time `f` (which makes its calls through `b`), with CPU use.
-    fn measure(&self, b: &Counted<'_>, f: impl FnOnce() -> bool) -> Sample {
-        let c0 = cpu_now(&self.daemon);
-        let t = Instant::now();
-        let correct = f();
-        let wall = t.elapsed();
-        let c1 = cpu_now(&self.daemon);
-        let secs = |a: Option<u64>, b: Option<u64>| Some((b? - a?) as f64 / ticks_per_sec());
-        let busy = match (c0.machine, c1.machine) {
-            (Some((b0, t0)), Some((b1, t1))) if t1 > t0 => Some((b1 - b0) as f64 / (t1 - t0) as f64),
-            _ => None,
-        };
-        let t = &b.tally;
-        Sample {
-            wall,
-            in_libvirt: t.libvirt_time(),
-            redefine: t.calls(Op::Redefine),
-            delete: t.calls(Op::Delete),
-            list: t.calls(Op::List),
-            other: t.total_calls() - t.calls(Op::Redefine) - t.calls(Op::Delete) - t.calls(Op::List),
-            daemon_cpu: secs(c0.daemon, c1.daemon),
-            my_cpu: secs(c0.me, c1.me),
-            machine_busy: busy,
-            correct,
+/// Wait until `qemu:///system` answers again.
+fn wait_for_daemon() {
+    for _ in 0..240 {
+        if virt::connect::Connect::open(Some(support::SYSTEM_URI)).is_ok() && libvirtd_pid().is_some() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    panic!("libvirtd did not come back within 2 minutes");
+}
+
+/// Run `f` (set-up included); when it fails because the daemon went away
+/// (other test suites on this machine restart it), wait for the daemon and
+/// run it again.
+fn retry<T>(mut f: impl FnMut() -> T) -> T {
+    for attempt in 1.. {
+        match catch_unwind(AssertUnwindSafe(&mut f)) {
+            Ok(v) => return v,
+            Err(p) if attempt < 5 && p.downcast_ref::<Crash>().is_none() => {
+                eprintln!("failed ({}); waiting for libvirtd and running it again", panic_text(&p));
+                wait_for_daemon();
+            }
+            Err(p) => std::panic::resume_unwind(p),
         }
     }
+    unreachable!()
+}
+
+/// One measured run (set-up included), run again when the daemon failed or
+/// was restarted under it.
+fn steady(mut run: impl FnMut() -> Sample) -> Sample {
+    for _ in 0..5 {
+        let s = retry(&mut run);
+        if !s.restarted {
+            return s;
+        }
+        eprintln!("libvirtd was restarted during the run; running it again");
+        wait_for_daemon();
+    }
+    panic!("libvirtd keeps restarting")
+}
+
+fn panic_text(p: &Box<dyn std::any::Any + Send>) -> String {
+    p.downcast_ref::<String>().cloned().or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string())).unwrap_or_default()
 }
 
 /// The runs of one side of a comparison.
@@ -268,10 +314,29 @@ impl Side {
         }
     }
 
-    fn row(&self, scenario: &str, vs: Option<&Side>) {
+    /// Median of the run-by-run ratios this / other (runs paired in the
+    /// order they were made, so slow drift of the machine cancels).
+    fn paired(&self, other: &Side) -> f64 {
+        let ratios = Side {
+            label: String::new(),
+            runs: self
+                .runs
+                .iter()
+                .zip(&other.runs)
+                .map(|(a, b)| Sample { wall: a.wall.div_f64(b.wall.as_secs_f64()), ..Sample::default() })
+                .collect(),
+        };
+        ratios.median_by(|s| s.wall.as_secs_f64())
+    }
+
+    fn row(&self, scenario: &str, ratio: &str) {
         let (lo, hi) = self.range();
-        let ratio = vs.map_or(String::new(), |o| format!("{:.2}×", self.ms() / o.ms()));
-        let outside = self.median_by(|s| (s.wall.saturating_sub(s.in_libvirt)).as_secs_f64() * 1e3);
+        // Calls that overlap (workers) leave no time outside libvirt to tell.
+        let outside = if self.runs.iter().any(|s| s.in_libvirt > s.wall) {
+            "n/a".to_string()
+        } else {
+            format!("{:.1}", self.median_by(|s| (s.wall.saturating_sub(s.in_libvirt)).as_secs_f64() * 1e3))
+        };
         let opt = |f: &dyn Fn(&Sample) -> Option<f64>| {
             let v: Vec<f64> = self.runs.iter().filter_map(f).collect();
             if v.len() == self.runs.len() {
@@ -281,7 +346,7 @@ impl Side {
             }
         };
         println!(
-            "| {scenario} | {} | {:.1} | {:.1}–{:.1} | {} | {} | {} | {} | {:.1} | {} | {} | {} | {} | {ratio} |",
+            "| {scenario} | {} | {:.1} | {:.1}–{:.1} | {} | {} | {} | {} | {outside} | {} | {} | {} | {} | {ratio} |",
             self.label,
             self.ms(),
             lo,
@@ -290,7 +355,6 @@ impl Side {
             self.calls(|s| s.delete),
             self.calls(|s| s.list),
             self.calls(|s| s.other),
-            outside,
             opt(&|s| s.daemon_cpu),
             opt(&|s| s.my_cpu),
             opt(&|s| s.machine_busy.map(|b| b * 100.0)),
@@ -391,8 +455,6 @@ fn store_crashing_after(path: &Path, k: u64) -> Store {
 
 struct Ctx {
     backend: LibvirtBackend,
-    conn: virt::connect::Connect,
-    meter: Meter,
     runs: usize,
     dir: tempfile::TempDir,
 }
@@ -420,44 +482,58 @@ fn s1_s2(ctx: &Ctx, dom: &TestDomain) {
     let mut bare = Side::new("bare redefine loop, no journal");
     for run in 0..ctx.runs {
         for side in if run % 2 == 0 { [0, 1] } else { [1, 0] } {
-            wipe(b, name);
-            let c = ctx.counted();
-            let mut sample = if side == 0 {
-                ctx.meter.measure(&c, || {
-                    let r: SyncReport = store.sync(&c, chain.clone()).unwrap();
-                    r.redefined.len() == 200
-                })
-            } else {
-                ctx.meter.measure(&c, || {
-                    redefine_all(&c, name, &xmls);
-                    true
-                })
-            };
-            sample.correct &= at(b, name, &target);
+            let sample = steady(|| {
+                // A run cut short by a daemon restart may have left its
+                // transaction open: finish it first (not measured).
+                store.recover(b, Policy::Rollback, None).unwrap();
+                wipe(b, name);
+                let c = ctx.counted();
+                let mut sample = if side == 0 {
+                    measure(&c, || {
+                        let r: SyncReport = store.sync(&c, chain.clone()).unwrap();
+                        r.redefined.len() == 200
+                    })
+                } else {
+                    measure(&c, || {
+                        redefine_all(&c, name, &xmls);
+                        true
+                    })
+                };
+                sample.correct &= at(b, name, &target);
+                sample
+            });
             [&mut sync, &mut bare][side].runs.push(sample);
         }
         eprintln!("S1 run {} of {}: sync {:.0} ms, bare {:.0} ms", run + 1, ctx.runs, last_ms(&sync), last_ms(&bare));
     }
-    sync.row("S1 journal overhead (200 × 4)", Some(&bare));
-    bare.row("S1 journal overhead (200 × 4)", None);
+    let ratio = format!("{:.3}× the bare loop (paired: {:.3}×)", sync.ms() / bare.ms(), sync.paired(&bare));
+    sync.row("S1 journal overhead (200 × 4)", &ratio);
+    bare.row("S1 journal overhead (200 × 4)", "");
 
-    // S2: libvirt already matches (the last S1 run left it so).
+    // S2: libvirt already matches.
     let mut noop = Side::new("`Store::sync`, libvirt matches");
     let mut again = Side::new("redefine all 200 again");
     for run in 0..ctx.runs {
         for side in if run % 2 == 0 { [0, 1] } else { [1, 0] } {
-            let c = ctx.counted();
-            if side == 0 {
-                noop.runs.push(ctx.meter.measure(&c, || {
-                    let r = store.sync(&c, chain.clone()).unwrap();
-                    r.redefined.is_empty() && r.libvirt_calls == 0
-                }));
-            } else {
-                again.runs.push(ctx.meter.measure(&c, || {
-                    redefine_all(&c, name, &xmls);
-                    true
-                }));
-            }
+            let sample = steady(|| {
+                if !at(b, name, &target) {
+                    wipe(b, name);
+                    redefine_all(b, name, &xmls);
+                }
+                let c = ctx.counted();
+                if side == 0 {
+                    measure(&c, || {
+                        let r = store.sync(&c, chain.clone()).unwrap();
+                        r.redefined.is_empty() && r.libvirt_calls == 0
+                    })
+                } else {
+                    measure(&c, || {
+                        redefine_all(&c, name, &xmls);
+                        true
+                    })
+                }
+            });
+            [&mut noop, &mut again][side].runs.push(sample);
         }
         eprintln!(
             "S2 run {} of {}: no-op {:.0} ms, redefine all {:.0} ms",
@@ -467,26 +543,40 @@ fn s1_s2(ctx: &Ctx, dom: &TestDomain) {
             last_ms(&again)
         );
     }
-    noop.row("S2 no-op re-sync", None);
-    again.row("S2 no-op re-sync", Some(&noop));
+    noop.row("S2 no-op re-sync", &format!("{:.0}× faster than redefining all", again.ms() / noop.ms()));
+    again.row("S2 no-op re-sync", "");
 }
 
 fn last_ms(s: &Side) -> f64 {
     s.runs.last().map_or(f64::NAN, |r| r.wall.as_secs_f64() * 1e3)
 }
 
-/// Leave libvirt as a sync killed after its 180th step left it: wipe, then
-/// run a sync that crashes; its transaction stays open in `journal`.
-fn crash_at_180(ctx: &Ctx, dom: &TestDomain, chain: &Chain, journal: &Path) {
+/// Leave libvirt as a sync killed after its 180th step left it: wipe, put
+/// `pre` there, then run a sync that crashes; its transaction stays open in
+/// a new `journal`.
+fn crash_at_180(ctx: &Ctx, dom: &TestDomain, chain: &Chain, journal: &Path, pre: Option<&str>) {
     wipe(&ctx.backend, &dom.name);
-    let _ = std::fs::remove_file(journal);
+    if let Some(xml) = pre {
+        ctx.backend.redefine(&dom.name, xml, false).unwrap();
+    }
+    for f in ["", "-wal", "-shm"] {
+        let _ = std::fs::remove_file(format!("{}{f}", journal.display()));
+    }
     let crashing = store_crashing_after(journal, 180);
     let r = catch_unwind(AssertUnwindSafe(|| crashing.sync(&ctx.backend, chain.clone())));
     assert!(r.is_err(), "the sync was meant to crash");
-    assert_eq!(ctx.backend.list(&dom.name).unwrap().len(), 180);
 }
 
-/// S3 on one domain of 200 checkpoints.
+/// Wipe, put `pre` there, redefine the first 180 checkpoints.
+fn first_180(ctx: &Ctx, dom: &TestDomain, xmls: &[String], pre: Option<&str>) {
+    wipe(&ctx.backend, &dom.name);
+    if let Some(xml) = pre {
+        ctx.backend.redefine(&dom.name, xml, false).unwrap();
+    }
+    redefine_all(&ctx.backend, &dom.name, &xmls[..180]);
+}
+
+/// S3 on one domain of 200 checkpoints; then once with a stale checkpoint.
 fn s3(ctx: &Ctx, dom: &TestDomain) {
     let chain = chain(dom, 200);
     let target = defs(&chain);
@@ -495,99 +585,85 @@ fn s3(ctx: &Ctx, dom: &TestDomain) {
     let name = dom.name.as_str();
     let journal = ctx.journal("s3.db");
 
-    let mut recover = Side::new("`Store::recover` after a crash at step 180");
-    let mut redo = Side::new("wipe-and-redo (vdsm, ovirt-engine)");
-    let mut skip = Side::new("lookup-and-skip (virtnbdbackup)");
+    // One run of one side; `pre` is a checkpoint libvirt holds before the
+    // (crashed) transaction started.
+    let one = |side: usize, pre: Option<&str>| {
+        steady(|| {
+            let c = ctx.counted();
+            let mut sample = match side {
+                0 => {
+                    crash_at_180(ctx, dom, &chain, &journal, pre);
+                    let store = Store::open(&journal).unwrap();
+                    assert_eq!(store.journal().incomplete(None).unwrap().len(), 1);
+                    let s = measure(&c, || {
+                        let r = store.recover(&c, Policy::Resume, None).unwrap();
+                        r.len() == 1 && r[0].outcome == Outcome::Committed
+                    });
+                    assert!(store.journal().incomplete(None).unwrap().is_empty());
+                    s
+                }
+                1 => {
+                    first_180(ctx, dom, &xmls, pre);
+                    measure(&c, || {
+                        wipe_and_redo(&c, name, &xmls);
+                        true
+                    })
+                }
+                _ => {
+                    first_180(ctx, dom, &xmls, pre);
+                    measure(&c, || {
+                        lookup_and_skip(&c, name, &target, &xmls);
+                        true
+                    })
+                }
+            };
+            sample.correct &= at(b, name, &target);
+            sample
+        })
+    };
+
+    let mut sides = [
+        Side::new("`Store::recover` after a crash at step 180"),
+        Side::new("wipe-and-redo (vdsm, ovirt-engine)"),
+        Side::new("lookup-and-skip (virtnbdbackup)"),
+    ];
     for run in 0..ctx.runs {
         let mut order = [0, 1, 2];
         order.rotate_left(run % 3);
         for side in order {
-            match side {
-                0 => {
-                    crash_at_180(ctx, dom, &chain, &journal);
-                    let store = Store::open(&journal).unwrap();
-                    assert_eq!(store.journal().incomplete(None).unwrap().len(), 1);
-                    let c = ctx.counted();
-                    recover.runs.push(ctx.meter.measure(&c, || {
-                        let r = store.recover(&c, Policy::Resume, None).unwrap();
-                        r.len() == 1 && r[0].libvirt_calls == 20
-                    }));
-                    assert!(store.journal().incomplete(None).unwrap().is_empty());
-                }
-                1 => {
-                    wipe(b, name);
-                    redefine_all(b, name, &xmls[..180]);
-                    let c = ctx.counted();
-                    redo.runs.push(ctx.meter.measure(&c, || {
-                        wipe_and_redo(&c, name, &xmls);
-                        true
-                    }));
-                }
-                _ => {
-                    wipe(b, name);
-                    redefine_all(b, name, &xmls[..180]);
-                    let c = ctx.counted();
-                    skip.runs.push(ctx.meter.measure(&c, || {
-                        lookup_and_skip(&c, name, &target, &xmls);
-                        true
-                    }));
-                }
-            }
-            let s = [&mut recover, &mut redo, &mut skip][side].runs.last_mut().unwrap();
-            s.correct &= at(b, name, &target);
+            let sample = one(side, None);
+            sides[side].runs.push(sample);
         }
         eprintln!(
             "S3 run {} of {}: recover {:.0} ms, wipe-and-redo {:.0} ms, lookup-and-skip {:.0} ms",
             run + 1,
             ctx.runs,
-            last_ms(&recover),
-            last_ms(&redo),
-            last_ms(&skip)
+            last_ms(&sides[0]),
+            last_ms(&sides[1]),
+            last_ms(&sides[2])
         );
     }
-    recover.row("S3 resume at 180 of 200", None);
-    redo.row("S3 resume at 180 of 200", Some(&recover));
-    skip.row("S3 resume at 180 of 200", Some(&recover));
+    let faster =
+        |o: &Side| format!("`recover` {:.2}× faster (paired: {:.2}×)", o.ms() / sides[0].ms(), o.paired(&sides[0]));
+    sides[0].row("S3 resume at 180 of 200", "");
+    sides[1].row("S3 resume at 180 of 200", &faster(&sides[1]));
+    sides[2].row("S3 resume at 180 of 200", &faster(&sides[2]));
 
-    // Once more with a stale definition of a checkpoint still to do (c190
-    // left by an earlier chain: a root with another creation time), to
-    // show what each approach makes of it.
+    // Once more with a stale definition of a checkpoint still to do (c190,
+    // left by an earlier chain as a root with another creation time).
     let mut stale = target[190].clone();
     stale.parent = None;
     stale.creation_time -= 86_400;
     let stale_xml = render_checkpoint(&stale);
-    let mut recover = Side::new("`Store::recover`, stale c190 present");
-    let mut redo = Side::new("wipe-and-redo, stale c190 present");
-    let mut skip = Side::new("lookup-and-skip, stale c190 present");
-    wipe(b, name);
-    b.redefine(name, &stale_xml, false).unwrap();
-    let _ = std::fs::remove_file(&journal);
-    let crashing = store_crashing_after(&journal, 180);
-    assert!(catch_unwind(AssertUnwindSafe(|| crashing.sync(b, chain.clone()))).is_err());
-    drop(crashing);
-    let store = Store::open(&journal).unwrap();
-    let c = ctx.counted();
-    let mut sample = ctx.meter.measure(&c, || store.recover(&c, Policy::Resume, None).is_ok());
-    sample.correct &= at(b, name, &target);
-    recover.runs.push(sample);
-    for (side, which) in [(&mut redo, 0), (&mut skip, 1)] {
-        wipe(b, name);
-        b.redefine(name, &stale_xml, false).unwrap();
-        redefine_all(b, name, &xmls[..180]);
-        let c = ctx.counted();
-        let mut sample = ctx.meter.measure(&c, || {
-            match which {
-                0 => wipe_and_redo(&c, name, &xmls),
-                _ => lookup_and_skip(&c, name, &target, &xmls),
-            }
-            true
-        });
-        sample.correct &= at(b, name, &target);
-        side.runs.push(sample);
+    let mut sides = [
+        Side::new("`Store::recover`, stale c190 present"),
+        Side::new("wipe-and-redo, stale c190 present"),
+        Side::new("lookup-and-skip, stale c190 present"),
+    ];
+    for (side, s) in sides.iter_mut().enumerate() {
+        s.runs.push(one(side, Some(&stale_xml)));
+        s.row("S3b stale checkpoint (1 run)", "");
     }
-    recover.row("S3b stale checkpoint (1 run)", None);
-    redo.row("S3b stale checkpoint (1 run)", None);
-    skip.row("S3b stale checkpoint (1 run)", None);
 }
 
 /// What vdsm and ovirt-engine do: delete every checkpoint libvirt has,
@@ -614,22 +690,22 @@ fn lookup_and_skip(b: &Counted<'_>, domain: &str, target: &[CheckpointDef], xmls
 /// S4: 32 domains × 25 checkpoints re-applied after a "host restart"
 /// (libvirt's metadata gone, the journal's committed chains intact).
 fn s4(ctx: &Ctx) {
-    let doms: Vec<TestDomain> = (0..32).map(|_| TestDomain::define(&ctx.conn, "s4", DISKS)).collect();
+    let doms: Vec<TestDomain> = (0..32).map(|_| TestDomain::define(&support::system(), "s4", DISKS)).collect();
     let names: Vec<String> = doms.iter().map(|d| d.name.clone()).collect();
     let journal = ctx.journal("s4.db");
-    let store_with = |workers| {
-        let store = Store::open_with(&journal, StoreOptions { workers, ..StoreOptions::default() }).unwrap();
-        (workers, store)
-    };
-    let stores = [store_with(1), store_with(2), store_with(4)];
+    let workers = [1, 2, 4];
+    let stores: Vec<Store> = workers
+        .iter()
+        .map(|&workers| Store::open_with(&journal, StoreOptions { workers, ..StoreOptions::default() }).unwrap())
+        .collect();
     let targets: Vec<Vec<CheckpointDef>> = doms.iter().map(|d| defs(&chain(d, 25))).collect();
     // Commit each domain's chain once (set-up).
     for d in &doms {
-        stores[2].1.sync(&ctx.backend, chain(d, 25)).unwrap();
+        retry(|| stores[2].sync(&ctx.backend, chain(d, 25)).unwrap());
     }
-    let mut sides: Vec<Side> = stores
+    let mut sides: Vec<Side> = workers
         .iter()
-        .map(|(w, _)| match w {
+        .map(|w| match w {
             1 => Side::new("`resync_many`, workers = 1 (serial)"),
             w => Side::new(format!("`resync_many`, workers = {w}")),
         })
@@ -638,31 +714,40 @@ fn s4(ctx: &Ctx) {
         let mut order: Vec<usize> = (0..stores.len()).collect();
         order.rotate_left(run % stores.len());
         for i in order {
-            for n in &names {
-                wipe(&ctx.backend, n);
-            }
-            let c = ctx.counted();
-            let store = &stores[i].1;
-            sides[i].runs.push(ctx.meter.measure(&c, || {
-                let r = store.resync_many(&c, &names);
-                r.iter().all(|r| r.as_ref().is_ok_and(|r| r.redefined.len() == 25))
-            }));
-            let s = sides[i].runs.last_mut().unwrap();
-            s.correct &= names.iter().zip(&targets).all(|(n, t)| at(&ctx.backend, n, t));
+            let sample = steady(|| {
+                stores[i].recover(&ctx.backend, Policy::Rollback, None).unwrap();
+                for n in &names {
+                    wipe(&ctx.backend, n);
+                }
+                let c = ctx.counted();
+                let mut s = measure(&c, || {
+                    let r = stores[i].resync_many(&c, &names);
+                    r.iter().all(|r| r.as_ref().is_ok_and(|r| r.redefined.len() == 25))
+                });
+                s.correct &= names.iter().zip(&targets).all(|(n, t)| at(&ctx.backend, n, t));
+                s
+            });
+            sides[i].runs.push(sample);
         }
         let times: Vec<String> = sides.iter().map(|s| format!("{:.0} ms", last_ms(s))).collect();
         eprintln!("S4 run {} of {}: workers 1/2/4: {}", run + 1, ctx.runs, times.join(", "));
     }
     let serial = &sides[0];
-    serial.row("S4 host restart (32 × 25 × 4)", None);
+    serial.row("S4 host restart (32 × 25 × 4)", "");
     for s in &sides[1..] {
-        s.row("S4 host restart (32 × 25 × 4)", Some(serial));
+        let ratio = format!("{:.2}× faster than serial (paired: {:.2}×)", serial.ms() / s.ms(), 1.0 / s.paired(serial));
+        s.row("S4 host restart (32 × 25 × 4)", &ratio);
     }
-    // Per-call latency of the redefines on each side: does parallelism
-    // make each call slower (the daemon's CPUs are full) or not?
+    // Does parallelism make each call slower (the daemon's CPUs are full)?
+    println!();
     for s in &sides {
         let per_call = s.median_by(|x| x.in_libvirt.as_secs_f64() * 1e3 / x.redefine.max(1) as f64);
-        eprintln!("S4 {}: {:.1} ms in libvirt per redefine (all calls' time / redefines)", s.label, per_call);
+        let cpu = s.median_by(|x| x.daemon_cpu.unwrap_or(f64::NAN) * 1e3 / x.redefine.max(1) as f64);
+        println!(
+            "S4 {}: {per_call:.1} ms per libvirt call (time in calls / redefines), \
+             {cpu:.1} ms libvirtd CPU per redefine",
+            s.label
+        );
     }
     drop(doms);
 }
@@ -740,7 +825,7 @@ fn with_qemu_img(info: &DomainInfo) -> BTreeMap<String, BTreeMap<String, Seen>> 
 fn s5(ctx: &Ctx, dom: &TestDomain) {
     let target = defs(&chain(dom, 200));
     let b = &ctx.backend;
-    assert!(at(b, &dom.name, &target));
+    retry(|| assert!(at(b, &dom.name, &target)));
     let first = &dom.images[0];
     for d in &target {
         support::add_bitmap(first, &d.name);
@@ -754,15 +839,17 @@ fn s5(ctx: &Ctx, dom: &TestDomain) {
     let mut slow_img = Vec::new();
     for run in 0..ctx.runs.max(5) * 2 {
         for side in if run % 2 == 0 { [0, 1] } else { [1, 0] } {
-            let c = ctx.counted();
             let mut img = Duration::ZERO;
-            let s = ctx.meter.measure(&c, || {
-                let checkpoints = c.list(&dom.name).unwrap();
-                let info = c.domain_info(&dom.name).unwrap();
-                let t = Instant::now();
-                let bitmaps = if side == 0 { in_process(&info) } else { with_qemu_img(&info) };
-                img = t.elapsed();
-                checkpoints.len() == 200 && compare(&checkpoints, &bitmaps) == 0
+            let s = steady(|| {
+                let c = ctx.counted();
+                measure(&c, || {
+                    let checkpoints = c.list(&dom.name).unwrap();
+                    let info = c.domain_info(&dom.name).unwrap();
+                    let t = Instant::now();
+                    let bitmaps = if side == 0 { in_process(&info) } else { with_qemu_img(&info) };
+                    img = t.elapsed();
+                    checkpoints.len() == 200 && compare(&checkpoints, &bitmaps) == 0
+                })
             });
             if side == 0 {
                 fast.runs.push(s);
@@ -773,30 +860,28 @@ fn s5(ctx: &Ctx, dom: &TestDomain) {
             }
         }
     }
-    fast.row("S5 validate (200 × 4), whole check", None);
-    slow.row("S5 validate (200 × 4), whole check", Some(&fast));
+    fast.row("S5 validate (200 × 4), whole check", &format!("{:.1}× faster than qemu-img", slow.ms() / fast.ms()));
+    slow.row("S5 validate (200 × 4), whole check", "");
     let med = |v: &mut Vec<Duration>| {
         v.sort();
         v[v.len() / 2].as_secs_f64() * 1e3
     };
     let (f, s) = (med(&mut fast_img), med(&mut slow_img));
     println!(
-        "| S5 validate, images only | 4 × `read_chain` vs 4 × `qemu-img info` | {f:.2} vs {s:.1} | | | | | | | | | | yes | {:.0}× |",
+        "| S5 validate, images only | 4 × `read_chain` vs 4 × `qemu-img info` | {f:.2} vs {s:.1} | | | | | | | | | | yes \
+         | {:.0}× faster than qemu-img |",
         s / f
     );
 }
 
 fn main() {
     quiet_crashes();
-    let runs: usize = std::env::var("CKPTSTORE_BENCH_RUNS").ok().and_then(|r| r.parse().ok()).unwrap_or(5);
+    let runs: usize = std::env::var("CKPTSTORE_BENCH_RUNS").ok().and_then(|r| r.parse().ok()).unwrap_or(7);
     let only = std::env::var("CKPTSTORE_BENCH_ONLY").unwrap_or_else(|_| "S1,S2,S3,S4,S5".into());
     let want = |s: &str| only.split(',').any(|o| o.trim().eq_ignore_ascii_case(s));
     let base = std::env::var("CKPTSTORE_BENCH_DIR").unwrap_or_else(|_| "/var/tmp".into());
-    let conn = support::system();
     let ctx = Ctx {
         backend: LibvirtBackend::connect(support::SYSTEM_URI).unwrap(),
-        conn,
-        meter: Meter { daemon: libvirtd_pid() },
         runs,
         dir: tempfile::Builder::new().prefix("ckptstore-bench-").tempdir_in(&base).unwrap(),
     };
@@ -817,19 +902,19 @@ fn main() {
     println!();
     header();
     if want("S1") || want("S2") || want("S5") {
-        let dom = TestDomain::define(&ctx.conn, "s1", DISKS);
+        let dom = TestDomain::define(&support::system(), "s1", DISKS);
         if want("S1") || want("S2") {
             s1_s2(&ctx, &dom);
         } else {
             let store = Store::open(ctx.journal("s1.db")).unwrap();
-            store.sync(&ctx.backend, chain(&dom, 200)).unwrap();
+            retry(|| store.sync(&ctx.backend, chain(&dom, 200)).unwrap());
         }
         if want("S5") {
             s5(&ctx, &dom);
         }
     }
     if want("S3") {
-        let dom = TestDomain::define(&ctx.conn, "s3", DISKS);
+        let dom = TestDomain::define(&support::system(), "s3", DISKS);
         s3(&ctx, &dom);
     }
     if want("S4") {

@@ -1,0 +1,112 @@
+//! Peak memory of a 10,000-checkpoint sync through the library, on the
+//! fake backend, with the journal on the real disk (`/var/tmp`). Each case
+//! runs in a child process of its own; the peak is the kernel's `VmHWM`
+//! (`/proc/self/status`), reset between phases through
+//! `/proc/self/clear_refs`. The fake holds its own copy of every
+//! checkpoint (libvirtd's share, in real life), and it is counted.
+//!
+//! Run with `cargo bench --bench peak_rss`.
+
+use std::process::Command;
+use std::time::Instant;
+
+use chrono::DateTime;
+use ckptstore::backend::fake::FakeBackend;
+use ckptstore::{Chain, Checkpoint, Store};
+use uuid::Uuid;
+
+const CHECKPOINTS: usize = 10_000;
+const CASE: &str = "CKPTSTORE_RSS_DISKS";
+
+/// `VmHWM` and `VmRSS` in KiB.
+fn memory() -> (u64, u64) {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    };
+    (field("VmHWM:"), field("VmRSS:"))
+}
+
+/// Make the peak the current size again.
+fn reset_peak() {
+    std::fs::write("/proc/self/clear_refs", "5").unwrap();
+}
+
+fn mib(kib: u64) -> f64 {
+    kib as f64 / 1024.0
+}
+
+fn chain(disks: usize) -> Chain {
+    let disk = |i: usize| Uuid::from_u128(0xd15c_0000 + i as u128);
+    let ckpt = |i: usize| Uuid::from_u128(0xc4e0_0000_0000 + i as u128);
+    Chain {
+        vm_id: Uuid::from_u128(0x93a5_c045),
+        domain: Some("rss".into()),
+        disks: (0..disks).map(|i| (disk(i), format!("vd{}", (b'a' + i as u8) as char))).collect(),
+        checkpoints: (0..CHECKPOINTS)
+            .map(|i| Checkpoint {
+                id: ckpt(i),
+                parent: i.checked_sub(1).map(ckpt),
+                created: DateTime::from_timestamp(1_600_000_000 + i as i64 * 3600, 0).unwrap(),
+                description: Some(format!("nightly backup {i}")),
+                disks: (0..disks).map(disk).collect(),
+            })
+            .collect(),
+    }
+}
+
+/// One case, in this (child) process: prints one Markdown row per phase.
+fn case(disks: usize) {
+    let (_, start) = memory();
+    let chain = chain(disks);
+    let targets: Vec<String> = chain.disks.values().cloned().collect();
+    let targets: Vec<&str> = targets.iter().map(String::as_str).collect();
+    let fake = FakeBackend::new();
+    fake.define_domain("rss", "93a5c045-6457-2c09-e56c-927cdf34e178", &targets, false);
+    let dir = tempfile::tempdir_in("/var/tmp").unwrap();
+    let store = Store::open(dir.path().join("journal.db")).unwrap();
+    let (_, ready) = memory();
+    let row = |phase: &str, secs: f64| {
+        let (peak, now) = memory();
+        println!(
+            "| {CHECKPOINTS} × {disks} | {phase} | {:.1} | {:.1} | {:.1} | {:.1} | {secs:.1} |",
+            mib(start),
+            mib(ready),
+            mib(peak),
+            mib(now)
+        );
+    };
+    reset_peak();
+    let t = Instant::now();
+    let r = store.sync(&fake, chain.clone()).unwrap();
+    assert_eq!(r.redefined.len(), CHECKPOINTS);
+    row("sync into an empty domain", t.elapsed().as_secs_f64());
+    reset_peak();
+    let t = Instant::now();
+    let r = store.sync(&fake, chain).unwrap();
+    assert!(r.redefined.is_empty());
+    row("no-op re-sync", t.elapsed().as_secs_f64());
+}
+
+fn main() {
+    if let Ok(disks) = std::env::var(CASE) {
+        case(disks.parse().unwrap());
+        return;
+    }
+    println!(
+        "| checkpoints × disks | phase | RSS at start MiB | RSS with chain and fake MiB | peak (VmHWM) MiB \
+         | RSS after MiB | seconds |"
+    );
+    println!("|---|---|---:|---:|---:|---:|---:|");
+    for disks in [4, 16] {
+        let me = std::env::current_exe().unwrap();
+        let out = Command::new(me).env(CASE, disks.to_string()).output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        print!("{}", String::from_utf8_lossy(&out.stdout));
+    }
+}
