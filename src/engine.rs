@@ -450,8 +450,16 @@ impl Store {
                         self.point("txn.finished");
                         Outcome::Committed
                     }
+                    // libvirt refuses the target: the transaction ends
+                    // rolled back, which is a recovery too.
                     Err(PhaseError::Refused(checkpoint, source)) => {
-                        return Err(self.roll_back(backend, &mut txn, &t.before, checkpoint, source));
+                        match self.roll_back(backend, &mut txn, &t.before, checkpoint, source) {
+                            e @ Error::Refused { rolled_back: true, .. } => {
+                                warn!(error = %e, "resume refused by libvirt; rolled back");
+                                Outcome::RolledBack
+                            }
+                            e => return Err(e),
+                        }
                     }
                     Err(PhaseError::Other(e)) => return Err(e),
                 }
@@ -560,13 +568,6 @@ impl Store {
             match self.recover_one(backend, &t, Policy::Resume) {
                 Ok(Some(r)) => out.push(r),
                 Ok(None) => return Err(Error::Busy { domain: domain.to_string(), txn: t.id, owner: t.owner }),
-                // A leftover that was rolled back is recovered all the same.
-                Err(Error::Refused { rolled_back: true, txn, .. }) => out.push(Recovered {
-                    txn,
-                    domain: domain.to_string(),
-                    outcome: Outcome::RolledBack,
-                    libvirt_calls: self.journal.txn(txn)?.libvirt_calls,
-                }),
                 Err(e) => return Err(e),
             }
         }

@@ -1094,3 +1094,50 @@ fn decode_committed(row: CommittedRow) -> Result<Committed> {
         committed_at,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_state_machine_allows_only_its_transitions() {
+        use {TxnEvent as E, TxnState as S};
+        let all_states = [S::Applying, S::RollingBack, S::Committed, S::RolledBack];
+        let all_events = [E::Commit, E::BeginRollback, E::FinishRollback];
+        let mut allowed = Vec::new();
+        for s in all_states {
+            for e in all_events {
+                if let Some(n) = s.next(e) {
+                    allowed.push((s, e, n));
+                }
+            }
+        }
+        assert_eq!(
+            allowed,
+            vec![
+                (S::Applying, E::Commit, S::Committed),
+                (S::Applying, E::BeginRollback, S::RollingBack),
+                (S::RollingBack, E::BeginRollback, S::RollingBack),
+                (S::RollingBack, E::FinishRollback, S::RolledBack),
+            ]
+        );
+        assert!(S::Applying.is_open() && S::RollingBack.is_open());
+        assert!(!S::Committed.is_open() && !S::RolledBack.is_open());
+        for s in all_states {
+            assert_eq!(S::parse(s.as_str()).unwrap(), s);
+        }
+    }
+
+    #[test]
+    fn sqlite_errors_map_to_kinds() {
+        let e = rusqlite::Error::SqliteFailure(
+            rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_FULL),
+            Some("database or disk is full".into()),
+        );
+        assert!(matches!(JournalError::from_sqlite(e), JournalError::Full { .. }));
+        let e = rusqlite::Error::SqliteFailure(rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_NOTADB), None);
+        assert!(matches!(JournalError::from_sqlite(e), JournalError::Corrupt { .. }));
+        let e = rusqlite::Error::SqliteFailure(rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_READONLY), None);
+        assert!(matches!(JournalError::from_sqlite(e), JournalError::ReadOnly { .. }));
+    }
+}
