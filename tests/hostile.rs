@@ -28,11 +28,14 @@ fn assert_untouched(f: &FakeBackend, store: &Store) {
     assert!(store.status(None).unwrap().domains.is_empty());
 }
 
+/// Which [`ChainError`] a case expects.
+type KindCheck = fn(&ChainError) -> bool;
+
 #[test]
 fn structurally_bad_chains_are_refused_by_name() {
     let f = fake();
     let store = TempJournal::new().store(1);
-    let cases: Vec<(Chain, fn(&ChainError) -> bool)> = vec![
+    let cases: Vec<(Chain, KindCheck)> = vec![
         (
             {
                 let mut c = linear_chain(3, 1);
