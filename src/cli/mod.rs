@@ -132,7 +132,7 @@ pub struct Cli {
     /// Print one JSON document on stdout instead of human output
     #[arg(long, global = true)]
     json: bool,
-    /// More logs on stderr: -v info, -vv debug, -vvv trace (default: warnings; RUST_LOG works too)
+    /// More logs on stderr: -v info, -vv debug, -vvv trace (default: errors only; RUST_LOG works too)
     #[arg(short, long, global = true, action = ArgAction::Count)]
     verbose: u8,
     #[command(subcommand)]
@@ -244,7 +244,7 @@ pub fn main() -> ExitCode {
 fn init_logs(verbose: u8) {
     use tracing_subscriber::EnvFilter;
     let filter = match verbose {
-        0 => EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("warn")),
+        0 => EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("error")),
         1 => EnvFilter::new("warn,ckptstore=info"),
         2 => EnvFilter::new("info,ckptstore=debug"),
         _ => EnvFilter::new("debug,ckptstore=trace"),
