@@ -408,7 +408,7 @@ fn committed_chain(store: &Store, keys: &[String]) -> Result<Option<Committed>> 
 /// Journal vs libvirt, by name: what the journal has that libvirt lacks or
 /// holds differently (in the journal's order), then what only libvirt has
 /// (in libvirt's order).
-pub fn compare_journal(journal: &[CheckpointDef], libvirt: &[CheckpointDef]) -> Vec<Finding> {
+fn compare_journal(journal: &[CheckpointDef], libvirt: &[CheckpointDef]) -> Vec<Finding> {
     let lv: HashMap<&str, &CheckpointDef> = libvirt.iter().map(|d| (d.name.as_str(), d)).collect();
     let jn: HashSet<&str> = journal.iter().map(|d| d.name.as_str()).collect();
     let mut out = Vec::new();
@@ -531,18 +531,23 @@ impl<'a> Indexed<'a> {
     }
 }
 
-/// What one disk's chain says about one bitmap: the findings (kind, layer,
-/// detail). Empty when the bitmap is usable.
-pub fn check_bitmap(chain: &DiskChain, bitmap: &str) -> Vec<(FindingKind, PathBuf, String)> {
+/// One finding about a bitmap on one disk: its kind, the layer concerned
+/// (`None`: the disk's image itself), and the detail.
+type BitmapFinding = (FindingKind, Option<PathBuf>, String);
+
+/// What one disk's chain says about one bitmap. Empty when the bitmap is
+/// usable.
+#[cfg(test)]
+fn check_bitmap(chain: &DiskChain, bitmap: &str) -> Vec<BitmapFinding> {
     bitmap_findings(&Indexed::new(chain), bitmap)
 }
 
-fn bitmap_findings(disk: &Indexed<'_>, bitmap: &str) -> Vec<(FindingKind, PathBuf, String)> {
+fn bitmap_findings(disk: &Indexed<'_>, bitmap: &str) -> Vec<BitmapFinding> {
     let layers = &disk.chain.layers;
     let Some(top) = layers.first() else {
         return vec![(
             FindingKind::MissingBitmap,
-            PathBuf::new(),
+            None,
             format!("bitmap {bitmap} cannot exist: the disk's image is not qcow2"),
         )];
     };
@@ -553,7 +558,7 @@ fn bitmap_findings(disk: &Indexed<'_>, bitmap: &str) -> Vec<(FindingKind, PathBu
         match present.iter().position(Option::is_some) {
             Some(k) => out.push((
                 FindingKind::BrokenChain,
-                top.path.clone(),
+                Some(top.path.clone()),
                 format!(
                     "bitmap {bitmap} is in backing layer {k} ({}) but not in the top image",
                     layers[k].path.display()
@@ -568,7 +573,7 @@ fn bitmap_findings(disk: &Indexed<'_>, bitmap: &str) -> Vec<(FindingKind, PathBu
                 let below = if layers.len() > 1 { " nor in any backing layer" } else { "" };
                 out.push((
                     FindingKind::MissingBitmap,
-                    top.path.clone(),
+                    Some(top.path.clone()),
                     format!("bitmap {bitmap} is not in the top image{below}{stale}"),
                 ));
             }
@@ -579,7 +584,7 @@ fn bitmap_findings(disk: &Indexed<'_>, bitmap: &str) -> Vec<(FindingKind, PathBu
         let again = run + again;
         out.push((
             FindingKind::BrokenChain,
-            layers[run].path.clone(),
+            Some(layers[run].path.clone()),
             format!(
                 "bitmap {bitmap} is in backing layer {again} ({}) but missing from layer {run} above it",
                 layers[again].path.display()
@@ -591,7 +596,7 @@ fn bitmap_findings(disk: &Indexed<'_>, bitmap: &str) -> Vec<(FindingKind, PathBu
         if !layer.bitmaps_consistent {
             out.push((
                 FindingKind::InconsistentBitmap,
-                layer.path.clone(),
+                Some(layer.path.clone()),
                 format!(
                     "the image's bitmaps extension is marked inconsistent (autoclear bit 0 clear): QEMU ignores \
                      bitmap {bitmap} and every other bitmap of it"
@@ -600,14 +605,14 @@ fn bitmap_findings(disk: &Indexed<'_>, bitmap: &str) -> Vec<(FindingKind, PathBu
         } else if b.in_use {
             out.push((
                 FindingKind::InconsistentBitmap,
-                layer.path.clone(),
+                Some(layer.path.clone()),
                 format!("bitmap {bitmap} is in use on a stopped domain: QEMU did not save it cleanly"),
             ));
         }
         if !b.auto {
             out.push((
                 FindingKind::DisabledBitmap,
-                layer.path.clone(),
+                Some(layer.path.clone()),
                 format!("bitmap {bitmap} is disabled (no auto flag): it does not record writes"),
             ));
         }
@@ -701,7 +706,7 @@ impl Check<'_> {
                         kind,
                         checkpoint: Some(def.name.clone()),
                         disk: Some(disk.target.clone()),
-                        image: (!image.as_os_str().is_empty()).then_some(image).or_else(|| disk.source.clone()),
+                        image: image.or_else(|| disk.source.clone()),
                         detail,
                     });
                 }
@@ -931,7 +936,7 @@ mod tests {
     fn bitmap_rules() {
         let chain = |layers: Vec<Layer>| DiskChain { layers, unfollowed: None };
         let kinds = |c: &DiskChain, b: &str| check_bitmap(c, b).into_iter().map(|f| (f.0, f.1)).collect::<Vec<_>>();
-        let p = PathBuf::from;
+        let p = |s: &str| Some(PathBuf::from(s));
         let ok = chain(vec![good("top", &["a"]), good("mid", &["a"]), good("base", &[])]);
         assert!(kinds(&ok, "a").is_empty());
         assert_eq!(kinds(&ok, "b"), [(FindingKind::MissingBitmap, p("top"))]);
@@ -951,7 +956,7 @@ mod tests {
         let mut stale = good("top", &["a"]);
         stale.bitmaps_consistent = false;
         assert_eq!(kinds(&chain(vec![stale]), "a"), [(FindingKind::InconsistentBitmap, p("top"))]);
-        assert_eq!(kinds(&chain(vec![]), "a")[0].0, FindingKind::MissingBitmap);
+        assert_eq!(kinds(&chain(vec![]), "a"), [(FindingKind::MissingBitmap, None)]);
     }
 
     #[test]
