@@ -336,6 +336,14 @@ impl Store {
         t.owner == self.owner || !self.alive(&t.owner)
     }
 
+    /// Is `t` held by someone alive: another live process, or a thread of
+    /// this process working on it right now? (Validation reports such a
+    /// domain as busy instead of reading it mid-transaction.)
+    pub(crate) fn is_held(&self, t: &TxnRecord) -> bool {
+        let working = ACTIVE.lock().unwrap_or_else(|e| e.into_inner()).contains(&t.id);
+        working || !self.orphaned(t)
+    }
+
     /// Make the domain's libvirt checkpoints exactly `chain`, all or nothing.
     ///
     /// A dead owner's open transaction on the domain is recovered first.
