@@ -486,3 +486,45 @@ fn demo_tells_the_whole_story() {
     assert!(!s.db().exists(), "the demo uses a journal of its own");
     s.check();
 }
+
+#[test]
+fn validate_exit_0_when_clean_and_1_with_findings_on_qemu() {
+    let conn = support::system();
+    let dom = TestDomain::define(&conn, "cli-validate", 1);
+    let three = chain(&dom.name, 3, &["vda"]);
+    for c in &three.checkpoints {
+        dom.add_bitmap(0, &c.id.to_string());
+    }
+    let mut s = Snap::new("validate_on_qemu");
+    s.redact(&dom.name, "[DOMAIN]");
+    s.redact(&dom.images[0].display().to_string(), "[IMAGE]");
+    let c3 = write_chain(&s, "chain.json", &three);
+    assert_eq!(s.run(&["sync", "--chain", &c3]).code, 0);
+    let r = s.run(&["validate", "--domain", &dom.name]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    // Break the image for real: the leaf's bitmap removed, a stray one added.
+    let leaf = ckpt_id(2).to_string();
+    let status = Command::new("qemu-img")
+        .args(["bitmap", "--remove"])
+        .arg(&dom.images[0])
+        .arg(&leaf)
+        .status()
+        .expect("qemu-img");
+    assert!(status.success());
+    dom.add_bitmap(0, "stray");
+    let r = s.run(&["validate", "--domain", &dom.name]);
+    assert_eq!(r.code, 1, "{}", r.stderr);
+    let r = s.run(&["validate", "--domain", &dom.name, "--json"]);
+    assert_eq!(r.code, 1);
+    let doc = r.json();
+    assert_eq!(doc["ok"], false);
+    let kinds: Vec<&str> = doc["findings"].as_array().unwrap().iter().map(|f| f["kind"].as_str().unwrap()).collect();
+    assert_eq!(kinds, ["missing_bitmap", "orphan_bitmap"]);
+    assert_eq!(doc["findings"][0]["checkpoint"], leaf.as_str());
+    assert_eq!(doc["findings"][0]["disk"], "vda");
+    assert_eq!(doc["usable"], ckpt_id(1).to_string().as_str());
+    assert_eq!(doc["error"]["exit_code"], 1);
+    // Unknown domain: exit 4.
+    assert_eq!(s.run(&["validate", "--domain", "ckptstore-no-such-domain"]).code, 4);
+    s.check();
+}

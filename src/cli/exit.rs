@@ -24,6 +24,8 @@ use super::output::Out;
 use super::Invocation;
 
 pub const ROLLED_BACK: u8 = 1;
+/// `validate` found problems (the same code as a rolled-back operation).
+pub const FINDINGS: u8 = 1;
 pub const BAD_INPUT: u8 = 2;
 pub const BUSY: u8 = 3;
 pub const LIBVIRT: u8 = 4;

@@ -106,6 +106,18 @@ Example:
   5c3e1b7a-2d4f-4a6b-8e9c-0a1b2c3d4e5f  2024-05-02T10:00:01.000Z  sync    committed     8 checkpoints  0 libvirt calls
   0f9a6d2e-5b8c-4f1e-9d3a-7c2b1e4f6a80  2024-05-01T09:00:00.000Z  sync    committed     8 checkpoints  8 libvirt calls";
 
+const VALIDATE_AFTER: &str = "\
+Compares the journal's committed chain with libvirt's checkpoints, and each checkpoint with the
+bitmaps in the domain's qcow2 images (read directly, read-only; a running domain is checked by
+libvirt's REDEFINE_VALIDATE instead). Exit 1 when there are findings.
+
+Example:
+  $ ckptstore validate --domain fedora
+  domain fedora: 2 findings in 3 checkpoints (shut off: images read directly)
+    missing_bitmap         checkpoint 1a4b9b0e-5e47-4c39-8d2a-6b1f7f3d2a12 disk vda image /var/lib/libvirt/images/fedora.qcow2: bitmap 1a4b9b0e-5e47-4c39-8d2a-6b1f7f3d2a12 is not in the top image
+    orphan_bitmap          checkpoint stray disk vda image /var/lib/libvirt/images/fedora.qcow2: bitmap stray is in the top image but no checkpoint names it for this disk
+  usable for an incremental backup: 0f4b9b0e-5e47-4c39-8d2a-6b1f7f3d2a11 (the leaf 1a4b9b0e-5e47-4c39-8d2a-6b1f7f3d2a12 is not)";
+
 const DEMO_AFTER: &str = "\
 Example:
   $ ckptstore demo
@@ -159,6 +171,9 @@ enum Command {
     /// A domain's past transactions, newest first
     #[command(after_help = HISTORY_AFTER)]
     History(HistoryArgs),
+    /// Check the journal, libvirt's checkpoints and the qcow2 bitmaps against each other
+    #[command(after_help = VALIDATE_AFTER)]
+    Validate(DomainArg),
     /// The whole story on libvirt's built-in test driver (no daemon needed)
     #[command(after_help = DEMO_AFTER)]
     Demo,
@@ -299,6 +314,21 @@ fn run(cli: Cli, out: &Out) -> anyhow::Result<()> {
         Command::History(args) => {
             let store = open_store(&cli.db)?;
             out.history(&args.domain, &store.history(&args.domain, args.limit)?)
+        }
+        Command::Validate(args) => {
+            let store = open_store(&cli.db)?;
+            let report = ckptstore::validate(&store, &backend(), &args.domain)?;
+            if report.ok {
+                return out.validate(&report);
+            }
+            out.validate_findings(&report)?;
+            let n = report.findings.len();
+            Err(Fail::new(
+                exit::FINDINGS,
+                format!("domain {}: validate found {n} problem{}", report.domain, output::plural(n as u64)),
+                "see the findings above; a backup may start from the usable checkpoint, or take a full backup",
+            )
+            .into())
         }
         Command::Demo => demo::run(out),
     }

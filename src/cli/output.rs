@@ -82,6 +82,23 @@ impl Out {
         self.emit(&doc, String::new)
     }
 
+    /// A clean validation report.
+    pub fn validate(&self, r: &ckptstore::validate::Report) -> anyhow::Result<()> {
+        self.emit(r, || validate_text(r))
+    }
+
+    /// A validation report with findings: printed now in human mode; in
+    /// JSON mode it becomes the failure document (with `error` added).
+    pub fn validate_findings(&self, r: &ckptstore::validate::Report) -> anyhow::Result<()> {
+        if self.json {
+            if let Value::Object(map) = serde_json::to_value(r)? {
+                *self.failure_doc.borrow_mut() = Some(map);
+            }
+            return Ok(());
+        }
+        write_stdout(&validate_text(r))
+    }
+
     pub fn sync(&self, r: &SyncReport) -> anyhow::Result<()> {
         self.emit(r, || sync_text(r))
     }
@@ -201,6 +218,46 @@ impl Out {
 }
 
 /// The human form of a sync or resync report.
+pub fn validate_text(r: &ckptstore::validate::Report) -> String {
+    let state = if r.running { "running: checked by libvirt" } else { "shut off: images read directly" };
+    let mut s = match r.findings.len() {
+        0 => {
+            format!("domain {}: ok, {} checkpoint{} ({state})\n", r.domain, r.checkpoints, plural(r.checkpoints as u64))
+        }
+        n => format!(
+            "domain {}: {n} finding{} in {} checkpoint{} ({state})\n",
+            r.domain,
+            plural(n as u64),
+            r.checkpoints,
+            plural(r.checkpoints as u64)
+        ),
+    };
+    for f in &r.findings {
+        s.push_str(&format!("  {:<22}", name(&f.kind)));
+        if let Some(c) = &f.checkpoint {
+            s.push_str(&format!(" checkpoint {c}"));
+        }
+        if let Some(d) = &f.disk {
+            s.push_str(&format!(" disk {d}"));
+        }
+        if let Some(i) = &f.image {
+            s.push_str(&format!(" image {}", i.display()));
+        }
+        s.push_str(&format!(": {}\n", f.detail));
+    }
+    match (&r.usable, &r.leaf) {
+        (Some(u), Some(l)) if u == l => s.push_str(&format!("usable for an incremental backup: {u} (the leaf)\n")),
+        (Some(u), Some(l)) => s.push_str(&format!("usable for an incremental backup: {u} (the leaf {l} is not)\n")),
+        (Some(u), None) => s.push_str(&format!("usable for an incremental backup: {u}\n")),
+        (None, _) if r.checkpoints > 0 => s.push_str("usable for an incremental backup: none; take a full backup\n"),
+        (None, _) => {}
+    }
+    for n in &r.notes {
+        s.push_str(&format!("note: {n}\n"));
+    }
+    s
+}
+
 pub fn sync_text(r: &SyncReport) -> String {
     let mut s = format!("domain {}: {} (transaction {})\n", r.domain, words(&r.outcome), r.txn);
     let _ = writeln!(
