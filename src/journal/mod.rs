@@ -509,24 +509,7 @@ impl Journal {
         if let Some(open) = open_txn(&tx, t.domain)? {
             return Ok(Begin::Open(Box::new(open)));
         }
-        let ts = now();
-        tx.execute(
-            "INSERT INTO txns (id, domain, kind, state, chain_json, target_json, before_json, owner_pid, owner_boot_id, \
-             owner_start, started_at, updated_at) VALUES (?1, ?2, ?3, 'applying', ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?10)",
-            params![
-                t.id.to_string(),
-                t.domain,
-                t.kind.as_str(),
-                t.chain.map(to_json),
-                to_json(&t.target),
-                to_json(&t.before),
-                t.owner.pid,
-                t.owner.boot_id,
-                t.owner.start as i64,
-                ts
-            ],
-        )
-        .map_err(JournalError::from_sqlite)?;
+        insert_txn(&tx, &t, TxnState::Applying, &now())?;
         insert_steps(&tx, t.id, StepPhase::Apply, 0, t.steps)?;
         tx.commit().map_err(JournalError::from_sqlite)?;
         Ok(Begin::Started)
@@ -545,24 +528,7 @@ impl Journal {
             return Ok(Begin::Open(Box::new(open)));
         }
         let ts = now();
-        tx.execute(
-            "INSERT INTO txns (id, domain, kind, state, chain_json, target_json, before_json, owner_pid, owner_boot_id, \
-             owner_start, started_at, updated_at, finished_at) \
-             VALUES (?1, ?2, ?3, 'committed', ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?10, ?10)",
-            params![
-                t.id.to_string(),
-                t.domain,
-                t.kind.as_str(),
-                t.chain.map(to_json),
-                to_json(&t.target),
-                to_json(&t.before),
-                t.owner.pid,
-                t.owner.boot_id,
-                t.owner.start as i64,
-                ts
-            ],
-        )
-        .map_err(JournalError::from_sqlite)?;
+        insert_txn(&tx, &t, TxnState::Committed, &ts)?;
         upsert_committed(&tx, t.domain, t.id, t.chain.map(to_json), &to_json(&t.target), &ts)?;
         prune(&tx, t.domain, keep)?;
         tx.commit().map_err(JournalError::from_sqlite)?;
@@ -1016,6 +982,30 @@ fn open_txn(conn: &Connection, domain: &str) -> Result<Option<TxnRecord>> {
         .optional()
         .map_err(JournalError::from_sqlite)?;
     row.map(decode_txn).transpose()
+}
+
+/// Insert a transaction row in `state` (a finished one gets `finished_at`).
+fn insert_txn(conn: &Connection, t: &NewTxn<'_>, state: TxnState, ts: &str) -> Result<()> {
+    conn.execute(
+        "INSERT INTO txns (id, domain, kind, state, chain_json, target_json, before_json, owner_pid, owner_boot_id, \
+         owner_start, started_at, updated_at, finished_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?11, ?12)",
+        params![
+            t.id.to_string(),
+            t.domain,
+            t.kind.as_str(),
+            state.as_str(),
+            t.chain.map(to_json),
+            to_json(&t.target),
+            to_json(&t.before),
+            t.owner.pid,
+            t.owner.boot_id,
+            t.owner.start as i64,
+            ts,
+            (!state.is_open()).then_some(ts),
+        ],
+    )
+    .map(|_| ())
+    .map_err(JournalError::from_sqlite)
 }
 
 fn insert_steps(conn: &Connection, txn: Uuid, phase: StepPhase, first: u32, steps: &[NewStep]) -> Result<Vec<u32>> {
