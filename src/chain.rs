@@ -369,8 +369,16 @@ impl ValidChain {
 }
 
 /// Order definitions parent first, deterministically (by creation time, then
-/// name), with the path from the root to `leaf` placed as late as its
-/// dependencies allow. Parents missing from the set are treated as roots.
+/// name), with the path from the root to the leaf ([`leaf_of`]) first: each
+/// of its checkpoints as soon as its parent is placed, every other branch
+/// after it. Parents missing from the set are treated as roots.
+///
+/// Redefined in this order, the checkpoints leave libvirt's current
+/// checkpoint on the leaf: each path checkpoint's parent is the current one
+/// when it is redefined, so it becomes current, and once the leaf is
+/// current no later checkpoint can take its place (a redefined checkpoint
+/// becomes current only when its parent is the current one, and the leaf
+/// has no children).
 /// Cycles (which libvirt would never report) are broken by emitting the
 /// remaining definitions in name order.
 pub fn order_defs(defs: &[CheckpointDef]) -> Vec<&CheckpointDef> {
@@ -386,7 +394,7 @@ pub fn order_defs(defs: &[CheckpointDef]) -> Vec<&CheckpointDef> {
             }
         }
     }
-    let key = |i: usize| Reverse((spine.contains(&i), defs[i].creation_time, defs[i].name.as_str(), i));
+    let key = |i: usize| Reverse((!spine.contains(&i), defs[i].creation_time, defs[i].name.as_str(), i));
     let mut ready: BinaryHeap<_> = (0..defs.len()).filter(|&i| !has_parent[i]).map(key).collect();
     let mut out = Vec::with_capacity(defs.len());
     let mut placed = vec![false; defs.len()];
@@ -537,7 +545,7 @@ mod tests {
     }
 
     #[test]
-    fn order_defs_puts_the_leaf_branch_last() {
+    fn order_defs_puts_the_leaf_path_first() {
         let d = |n: &str, p: Option<&str>, t: i64| CheckpointDef {
             name: n.into(),
             parent: p.map(Into::into),
@@ -548,7 +556,7 @@ mod tests {
         // root r; branch a (older) and b (newest leaf).
         let defs = vec![d("b2", Some("b1"), 5), d("a1", Some("r"), 3), d("r", None, 1), d("b1", Some("r"), 2)];
         let names: Vec<_> = order_defs(&defs).iter().map(|d| d.name.as_str()).collect();
-        assert_eq!(names, vec!["r", "a1", "b1", "b2"]);
+        assert_eq!(names, vec!["r", "b1", "b2", "a1"]);
         assert_eq!(leaf_of(&defs).unwrap().name, "b2");
         assert_eq!(root_of(&defs).unwrap().name, "r");
     }

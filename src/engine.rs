@@ -33,6 +33,28 @@ pub type Hook = Arc<dyn Fn(&'static str) + Send + Sync>;
 /// A liveness test for transaction owners.
 pub type Liveness = Arc<dyn Fn(&Owner) -> bool + Send + Sync>;
 
+/// A progress callback (see [`StoreOptions::progress`]).
+pub type ProgressFn = Arc<dyn Fn(&Progress) + Send + Sync>;
+
+/// How far one round of libvirt calls has got, for a progress display.
+///
+/// A phase may take more than one round (a resume plans afresh after a
+/// lost connection), so `done` may start again from zero with a new
+/// `total`; `done == total` ends a round.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Progress {
+    /// The transaction.
+    pub txn: Uuid,
+    /// The domain.
+    pub domain: String,
+    /// Towards the target, or back to the before-image.
+    pub phase: StepPhase,
+    /// Calls of this round made so far.
+    pub done: u64,
+    /// Calls this round will make.
+    pub total: u64,
+}
+
 /// Every named point where a process may die, in the order one
 /// transaction passes them. Simulation tests crash at each; the
 /// `failpoints` feature exposes them to the real binary through the `fail`
@@ -176,6 +198,9 @@ pub struct StoreOptions {
     /// Threads that work on different domains at once (recover, resync of
     /// many domains). Calls within one domain are always sequential.
     pub workers: usize,
+    /// Called before the first libvirt call of a round and after each call
+    /// that succeeded (for a progress bar; must be quick).
+    pub progress: Option<ProgressFn>,
 }
 
 impl Default for StoreOptions {
@@ -189,6 +214,7 @@ impl Default for StoreOptions {
             liveness: None,
             hook: None,
             workers: 4,
+            progress: None,
         }
     }
 }
@@ -291,6 +317,12 @@ impl Store {
         fail::fail_point!(name);
     }
 
+    fn report_progress(&self, txn: &Txn<'_>, phase: StepPhase, done: u64, total: u64) {
+        if let (Some(f), true) = (&self.opts.progress, total > 0) {
+            f(&Progress { txn: txn.id, domain: txn.domain.to_string(), phase, done, total });
+        }
+    }
+
     fn alive(&self, o: &Owner) -> bool {
         match &self.opts.liveness {
             Some(f) => f(o),
@@ -302,6 +334,14 @@ impl Store {
     /// store's own identity and no thread is working on it.
     fn orphaned(&self, t: &TxnRecord) -> bool {
         t.owner == self.owner || !self.alive(&t.owner)
+    }
+
+    /// Is `t` held by someone alive: another live process, or a thread of
+    /// this process working on it right now? (Validation reports such a
+    /// domain as busy instead of reading it mid-transaction.)
+    pub(crate) fn is_held(&self, t: &TxnRecord) -> bool {
+        let working = ACTIVE.lock().unwrap_or_else(|e| e.into_inner()).contains(&t.id);
+        working || !self.orphaned(t)
     }
 
     /// Make the domain's libvirt checkpoints exactly `chain`, all or nothing.
@@ -450,8 +490,16 @@ impl Store {
                         self.point("txn.finished");
                         Outcome::Committed
                     }
+                    // libvirt refuses the target: the transaction ends
+                    // rolled back, which is a recovery too.
                     Err(PhaseError::Refused(checkpoint, source)) => {
-                        return Err(self.roll_back(backend, &mut txn, &t.before, checkpoint, source));
+                        match self.roll_back(backend, &mut txn, &t.before, checkpoint, source) {
+                            e @ Error::Refused { rolled_back: true, .. } => {
+                                warn!(error = %e, "resume refused by libvirt; rolled back");
+                                Outcome::RolledBack
+                            }
+                            e => return Err(e),
+                        }
                     }
                     Err(PhaseError::Other(e)) => return Err(e),
                 }
@@ -560,13 +608,6 @@ impl Store {
             match self.recover_one(backend, &t, Policy::Resume) {
                 Ok(Some(r)) => out.push(r),
                 Ok(None) => return Err(Error::Busy { domain: domain.to_string(), txn: t.id, owner: t.owner }),
-                // A leftover that was rolled back is recovered all the same.
-                Err(Error::Refused { rolled_back: true, txn, .. }) => out.push(Recovered {
-                    txn,
-                    domain: domain.to_string(),
-                    outcome: Outcome::RolledBack,
-                    libvirt_calls: self.journal.txn(txn)?.libvirt_calls,
-                }),
                 Err(e) => return Err(e),
             }
         }
@@ -737,6 +778,9 @@ impl Store {
                 (plan, seqs)
             }
         };
+        let total = plan.steps.len() as u64;
+        let mut done = 0;
+        self.report_progress(txn, phase, done, total);
         for (step, seq) in plan.steps.iter().zip(seqs) {
             self.point("step.before_call");
             let started = Instant::now();
@@ -752,12 +796,16 @@ impl Store {
                     debug!(op = op_name(step), checkpoint = step.checkpoint(), ms, "libvirt call");
                     self.journal.step_done(txn.id, phase, seq)?;
                     self.point("step.recorded");
+                    done += 1;
+                    self.report_progress(txn, phase, done, total);
                 }
                 // Deleting what is already gone reaches the step's goal.
                 Err(e) if matches!(step, Step::Delete { .. }) && e.kind == BackendErrorKind::NoCheckpoint => {
                     debug!(op = "delete", checkpoint = step.checkpoint(), ms, "already gone");
                     self.journal.step_done(txn.id, phase, seq)?;
                     self.point("step.recorded");
+                    done += 1;
+                    self.report_progress(txn, phase, done, total);
                 }
                 Err(e) => {
                     warn!(op = op_name(step), checkpoint = step.checkpoint(), ms, error = %e, "libvirt call failed");
@@ -891,5 +939,52 @@ fn domain_status(c: &Committed) -> DomainStatus {
         leaf: leaf_of(&c.defs).map(|d| d.name.clone()),
         txn: c.txn,
         committed_at: c.committed_at.clone(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use chrono::DateTime;
+
+    use super::*;
+    use crate::backend::fake::FakeBackend;
+    use crate::chain::Checkpoint;
+
+    #[test]
+    fn progress_counts_every_call_of_a_round() {
+        let disk = Uuid::from_u128(1);
+        let chain = Chain {
+            vm_id: Uuid::from_u128(2),
+            domain: Some("vm".into()),
+            disks: BTreeMap::from([(disk, "sda".to_string())]),
+            checkpoints: (0..3u128)
+                .map(|i| Checkpoint {
+                    id: Uuid::from_u128(100 + i),
+                    parent: i.checked_sub(1).map(|p| Uuid::from_u128(100 + p)),
+                    created: DateTime::from_timestamp(1_600_000_000 + i as i64, 0).unwrap(),
+                    description: None,
+                    disks: vec![disk],
+                })
+                .collect(),
+        };
+        let fake = FakeBackend::new();
+        fake.define_domain("vm", "93a5c045-6457-2c09-e56c-927cdf34e178", &["sda"], false);
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let sink = seen.clone();
+        let progress: ProgressFn = Arc::new(move |p: &Progress| {
+            assert_eq!((p.domain.as_str(), p.phase), ("vm", StepPhase::Apply));
+            sink.lock().unwrap().push((p.done, p.total));
+        });
+        let dir = tempfile::tempdir().unwrap();
+        let opts = StoreOptions { progress: Some(progress), ..StoreOptions::default() };
+        let store = Store::open_with(dir.path().join("j.db"), opts).unwrap();
+        store.sync(&fake, chain.clone()).unwrap();
+        assert_eq!(*seen.lock().unwrap(), vec![(0, 3), (1, 3), (2, 3), (3, 3)]);
+        // A sync with nothing to do makes no call and reports nothing.
+        seen.lock().unwrap().clear();
+        assert_eq!(store.sync(&fake, chain).unwrap().outcome, Outcome::Unchanged);
+        assert!(seen.lock().unwrap().is_empty());
     }
 }

@@ -15,6 +15,8 @@ pub mod error;
 pub mod journal;
 pub mod owner;
 pub mod plan;
+pub mod validate;
 
 pub use engine::{Outcome, Policy, Recovered, Status, Store, StoreOptions, SyncReport};
 pub use error::{Error, Result};
+pub use validate::{validate, Finding, FindingKind, Report};

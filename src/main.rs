@@ -1,2 +1,7 @@
-//! The `ckptstore` command.
-fn main() {}
+//! The `ckptstore` command: a thin layer over the library; see `cli`.
+
+mod cli;
+
+fn main() -> std::process::ExitCode {
+    cli::main()
+}

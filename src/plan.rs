@@ -9,8 +9,9 @@
 //! the current one down to the chain's leaf. When a deletion may have left
 //! the current checkpoint above checkpoints that already match, those are
 //! redefined again ("forced" steps, same content) so the walk reaches the
-//! leaf. This holds for linear chains; for trees the leaf's branch is
-//! redefined last.
+//! leaf. In a tree the path to the leaf is redefined before every other
+//! branch: a side branch redefined while its parent on the path is current
+//! would take the current checkpoint off the path for good.
 
 use std::collections::{BTreeSet, HashMap};
 
@@ -243,6 +244,24 @@ mod tests {
         let mut cur = line(3);
         cur.push(d("x", Some("c2"), 10));
         assert_eq!(ops(&plan(&cur, &line(3))), ["-x"]);
+    }
+
+    #[test]
+    fn a_tree_redefines_the_path_to_its_leaf_before_other_branches() {
+        // c0 <- a (older branch), c0 <- b1 <- b2 (the newest leaf), and a
+        // second root r. Redefining a while c0 is current would make a
+        // current, and b1 and b2 would then not take it.
+        let tree = vec![
+            d("c0", None, 0),
+            d("a", Some("c0"), 1),
+            d("b1", Some("c0"), 2),
+            d("r", None, 3),
+            d("b2", Some("b1"), 4),
+        ];
+        assert_eq!(ops(&plan(&[], &tree)), ["+c0", "+b1", "+b2", "+a", "+r"]);
+        // With c0 in libvirt (current, as its sync left it), the path goes
+        // on from it.
+        assert_eq!(ops(&plan(&tree[..1], &tree)), ["+b1", "+b2", "+a", "+r"]);
     }
 
     #[test]

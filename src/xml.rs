@@ -102,6 +102,12 @@ fn text_elem(w: &mut Writer<Vec<u8>>, name: &str, text: &str) -> std::io::Result
     Ok(())
 }
 
+/// Append character data (text or an entity reference), unescaped.
+fn push_text(text: &mut String, raw: &str, what: &'static str) -> Result<(), XmlError> {
+    text.push_str(&quick_xml::escape::unescape(raw).map_err(|e| err(what, e.to_string()))?);
+    Ok(())
+}
+
 fn attr(e: &BytesStart<'_>, name: &[u8], what: &'static str) -> Result<Option<String>, XmlError> {
     for a in e.attributes() {
         let a = a.map_err(|e| err(what, e.to_string()))?;
@@ -159,14 +165,9 @@ pub fn parse_checkpoint(xml: &str) -> Result<CheckpointDef, XmlError> {
                     description = None;
                 }
             }
-            Event::Text(t) => {
-                let s = t.decode().map_err(|e| err(W, e.to_string()))?;
-                text.push_str(&quick_xml::escape::unescape(&s).map_err(|e| err(W, e.to_string()))?);
-            }
+            Event::Text(t) => push_text(&mut text, &t.decode().map_err(|e| err(W, e.to_string()))?, W)?,
             Event::GeneralRef(g) => {
-                let name = g.decode().map_err(|e| err(W, e.to_string()))?;
-                let entity = format!("&{name};");
-                text.push_str(&quick_xml::escape::unescape(&entity).map_err(|e| err(W, e.to_string()))?);
+                push_text(&mut text, &format!("&{};", g.decode().map_err(|e| err(W, e.to_string()))?), W)?
             }
             Event::CData(c) => {
                 text.push_str(&String::from_utf8_lossy(&c.into_inner()));
@@ -294,14 +295,9 @@ pub fn parse_domain(xml: &str, running: bool) -> Result<DomainInfo, XmlError> {
                 }
                 handle(&e, &path, &mut cur, bs_depth)?;
             }
-            Event::Text(t) => {
-                let s = t.decode().map_err(|e| err(W, e.to_string()))?;
-                text.push_str(&quick_xml::escape::unescape(&s).map_err(|e| err(W, e.to_string()))?);
-            }
+            Event::Text(t) => push_text(&mut text, &t.decode().map_err(|e| err(W, e.to_string()))?, W)?,
             Event::GeneralRef(g) => {
-                let name = g.decode().map_err(|e| err(W, e.to_string()))?;
-                let entity = format!("&{name};");
-                text.push_str(&quick_xml::escape::unescape(&entity).map_err(|e| err(W, e.to_string()))?);
+                push_text(&mut text, &format!("&{};", g.decode().map_err(|e| err(W, e.to_string()))?), W)?
             }
             Event::End(_) => {
                 let n = path.pop().unwrap_or_default();

@@ -208,3 +208,72 @@ fn seeded_random_simulation() {
     let stats = random_simulation(seed, rounds);
     println!("random simulation: {stats}");
 }
+
+/// Every tree of up to 5 checkpoints (any checkpoint may be a root), synced
+/// from nothing and from a half synced before: libvirt's current checkpoint
+/// must end on the leaf, so that a backup's new checkpoint hangs off it —
+/// also when the sync crashed at any point and was resumed.
+///
+/// The half's leaf (where its sync left the current checkpoint) must lie on
+/// the target's path to its leaf: the planner assumes libvirt's current
+/// checkpoint is there, and no redefine can move it off a branch the
+/// target keeps.
+#[test]
+fn tree_syncs_leave_the_leaf_current() {
+    let mut cases = 0u64;
+    for n in 1..=5usize {
+        // parents[i] in {None, 0..i}: (i + 1) choices for checkpoint i.
+        let shapes: usize = (1..=n).product();
+        for mut code in 0..shapes {
+            let parents: Vec<Option<usize>> = (0..n)
+                .map(|i| {
+                    let choice = code % (i + 1);
+                    code /= i + 1;
+                    choice.checked_sub(1)
+                })
+                .collect();
+            let chain = tree_chain(&parents, 1);
+            let target = chain.clone().validate().unwrap().defs();
+            let leaf = ckptstore::chain::leaf_of(&target).unwrap().name.clone();
+            // Checkpoints 0..n/2 are closed under parents (a parent has a
+            // smaller index): the half synced before.
+            let half = tree_chain(&parents[..n / 2], 1);
+            let half_leaf = ckptstore::chain::leaf_of(&half.clone().validate().unwrap().defs()).map(|d| d.name.clone());
+            let mut path = vec![leaf.clone()];
+            while let Some(p) = target.iter().find(|d| Some(&d.name) == path.last()).and_then(|d| d.parent.clone()) {
+                path.push(p);
+            }
+            for from_half in [false, true] {
+                if from_half && !half_leaf.as_ref().is_some_and(|l| path.contains(l)) {
+                    continue;
+                }
+                let label = format!("parents {parents:?} from_half={from_half}");
+                let world = || {
+                    let fake = FakeBackend::new();
+                    fake.define_domain(DOMAIN, VM_UUID, &["sda"], false);
+                    let j = TempJournal::new();
+                    if from_half {
+                        j.store(1).sync(&fake, half.clone()).unwrap();
+                    }
+                    (fake, j)
+                };
+                let (fake, j) = world();
+                let (store, points) = j.store_counting(2);
+                store.sync(&fake, chain.clone()).unwrap();
+                assert_eq!(fake.current(DOMAIN).as_deref(), Some(leaf.as_str()), "{label}: current");
+                cases += 1;
+                for k in 1..=points.count() {
+                    let (fake, j) = world();
+                    let crashed = j.store_crashing_at(3, k);
+                    assert!(run_crashing(|| crashed.sync(&fake, chain.clone())).is_none());
+                    drop(crashed);
+                    j.store(4).recover(&fake, Policy::Resume, None).unwrap();
+                    assert!(same_content(&fake_list(&fake), &target), "{label} crash {k}: not at target");
+                    assert_eq!(fake.current(DOMAIN).as_deref(), Some(leaf.as_str()), "{label} crash {k}: current");
+                    cases += 1;
+                }
+            }
+        }
+    }
+    println!("tree syncs: {cases} cases end with the leaf current");
+}

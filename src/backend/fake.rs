@@ -24,6 +24,9 @@
 //!   stays current); deleting the current one makes its parent current;
 //!   [`FakeBackend::create`] (a real, non-redefine checkpoint) takes the
 //!   current one as parent, and needs a running domain (`Unsupported`);
+//!   after a daemon restart ([`FakeBackend::restart`]) the current one is
+//!   the leaf when the checkpoints form one line from one root, and there
+//!   is none when they branch or have several roots;
 //! - `validate` runs after the parent checks, needs a running domain
 //!   (`NotRunning`) and, on every disk the domain has, a bitmap named after
 //!   the checkpoint (`Inconsistent`); disks the domain lacks are skipped;
@@ -280,12 +283,13 @@ impl FakeBackend {
         self.lock().domains.iter().find(|d| d.is(domain)).and_then(|d| d.current.clone())
     }
 
-    /// Forget the current checkpoint and recompute it as a daemon restart does.
+    /// Forget the current checkpoint and recompute it as a daemon restart
+    /// does: the leaf of a single line, or none.
     pub fn restart(&self) {
         let mut st = self.lock();
         for d in &mut st.domains {
             let defs: Vec<CheckpointDef> = d.checkpoints.values().cloned().collect();
-            d.current = recompute_current(&defs);
+            d.current = current_after_restart(&defs);
         }
     }
 
@@ -389,6 +393,27 @@ fn find<'a>(st: &'a mut State, domain: &str) -> Result<&'a mut FakeDomain, Backe
 
 fn recompute_current(defs: &[CheckpointDef]) -> Option<String> {
     crate::chain::leaf_of(defs).map(|d| d.name.clone())
+}
+
+/// The current checkpoint libvirt sets when it loads a domain's checkpoints
+/// at start-up: walking down from the roots while there is exactly one
+/// child, the leaf it reaches; none when it meets a branch, or when there
+/// are several roots (libvirt's `virDomainMomentFindLeaf`).
+fn current_after_restart(defs: &[CheckpointDef]) -> Option<String> {
+    let names: BTreeSet<&str> = defs.iter().map(|d| d.name.as_str()).collect();
+    let mut children: HashMap<Option<&str>, Vec<&str>> = HashMap::new();
+    for d in defs {
+        let parent = d.parent.as_deref().filter(|p| names.contains(p));
+        children.entry(parent).or_default().push(d.name.as_str());
+    }
+    let mut at: Option<&str> = None;
+    loop {
+        match children.get(&at).map(Vec::as_slice) {
+            Some([only]) => at = Some(only),
+            None | Some([]) => return at.map(String::from),
+            Some(_) => return None,
+        }
+    }
 }
 
 fn invalid(message: String) -> BackendError {
@@ -680,6 +705,29 @@ impl Backend for FakeBackend {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_restart_makes_the_leaf_of_a_line_current_and_nothing_else() {
+        let d = |name: &str, parent: Option<&str>, t: i64| CheckpointDef {
+            name: name.into(),
+            parent: parent.map(Into::into),
+            creation_time: t,
+            description: None,
+            disks: BTreeMap::from([("vda".to_string(), name.to_string())]),
+        };
+        let fake = FakeBackend::new();
+        fake.define_domain("r", "93a5c045-6457-2c09-e56c-927cdf34e178", &["vda"], true);
+        let after = |defs: Vec<CheckpointDef>| {
+            fake.set_checkpoints("r", defs);
+            fake.restart();
+            fake.current("r")
+        };
+        assert_eq!(after(vec![]), None);
+        assert_eq!(after(vec![d("a", None, 1), d("b", Some("a"), 2), d("c", Some("b"), 3)]).as_deref(), Some("c"));
+        // A branch anywhere, or a second root: none, whatever the times.
+        assert_eq!(after(vec![d("a", None, 1), d("b", Some("a"), 2), d("c", Some("a"), 3)]), None);
+        assert_eq!(after(vec![d("a", None, 1), d("b", Some("a"), 2), d("x", None, 3)]), None);
+    }
 
     #[test]
     fn schema_checks_refuse_what_libvirts_schema_refuses() {

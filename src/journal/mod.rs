@@ -510,24 +510,7 @@ impl Journal {
         if let Some(open) = open_txn(&tx, t.domain)? {
             return Ok(Begin::Open(Box::new(open)));
         }
-        let ts = now();
-        tx.execute(
-            "INSERT INTO txns (id, domain, kind, state, chain_json, target_json, before_json, owner_pid, owner_boot_id, \
-             owner_start, started_at, updated_at) VALUES (?1, ?2, ?3, 'applying', ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?10)",
-            params![
-                t.id.to_string(),
-                t.domain,
-                t.kind.as_str(),
-                t.chain.map(to_json),
-                to_json(&t.target),
-                to_json(&t.before),
-                t.owner.pid,
-                t.owner.boot_id,
-                t.owner.start as i64,
-                ts
-            ],
-        )
-        .map_err(JournalError::from_sqlite)?;
+        insert_txn(&tx, &t, TxnState::Applying, &now())?;
         insert_steps(&tx, t.id, StepPhase::Apply, 0, t.steps)?;
         tx.commit().map_err(JournalError::from_sqlite)?;
         Ok(Begin::Started)
@@ -546,24 +529,7 @@ impl Journal {
             return Ok(Begin::Open(Box::new(open)));
         }
         let ts = now();
-        tx.execute(
-            "INSERT INTO txns (id, domain, kind, state, chain_json, target_json, before_json, owner_pid, owner_boot_id, \
-             owner_start, started_at, updated_at, finished_at) \
-             VALUES (?1, ?2, ?3, 'committed', ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?10, ?10)",
-            params![
-                t.id.to_string(),
-                t.domain,
-                t.kind.as_str(),
-                t.chain.map(to_json),
-                to_json(&t.target),
-                to_json(&t.before),
-                t.owner.pid,
-                t.owner.boot_id,
-                t.owner.start as i64,
-                ts
-            ],
-        )
-        .map_err(JournalError::from_sqlite)?;
+        insert_txn(&tx, &t, TxnState::Committed, &ts)?;
         upsert_committed(&tx, t.domain, t.id, t.chain.map(to_json), &to_json(&t.target), &ts)?;
         prune(&tx, t.domain, keep)?;
         tx.commit().map_err(JournalError::from_sqlite)?;
@@ -1042,6 +1008,30 @@ fn open_txn(conn: &Connection, domain: &str) -> Result<Option<TxnRecord>> {
     row.map(decode_txn).transpose()
 }
 
+/// Insert a transaction row in `state` (a finished one gets `finished_at`).
+fn insert_txn(conn: &Connection, t: &NewTxn<'_>, state: TxnState, ts: &str) -> Result<()> {
+    conn.execute(
+        "INSERT INTO txns (id, domain, kind, state, chain_json, target_json, before_json, owner_pid, owner_boot_id, \
+         owner_start, started_at, updated_at, finished_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?11, ?12)",
+        params![
+            t.id.to_string(),
+            t.domain,
+            t.kind.as_str(),
+            state.as_str(),
+            t.chain.map(to_json),
+            to_json(&t.target),
+            to_json(&t.before),
+            t.owner.pid,
+            t.owner.boot_id,
+            t.owner.start as i64,
+            ts,
+            (!state.is_open()).then_some(ts),
+        ],
+    )
+    .map(|_| ())
+    .map_err(JournalError::from_sqlite)
+}
+
 fn insert_steps(conn: &Connection, txn: Uuid, phase: StepPhase, first: u32, steps: &[NewStep]) -> Result<Vec<u32>> {
     let mut stmt = conn
         .prepare_cached(
@@ -1122,6 +1112,48 @@ fn decode_committed(row: CommittedRow) -> Result<Committed> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_state_machine_allows_only_its_transitions() {
+        use {TxnEvent as E, TxnState as S};
+        let all_states = [S::Applying, S::RollingBack, S::Committed, S::RolledBack];
+        let all_events = [E::Commit, E::BeginRollback, E::FinishRollback];
+        let mut allowed = Vec::new();
+        for s in all_states {
+            for e in all_events {
+                if let Some(n) = s.next(e) {
+                    allowed.push((s, e, n));
+                }
+            }
+        }
+        assert_eq!(
+            allowed,
+            vec![
+                (S::Applying, E::Commit, S::Committed),
+                (S::Applying, E::BeginRollback, S::RollingBack),
+                (S::RollingBack, E::BeginRollback, S::RollingBack),
+                (S::RollingBack, E::FinishRollback, S::RolledBack),
+            ]
+        );
+        assert!(S::Applying.is_open() && S::RollingBack.is_open());
+        assert!(!S::Committed.is_open() && !S::RolledBack.is_open());
+        for s in all_states {
+            assert_eq!(S::parse(s.as_str()).unwrap(), s);
+        }
+    }
+
+    #[test]
+    fn sqlite_errors_map_to_kinds() {
+        let e = rusqlite::Error::SqliteFailure(
+            rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_FULL),
+            Some("database or disk is full".into()),
+        );
+        assert!(matches!(JournalError::from_sqlite(e), JournalError::Full { .. }));
+        let e = rusqlite::Error::SqliteFailure(rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_NOTADB), None);
+        assert!(matches!(JournalError::from_sqlite(e), JournalError::Corrupt { .. }));
+        let e = rusqlite::Error::SqliteFailure(rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_READONLY), None);
+        assert!(matches!(JournalError::from_sqlite(e), JournalError::ReadOnly { .. }));
+    }
 
     fn synchronous(conn: &Connection) -> i64 {
         conn.query_row("PRAGMA synchronous", [], |r| r.get(0)).unwrap()

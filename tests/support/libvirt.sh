@@ -84,11 +84,20 @@ log_outputs = "3:file:$LOG"
 LCONF
 }
 
+# Is the process alive? A killed process stays a zombie until its parent
+# (init, for a daemon) reaps it, which some container inits do late: a
+# zombie is not running.
+running() {
+  local state
+  state=$(sed 's/.*) //' "/proc/$1/stat" 2>/dev/null | cut -d' ' -f1) || return 1
+  [ -n "$state" ] && [ "$state" != Z ] && [ "$state" != X ]
+}
+
 daemon_pid() {
   [ -s "$PID_FILE" ] || return 1
   local pid
   pid=$(cat "$PID_FILE")
-  [ -d "/proc/$pid" ] || return 1
+  running "$pid" || return 1
   # the pid must still be a libvirtd (guards against a reused pid)
   case "$(cat /proc/$pid/comm 2>/dev/null)" in libvirtd) echo "$pid" ;; *) return 1 ;; esac
 }
@@ -127,8 +136,8 @@ stop_daemon() {
     return 0
   fi
   kill -TERM "$pid"
-  for _ in $(seq 1 100); do [ -d "/proc/$pid" ] || break; sleep 0.1; done
-  if [ -d "/proc/$pid" ]; then kill -KILL "$pid"; fi
+  for _ in $(seq 1 100); do running "$pid" || break; sleep 0.1; done
+  if running "$pid"; then kill -KILL "$pid"; fi
   rm -f "$PID_FILE"
   log "libvirtd (pid $pid) stopped"
 }

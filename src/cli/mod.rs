@@ -1,0 +1,372 @@
+//! The command line: arguments (clap), one function per command, and the
+//! way out (exit code and one line on stderr, see [`exit`]).
+//!
+//! Every command is a call into the library followed by rendering
+//! ([`output`]); nothing here decides anything about chains, libvirt or
+//! the journal.
+
+mod demo;
+mod exit;
+mod output;
+mod progress;
+
+use std::fs::DirBuilder;
+use std::io::{IsTerminal, Read};
+use std::os::unix::fs::DirBuilderExt;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use ckptstore::backend::libvirt::redact_uri;
+use ckptstore::{Chain, LibvirtBackend, Policy, Store, StoreOptions};
+use clap::{ArgAction, Args, Parser, Subcommand};
+
+use exit::Fail;
+use output::Out;
+
+/// Where the journal lives unless `--db` or `CKPTSTORE_DB` says otherwise.
+const DEFAULT_DB: &str = "/var/lib/ckptstore/journal.db";
+
+const ABOUT: &str = "Crash-safe redefinition of libvirt checkpoint chains, journaled in SQLite";
+
+const LONG_ABOUT: &str = "\
+Crash-safe redefinition of libvirt checkpoint chains, journaled in SQLite.
+
+ckptstore makes a domain's libvirt checkpoints exactly the chain a management
+system keeps, all or nothing: the intent is journaled before the first libvirt
+call, so a run killed at any moment is finished or undone by the next
+`recover` (or by the next `sync` of that domain).";
+
+const MAIN_AFTER: &str = "\
+Exit codes:
+  0  success
+  1  the operation failed and was rolled back (libvirt is as it was)
+  2  bad input or usage (nothing changed anywhere)
+  3  busy: a live process holds this domain
+  4  libvirt unreachable, or domain not found
+  5  journal unusable (corrupt, newer schema, unwritable)
+
+Example:
+  $ ckptstore demo                          # the whole story, no daemon needed
+  $ ckptstore sync --chain chain.json       # make libvirt match the chain
+  $ ckptstore status                        # what is open, what is committed";
+
+const SYNC_AFTER: &str = "\
+The chain file (\"-\" reads standard input):
+  {
+    \"vm_id\": \"93a5c045-6457-2c09-e56c-927cdf34e178\",
+    \"domain\": \"fedora\",
+    \"disks\": {\"22e5a7d6-5409-482d-bda4-f5939b27aad4\": \"sda\"},
+    \"checkpoints\": [
+      {\"id\": \"7b1e2a8c-0c1f-4a0e-9a52-2f6f3b7d9c10\", \"parent\": null,
+       \"created\": \"2019-03-12T23:52:00Z\", \"description\": \"after OS install\",
+       \"disks\": [\"22e5a7d6-5409-482d-bda4-f5939b27aad4\"]}
+    ]
+  }
+`domain` defaults to `vm_id` as the libvirt UUID; `parent` and `description`
+may be omitted; checkpoints may come in any order.
+
+Example:
+  $ ckptstore sync --chain chain.json
+  domain fedora: committed (transaction 0f9a6d2e-5b8c-4f1e-9d3a-7c2b1e4f6a80)
+    1 redefined, 0 deleted, 0 unchanged; 1 libvirt call
+  $ ckptstore sync --chain chain.json
+  domain fedora: unchanged (transaction 5c3e1b7a-2d4f-4a6b-8e9c-0a1b2c3d4e5f)
+    0 redefined, 0 deleted, 1 unchanged; 0 libvirt calls
+  $ ckptstore sync --domain fedora          # after the domain was recreated";
+
+const PLAN_AFTER: &str = "\
+Example:
+  $ ckptstore plan --chain chain.json
+  domain fedora: 2 steps, 1 unchanged
+    delete    stale-1
+    redefine  7b1e2a8c-0c1f-4a0e-9a52-2f6f3b7d9c10";
+
+const RECOVER_AFTER: &str = "\
+Example:
+  $ ckptstore recover
+  transaction 0f9a6d2e-5b8c-4f1e-9d3a-7c2b1e4f6a80 on domain fedora: committed (4 libvirt calls)
+  $ ckptstore recover --domain fedora --rollback";
+
+const STATUS_AFTER: &str = "\
+Example:
+  $ ckptstore status
+  incomplete transactions:
+    0f9a6d2e-5b8c-4f1e-9d3a-7c2b1e4f6a80  domain fedora  sync  applying  4/8 steps  owner pid 4242 dead
+  committed chains:
+    fedora  8 checkpoints  root 7b1e2a8c-0c1f-4a0e-9a52-2f6f3b7d9c10  leaf 1d2c3b4a-5e6f-4a7b-8c9d-0e1f2a3b4c5d";
+
+const IMPORT_AFTER: &str = "\
+Example:
+  $ ckptstore import --domain fedora
+  domain fedora: imported 8 checkpoints as its committed chain (transaction 5c3e1b7a-2d4f-4a6b-8e9c-0a1b2c3d4e5f)";
+
+const HISTORY_AFTER: &str = "\
+Example:
+  $ ckptstore history --domain fedora --limit 2
+  5c3e1b7a-2d4f-4a6b-8e9c-0a1b2c3d4e5f  2024-05-02T10:00:01.000Z  sync    committed     8 checkpoints  0 libvirt calls
+  0f9a6d2e-5b8c-4f1e-9d3a-7c2b1e4f6a80  2024-05-01T09:00:00.000Z  sync    committed     8 checkpoints  8 libvirt calls";
+
+const VALIDATE_AFTER: &str = "\
+Compares the journal's committed chain with libvirt's checkpoints, and each checkpoint with the
+bitmaps in the domain's qcow2 images (read directly, read-only; a running domain is checked by
+libvirt's REDEFINE_VALIDATE instead). Exit 1 when there are findings.
+
+Example:
+  $ ckptstore validate --domain fedora
+  domain fedora: 2 findings in 3 checkpoints (shut off: images read directly)
+    missing_bitmap         checkpoint 1a4b9b0e-5e47-4c39-8d2a-6b1f7f3d2a12 disk vda image /var/lib/libvirt/images/fedora.qcow2: bitmap 1a4b9b0e-5e47-4c39-8d2a-6b1f7f3d2a12 is not in the top image
+    orphan_bitmap          checkpoint stray disk vda image /var/lib/libvirt/images/fedora.qcow2: bitmap stray is in the top image but no checkpoint names it for this disk
+  usable for an incremental backup: 0f4b9b0e-5e47-4c39-8d2a-6b1f7f3d2a11 (the leaf 1a4b9b0e-5e47-4c39-8d2a-6b1f7f3d2a12 is not)";
+
+const DEMO_AFTER: &str = "\
+Example:
+  $ ckptstore demo
+  (a guided run on libvirt's built-in test driver, with a temporary journal:
+   sync, a crash in the middle, status, recover, the result)";
+
+/// The `ckptstore` command.
+#[derive(Debug, Parser)]
+#[command(name = "ckptstore", version, about = ABOUT, long_about = LONG_ABOUT, after_help = MAIN_AFTER)]
+pub struct Cli {
+    /// The journal file [env: CKPTSTORE_DB]
+    #[arg(long, global = true, value_name = "PATH", env = "CKPTSTORE_DB", hide_env = true, default_value = DEFAULT_DB)]
+    db: PathBuf,
+    /// libvirt URI [env: LIBVIRT_DEFAULT_URI]
+    #[arg(
+        long,
+        global = true,
+        value_name = "URI",
+        env = "LIBVIRT_DEFAULT_URI",
+        hide_env = true,
+        default_value = "qemu:///system"
+    )]
+    connect: String,
+    /// Print one JSON document on stdout instead of human output
+    #[arg(long, global = true)]
+    json: bool,
+    /// More logs on stderr: -v info, -vv debug, -vvv trace (default: errors only; RUST_LOG works too)
+    #[arg(short, long, global = true, action = ArgAction::Count)]
+    verbose: u8,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Make a domain's libvirt checkpoints exactly a chain, all or nothing
+    #[command(after_help = SYNC_AFTER)]
+    Sync(SyncArgs),
+    /// Print the steps `sync` would take and every warning; change nothing
+    #[command(after_help = PLAN_AFTER)]
+    Plan(ChainArg),
+    /// Finish (or undo) every incomplete transaction whose owner is dead
+    #[command(after_help = RECOVER_AFTER)]
+    Recover(RecoverArgs),
+    /// Incomplete transactions and each domain's committed chain
+    #[command(after_help = STATUS_AFTER)]
+    Status(OptDomain),
+    /// Adopt a domain's current libvirt checkpoints as its committed chain
+    #[command(after_help = IMPORT_AFTER)]
+    Import(DomainArg),
+    /// A domain's past transactions, newest first
+    #[command(after_help = HISTORY_AFTER)]
+    History(HistoryArgs),
+    /// Check the journal, libvirt's checkpoints and the qcow2 bitmaps against each other
+    #[command(after_help = VALIDATE_AFTER)]
+    Validate(DomainArg),
+    /// The whole story on libvirt's built-in test driver (no daemon needed)
+    #[command(after_help = DEMO_AFTER)]
+    Demo,
+}
+
+#[derive(Debug, Args)]
+#[group(required = true, multiple = false)]
+struct SyncArgs {
+    /// The chain as JSON ("-" reads standard input)
+    #[arg(long, value_name = "FILE")]
+    chain: Option<PathBuf>,
+    /// Re-apply this domain's last committed chain (libvirt name or UUID)
+    #[arg(long, value_name = "DOMAIN")]
+    domain: Option<String>,
+}
+
+#[derive(Debug, Args)]
+struct ChainArg {
+    /// The chain as JSON ("-" reads standard input)
+    #[arg(long, value_name = "FILE")]
+    chain: PathBuf,
+}
+
+#[derive(Debug, Args)]
+struct RecoverArgs {
+    /// Only this domain's transactions
+    #[arg(long, value_name = "DOMAIN")]
+    domain: Option<String>,
+    /// Restore the before-image instead of finishing
+    #[arg(long)]
+    rollback: bool,
+}
+
+#[derive(Debug, Args)]
+struct OptDomain {
+    /// Only this domain
+    #[arg(long, value_name = "DOMAIN")]
+    domain: Option<String>,
+}
+
+#[derive(Debug, Args)]
+struct DomainArg {
+    /// The libvirt domain (name or UUID)
+    #[arg(long, value_name = "DOMAIN")]
+    domain: String,
+}
+
+#[derive(Debug, Args)]
+struct HistoryArgs {
+    /// The libvirt domain (name or UUID)
+    #[arg(long, value_name = "DOMAIN")]
+    domain: String,
+    /// At most this many transactions
+    #[arg(long, value_name = "N", default_value_t = 20)]
+    limit: usize,
+}
+
+/// What the error messages need to know about the invocation.
+#[derive(Debug, Clone)]
+pub struct Invocation {
+    /// The journal path.
+    pub db: PathBuf,
+    /// The libvirt URI without credentials.
+    pub uri: String,
+}
+
+/// Parse the arguments, run the command, and turn the result into an exit
+/// code with one line on stderr when it failed.
+pub fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => return exit::usage(e),
+    };
+    init_logs(cli.verbose);
+    let inv = Invocation { db: cli.db.clone(), uri: redact_uri(&cli.connect) };
+    let out = Out::new(cli.json);
+    match run(cli, &out) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => exit::fail(&e, &inv, &out),
+    }
+}
+
+fn init_logs(verbose: u8) {
+    use tracing_subscriber::EnvFilter;
+    let filter = match verbose {
+        0 => EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("error")),
+        1 => EnvFilter::new("warn,ckptstore=info"),
+        2 => EnvFilter::new("info,ckptstore=debug"),
+        _ => EnvFilter::new("debug,ckptstore=trace"),
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_target(false)
+        .without_time()
+        .init();
+}
+
+fn run(cli: Cli, out: &Out) -> anyhow::Result<()> {
+    let backend = || LibvirtBackend::new(&cli.connect);
+    match cli.command {
+        Command::Sync(args) => {
+            let report = match (args.chain, args.domain) {
+                (Some(file), _) => {
+                    let chain = read_chain(&file)?;
+                    let store = open_store(&cli.db)?;
+                    store.sync(&backend(), chain).map_err(|e| out.note_sync_error(&store, e))?
+                }
+                (None, Some(domain)) => {
+                    let store = open_store(&cli.db)?;
+                    store.resync(&backend(), &domain).map_err(|e| out.note_sync_error(&store, e))?
+                }
+                (None, None) => unreachable!("clap requires --chain or --domain"),
+            };
+            out.sync(&report)
+        }
+        Command::Plan(args) => {
+            let chain = read_chain(&args.chain)?;
+            let store = open_store(&cli.db)?;
+            out.plan(&store.plan(&backend(), chain)?)
+        }
+        Command::Recover(args) => {
+            let store = open_store(&cli.db)?;
+            let policy = if args.rollback { Policy::Rollback } else { Policy::Resume };
+            let recovered = store.recover(&backend(), policy, args.domain.as_deref())?;
+            let left = store.status(args.domain.as_deref())?.incomplete;
+            out.recover(&recovered, &left)
+        }
+        Command::Status(args) => {
+            let store = open_store(&cli.db)?;
+            out.status(&store.status(args.domain.as_deref())?)
+        }
+        Command::Import(args) => {
+            let store = open_store(&cli.db)?;
+            out.import(&store.import(&backend(), &args.domain)?)
+        }
+        Command::History(args) => {
+            let store = open_store(&cli.db)?;
+            out.history(&args.domain, &store.history(&args.domain, args.limit)?)
+        }
+        Command::Validate(args) => {
+            let store = open_store(&cli.db)?;
+            let report = ckptstore::validate(&store, &backend(), &args.domain)?;
+            if report.ok {
+                return out.validate(&report);
+            }
+            out.validate_findings(&report)?;
+            let n = report.findings.len();
+            Err(Fail::new(
+                exit::FINDINGS,
+                format!("domain {}: validate found {n} problem{}", report.domain, output::plural(n as u64)),
+                "see the findings above; a backup may start from the usable checkpoint, or take a full backup",
+            )
+            .into())
+        }
+        Command::Demo => demo::run(out),
+    }
+}
+
+/// Read and parse a chain file (`-` = standard input). Parse errors name
+/// the line and column.
+fn read_chain(file: &Path) -> anyhow::Result<Chain> {
+    let (name, text) = if file == Path::new("-") {
+        let mut text = String::new();
+        std::io::stdin()
+            .read_to_string(&mut text)
+            .map_err(|e| Fail::bad_input(format!("cannot read the chain from standard input: {e}")))?;
+        ("from standard input".to_string(), text)
+    } else {
+        let text = std::fs::read_to_string(file).map_err(|e| {
+            Fail::new(
+                exit::BAD_INPUT,
+                format!("cannot read chain file {}: {e}", file.display()),
+                "check the path (\"-\" reads standard input); nothing was changed",
+            )
+        })?;
+        (format!("in {}", file.display()), text)
+    };
+    serde_json::from_str(&text).map_err(|e| Fail::bad_input(format!("the chain {name} is not valid: {e}")).into())
+}
+
+/// Open the journal, creating its folder (mode 0700) when it is missing,
+/// with a progress bar on stderr when stderr is a terminal.
+fn open_store(db: &Path) -> anyhow::Result<Store> {
+    if let Some(dir) = db.parent().filter(|d| !d.as_os_str().is_empty() && !d.exists()) {
+        DirBuilder::new().recursive(true).mode(0o700).create(dir).map_err(|e| {
+            Fail::journal(
+                format!("cannot create the journal's folder {}: {e}", dir.display()),
+                "create it (mode 0700) or pass --db PATH",
+            )
+        })?;
+    }
+    let opts = StoreOptions { progress: progress::bar(), ..StoreOptions::default() };
+    Ok(Store::open_with(db, opts)?)
+}

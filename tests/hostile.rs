@@ -1,0 +1,261 @@
+//! Hostile input to the library: each gets a typed error, never a panic,
+//! and leaves libvirt (the fake) and the journal as they were. Plus bounded
+//! fuzzing of the chain parser and the libvirt XML parsers.
+
+mod sim;
+
+use std::collections::BTreeMap;
+
+use ckptstore::backend::fake::{FakeBackend, Op};
+use ckptstore::chain::MAX_CHECKPOINTS;
+use ckptstore::journal::JournalOptions;
+use ckptstore::xml::{parse_checkpoint, parse_domain, render_checkpoint};
+use ckptstore::{Chain, ChainError, Error, Store, StoreOptions};
+use proptest::prelude::*;
+use proptest::test_runner::{Config, RngAlgorithm, TestRng, TestRunner};
+use sim::*;
+
+fn fake() -> FakeBackend {
+    let f = FakeBackend::new();
+    f.define_domain(DOMAIN, VM_UUID, &["sda", "sdb"], false);
+    f
+}
+
+/// libvirt and the journal are exactly as before.
+fn assert_untouched(f: &FakeBackend, store: &Store) {
+    assert_eq!(f.calls(Op::Redefine) + f.calls(Op::Delete), 0, "libvirt was changed");
+    assert!(store.history(DOMAIN, 10).unwrap().is_empty(), "the journal was written");
+    assert!(store.status(None).unwrap().domains.is_empty());
+}
+
+/// Which [`ChainError`] a case expects.
+type KindCheck = fn(&ChainError) -> bool;
+
+#[test]
+fn structurally_bad_chains_are_refused_by_name() {
+    let f = fake();
+    let store = TempJournal::new().store(1);
+    let cases: Vec<(Chain, KindCheck)> = vec![
+        (
+            {
+                let mut c = linear_chain(3, 1);
+                c.checkpoints[2].id = c.checkpoints[0].id;
+                c
+            },
+            |e| matches!(e, ChainError::Duplicate(_)),
+        ),
+        (
+            {
+                let mut c = linear_chain(3, 1);
+                c.checkpoints[1].parent = Some(ckpt_id(77));
+                c
+            },
+            |e| matches!(e, ChainError::UnknownParent { .. }),
+        ),
+        (
+            {
+                let mut c = linear_chain(3, 1);
+                c.checkpoints[0].parent = Some(ckpt_id(2));
+                c
+            },
+            |e| matches!(e, ChainError::Cycle(_)),
+        ),
+        (
+            {
+                let mut c = linear_chain(1, 1);
+                c.checkpoints[0].parent = Some(ckpt_id(0));
+                c
+            },
+            |e| matches!(e, ChainError::Cycle(_)),
+        ),
+        (
+            {
+                let mut c = linear_chain(2, 1);
+                c.checkpoints[1].disks = vec![disk_id(5)];
+                c
+            },
+            |e| matches!(e, ChainError::NoDisks(_)),
+        ),
+        (
+            {
+                let mut c = linear_chain(1, 1);
+                c.disks.insert(disk_id(0), "../../etc/passwd".into());
+                c
+            },
+            |e| matches!(e, ChainError::BadTarget { .. }),
+        ),
+        (
+            {
+                let mut c = linear_chain(1, 1);
+                c.disks.insert(disk_id(0), "sda'/><disk name='sdb".into());
+                c
+            },
+            |e| matches!(e, ChainError::BadTarget { .. }),
+        ),
+        (Chain { domain: Some("../../run/evil".into()), ..linear_chain(1, 1) }, |e| {
+            matches!(e, ChainError::BadDomain(_))
+        }),
+        (Chain { domain: Some(String::new()), ..linear_chain(1, 1) }, |e| matches!(e, ChainError::BadDomain(_))),
+        (
+            {
+                let mut c = linear_chain(1, 1);
+                c.checkpoints[0].created = chrono::DateTime::from_timestamp(0, 0).unwrap();
+                c
+            },
+            |e| matches!(e, ChainError::BadTime(_)),
+        ),
+    ];
+    for (chain, kind) in cases {
+        match store.sync(&f, chain) {
+            Err(Error::Chain(e)) => assert!(kind(&e), "unexpected error kind: {e}"),
+            other => panic!("expected a chain error, got {other:?}"),
+        }
+    }
+    assert_untouched(&f, &store);
+}
+
+#[test]
+fn a_hundred_thousand_checkpoints_are_refused_before_anything_is_done() {
+    let f = fake();
+    let store = TempJournal::new().store(1);
+    let chain = linear_chain(100_000, 1);
+    let err = store.sync(&f, chain).unwrap_err();
+    assert!(matches!(err, Error::Chain(ChainError::TooLarge { count: 100_000, max: MAX_CHECKPOINTS })), "{err}");
+    assert_untouched(&f, &store);
+}
+
+#[test]
+fn malformed_json_and_wrong_types_are_serde_errors() {
+    for bad in [
+        "",
+        "{",
+        "[]",
+        r#"{"vm_id": 5, "disks": {}, "checkpoints": []}"#,
+        r#"{"vm_id": "not-a-uuid", "disks": {}, "checkpoints": []}"#,
+        r#"{"vm_id": "93a5c045-6457-2c09-e56c-927cdf34e178", "disks": {"x": "sda"}, "checkpoints": []}"#,
+        r#"{"vm_id": "93a5c045-6457-2c09-e56c-927cdf34e178", "disks": {}, "checkpoints": [{"id": "../../etc", "created": "2020-01-01T00:00:00Z", "disks": []}]}"#,
+        r#"{"vm_id": "93a5c045-6457-2c09-e56c-927cdf34e178", "disks": {}, "checkpoints": [], "surprise": 1}"#,
+        r#"{"vm_id": "93a5c045-6457-2c09-e56c-927cdf34e178", "disks": {}, "checkpoints": [{"id": "7b1e2a8c-0c1f-4a0e-9a52-2f6f3b7d9c10", "created": "yesterday", "disks": []}]}"#,
+    ] {
+        assert!(serde_json::from_str::<Chain>(bad).is_err(), "accepted: {bad}");
+    }
+}
+
+#[test]
+fn descriptions_with_markup_come_out_escaped() {
+    let f = fake();
+    let store = TempJournal::new().store(1);
+    let mut chain = linear_chain(2, 1);
+    let evil = "]]></description><domain type='kvm'><name>evil</name></domain><description>&amp; <![CDATA[x]]>";
+    chain.checkpoints[1].description = Some(evil.into());
+    store.sync(&f, chain.clone()).unwrap();
+    // The XML sent to libvirt parses back to exactly the same text.
+    let def = chain.validate().unwrap().defs().pop().unwrap();
+    let xml = render_checkpoint(&def);
+    assert!(!xml.contains("<domain ") && !xml.contains("</domain>") && !xml.contains("<![CDATA"), "{xml}");
+    assert_eq!(parse_checkpoint(&xml).unwrap().description.as_deref(), Some(evil));
+    assert_eq!(f.peek(DOMAIN)[1].description.as_deref(), Some(evil));
+}
+
+#[test]
+fn a_full_journal_changes_nothing_in_libvirt() {
+    let f = fake();
+    let j = TempJournal::new();
+    drop(j.store(1)); // create and migrate
+    let pages: u64 = {
+        let c = rusqlite::Connection::open(j.path()).unwrap();
+        c.query_row("PRAGMA page_count", [], |r| r.get(0)).unwrap()
+    };
+    let store = Store::open_with(
+        j.path(),
+        StoreOptions {
+            journal: JournalOptions { max_page_count: Some(pages), ..JournalOptions::default() },
+            ..StoreOptions::default()
+        },
+    )
+    .unwrap();
+    let err = store.sync(&f, linear_chain(200, 2)).unwrap_err();
+    assert!(err.is_journal(), "{err}");
+    assert!(err.to_string().contains("full"), "{err}");
+    assert_eq!(f.calls(Op::Redefine) + f.calls(Op::Delete), 0, "no libvirt call without a committed intent");
+    assert_eq!(store.journal().integrity_check().unwrap(), "ok");
+}
+
+/// A bounded fuzz run: the count of executions is printed; set
+/// `CKPTSTORE_FUZZ_CASES` for a longer run, `CKPTSTORE_FUZZ_SEED` to replay.
+fn runner(default_cases: u32) -> (TestRunner, u64, u32) {
+    let cases = std::env::var("CKPTSTORE_FUZZ_CASES").ok().and_then(|s| s.parse().ok()).unwrap_or(default_cases);
+    let seed = std::env::var("CKPTSTORE_FUZZ_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(seed_from_env);
+    let mut bytes = [0u8; 32];
+    bytes[..8].copy_from_slice(&seed.to_le_bytes());
+    let rng = TestRng::from_seed(RngAlgorithm::ChaCha, &bytes);
+    (TestRunner::new_with_rng(Config { cases, failure_persistence: None, ..Config::default() }, rng), seed, cases)
+}
+
+fn mutate(base: &[u8], edits: &[(usize, u8, u8)]) -> Vec<u8> {
+    let mut v = base.to_vec();
+    for &(pos, byte, how) in edits {
+        if v.is_empty() {
+            v.push(byte);
+            continue;
+        }
+        let i = pos % v.len();
+        match how % 4 {
+            0 => v[i] = byte,
+            1 => v.insert(i, byte),
+            2 => {
+                v.remove(i);
+            }
+            _ => v.truncate(i),
+        }
+    }
+    v
+}
+
+#[test]
+fn fuzz_the_chain_parser_and_validation() {
+    let base = serde_json::to_vec(&linear_chain(4, 2)).unwrap();
+    let (mut runner, seed, cases) = runner(3000);
+    println!("chain fuzz: seed {seed}, {cases} cases");
+    runner
+        .run(&proptest::collection::vec((any::<usize>(), any::<u8>(), any::<u8>()), 1..12), |edits| {
+            let input = mutate(&base, &edits);
+            if let Ok(s) = std::str::from_utf8(&input) {
+                if let Ok(chain) = serde_json::from_str::<Chain>(s) {
+                    if let Ok(v) = chain.validate() {
+                        for d in v.defs() {
+                            prop_assert_eq!(parse_checkpoint(&render_checkpoint(&d)).unwrap(), d);
+                        }
+                    }
+                }
+            }
+            Ok(())
+        })
+        .unwrap_or_else(|e| panic!("chain fuzz failed (seed {seed}): {e}"));
+}
+
+#[test]
+fn fuzz_the_libvirt_xml_parsers() {
+    let ckpt = render_checkpoint(&ckptstore::CheckpointDef {
+        name: "c2".into(),
+        parent: Some("c1".into()),
+        creation_time: 1_700_000_000,
+        description: Some("d & <e>".into()),
+        disks: BTreeMap::from([("vda".into(), "c2".into()), ("vdb".into(), "c2".into())]),
+    });
+    let dom = "<domain type='qemu'><name>d</name><uuid>93a5c045-6457-2c09-e56c-927cdf34e178</uuid><devices>\
+               <disk type='file' device='disk'><driver name='qemu' type='qcow2'/><source file='/a.qcow2'/>\
+               <backingStore type='file'><source file='/b.qcow2'/><backingStore/></backingStore>\
+               <target dev='vda'/></disk></devices></domain>";
+    let (mut runner, seed, cases) = runner(3000);
+    println!("xml fuzz: seed {seed}, {cases} cases per parser");
+    runner
+        .run(&proptest::collection::vec((any::<usize>(), any::<u8>(), any::<u8>()), 1..12), |edits| {
+            let c = mutate(ckpt.as_bytes(), &edits);
+            let d = mutate(dom.as_bytes(), &edits);
+            let _ = parse_checkpoint(&String::from_utf8_lossy(&c));
+            let _ = parse_domain(&String::from_utf8_lossy(&d), false);
+            Ok(())
+        })
+        .unwrap_or_else(|e| panic!("xml fuzz failed (seed {seed}): {e}"));
+}
