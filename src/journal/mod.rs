@@ -659,9 +659,9 @@ impl Journal {
     pub fn finish(&self, txn: Uuid, event: TxnEvent, keep: usize) -> Result<TxnState> {
         let mut conn = self.conn();
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(JournalError::from_sqlite)?;
-        let rec = get_txn(&tx, txn)?;
-        let next = rec.state.next(event).filter(|s| !s.is_open()).ok_or_else(|| {
-            JournalError::decode("finish", format!("{event:?} is not allowed in state {}", rec.state.as_str()))
+        let state = txn_state(&tx, txn)?;
+        let next = state.next(event).filter(|s| !s.is_open()).ok_or_else(|| {
+            JournalError::decode("finish", format!("{event:?} is not allowed in state {}", state.as_str()))
         })?;
         let ts = now();
         tx.execute(
@@ -670,9 +670,12 @@ impl Journal {
         )
         .map_err(JournalError::from_sqlite)?;
         if next == TxnState::Committed {
-            upsert_committed(&tx, &rec.domain, txn, rec.chain.as_ref().map(to_json), &to_json(&rec.target), &ts)?;
+            commit_target(&tx, txn, &ts)?;
         }
-        prune(&tx, &rec.domain, keep)?;
+        let domain: String = tx
+            .query_row("SELECT domain FROM txns WHERE id = ?1", params![txn.to_string()], |r| r.get(0))
+            .map_err(JournalError::from_sqlite)?;
+        prune(&tx, &domain, keep)?;
         tx.commit().map_err(JournalError::from_sqlite)?;
         Ok(next)
     }
@@ -1074,6 +1077,20 @@ fn upsert_committed(
          ON CONFLICT(domain) DO UPDATE SET chain_json = excluded.chain_json, defs_json = excluded.defs_json, \
          txn_id = excluded.txn_id, committed_at = excluded.committed_at",
         params![domain, chain, defs, txn.to_string(), ts],
+    )
+    .map(|_| ())
+    .map_err(JournalError::from_sqlite)
+}
+
+/// Make a transaction's target its domain's committed chain, copying the
+/// stored JSON as it is (a long chain is megabytes: never decoded here).
+fn commit_target(conn: &Connection, txn: Uuid, ts: &str) -> Result<()> {
+    conn.execute(
+        "INSERT INTO domains (domain, chain_json, defs_json, txn_id, committed_at) \
+         SELECT domain, chain_json, target_json, id, ?2 FROM txns WHERE id = ?1 \
+         ON CONFLICT(domain) DO UPDATE SET chain_json = excluded.chain_json, defs_json = excluded.defs_json, \
+         txn_id = excluded.txn_id, committed_at = excluded.committed_at",
+        params![txn.to_string(), ts],
     )
     .map(|_| ())
     .map_err(JournalError::from_sqlite)
