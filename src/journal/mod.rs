@@ -1,7 +1,9 @@
 //! The journal: one SQLite file in WAL mode with `synchronous=FULL`, holding
 //! each domain's committed chain, every transaction with its target and
 //! before-image, its steps, and the history. Marking a step done is the one
-//! commit that does not wait for the disk (see [`Journal::step_done`]).
+//! commit that does not wait for the disk (see [`Journal::step_done`]), and
+//! it never writes the transaction's row, which holds the whole chain: the
+//! call counter lives in a small row of its own (`txn_progress`).
 //!
 //! Architecture invariant: this module knows nothing of backends. It stores
 //! and answers; the engine decides.
@@ -559,11 +561,7 @@ impl Journal {
                 params![txn.to_string(), phase.as_str(), seq],
             )
             .map_err(JournalError::from_sqlite)?;
-            tx.execute(
-                "UPDATE txns SET libvirt_calls = libvirt_calls + 1, updated_at = ?2 WHERE id = ?1",
-                params![txn.to_string(), now()],
-            )
-            .map_err(JournalError::from_sqlite)?;
+            count(&tx, txn)?;
             tx.commit().map_err(JournalError::from_sqlite)
         })
     }
@@ -597,13 +595,7 @@ impl Journal {
     ///
     /// SQLite errors.
     pub fn count_call(&self, txn: Uuid) -> Result<()> {
-        self.conn()
-            .execute(
-                "UPDATE txns SET libvirt_calls = libvirt_calls + 1, updated_at = ?2 WHERE id = ?1",
-                params![txn.to_string(), now()],
-            )
-            .map(|_| ())
-            .map_err(JournalError::from_sqlite)
+        count(&self.conn(), txn)
     }
 
     /// Append steps to a phase (recovery found more to do than planned, or a
@@ -804,7 +796,8 @@ impl Journal {
                  AND s.state = 'done'), \
              (SELECT COUNT(*) FROM steps s WHERE s.txn_id = t.id AND s.phase = \
                  CASE t.state WHEN 'rolling_back' THEN 'rollback' WHEN 'rolled_back' THEN 'rollback' ELSE 'apply' END), \
-             json_array_length(t.target_json), t.started_at, t.finished_at, t.error, t.libvirt_calls \
+             json_array_length(t.target_json), t.started_at, t.finished_at, t.error, \
+             t.libvirt_calls + COALESCE((SELECT p.calls FROM txn_progress p WHERE p.txn_id = t.id), 0) \
              FROM txns t WHERE {filter} ORDER BY {order} {lim}"
         );
         let mut stmt = conn.prepare_cached(&sql).map_err(JournalError::from_sqlite)?;
@@ -901,8 +894,25 @@ fn expect(name: &'static str, expected: &str, found: &str) -> Result<()> {
     }
 }
 
+/// The columns of a [`TxnRecord`], selected `FROM txns`; the call count and
+/// the last change add the row's `txn_progress`.
 const TXN_COLS: &str = "id, domain, kind, state, chain_json, target_json, before_json, owner_pid, owner_boot_id, \
-                        owner_start, started_at, updated_at, finished_at, error, libvirt_calls";
+     owner_start, started_at, \
+     MAX(updated_at, COALESCE((SELECT p.updated_at FROM txn_progress p WHERE p.txn_id = txns.id), '')), \
+     finished_at, error, \
+     libvirt_calls + COALESCE((SELECT p.calls FROM txn_progress p WHERE p.txn_id = txns.id), 0)";
+
+/// Count one libvirt call of a transaction (in its own small row: the
+/// transaction's row is left alone).
+fn count(conn: &Connection, txn: Uuid) -> Result<()> {
+    conn.prepare_cached(
+        "INSERT INTO txn_progress (txn_id, calls, updated_at) VALUES (?1, 1, ?2) \
+         ON CONFLICT(txn_id) DO UPDATE SET calls = calls + 1, updated_at = excluded.updated_at",
+    )
+    .and_then(|mut stmt| stmt.execute(params![txn.to_string(), now()]))
+    .map(|_| ())
+    .map_err(JournalError::from_sqlite)
+}
 
 type TxnRow = (
     String,
@@ -1176,11 +1186,31 @@ mod tests {
         conn.query_row("PRAGMA synchronous", [], |r| r.get(0)).unwrap()
     }
 
+    /// A journal holding one open transaction of two steps.
+    fn journal_with_txn(dir: &Path) -> (Journal, Uuid) {
+        let j = Journal::open(&dir.join("journal.db")).unwrap();
+        let owner = Owner { pid: 1, boot_id: "test".into(), start: 1 };
+        let step = NewStep { op: StepOp::Delete, checkpoint: "c".into(), xml: None, before: None };
+        let id = Uuid::new_v4();
+        let new = NewTxn {
+            id,
+            domain: "d",
+            kind: TxnKind::Sync,
+            chain: None,
+            target: &[],
+            before: &[],
+            owner: &owner,
+            steps: &[step.clone(), step],
+        };
+        assert_eq!(j.begin(new).unwrap(), Begin::Started);
+        (j, id)
+    }
+
     #[test]
     fn only_progress_skips_the_fsync_and_full_is_back_even_after_an_error() {
         let dir = tempfile::tempdir().unwrap();
-        let j = Journal::open(&dir.path().join("journal.db")).unwrap();
-        j.step_done(Uuid::new_v4(), StepPhase::Apply, 0).unwrap();
+        let (j, txn) = journal_with_txn(dir.path());
+        j.step_done(txn, StepPhase::Apply, 0).unwrap();
         assert_eq!(synchronous(&j.conn()), 2, "FULL after a step");
         let mut conn = j.conn();
         let r: Result<()> = without_fsync(&mut conn, |c| {
@@ -1189,5 +1219,33 @@ mod tests {
         });
         assert!(matches!(r, Err(JournalError::Io { .. })));
         assert_eq!(synchronous(&conn), 2, "FULL after a failed commit");
+    }
+
+    #[test]
+    fn steps_are_counted_without_writing_the_transaction_row() {
+        let dir = tempfile::tempdir().unwrap();
+        let (j, txn) = journal_with_txn(dir.path());
+        let row = |j: &Journal| -> (i64, String) {
+            j.conn()
+                .query_row("SELECT libvirt_calls, updated_at FROM txns WHERE id = ?1", params![txn.to_string()], |r| {
+                    Ok((r.get(0)?, r.get(1)?))
+                })
+                .unwrap()
+        };
+        let before = row(&j);
+        j.step_done(txn, StepPhase::Apply, 0).unwrap();
+        j.count_call(txn).unwrap();
+        j.step_done(txn, StepPhase::Apply, 1).unwrap();
+        assert_eq!(row(&j), before, "the transaction's row is untouched");
+        let t = j.txn(txn).unwrap();
+        assert_eq!(t.libvirt_calls, 3);
+        assert!(t.updated_at >= before.1);
+        assert_eq!(j.incomplete(None).unwrap()[0].libvirt_calls, 3);
+        assert_eq!(j.incomplete_summaries(None).unwrap()[0].libvirt_calls, 3);
+        assert_eq!(j.incomplete_summaries(None).unwrap()[0].done, 2);
+        // A finished transaction keeps its count; pruning takes its progress along.
+        j.finish(txn, TxnEvent::Commit, 0).unwrap();
+        let n: i64 = j.conn().query_row("SELECT COUNT(*) FROM txn_progress", [], |r| r.get(0)).unwrap();
+        assert_eq!(n, 0);
     }
 }
