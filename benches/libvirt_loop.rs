@@ -12,8 +12,9 @@
 //!   (virtnbdbackup).
 //! - S4 host restart: `Store::resync_many` of 32 domains × 25 checkpoints
 //!   with 2 and 4 workers vs serially (1 worker).
-//! - S5 validate: libvirt's 200 checkpoints × 4 disks against the qcow2
-//!   bitmap directories read in-process vs `qemu-img info` per image.
+//! - S5 validate: `ckptstore::validate` of 200 checkpoints × 4 disks
+//!   (journal vs libvirt vs qcow2 bitmaps) reading the images in-process vs
+//!   the same validation running `qemu-img info` per image.
 //!
 //! Run with `cargo bench --bench libvirt_loop` (as root, with
 //! `bash tests/support/libvirt.sh start` done). Environment:
@@ -23,7 +24,7 @@
 #[path = "../tests/support/mod.rs"]
 mod support;
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -36,6 +37,7 @@ use ckptstore::backend::DomainInfo;
 use ckptstore::engine::Hook;
 use ckptstore::owner::Owner;
 use ckptstore::plan::same_content;
+use ckptstore::validate::{validate_with, DiskChain, ImageError, ImageReader, Layer, LayerBitmap, Qcow2Reader};
 use ckptstore::xml::render_checkpoint;
 use ckptstore::{
     Backend, BackendError, BackendErrorKind, Chain, Checkpoint, CheckpointDef, LibvirtBackend, Policy, Store,
@@ -754,74 +756,68 @@ fn s4(ctx: &Ctx) {
 
 // S5 --------------------------------------------------------------------------
 
-/// One bitmap as the check needs it: present, in use, enabled.
-#[derive(Clone, Copy)]
-struct Seen {
-    in_use: bool,
-    enabled: bool,
-}
+/// Reads a disk's chain by running `qemu-img info` once per image (as
+/// `benches/validate.rs` does): the same validation, another reader.
+struct QemuImgReader;
 
-/// Problems between libvirt's checkpoints and the images' bitmaps: missing
-/// bitmap, bitmap in use on a stopped image, disabled bitmap.
-fn compare(checkpoints: &[CheckpointDef], bitmaps: &BTreeMap<String, BTreeMap<String, Seen>>) -> usize {
-    let mut problems = 0;
-    for c in checkpoints {
-        for (target, bitmap) in &c.disks {
-            match bitmaps.get(target).and_then(|b| b.get(bitmap)) {
-                None => problems += 1,
-                Some(s) if s.in_use || !s.enabled => problems += 1,
-                Some(_) => {}
-            }
+impl ImageReader for QemuImgReader {
+    fn read_chain(&self, path: &Path) -> Result<DiskChain, ImageError> {
+        let out = Command::new("qemu-img")
+            .args(["info", "--output=json", "--backing-chain", "-U"])
+            .arg(path)
+            .output()
+            .map_err(|e| ImageError::Unreadable { path: path.into(), reason: e.to_string() })?;
+        if !out.status.success() {
+            let reason = String::from_utf8_lossy(&out.stderr).into_owned();
+            return Err(ImageError::Unreadable { path: path.into(), reason });
         }
+        let layers: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout)
+            .map_err(|e| ImageError::Unreadable { path: path.into(), reason: e.to_string() })?;
+        let layers = layers
+            .iter()
+            .take_while(|l| l["format"] == "qcow2")
+            .map(|l| Layer {
+                path: l["filename"].as_str().unwrap_or_default().into(),
+                bitmaps_consistent: true,
+                bitmaps: l["format-specific"]["data"]["bitmaps"]
+                    .as_array()
+                    .map(|list| {
+                        list.iter()
+                            .map(|b| {
+                                let flag = |f: &str| b["flags"].as_array().is_some_and(|fl| fl.iter().any(|x| x == f));
+                                LayerBitmap {
+                                    name: b["name"].as_str().unwrap_or_default().into(),
+                                    in_use: flag("in-use"),
+                                    auto: flag("auto"),
+                                }
+                            })
+                            .collect()
+                    })
+                    .unwrap_or_default(),
+            })
+            .collect();
+        Ok(DiskChain { layers, unfollowed: None })
     }
-    problems
 }
 
-fn in_process(info: &DomainInfo) -> BTreeMap<String, BTreeMap<String, Seen>> {
-    info.disks
-        .iter()
-        .map(|d| {
-            let chain = ckptstore::qcow2::read_chain(d.source.as_ref().unwrap()).unwrap();
-            let top = &chain.layers[0];
-            let seen =
-                top.bitmaps.iter().map(|b| (b.name.clone(), Seen { in_use: b.in_use, enabled: b.auto })).collect();
-            (d.target.clone(), seen)
-        })
-        .collect()
+/// An [`ImageReader`] that adds up the time spent reading images.
+struct TimedReader<'a> {
+    inner: &'a dyn ImageReader,
+    nanos: AtomicU64,
 }
 
-fn with_qemu_img(info: &DomainInfo) -> BTreeMap<String, BTreeMap<String, Seen>> {
-    info.disks
-        .iter()
-        .map(|d| {
-            let out = Command::new("qemu-img")
-                .args(["info", "--output=json", "--backing-chain", "-U"])
-                .arg(d.source.as_ref().unwrap())
-                .output()
-                .unwrap();
-            assert!(out.status.success());
-            let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-            let top = &v[0]["format-specific"]["data"]["bitmaps"];
-            let seen = top
-                .as_array()
-                .map(|a| {
-                    a.iter()
-                        .map(|b| {
-                            let flags: Vec<&str> =
-                                b["flags"].as_array().unwrap().iter().filter_map(|f| f.as_str()).collect();
-                            let s = Seen { in_use: flags.contains(&"in-use"), enabled: flags.contains(&"auto") };
-                            (b["name"].as_str().unwrap().to_string(), s)
-                        })
-                        .collect()
-                })
-                .unwrap_or_default();
-            (d.target.clone(), seen)
-        })
-        .collect()
+impl ImageReader for TimedReader<'_> {
+    fn read_chain(&self, path: &Path) -> Result<DiskChain, ImageError> {
+        let t = Instant::now();
+        let r = self.inner.read_chain(path);
+        self.nanos.fetch_add(t.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        r
+    }
 }
 
-/// S5 on the S1 domain (libvirt holds its 200 checkpoints): give every
-/// image the 200 bitmaps, then check both ways.
+/// S5 on the S1 domain (libvirt and the journal hold its 200 checkpoints):
+/// give every image the 200 bitmaps, then `validate` with the in-process
+/// reader and with `qemu-img info` per image.
 fn s5(ctx: &Ctx, dom: &TestDomain) {
     let target = defs(&chain(dom, 200));
     let b = &ctx.backend;
@@ -833,44 +829,42 @@ fn s5(ctx: &Ctx, dom: &TestDomain) {
     for image in &dom.images[1..] {
         std::fs::copy(first, image).unwrap();
     }
-    let mut fast = Side::new("list + qcow2 bitmap directories read in-process");
-    let mut slow = Side::new("list + `qemu-img info --backing-chain` per image");
-    let mut fast_img = Vec::new();
-    let mut slow_img = Vec::new();
-    for run in 0..ctx.runs.max(5) * 2 {
+    let store = Store::open(ctx.journal("s1.db")).unwrap();
+    let mut sides = [
+        Side::new("`validate`, qcow2 bitmap directories read in-process"),
+        Side::new("`validate_with`, `qemu-img info --backing-chain` per image"),
+    ];
+    let mut images: [Vec<f64>; 2] = [Vec::new(), Vec::new()];
+    for run in 0..ctx.runs * 2 {
         for side in if run % 2 == 0 { [0, 1] } else { [1, 0] } {
-            let mut img = Duration::ZERO;
-            let s = steady(|| {
+            let reader: &dyn ImageReader = if side == 0 { &Qcow2Reader } else { &QemuImgReader };
+            let mut img = 0.0;
+            let sample = steady(|| {
+                let timed = TimedReader { inner: reader, nanos: AtomicU64::new(0) };
                 let c = ctx.counted();
-                measure(&c, || {
-                    let checkpoints = c.list(&dom.name).unwrap();
-                    let info = c.domain_info(&dom.name).unwrap();
-                    let t = Instant::now();
-                    let bitmaps = if side == 0 { in_process(&info) } else { with_qemu_img(&info) };
-                    img = t.elapsed();
-                    checkpoints.len() == 200 && compare(&checkpoints, &bitmaps) == 0
-                })
+                let s = measure(&c, || {
+                    let r = validate_with(&store, &c, &dom.name, &timed).unwrap();
+                    r.ok && r.checkpoints == 200 && r.images_read == DISKS
+                });
+                img = timed.nanos.load(Ordering::Relaxed) as f64 / 1e6;
+                s
             });
-            if side == 0 {
-                fast.runs.push(s);
-                fast_img.push(img);
-            } else {
-                slow.runs.push(s);
-                slow_img.push(img);
-            }
+            sides[side].runs.push(sample);
+            images[side].push(img);
         }
     }
-    fast.row("S5 validate (200 × 4), whole check", &format!("{:.1}× faster than qemu-img", slow.ms() / fast.ms()));
-    slow.row("S5 validate (200 × 4), whole check", "");
-    let med = |v: &mut Vec<Duration>| {
-        v.sort();
-        v[v.len() / 2].as_secs_f64() * 1e3
+    let ratio = format!("{:.1}× faster than qemu-img", sides[1].ms() / sides[0].ms());
+    sides[0].row("S5 validate (200 × 4), whole check", &ratio);
+    sides[1].row("S5 validate (200 × 4), whole check", "");
+    let med = |v: &mut Vec<f64>| {
+        v.sort_by(|a, b| a.total_cmp(b));
+        v[v.len() / 2]
     };
-    let (f, s) = (med(&mut fast_img), med(&mut slow_img));
+    let (f, q) = (med(&mut images[0]), med(&mut images[1]));
     println!(
-        "| S5 validate, images only | 4 × `read_chain` vs 4 × `qemu-img info` | {f:.2} vs {s:.1} | | | | | | | | | | yes \
-         | {:.0}× faster than qemu-img |",
-        s / f
+        "| S5 validate, images only | time in the reader: in-process vs `qemu-img info` | {f:.2} vs {q:.1} \
+         | | | | | | | | | | yes | {:.0}× faster than qemu-img |",
+        q / f
     );
 }
 
