@@ -824,6 +824,9 @@ impl Store {
                 }
             }
         }
+        // The plan holds a copy of every definition: let it go before
+        // libvirt's listing makes another.
+        drop(plan);
         let after = backend.list(domain).map_err(|e| PhaseError::Other(lost("list")(e)))?;
         Ok(same_content(&after, goal))
     }

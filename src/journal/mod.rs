@@ -532,7 +532,7 @@ impl Journal {
         }
         let ts = now();
         insert_txn(&tx, &t, TxnState::Committed, &ts)?;
-        upsert_committed(&tx, t.domain, t.id, t.chain.map(to_json), &to_json(&t.target), &ts)?;
+        commit_target(&tx, t.id, &ts)?;
         prune(&tx, t.domain, keep)?;
         tx.commit().map_err(JournalError::from_sqlite)?;
         Ok(Begin::Started)
@@ -1023,26 +1023,32 @@ fn open_txn(conn: &Connection, domain: &str) -> Result<Option<TxnRecord>> {
 
 /// Insert a transaction row in `state` (a finished one gets `finished_at`).
 fn insert_txn(conn: &Connection, t: &NewTxn<'_>, state: TxnState, ts: &str) -> Result<()> {
-    conn.execute(
-        "INSERT INTO txns (id, domain, kind, state, chain_json, target_json, before_json, owner_pid, owner_boot_id, \
-         owner_start, started_at, updated_at, finished_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?11, ?12)",
-        params![
-            t.id.to_string(),
-            t.domain,
-            t.kind.as_str(),
-            state.as_str(),
-            t.chain.map(to_json),
-            to_json(&t.target),
-            to_json(&t.before),
-            t.owner.pid,
-            t.owner.boot_id,
-            t.owner.start as i64,
-            ts,
-            (!state.is_open()).then_some(ts),
-        ],
-    )
-    .map(|_| ())
-    .map_err(JournalError::from_sqlite)
+    let mut stmt = conn
+        .prepare(
+            "INSERT INTO txns (id, domain, kind, state, chain_json, target_json, before_json, owner_pid, \
+             owner_boot_id, owner_start, started_at, updated_at, finished_at) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?11, ?12)",
+        )
+        .map_err(JournalError::from_sqlite)?;
+    // The JSON of a long chain is megabytes and SQLite keeps its own copy of
+    // what is bound: each document is bound as soon as it is made and
+    // dropped at once, so no two of ours are alive next to SQLite's copies.
+    let bind = |stmt: &mut rusqlite::Statement<'_>, i: usize, v: &dyn rusqlite::ToSql| {
+        stmt.raw_bind_parameter(i, v).map_err(JournalError::from_sqlite)
+    };
+    bind(&mut stmt, 1, &t.id.to_string())?;
+    bind(&mut stmt, 2, &t.domain)?;
+    bind(&mut stmt, 3, &t.kind.as_str())?;
+    bind(&mut stmt, 4, &state.as_str())?;
+    bind(&mut stmt, 5, &t.chain.map(to_json))?;
+    bind(&mut stmt, 6, &to_json(&t.target))?;
+    bind(&mut stmt, 7, &to_json(&t.before))?;
+    bind(&mut stmt, 8, &t.owner.pid)?;
+    bind(&mut stmt, 9, &t.owner.boot_id)?;
+    bind(&mut stmt, 10, &(t.owner.start as i64))?;
+    bind(&mut stmt, 11, &ts)?;
+    bind(&mut stmt, 12, &(!state.is_open()).then_some(ts))?;
+    stmt.raw_execute().map(|_| ()).map_err(JournalError::from_sqlite)
 }
 
 fn insert_steps(conn: &Connection, txn: Uuid, phase: StepPhase, first: u32, steps: &[NewStep]) -> Result<Vec<u32>> {
@@ -1072,24 +1078,6 @@ fn insert_steps(conn: &Connection, txn: Uuid, phase: StepPhase, first: u32, step
         seqs.push(seq);
     }
     Ok(seqs)
-}
-
-fn upsert_committed(
-    conn: &Connection,
-    domain: &str,
-    txn: Uuid,
-    chain: Option<String>,
-    defs: &str,
-    ts: &str,
-) -> Result<()> {
-    conn.execute(
-        "INSERT INTO domains (domain, chain_json, defs_json, txn_id, committed_at) VALUES (?1, ?2, ?3, ?4, ?5) \
-         ON CONFLICT(domain) DO UPDATE SET chain_json = excluded.chain_json, defs_json = excluded.defs_json, \
-         txn_id = excluded.txn_id, committed_at = excluded.committed_at",
-        params![domain, chain, defs, txn.to_string(), ts],
-    )
-    .map(|_| ())
-    .map_err(JournalError::from_sqlite)
 }
 
 /// Make a transaction's target its domain's committed chain, copying the
