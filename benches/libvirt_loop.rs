@@ -194,6 +194,9 @@ struct Sample {
     my_cpu: Option<f64>,
     /// Share of the machine's CPUs busy (all processes), 0..1.
     machine_busy: Option<f64>,
+    /// CPUs used on average by every other process (other builds and test
+    /// suites on this shared machine).
+    others: Option<f64>,
     /// Did libvirt end where it should?
     correct: bool,
     /// The daemon was restarted during the run (other test suites on this
@@ -213,6 +216,12 @@ fn measure(b: &Counted<'_>, f: impl FnOnce() -> bool) -> Sample {
         (Some((b0, t0)), Some((b1, t1))) if t1 > t0 => Some((b1 - b0) as f64 / (t1 - t0) as f64),
         _ => None,
     };
+    let (daemon_cpu, my_cpu) = (secs(c0.daemon, c1.daemon), secs(c0.me, c1.me));
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+    let others = match (busy, daemon_cpu, my_cpu) {
+        (Some(b), Some(d), Some(m)) => Some(((b * cpus * wall.as_secs_f64() - d - m) / wall.as_secs_f64()).max(0.0)),
+        _ => None,
+    };
     let t = &b.tally;
     Sample {
         wall,
@@ -221,9 +230,10 @@ fn measure(b: &Counted<'_>, f: impl FnOnce() -> bool) -> Sample {
         delete: t.calls(Op::Delete),
         list: t.calls(Op::List),
         other: t.total_calls() - t.calls(Op::Redefine) - t.calls(Op::Delete) - t.calls(Op::List),
-        daemon_cpu: secs(c0.daemon, c1.daemon),
-        my_cpu: secs(c0.me, c1.me),
+        daemon_cpu,
+        my_cpu,
         machine_busy: busy,
+        others,
         correct,
         restarted: c0.daemon_pid.is_none() || c0.daemon_pid != c1.daemon_pid,
     }
@@ -348,7 +358,7 @@ impl Side {
             }
         };
         println!(
-            "| {scenario} | {} | {:.1} | {:.1}–{:.1} | {} | {} | {} | {} | {outside} | {} | {} | {} | {} | {ratio} |",
+            "| {scenario} | {} | {:.1} | {:.1}–{:.1} | {} | {} | {} | {} | {outside} | {} | {} | {} | {} | {} | {ratio} |",
             self.label,
             self.ms(),
             lo,
@@ -360,6 +370,7 @@ impl Side {
             opt(&|s| s.daemon_cpu),
             opt(&|s| s.my_cpu),
             opt(&|s| s.machine_busy.map(|b| b * 100.0)),
+            opt(&|s| s.others),
             if self.runs.iter().all(|s| s.correct) { "yes" } else { "NO" },
         );
     }
@@ -368,9 +379,9 @@ impl Side {
 fn header() {
     println!(
         "| scenario | side | median ms | min–max ms | redefine | delete | list | other calls | ms outside libvirt \
-         | libvirtd CPU s | bench CPU s | machine busy % | correct | ratio |"
+         | libvirtd CPU s | bench CPU s | machine busy % | other load (CPUs) | correct | ratio |"
     );
-    println!("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|");
+    println!("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|");
 }
 
 // ---------------------------------------------------------------------------
@@ -863,7 +874,7 @@ fn s5(ctx: &Ctx, dom: &TestDomain) {
     let (f, q) = (med(&mut images[0]), med(&mut images[1]));
     println!(
         "| S5 validate, images only | time in the reader: in-process vs `qemu-img info` | {f:.2} vs {q:.1} \
-         | | | | | | | | | | yes | {:.0}× faster than qemu-img |",
+         | | | | | | | | | | | yes | {:.0}× faster than qemu-img |",
         q / f
     );
 }
