@@ -95,6 +95,11 @@ fn case(disks: usize) {
     let r = store.sync(&fake, chain.clone()).unwrap();
     assert_eq!(r.redefined.len(), CHECKPOINTS);
     row("sync into an empty domain", t.elapsed().as_secs_f64());
+    // For a heap profile of the sync alone:
+    // CKPTSTORE_RSS_DISKS=4 CKPTSTORE_RSS_SYNC_ONLY=1 heaptrack target/release/deps/peak_rss-*
+    if std::env::var_os("CKPTSTORE_RSS_SYNC_ONLY").is_some() {
+        return;
+    }
     reset_peak();
     let t = Instant::now();
     let r = store.sync(&fake, chain).unwrap();
