@@ -30,7 +30,6 @@ use rel::{Landed, Pre, Rng, Running};
 use support::{TestDomain, SYSTEM_URI};
 
 const CHECKPOINTS: usize = 60;
-const CALL_MS: u64 = 35;
 const SCRIPT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/support/libvirt.sh");
 
 fn script(arg: &str) -> std::process::Output {
@@ -79,6 +78,44 @@ fn start_daemon() -> Duration {
     t.elapsed()
 }
 
+/// Wait until the open transaction of the journal has `k` steps of
+/// `phase` recorded done (read from the journal, which readers never
+/// block); false when the command ended first.
+fn wait_steps(db: &Path, running: &Running, phase: &str, k: u64) -> bool {
+    let t = Instant::now();
+    let mut conn = None;
+    loop {
+        if conn.is_none() && db.exists() {
+            conn = rusqlite::Connection::open_with_flags(db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY).ok();
+        }
+        let done: u64 = conn.as_ref().map_or(0, |c| {
+            c.query_row(
+                "SELECT count(*) FROM steps s JOIN txns t ON s.txn_id = t.id \
+                 WHERE t.state IN ('applying', 'rolling_back') AND s.phase = ?1 AND s.state = 'done'",
+                [phase],
+                |r| r.get(0),
+            )
+            .unwrap_or(0)
+        });
+        if done >= k {
+            return true;
+        }
+        if running.ended() {
+            return false;
+        }
+        assert!(t.elapsed() < Duration::from_secs(60), "no progress to {k} {phase} steps");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+/// Kill the daemon once the command has recorded `k` steps of `phase`;
+/// returns its pid and whether the command still ran when it died.
+fn kill_daemon_at(db: &Path, running: &Running, phase: &str, k: u64) -> (u32, bool) {
+    wait_steps(db, running, phase, k);
+    let mid = !running.ended();
+    (kill_daemon(), mid)
+}
+
 /// Connections the command saw break in the middle of a transaction, so
 /// that a call's outcome was unknown (its `-v` log warns at each attempt to
 /// reconnect; the first attempt counts).
@@ -109,6 +146,7 @@ fn libvirtd_killed_during_sync_and_recover_on_qemu() {
 
     let mut outcomes: BTreeMap<String, u32> = BTreeMap::new();
     let mut unknown = 0;
+    let mut mid_command = 0u32;
     let mut restarts = Vec::new();
     let started = Instant::now();
     for r in 0..rounds {
@@ -121,7 +159,8 @@ fn libvirtd_killed_during_sync_and_recover_on_qemu() {
         rel::reset(&backend, &name, &before);
         let prev = rel::last_txn(&db, &name).map(|t| t["txn"].clone());
         let calls = plan(&before, &target).steps.len() as u64;
-        let rollback = rng.chance(0.5);
+        // Recover meets the dying daemon resuming and rolling back in turn.
+        let rollback = if during_sync { rng.chance(0.5) } else { r % 4 == 3 };
         let policy = if rollback { "rollback" } else { "resume" };
         let mut recover_args = vec!["recover", "--domain", name.as_str(), "-v"];
         if rollback {
@@ -132,10 +171,10 @@ fn libvirtd_killed_during_sync_and_recover_on_qemu() {
         let line;
         let first_exit;
         if during_sync {
-            let at = rng.millis(100, 100 + calls * CALL_MS * 7 / 10);
+            // The daemon dies once the sync has recorded k of its steps.
+            let k = 1 + rng.below(calls * 7 / 10);
             let running = Running::spawn(rel::command(&db, &["sync", "--chain", &file, "-v"]));
-            std::thread::sleep(at.saturating_sub(running.started.elapsed()));
-            let pid = kill_daemon();
+            let (pid, mid) = kill_daemon_at(&db, &running, "apply", k);
             std::thread::sleep(down);
             restarts.push(start_daemon());
             let out = running.wait();
@@ -145,37 +184,41 @@ fn libvirtd_killed_during_sync_and_recover_on_qemu() {
             if code == 4 {
                 assert_eq!(out.stderr.lines().last().map(|l| l.starts_with("ckptstore: ")), Some(true), "{out:#?}");
             }
+            mid_command += u32::from(mid);
             first_exit = Some(code);
             line = format!(
-                "round {r} {pre:?}: libvirtd (pid {pid}) killed {} ms into sync, down {} s; sync exit {code}",
-                at.as_millis(),
+                "round {r} {pre:?}: libvirtd (pid {pid}) killed after {k} of {calls} steps of sync{}, down {} s; \
+                 sync exit {code}",
+                if mid { "" } else { " (had ended)" },
                 down.as_secs_f64()
             );
         } else {
-            // An interrupted sync first (SIGKILL), then recover meets the
-            // dying daemon.
-            let at = rng.millis(100, 100 + calls * CALL_MS / 2);
-            let (_, killed) = Running::spawn(rel::command(&db, &["sync", "--chain", &file])).kill_at(at);
-            assert!(killed, "{ctx}: the sync ended before its kill at {} ms", at.as_millis());
-            let left = rel::run(&db, &["status", "--domain", &name, "--json"]).expect(0, &ctx).json()["incomplete"]
-                .as_array()
-                .map_or(0, Vec::len);
-            let at2 = rng.millis(60, 60 + calls * CALL_MS / 3);
+            // An interrupted sync first (SIGKILL once it has recorded k1
+            // steps), then the daemon dies after k2 steps of recover.
+            let k1 = calls / 4 + rng.below(calls / 4);
+            let sync = Running::spawn(rel::command(&db, &["sync", "--chain", &file]));
+            assert!(wait_steps(&db, &sync, "apply", k1), "{ctx}: the sync ended before {k1} steps");
+            let (_, killed) = sync.kill_at(Duration::ZERO);
+            assert!(killed, "{ctx}: the sync ended before its kill");
+            let (phase, k2) = if rollback {
+                ("rollback", 1 + rng.below(k1 / 2))
+            } else {
+                ("apply", k1 + 1 + rng.below(calls - k1 - 1))
+            };
             let running = Running::spawn(rel::command(&db, &recover_args));
-            std::thread::sleep(at2.saturating_sub(running.started.elapsed()));
-            let pid = kill_daemon();
+            let (pid, mid) = kill_daemon_at(&db, &running, phase, k2);
             std::thread::sleep(down);
             restarts.push(start_daemon());
             let out = running.wait();
             unknown += unknown_outcomes(&out);
             let code = out.code().unwrap_or_else(|| panic!("{ctx}: recover died: {out:#?}"));
             assert!(code == 0 || code == 4, "{ctx}: recover exit {code}: {out:#?}");
+            mid_command += u32::from(mid);
             first_exit = Some(code);
             line = format!(
-                "round {r} {pre:?}: sync SIGKILLed at {} ms ({left} open), libvirtd (pid {pid}) killed {} ms into \
-                 recover --{policy}, down {} s; recover exit {code}",
-                at.as_millis(),
-                at2.as_millis(),
+                "round {r} {pre:?}: sync SIGKILLed after {k1} of {calls} steps, libvirtd (pid {pid}) killed after {k2} \
+                 {phase} steps of recover --{policy}{}, down {} s; recover exit {code}",
+                if mid { "" } else { " (had ended)" },
                 down.as_secs_f64()
             );
         }
@@ -217,8 +260,9 @@ fn libvirtd_killed_during_sync_and_recover_on_qemu() {
             .or_default() += 1;
     }
     let max = restarts.iter().max().copied().unwrap_or_default();
+    assert!(mid_command as usize * 4 >= rounds * 3, "the daemon must die while the command runs");
     println!(
-        "daemon kills: {rounds} kills of libvirtd in {:.0} s (seed {seed}); restarts took up to {:.1} s; {unknown} \
+        "daemon kills: {rounds} kills of libvirtd in {:.0} s (seed {seed}), {mid_command} while the command ran; restarts took up to {:.1} s; {unknown} \
          connection losses inside a transaction (a call's outcome unknown), all reconciled by listing; partial \
          states: 0",
         started.elapsed().as_secs_f64(),

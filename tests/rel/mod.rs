@@ -249,6 +249,16 @@ impl Running {
         (out, killed)
     }
 
+    /// Has it ended? (It is not reaped: [`Running::wait`] still collects it.)
+    pub fn ended(&self) -> bool {
+        let pid = self.child.id();
+        // A zombie has ended too.
+        match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+            Ok(stat) => stat.rsplit_once(')').is_some_and(|(_, rest)| rest.trim_start().starts_with('Z')),
+            Err(_) => true,
+        }
+    }
+
     /// Wait for the end.
     pub fn wait(mut self) -> Out {
         finish(&mut self.child, self.started)
