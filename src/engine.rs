@@ -657,8 +657,11 @@ impl Store {
             return Ok(report);
         }
         self.busy_if_open(domain, self.journal.begin(new)?)?;
+        // The steps' XML is in the journal now; the plan drives the calls.
+        let planned = steps.len();
+        drop(steps);
         self.point("txn.intent_committed");
-        info!(steps = steps.len(), "intent committed");
+        info!(steps = planned, "intent committed");
         let mut txn = Txn { id, domain, calls: 0 };
         match self.run_phase(backend, &mut txn, StepPhase::Apply, &target, Some(plan)) {
             Ok(()) => {
@@ -821,6 +824,9 @@ impl Store {
                 }
             }
         }
+        // The plan holds a copy of every definition: let it go before
+        // libvirt's listing makes another.
+        drop(plan);
         let after = backend.list(domain).map_err(|e| PhaseError::Other(lost("list")(e)))?;
         Ok(same_content(&after, goal))
     }

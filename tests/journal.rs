@@ -57,6 +57,31 @@ fn reopening_applies_nothing_twice() {
 }
 
 #[test]
+fn a_schema_1_journal_keeps_its_call_counts_after_migration() {
+    let t = TempJournal::new();
+    {
+        let conn = rusqlite::Connection::open(t.path()).unwrap();
+        conn.execute_batch(MIGRATIONS[0].sql).unwrap();
+        conn.pragma_update(None, "user_version", 1).unwrap();
+        conn.execute(
+            "INSERT INTO txns (id, domain, kind, state, target_json, before_json, owner_pid, owner_boot_id, \
+             owner_start, started_at, updated_at, libvirt_calls) \
+             VALUES ('5c3e1b7a-2d4f-4a6b-8e9c-0a1b2c3d4e5f', 'd', 'sync', 'applying', '[]', '[]', 1, 'b', 1, \
+             '2024-05-01T09:00:00.000Z', '2024-05-01T09:00:00.000Z', 5)",
+            [],
+        )
+        .unwrap();
+    }
+    let j = Journal::open(&t.path()).unwrap();
+    let id = uuid::Uuid::parse_str("5c3e1b7a-2d4f-4a6b-8e9c-0a1b2c3d4e5f").unwrap();
+    assert_eq!(j.txn(id).unwrap().libvirt_calls, 5);
+    j.count_call(id).unwrap();
+    let t = j.txn(id).unwrap();
+    assert_eq!(t.libvirt_calls, 6);
+    assert!(t.updated_at.as_str() > "2024-05-01T09:00:00.000Z");
+}
+
+#[test]
 fn a_newer_schema_is_refused_and_left_untouched() {
     let t = TempJournal::new();
     drop(Journal::open(&t.path()).unwrap());

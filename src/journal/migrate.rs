@@ -18,8 +18,10 @@ pub struct Migration {
 
 /// Every migration, in order; schema version N is reached by applying the
 /// first N.
-pub const MIGRATIONS: &[Migration] =
-    &[Migration { name: "0001_initial.sql", sql: include_str!("../../migrations/0001_initial.sql") }];
+pub const MIGRATIONS: &[Migration] = &[
+    Migration { name: "0001_initial.sql", sql: include_str!("../../migrations/0001_initial.sql") },
+    Migration { name: "0002_progress.sql", sql: include_str!("../../migrations/0002_progress.sql") },
+];
 
 /// The schema version this build writes.
 pub const SCHEMA_VERSION: u32 = MIGRATIONS.len() as u32;

@@ -1,6 +1,9 @@
 //! The journal: one SQLite file in WAL mode with `synchronous=FULL`, holding
 //! each domain's committed chain, every transaction with its target and
-//! before-image, its steps, and the history.
+//! before-image, its steps, and the history. Marking a step done is the one
+//! commit that does not wait for the disk (see [`Journal::step_done`]), and
+//! it never writes the transaction's row, which holds the whole chain: the
+//! call counter lives in a small row of its own (`txn_progress`).
 //!
 //! Architecture invariant: this module knows nothing of backends. It stores
 //! and answers; the engine decides.
@@ -529,7 +532,7 @@ impl Journal {
         }
         let ts = now();
         insert_txn(&tx, &t, TxnState::Committed, &ts)?;
-        upsert_committed(&tx, t.domain, t.id, t.chain.map(to_json), &to_json(&t.target), &ts)?;
+        commit_target(&tx, t.id, &ts)?;
         prune(&tx, t.domain, keep)?;
         tx.commit().map_err(JournalError::from_sqlite)?;
         Ok(Begin::Started)
@@ -537,23 +540,30 @@ impl Journal {
 
     /// Mark one step done and count its libvirt call.
     ///
+    /// This is the one commit that does not wait for the disk: a step's
+    /// state is a cache of progress that may lag behind libvirt (recovery
+    /// compares libvirt's checkpoints with the target by content), so it is
+    /// committed with `synchronous=NORMAL`. A crash of the process loses
+    /// nothing; a power loss may lose the last steps marked done, never the
+    /// intent (committed durably before the first call) and never a step
+    /// older than the last durable commit, which syncs the whole WAL.
+    ///
     /// # Errors
     ///
     /// SQLite errors.
     pub fn step_done(&self, txn: Uuid, phase: StepPhase, seq: u32) -> Result<()> {
         let mut conn = self.conn();
-        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(JournalError::from_sqlite)?;
-        tx.execute(
-            "UPDATE steps SET state = 'done' WHERE txn_id = ?1 AND phase = ?2 AND seq = ?3",
-            params![txn.to_string(), phase.as_str(), seq],
-        )
-        .map_err(JournalError::from_sqlite)?;
-        tx.execute(
-            "UPDATE txns SET libvirt_calls = libvirt_calls + 1, updated_at = ?2 WHERE id = ?1",
-            params![txn.to_string(), now()],
-        )
-        .map_err(JournalError::from_sqlite)?;
-        tx.commit().map_err(JournalError::from_sqlite)
+        without_fsync(&mut conn, |conn| {
+            let tx =
+                conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(JournalError::from_sqlite)?;
+            tx.execute(
+                "UPDATE steps SET state = 'done' WHERE txn_id = ?1 AND phase = ?2 AND seq = ?3",
+                params![txn.to_string(), phase.as_str(), seq],
+            )
+            .map_err(JournalError::from_sqlite)?;
+            count(&tx, txn)?;
+            tx.commit().map_err(JournalError::from_sqlite)
+        })
     }
 
     /// Mark steps done that libvirt showed are no longer needed (no call).
@@ -585,13 +595,7 @@ impl Journal {
     ///
     /// SQLite errors.
     pub fn count_call(&self, txn: Uuid) -> Result<()> {
-        self.conn()
-            .execute(
-                "UPDATE txns SET libvirt_calls = libvirt_calls + 1, updated_at = ?2 WHERE id = ?1",
-                params![txn.to_string(), now()],
-            )
-            .map(|_| ())
-            .map_err(JournalError::from_sqlite)
+        count(&self.conn(), txn)
     }
 
     /// Append steps to a phase (recovery found more to do than planned, or a
@@ -647,9 +651,9 @@ impl Journal {
     pub fn finish(&self, txn: Uuid, event: TxnEvent, keep: usize) -> Result<TxnState> {
         let mut conn = self.conn();
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(JournalError::from_sqlite)?;
-        let rec = get_txn(&tx, txn)?;
-        let next = rec.state.next(event).filter(|s| !s.is_open()).ok_or_else(|| {
-            JournalError::decode("finish", format!("{event:?} is not allowed in state {}", rec.state.as_str()))
+        let state = txn_state(&tx, txn)?;
+        let next = state.next(event).filter(|s| !s.is_open()).ok_or_else(|| {
+            JournalError::decode("finish", format!("{event:?} is not allowed in state {}", state.as_str()))
         })?;
         let ts = now();
         tx.execute(
@@ -658,9 +662,12 @@ impl Journal {
         )
         .map_err(JournalError::from_sqlite)?;
         if next == TxnState::Committed {
-            upsert_committed(&tx, &rec.domain, txn, rec.chain.as_ref().map(to_json), &to_json(&rec.target), &ts)?;
+            commit_target(&tx, txn, &ts)?;
         }
-        prune(&tx, &rec.domain, keep)?;
+        let domain: String = tx
+            .query_row("SELECT domain FROM txns WHERE id = ?1", params![txn.to_string()], |r| r.get(0))
+            .map_err(JournalError::from_sqlite)?;
+        prune(&tx, &domain, keep)?;
         tx.commit().map_err(JournalError::from_sqlite)?;
         Ok(next)
     }
@@ -789,7 +796,8 @@ impl Journal {
                  AND s.state = 'done'), \
              (SELECT COUNT(*) FROM steps s WHERE s.txn_id = t.id AND s.phase = \
                  CASE t.state WHEN 'rolling_back' THEN 'rollback' WHEN 'rolled_back' THEN 'rollback' ELSE 'apply' END), \
-             json_array_length(t.target_json), t.started_at, t.finished_at, t.error, t.libvirt_calls \
+             json_array_length(t.target_json), t.started_at, t.finished_at, t.error, \
+             t.libvirt_calls + COALESCE((SELECT p.calls FROM txn_progress p WHERE p.txn_id = t.id), 0) \
              FROM txns t WHERE {filter} ORDER BY {order} {lim}"
         );
         let mut stmt = conn.prepare_cached(&sql).map_err(JournalError::from_sqlite)?;
@@ -866,6 +874,18 @@ impl Journal {
     }
 }
 
+/// Run `f`, whose commit need not be durable at once, with
+/// `synchronous=NORMAL`: in WAL mode the commit is written to the WAL but
+/// not synced, and the next `FULL` commit (or checkpoint) syncs it along.
+/// `FULL` is set back before the connection's lock is released, whatever
+/// `f` returned, so every other commit stays durable.
+fn without_fsync<T>(conn: &mut Connection, f: impl FnOnce(&mut Connection) -> Result<T>) -> Result<T> {
+    conn.pragma_update(None, "synchronous", "NORMAL").map_err(JournalError::from_sqlite)?;
+    let result = f(conn);
+    conn.pragma_update(None, "synchronous", "FULL").map_err(JournalError::from_sqlite)?;
+    result
+}
+
 fn expect(name: &'static str, expected: &str, found: &str) -> Result<()> {
     if expected == found {
         Ok(())
@@ -874,8 +894,25 @@ fn expect(name: &'static str, expected: &str, found: &str) -> Result<()> {
     }
 }
 
+/// The columns of a [`TxnRecord`], selected `FROM txns`; the call count and
+/// the last change add the row's `txn_progress`.
 const TXN_COLS: &str = "id, domain, kind, state, chain_json, target_json, before_json, owner_pid, owner_boot_id, \
-                        owner_start, started_at, updated_at, finished_at, error, libvirt_calls";
+     owner_start, started_at, \
+     MAX(updated_at, COALESCE((SELECT p.updated_at FROM txn_progress p WHERE p.txn_id = txns.id), '')), \
+     finished_at, error, \
+     libvirt_calls + COALESCE((SELECT p.calls FROM txn_progress p WHERE p.txn_id = txns.id), 0)";
+
+/// Count one libvirt call of a transaction (in its own small row: the
+/// transaction's row is left alone).
+fn count(conn: &Connection, txn: Uuid) -> Result<()> {
+    conn.prepare_cached(
+        "INSERT INTO txn_progress (txn_id, calls, updated_at) VALUES (?1, 1, ?2) \
+         ON CONFLICT(txn_id) DO UPDATE SET calls = calls + 1, updated_at = excluded.updated_at",
+    )
+    .and_then(|mut stmt| stmt.execute(params![txn.to_string(), now()]))
+    .map(|_| ())
+    .map_err(JournalError::from_sqlite)
+}
 
 type TxnRow = (
     String,
@@ -986,26 +1023,32 @@ fn open_txn(conn: &Connection, domain: &str) -> Result<Option<TxnRecord>> {
 
 /// Insert a transaction row in `state` (a finished one gets `finished_at`).
 fn insert_txn(conn: &Connection, t: &NewTxn<'_>, state: TxnState, ts: &str) -> Result<()> {
-    conn.execute(
-        "INSERT INTO txns (id, domain, kind, state, chain_json, target_json, before_json, owner_pid, owner_boot_id, \
-         owner_start, started_at, updated_at, finished_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?11, ?12)",
-        params![
-            t.id.to_string(),
-            t.domain,
-            t.kind.as_str(),
-            state.as_str(),
-            t.chain.map(to_json),
-            to_json(&t.target),
-            to_json(&t.before),
-            t.owner.pid,
-            t.owner.boot_id,
-            t.owner.start as i64,
-            ts,
-            (!state.is_open()).then_some(ts),
-        ],
-    )
-    .map(|_| ())
-    .map_err(JournalError::from_sqlite)
+    let mut stmt = conn
+        .prepare(
+            "INSERT INTO txns (id, domain, kind, state, chain_json, target_json, before_json, owner_pid, \
+             owner_boot_id, owner_start, started_at, updated_at, finished_at) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?11, ?12)",
+        )
+        .map_err(JournalError::from_sqlite)?;
+    // The JSON of a long chain is megabytes and SQLite keeps its own copy of
+    // what is bound: each document is bound as soon as it is made and
+    // dropped at once, so no two of ours are alive next to SQLite's copies.
+    let bind = |stmt: &mut rusqlite::Statement<'_>, i: usize, v: &dyn rusqlite::ToSql| {
+        stmt.raw_bind_parameter(i, v).map_err(JournalError::from_sqlite)
+    };
+    bind(&mut stmt, 1, &t.id.to_string())?;
+    bind(&mut stmt, 2, &t.domain)?;
+    bind(&mut stmt, 3, &t.kind.as_str())?;
+    bind(&mut stmt, 4, &state.as_str())?;
+    bind(&mut stmt, 5, &t.chain.map(to_json))?;
+    bind(&mut stmt, 6, &to_json(&t.target))?;
+    bind(&mut stmt, 7, &to_json(&t.before))?;
+    bind(&mut stmt, 8, &t.owner.pid)?;
+    bind(&mut stmt, 9, &t.owner.boot_id)?;
+    bind(&mut stmt, 10, &(t.owner.start as i64))?;
+    bind(&mut stmt, 11, &ts)?;
+    bind(&mut stmt, 12, &(!state.is_open()).then_some(ts))?;
+    stmt.raw_execute().map(|_| ()).map_err(JournalError::from_sqlite)
 }
 
 fn insert_steps(conn: &Connection, txn: Uuid, phase: StepPhase, first: u32, steps: &[NewStep]) -> Result<Vec<u32>> {
@@ -1037,19 +1080,15 @@ fn insert_steps(conn: &Connection, txn: Uuid, phase: StepPhase, first: u32, step
     Ok(seqs)
 }
 
-fn upsert_committed(
-    conn: &Connection,
-    domain: &str,
-    txn: Uuid,
-    chain: Option<String>,
-    defs: &str,
-    ts: &str,
-) -> Result<()> {
+/// Make a transaction's target its domain's committed chain, copying the
+/// stored JSON as it is (a long chain is megabytes: never decoded here).
+fn commit_target(conn: &Connection, txn: Uuid, ts: &str) -> Result<()> {
     conn.execute(
-        "INSERT INTO domains (domain, chain_json, defs_json, txn_id, committed_at) VALUES (?1, ?2, ?3, ?4, ?5) \
+        "INSERT INTO domains (domain, chain_json, defs_json, txn_id, committed_at) \
+         SELECT domain, chain_json, target_json, id, ?2 FROM txns WHERE id = ?1 \
          ON CONFLICT(domain) DO UPDATE SET chain_json = excluded.chain_json, defs_json = excluded.defs_json, \
          txn_id = excluded.txn_id, committed_at = excluded.committed_at",
-        params![domain, chain, defs, txn.to_string(), ts],
+        params![txn.to_string(), ts],
     )
     .map(|_| ())
     .map_err(JournalError::from_sqlite)
@@ -1129,5 +1168,72 @@ mod tests {
         assert!(matches!(JournalError::from_sqlite(e), JournalError::Corrupt { .. }));
         let e = rusqlite::Error::SqliteFailure(rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_READONLY), None);
         assert!(matches!(JournalError::from_sqlite(e), JournalError::ReadOnly { .. }));
+    }
+
+    fn synchronous(conn: &Connection) -> i64 {
+        conn.query_row("PRAGMA synchronous", [], |r| r.get(0)).unwrap()
+    }
+
+    /// A journal holding one open transaction of two steps.
+    fn journal_with_txn(dir: &Path) -> (Journal, Uuid) {
+        let j = Journal::open(&dir.join("journal.db")).unwrap();
+        let owner = Owner { pid: 1, boot_id: "test".into(), start: 1 };
+        let step = NewStep { op: StepOp::Delete, checkpoint: "c".into(), xml: None, before: None };
+        let id = Uuid::new_v4();
+        let new = NewTxn {
+            id,
+            domain: "d",
+            kind: TxnKind::Sync,
+            chain: None,
+            target: &[],
+            before: &[],
+            owner: &owner,
+            steps: &[step.clone(), step],
+        };
+        assert_eq!(j.begin(new).unwrap(), Begin::Started);
+        (j, id)
+    }
+
+    #[test]
+    fn only_progress_skips_the_fsync_and_full_is_back_even_after_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let (j, txn) = journal_with_txn(dir.path());
+        j.step_done(txn, StepPhase::Apply, 0).unwrap();
+        assert_eq!(synchronous(&j.conn()), 2, "FULL after a step");
+        let mut conn = j.conn();
+        let r: Result<()> = without_fsync(&mut conn, |c| {
+            assert_eq!(synchronous(c), 1, "NORMAL inside");
+            Err(JournalError::Io { detail: "failed inside".into() })
+        });
+        assert!(matches!(r, Err(JournalError::Io { .. })));
+        assert_eq!(synchronous(&conn), 2, "FULL after a failed commit");
+    }
+
+    #[test]
+    fn steps_are_counted_without_writing_the_transaction_row() {
+        let dir = tempfile::tempdir().unwrap();
+        let (j, txn) = journal_with_txn(dir.path());
+        let row = |j: &Journal| -> (i64, String) {
+            j.conn()
+                .query_row("SELECT libvirt_calls, updated_at FROM txns WHERE id = ?1", params![txn.to_string()], |r| {
+                    Ok((r.get(0)?, r.get(1)?))
+                })
+                .unwrap()
+        };
+        let before = row(&j);
+        j.step_done(txn, StepPhase::Apply, 0).unwrap();
+        j.count_call(txn).unwrap();
+        j.step_done(txn, StepPhase::Apply, 1).unwrap();
+        assert_eq!(row(&j), before, "the transaction's row is untouched");
+        let t = j.txn(txn).unwrap();
+        assert_eq!(t.libvirt_calls, 3);
+        assert!(t.updated_at >= before.1);
+        assert_eq!(j.incomplete(None).unwrap()[0].libvirt_calls, 3);
+        assert_eq!(j.incomplete_summaries(None).unwrap()[0].libvirt_calls, 3);
+        assert_eq!(j.incomplete_summaries(None).unwrap()[0].done, 2);
+        // A finished transaction keeps its count; pruning takes its progress along.
+        j.finish(txn, TxnEvent::Commit, 0).unwrap();
+        let n: i64 = j.conn().query_row("SELECT COUNT(*) FROM txn_progress", [], |r| r.get(0)).unwrap();
+        assert_eq!(n, 0);
     }
 }

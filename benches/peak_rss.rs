@@ -1,0 +1,157 @@
+//! Peak memory of a 10,000-checkpoint sync, journal on the real disk
+//! (`/var/tmp`):
+//!
+//! - through the library on the fake backend, 4 and 16 disks, each case in
+//!   a child process of its own; the peak is the kernel's `VmHWM`
+//!   (`/proc/self/status`), reset between phases through
+//!   `/proc/self/clear_refs`. The fake holds its own copy of every
+//!   checkpoint (libvirtd's share, in real life), and it is counted;
+//! - the `ckptstore sync` command against `qemu:///system` (a shut-off
+//!   domain with 4 disks; about 5 minutes of libvirt calls), measured by
+//!   `/usr/bin/time -v`. Skipped when the daemon does not answer.
+//!
+//! Run with `cargo bench --bench peak_rss`.
+
+#[path = "../tests/support/mod.rs"]
+mod support;
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Instant;
+
+use chrono::DateTime;
+use ckptstore::backend::fake::FakeBackend;
+use ckptstore::{Chain, Checkpoint, Store};
+use uuid::Uuid;
+
+const CHECKPOINTS: usize = 10_000;
+const CASE: &str = "CKPTSTORE_RSS_DISKS";
+
+/// `VmHWM` and `VmRSS` in KiB.
+fn memory() -> (u64, u64) {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    };
+    (field("VmHWM:"), field("VmRSS:"))
+}
+
+/// Make the peak the current size again.
+fn reset_peak() {
+    std::fs::write("/proc/self/clear_refs", "5").unwrap();
+}
+
+fn mib(kib: u64) -> f64 {
+    kib as f64 / 1024.0
+}
+
+fn chain(domain: &str, disks: usize) -> Chain {
+    let disk = |i: usize| Uuid::from_u128(0xd15c_0000 + i as u128);
+    let ckpt = |i: usize| Uuid::from_u128(0xc4e0_0000_0000 + i as u128);
+    Chain {
+        vm_id: Uuid::from_u128(0x93a5_c045),
+        domain: Some(domain.into()),
+        disks: (0..disks).map(|i| (disk(i), format!("vd{}", (b'a' + i as u8) as char))).collect(),
+        checkpoints: (0..CHECKPOINTS)
+            .map(|i| Checkpoint {
+                id: ckpt(i),
+                parent: i.checked_sub(1).map(ckpt),
+                created: DateTime::from_timestamp(1_600_000_000 + i as i64 * 3600, 0).unwrap(),
+                description: Some(format!("nightly backup {i}")),
+                disks: (0..disks).map(disk).collect(),
+            })
+            .collect(),
+    }
+}
+
+/// One case, in this (child) process: prints one Markdown row per phase.
+fn case(disks: usize) {
+    let (_, start) = memory();
+    let chain = chain("rss", disks);
+    let targets: Vec<String> = chain.disks.values().cloned().collect();
+    let targets: Vec<&str> = targets.iter().map(String::as_str).collect();
+    let fake = FakeBackend::new();
+    fake.define_domain("rss", "93a5c045-6457-2c09-e56c-927cdf34e178", &targets, false);
+    let dir = tempfile::tempdir_in("/var/tmp").unwrap();
+    let store = Store::open(dir.path().join("journal.db")).unwrap();
+    let (_, ready) = memory();
+    let row = |phase: &str, secs: f64| {
+        let (peak, now) = memory();
+        println!(
+            "| {CHECKPOINTS} × {disks} | {phase} | {:.1} | {:.1} | {:.1} | {:.1} | {secs:.1} |",
+            mib(start),
+            mib(ready),
+            mib(peak),
+            mib(now)
+        );
+    };
+    reset_peak();
+    let t = Instant::now();
+    let r = store.sync(&fake, chain.clone()).unwrap();
+    assert_eq!(r.redefined.len(), CHECKPOINTS);
+    row("sync into an empty domain", t.elapsed().as_secs_f64());
+    reset_peak();
+    let t = Instant::now();
+    let r = store.sync(&fake, chain).unwrap();
+    assert!(r.redefined.is_empty());
+    row("no-op re-sync", t.elapsed().as_secs_f64());
+}
+
+/// `ckptstore sync` under `/usr/bin/time -v`: (peak RSS KiB, seconds, stdout).
+fn timed_cli(args: &[&str]) -> (u64, f64, String) {
+    let out = Command::new("/usr/bin/time").arg("-v").arg(env!("CARGO_BIN_EXE_ckptstore")).args(args).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "ckptstore {args:?}: {err}");
+    let field = |name: &str| err.lines().find_map(|l| l.trim().strip_prefix(name)).map(str::trim).unwrap_or("");
+    let peak = field("Maximum resident set size (kbytes):").parse().unwrap();
+    // h:mm:ss or m:ss.cc
+    let secs = field("Elapsed (wall clock) time (h:mm:ss or m:ss):")
+        .split(':')
+        .fold(0.0, |acc, part| acc * 60.0 + part.parse::<f64>().unwrap_or(0.0));
+    (peak, secs, String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
+/// The command on a shut-off `qemu:///system` domain with 4 disks.
+fn cli_case() {
+    virt::error::clear_error_callback();
+    if virt::connect::Connect::open(Some(support::SYSTEM_URI)).is_err() || !Path::new("/usr/bin/time").exists() {
+        println!("| {CHECKPOINTS} × 4 | `ckptstore sync` on qemu:///system | skipped: no daemon or no /usr/bin/time | | | | |");
+        return;
+    }
+    let dom = support::TestDomain::define(&support::system(), "rss-cli", 4);
+    let dir = tempfile::tempdir_in("/var/tmp").unwrap();
+    let file = dir.path().join("chain.json");
+    std::fs::write(&file, serde_json::to_vec(&chain(&dom.name, 4)).unwrap()).unwrap();
+    let db = dir.path().join("journal.db");
+    let args =
+        ["--db", db.to_str().unwrap(), "--connect", support::SYSTEM_URI, "sync", "--chain", file.to_str().unwrap()];
+    for phase in ["`ckptstore sync` into an empty domain", "`ckptstore sync`, no-op re-sync"] {
+        let (peak, secs, out) = timed_cli(&args);
+        eprintln!("{out}");
+        println!("| {CHECKPOINTS} × 4 | {phase} (qemu:///system) | | | {:.1} | | {secs:.1} |", mib(peak));
+    }
+}
+
+fn main() {
+    if let Ok(disks) = std::env::var(CASE) {
+        case(disks.parse().unwrap());
+        return;
+    }
+    println!(
+        "| checkpoints × disks | phase | RSS at start MiB | RSS with chain and fake MiB | peak (VmHWM) MiB \
+         | RSS after MiB | seconds |"
+    );
+    println!("|---|---|---:|---:|---:|---:|---:|");
+    for disks in [4, 16] {
+        let me = std::env::current_exe().unwrap();
+        let out = Command::new(me).env(CASE, disks.to_string()).output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        print!("{}", String::from_utf8_lossy(&out.stdout));
+    }
+    cli_case();
+}
