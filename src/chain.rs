@@ -124,7 +124,7 @@ pub enum ChainError {
     },
     /// A disk target name libvirt would refuse or that is unsafe.
     #[error(
-        "disk {disk} has target name {target:?}, which is not a valid disk target (letters, digits, '_', '-', '.')"
+        "disk {disk} has target name {target:?}, which is not a valid disk target (fd, hd, sd, vd, xvd or ubd, then letters, digits or '_')"
     )]
     BadTarget {
         /// The disk.

@@ -109,7 +109,7 @@ impl LibvirtBackend {
         let c = Connect::open(Some(&self.uri)).map_err(|e| {
             let mut err = error(&e);
             err.kind = K::Unreachable;
-            err.message = format!("cannot connect to {}: {}", redact_uri(&self.uri), err.message);
+            err.message = format!("cannot connect to {}: {}", redact_uri(&self.uri), scrub(&err.message, &self.uri));
             err
         })?;
         *slot = Some(c.clone());
@@ -226,6 +226,32 @@ pub fn redact_uri(uri: &str) -> String {
     out
 }
 
+/// libvirt's own messages may quote the URI they were given ("no
+/// connection driver available for URI", with its query): take out of
+/// `message` what [`redact_uri`] takes out of `uri` — the credentials and
+/// the values of secret-looking query parameters.
+pub fn scrub(message: &str, uri: &str) -> String {
+    let mut out = message.replace(uri, &redact_uri(uri));
+    let (head, query) = uri.split_once('?').unwrap_or((uri, ""));
+    let mut secrets: Vec<&str> = Vec::new();
+    for param in query.split('&').filter(|p| secret_param(p)) {
+        if let Some((key, value)) = param.split_once('=').filter(|(_, v)| !v.is_empty()) {
+            out = out.replace(param, &format!("{key}=***"));
+            secrets.push(value);
+        }
+    }
+    if let Some((userinfo, _)) = head.split_once("://").and_then(|(_, rest)| rest.split('/').next()?.rsplit_once('@')) {
+        out = out.replace(&format!("{userinfo}@"), "");
+        secrets.extend(userinfo.split_once(':').map(|(_, password)| password).filter(|p| !p.is_empty()));
+    }
+    // Anywhere else (decoded, quoted...): a value long enough not to mangle
+    // the rest of the message.
+    for s in secrets.into_iter().filter(|s| s.len() >= 4) {
+        out = out.replace(s, "***");
+    }
+    out
+}
+
 fn secret_param(param: &str) -> bool {
     let key = param.split('=').next().unwrap_or("").to_ascii_lowercase();
     ["pass", "pwd", "auth", "key", "token", "secret", "cred", "cert", "user"].iter().any(|s| key.contains(s))
@@ -304,6 +330,29 @@ mod tests {
         );
         assert_eq!(redact_uri("esx://u:p@h/?transport=https&passwd=x"), "esx://h/?transport=https");
         assert!(!LibvirtBackend::new("qemu+ssh://u:hunter2@h/system?auth=x").describe().contains("hunter2"));
+    }
+
+    #[test]
+    fn scrubs_credentials_from_libvirts_messages() {
+        // libvirt 11.3 quotes the URI's query in this one.
+        let uri = "xyz://admin:hunter2@h/?password=s3cret&no_verify=1";
+        let msg = "no connection driver available for xyz://h/?password=s3cret&no_verify=1";
+        assert_eq!(scrub(msg, uri), "no connection driver available for xyz://h/?password=***&no_verify=1");
+        let msg = format!("cannot open {uri}: admin:hunter2@h refused; token s3cret; hunter2");
+        let s = scrub(&msg, uri);
+        assert!(!s.contains("hunter2") && !s.contains("s3cret"), "{s}");
+        assert!(s.starts_with("cannot open xyz://h/?no_verify=1: h refused"), "{s}");
+        // Nothing to take out: the message is left alone.
+        assert_eq!(scrub("Connection refused", "qemu:///system"), "Connection refused");
+        // A short value is taken out where it is a parameter, not elsewhere.
+        assert_eq!(scrub("bad key=ab in abc", "x:///?key=ab"), "bad key=*** in abc");
+    }
+
+    #[test]
+    fn connect_errors_carry_no_credentials() {
+        let e = LibvirtBackend::connect("xyz://admin:hunter2@/?password=s3cret").unwrap_err();
+        assert_eq!(e.kind, K::Unreachable);
+        assert!(!e.message.contains("hunter2") && !e.message.contains("s3cret"), "{}", e.message);
     }
 
     #[test]

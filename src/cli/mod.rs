@@ -7,6 +7,8 @@
 
 mod demo;
 mod exit;
+#[cfg(feature = "failpoints")]
+mod failpoints;
 mod output;
 mod progress;
 
@@ -243,6 +245,8 @@ pub struct Invocation {
 /// Parse the arguments, run the command, and turn the result into an exit
 /// code with one line on stderr when it failed.
 pub fn main() -> ExitCode {
+    #[cfg(feature = "failpoints")]
+    let _armed = failpoints::arm();
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => return exit::usage(e),

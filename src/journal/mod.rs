@@ -435,6 +435,22 @@ impl Journal {
     ///
     /// As [`Journal::open`].
     pub fn open_with(path: &Path, opts: &JournalOptions) -> Result<Journal> {
+        // Several processes opening a new journal at once race for the
+        // switch to WAL and the first migration; SQLite answers some of
+        // those races with "database is locked" without waiting for the
+        // busy timeout, so the whole opening is retried within it.
+        let deadline = std::time::Instant::now() + opts.busy_timeout;
+        loop {
+            match Journal::try_open(path, opts) {
+                Err(JournalError::Locked { .. }) if std::time::Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                other => return other,
+            }
+        }
+    }
+
+    fn try_open(path: &Path, opts: &JournalOptions) -> Result<Journal> {
         if !path.exists() {
             // Create the file ourselves so it is 0600 from its first byte;
             // SQLite gives the -wal and -shm files the same mode.

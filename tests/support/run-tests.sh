@@ -22,5 +22,11 @@ echo "== cargo clippy --all-targets -- -D warnings" >&2
 cargo clippy --all-targets --locked -- -D warnings
 echo "== cargo test" >&2
 cargo test --locked --tests -- --nocapture 2>&1 | tee target/test-output.txt
+# The real binary killed at every named crash point needs the failpoints
+# build (never a release build); it replaces target/debug/ckptstore.
+echo "== cargo clippy --all-targets --features failpoints -- -D warnings" >&2
+cargo clippy --all-targets --locked --features failpoints -- -D warnings
+echo "== cargo test --features failpoints --test kill_points" >&2
+cargo test --locked --features failpoints --test kill_points -- --nocapture 2>&1 | tee -a target/test-output.txt
 echo "== cargo test --doc" >&2
 cargo test --locked --doc
