@@ -44,16 +44,27 @@ fn chain(n: usize) -> Chain {
 /// steps' XML): validation, order, definitions, one XML per checkpoint.
 fn prepare(chain: Chain) -> usize {
     let valid = chain.validate().unwrap();
-    valid.defs().iter().map(|d| render_checkpoint(d).len()).sum()
+    valid
+        .defs()
+        .iter()
+        .map(|d| render_checkpoint(d).len())
+        .sum()
 }
 
 fn bench(c: &mut Criterion) {
     let mut group = c.benchmark_group("validate+order+render x16 disks");
-    group.sample_size(10).warm_up_time(Duration::from_millis(500)).measurement_time(Duration::from_secs(5));
+    group
+        .sample_size(10)
+        .warm_up_time(Duration::from_millis(500))
+        .measurement_time(Duration::from_secs(5));
     for n in [1_000, 5_000, 10_000, 20_000] {
         let input = chain(n);
         group.bench_with_input(BenchmarkId::from_parameter(n), &input, |b, input| {
-            b.iter_batched(|| input.clone(), |c| black_box(prepare(c)), BatchSize::LargeInput)
+            b.iter_batched(
+                || input.clone(),
+                |c| black_box(prepare(c)),
+                BatchSize::LargeInput,
+            )
         });
     }
     group.finish();

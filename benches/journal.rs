@@ -32,16 +32,24 @@ fn def(i: usize) -> CheckpointDef {
     let name = Uuid::from_u128(0xc4e0_0000 + i as u128).to_string();
     CheckpointDef {
         name: name.clone(),
-        parent: i.checked_sub(1).map(|p| Uuid::from_u128(0xc4e0_0000 + p as u128).to_string()),
+        parent: i
+            .checked_sub(1)
+            .map(|p| Uuid::from_u128(0xc4e0_0000 + p as u128).to_string()),
         creation_time: 1_600_000_000 + i as i64,
         description: None,
-        disks: (0..4).map(|d| (format!("vd{}", (b'a' + d as u8) as char), name.clone())).collect(),
+        disks: (0..4)
+            .map(|d| (format!("vd{}", (b'a' + d as u8) as char), name.clone()))
+            .collect(),
     }
 }
 
 /// A dead process (no process has pid 0).
 fn dead_owner() -> Owner {
-    Owner { pid: 0, boot_id: "bench".into(), start: 0 }
+    Owner {
+        pid: 0,
+        boot_id: "bench".into(),
+        start: 0,
+    }
 }
 
 /// An open transaction of 200 redefine steps on `domain`, as `sync` journals
@@ -75,8 +83,14 @@ fn begin(journal: &Journal, domain: &str) -> Uuid {
 
 fn step_commit(c: &mut Criterion) {
     let mut group = c.benchmark_group("journal commit");
-    group.sample_size(20).warm_up_time(Duration::from_millis(500)).measurement_time(Duration::from_secs(4));
-    for (place, base) in [("disk /var/tmp", "/var/tmp"), ("tmpfs /dev/shm", "/dev/shm")] {
+    group
+        .sample_size(20)
+        .warm_up_time(Duration::from_millis(500))
+        .measurement_time(Duration::from_secs(4));
+    for (place, base) in [
+        ("disk /var/tmp", "/var/tmp"),
+        ("tmpfs /dev/shm", "/dev/shm"),
+    ] {
         let dir = tempfile::tempdir_in(base).unwrap();
         let journal = Journal::open(&dir.path().join("journal.db")).unwrap();
         let txn = begin(&journal, DOMAIN);
@@ -89,7 +103,9 @@ fn step_commit(c: &mut Criterion) {
         });
         // The same kind of one-row update as a durable commit (what every
         // commit of the journal costs with synchronous=FULL).
-        group.bench_function(BenchmarkId::new("count_call", place), |b| b.iter(|| journal.count_call(txn).unwrap()));
+        group.bench_function(BenchmarkId::new("count_call", place), |b| {
+            b.iter(|| journal.count_call(txn).unwrap())
+        });
     }
     group.finish();
 }
@@ -118,7 +134,12 @@ fn window(domain: &str, k: usize) -> Chain {
 fn fake(domains: &[String]) -> FakeBackend {
     let fake = FakeBackend::new();
     for (i, d) in domains.iter().enumerate() {
-        fake.define_domain(d, &Uuid::from_u128(0x93a5_0000 + i as u128).to_string(), &["vda"], false);
+        fake.define_domain(
+            d,
+            &Uuid::from_u128(0x93a5_0000 + i as u128).to_string(),
+            &["vda"],
+            false,
+        );
     }
     fake
 }
@@ -128,7 +149,10 @@ fn fake(domains: &[String]) -> FakeBackend {
 /// another domain: what start-up recovery must find.
 fn journal_with_history(dir: &Path, per_domain: usize) -> Store {
     let path = dir.join(format!("history-{per_domain}.db"));
-    let opts = StoreOptions { history: per_domain, ..StoreOptions::default() };
+    let opts = StoreOptions {
+        history: per_domain,
+        ..StoreOptions::default()
+    };
     let store = Store::open_with(&path, opts.clone()).unwrap();
     let domains: Vec<String> = (0..100).map(|i| format!("vm{i:03}")).collect();
     let fake = fake(&domains);
@@ -139,30 +163,50 @@ fn journal_with_history(dir: &Path, per_domain: usize) -> Store {
         }
     }
     begin(store.journal(), "crashed");
-    eprintln!("built a journal of {} finished transactions in {:.1?}", 100 * per_domain, started.elapsed());
+    eprintln!(
+        "built a journal of {} finished transactions in {:.1?}",
+        100 * per_domain,
+        started.elapsed()
+    );
     drop(store);
     let dead: ckptstore::engine::Liveness = Arc::new(|_| false);
-    Store::open_with(&path, StoreOptions { liveness: Some(dead), ..opts }).unwrap()
+    Store::open_with(
+        &path,
+        StoreOptions {
+            liveness: Some(dead),
+            ..opts
+        },
+    )
+    .unwrap()
 }
 
 fn incomplete_query(c: &mut Criterion) {
     // Read-only queries: the file sits in the page cache wherever it is, so
     // it is built on tmpfs (10,000 syncs are 30,000 fsyncs on disk).
     let dir = tempfile::tempdir_in("/dev/shm").unwrap();
-    let stores: Vec<(usize, Store)> =
-        [1, 100].into_iter().map(|per| (100 * per, journal_with_history(dir.path(), per))).collect();
+    let stores: Vec<(usize, Store)> = [1, 100]
+        .into_iter()
+        .map(|per| (100 * per, journal_with_history(dir.path(), per)))
+        .collect();
     let mut group = c.benchmark_group("incomplete query, 100 domains");
-    group.sample_size(50).warm_up_time(Duration::from_millis(500)).measurement_time(Duration::from_secs(3));
+    group
+        .sample_size(50)
+        .warm_up_time(Duration::from_millis(500))
+        .measurement_time(Duration::from_secs(3));
     for (n, store) in &stores {
         assert_eq!(store.journal().incomplete(None).unwrap().len(), 1);
         assert_eq!(store.history("vm000", n + 1).unwrap().len(), n / 100);
         let label = format!("{n} finished");
-        group.bench_with_input(BenchmarkId::new("Journal::incomplete(None)", &label), store, |b, s| {
-            b.iter(|| black_box(s.journal().incomplete(None).unwrap()))
-        });
-        group.bench_with_input(BenchmarkId::new("Store::status(None)", &label), store, |b, s| {
-            b.iter(|| black_box(s.status(None).unwrap()))
-        });
+        group.bench_with_input(
+            BenchmarkId::new("Journal::incomplete(None)", &label),
+            store,
+            |b, s| b.iter(|| black_box(s.journal().incomplete(None).unwrap())),
+        );
+        group.bench_with_input(
+            BenchmarkId::new("Store::status(None)", &label),
+            store,
+            |b, s| b.iter(|| black_box(s.status(None).unwrap())),
+        );
     }
     group.finish();
 }
@@ -174,10 +218,20 @@ fn history_depth(c: &mut Criterion) {
     let dir = tempfile::tempdir_in("/dev/shm").unwrap();
     let domains = vec![DOMAIN.to_string()];
     let mut group = c.benchmark_group("sync on the fake by history kept");
-    group.sample_size(20).warm_up_time(Duration::from_millis(500)).measurement_time(Duration::from_secs(3));
+    group
+        .sample_size(20)
+        .warm_up_time(Duration::from_millis(500))
+        .measurement_time(Duration::from_secs(3));
     for keep in [100, 2_000] {
         let path = dir.path().join(format!("depth-{keep}.db"));
-        let store = Store::open_with(&path, StoreOptions { history: keep, ..StoreOptions::default() }).unwrap();
+        let store = Store::open_with(
+            &path,
+            StoreOptions {
+                history: keep,
+                ..StoreOptions::default()
+            },
+        )
+        .unwrap();
         let fake = fake(&domains);
         for k in 0..keep {
             store.sync(&fake, window(DOMAIN, k)).unwrap();

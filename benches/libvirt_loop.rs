@@ -37,10 +37,13 @@ use ckptstore::backend::DomainInfo;
 use ckptstore::engine::Hook;
 use ckptstore::owner::Owner;
 use ckptstore::plan::same_content;
-use ckptstore::validate::{validate_with, DiskChain, ImageError, ImageReader, Layer, LayerBitmap, Qcow2Reader};
+use ckptstore::validate::{
+    validate_with, DiskChain, ImageError, ImageReader, Layer, LayerBitmap, Qcow2Reader,
+};
 use ckptstore::xml::render_checkpoint;
 use ckptstore::{
-    Backend, BackendError, BackendErrorKind, Chain, Checkpoint, CheckpointDef, LibvirtBackend, Policy, Store,
+    Backend, BackendError, BackendErrorKind, Chain, Checkpoint, CheckpointDef, LibvirtBackend,
+    Policy, Store,
 };
 use ckptstore::{Outcome, StoreOptions, SyncReport};
 use support::TestDomain;
@@ -94,7 +97,10 @@ struct Counted<'a> {
 
 impl<'a> Counted<'a> {
     fn new(inner: &'a LibvirtBackend) -> Self {
-        Counted { inner, tally: Tally::default() }
+        Counted {
+            inner,
+            tally: Tally::default(),
+        }
     }
 
     fn timed<T>(&self, op: Op, f: impl FnOnce() -> T) -> T {
@@ -152,16 +158,28 @@ fn proc_cpu(pid: &str) -> Option<u64> {
 fn machine_cpu() -> Option<(u64, u64)> {
     let stat = std::fs::read_to_string("/proc/stat").ok()?;
     let line = stat.lines().next()?;
-    let v: Vec<u64> = line.split_whitespace().skip(1).filter_map(|x| x.parse().ok()).collect();
+    let v: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|x| x.parse().ok())
+        .collect();
     let total: u64 = v.iter().sum();
     let idle = v.get(3)? + v.get(4).unwrap_or(&0);
     Some((total - idle, total))
 }
 
 fn libvirtd_pid() -> Option<String> {
-    let dir = std::env::var("CKPTSTORE_LIBVIRT_DIR").unwrap_or_else(|_| "/var/tmp/ckptstore-libvirtd".into());
-    let pid = std::fs::read_to_string(Path::new(&dir).join("libvirtd.pid")).ok()?.trim().to_string();
-    (std::fs::read_to_string(format!("/proc/{pid}/comm")).ok()?.trim() == "libvirtd").then_some(pid)
+    let dir = std::env::var("CKPTSTORE_LIBVIRT_DIR")
+        .unwrap_or_else(|_| "/var/tmp/ckptstore-libvirtd".into());
+    let pid = std::fs::read_to_string(Path::new(&dir).join("libvirtd.pid"))
+        .ok()?
+        .trim()
+        .to_string();
+    (std::fs::read_to_string(format!("/proc/{pid}/comm"))
+        .ok()?
+        .trim()
+        == "libvirtd")
+        .then_some(pid)
 }
 
 #[derive(Clone)]
@@ -174,7 +192,12 @@ struct Cpu {
 
 fn cpu_now() -> Cpu {
     let daemon_pid = libvirtd_pid();
-    Cpu { daemon: daemon_pid.as_deref().and_then(proc_cpu), daemon_pid, me: proc_cpu("self"), machine: machine_cpu() }
+    Cpu {
+        daemon: daemon_pid.as_deref().and_then(proc_cpu),
+        daemon_pid,
+        me: proc_cpu("self"),
+        machine: machine_cpu(),
+    }
 }
 
 // ---------------------------------------------------------------------------
@@ -219,7 +242,9 @@ fn measure(b: &Counted<'_>, f: impl FnOnce() -> bool) -> Sample {
     let (daemon_cpu, my_cpu) = (secs(c0.daemon, c1.daemon), secs(c0.me, c1.me));
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
     let others = match (busy, daemon_cpu, my_cpu) {
-        (Some(b), Some(d), Some(m)) => Some(((b * cpus * wall.as_secs_f64() - d - m) / wall.as_secs_f64()).max(0.0)),
+        (Some(b), Some(d), Some(m)) => {
+            Some(((b * cpus * wall.as_secs_f64() - d - m) / wall.as_secs_f64()).max(0.0))
+        }
         _ => None,
     };
     let t = &b.tally;
@@ -242,7 +267,9 @@ fn measure(b: &Counted<'_>, f: impl FnOnce() -> bool) -> Sample {
 /// Wait until `qemu:///system` answers again.
 fn wait_for_daemon() {
     for _ in 0..240 {
-        if virt::connect::Connect::open(Some(support::SYSTEM_URI)).is_ok() && libvirtd_pid().is_some() {
+        if virt::connect::Connect::open(Some(support::SYSTEM_URI)).is_ok()
+            && libvirtd_pid().is_some()
+        {
             return;
         }
         std::thread::sleep(Duration::from_millis(500));
@@ -258,7 +285,10 @@ fn retry<T>(mut f: impl FnMut() -> T) -> T {
         match catch_unwind(AssertUnwindSafe(&mut f)) {
             Ok(v) => return v,
             Err(p) if attempt < 5 && p.downcast_ref::<Crash>().is_none() => {
-                eprintln!("failed ({}); waiting for libvirtd and running it again", panic_text(&p));
+                eprintln!(
+                    "failed ({}); waiting for libvirtd and running it again",
+                    panic_text(&p)
+                );
                 wait_for_daemon();
             }
             Err(p) => std::panic::resume_unwind(p),
@@ -282,7 +312,10 @@ fn steady(mut run: impl FnMut() -> Sample) -> Sample {
 }
 
 fn panic_text(p: &Box<dyn std::any::Any + Send>) -> String {
-    p.downcast_ref::<String>().cloned().or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string())).unwrap_or_default()
+    p.downcast_ref::<String>()
+        .cloned()
+        .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+        .unwrap_or_default()
 }
 
 /// The runs of one side of a comparison.
@@ -293,7 +326,10 @@ struct Side {
 
 impl Side {
     fn new(label: impl Into<String>) -> Side {
-        Side { label: label.into(), runs: Vec::new() }
+        Side {
+            label: label.into(),
+            runs: Vec::new(),
+        }
     }
 
     fn median_by(&self, f: impl Fn(&Sample) -> f64) -> f64 {
@@ -311,8 +347,15 @@ impl Side {
     }
 
     fn range(&self) -> (f64, f64) {
-        let v: Vec<f64> = self.runs.iter().map(|s| s.wall.as_secs_f64() * 1e3).collect();
-        (v.iter().copied().fold(f64::INFINITY, f64::min), v.iter().copied().fold(0.0, f64::max))
+        let v: Vec<f64> = self
+            .runs
+            .iter()
+            .map(|s| s.wall.as_secs_f64() * 1e3)
+            .collect();
+        (
+            v.iter().copied().fold(f64::INFINITY, f64::min),
+            v.iter().copied().fold(0.0, f64::max),
+        )
     }
 
     /// Calls of the median run (they are the same in every run; when not,
@@ -335,7 +378,10 @@ impl Side {
                 .runs
                 .iter()
                 .zip(&other.runs)
-                .map(|(a, b)| Sample { wall: a.wall.div_f64(b.wall.as_secs_f64()), ..Sample::default() })
+                .map(|(a, b)| Sample {
+                    wall: a.wall.div_f64(b.wall.as_secs_f64()),
+                    ..Sample::default()
+                })
                 .collect(),
         };
         ratios.median_by(|s| s.wall.as_secs_f64())
@@ -347,7 +393,10 @@ impl Side {
         let outside = if self.runs.iter().any(|s| s.in_libvirt > s.wall) {
             "n/a".to_string()
         } else {
-            format!("{:.1}", self.median_by(|s| (s.wall.saturating_sub(s.in_libvirt)).as_secs_f64() * 1e3))
+            format!(
+                "{:.1}",
+                self.median_by(|s| (s.wall.saturating_sub(s.in_libvirt)).as_secs_f64() * 1e3)
+            )
         };
         let opt = |f: &dyn Fn(&Sample) -> Option<f64>| {
             let v: Vec<f64> = self.runs.iter().filter_map(f).collect();
@@ -397,7 +446,12 @@ fn chain(dom: &TestDomain, n: usize) -> Chain {
     Chain {
         vm_id: Uuid::parse_str(&dom.uuid).unwrap(),
         domain: Some(dom.name.clone()),
-        disks: dom.targets.iter().enumerate().map(|(i, t)| (disk_id(i), t.clone())).collect(),
+        disks: dom
+            .targets
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (disk_id(i), t.clone()))
+            .collect(),
         checkpoints: (0..n)
             .map(|i| Checkpoint {
                 id: ckpt(i),
@@ -448,7 +502,11 @@ fn quiet_crashes() {
 
 /// An owner from another boot: dead by `Owner::is_alive`.
 fn dead_owner() -> Owner {
-    Owner { pid: std::process::id(), boot_id: "boot-before-the-crash".into(), start: 1 }
+    Owner {
+        pid: std::process::id(),
+        boot_id: "boot-before-the-crash".into(),
+        start: 1,
+    }
 }
 
 /// A store that dies (panics) right after recording its `k`-th step.
@@ -459,7 +517,11 @@ fn store_crashing_after(path: &Path, k: u64) -> Store {
             std::panic::panic_any(Crash);
         }
     });
-    let opts = StoreOptions { owner: Some(dead_owner()), hook: Some(hook), ..StoreOptions::default() };
+    let opts = StoreOptions {
+        owner: Some(dead_owner()),
+        hook: Some(hook),
+        ..StoreOptions::default()
+    };
     Store::open_with(path, opts).unwrap()
 }
 
@@ -517,9 +579,19 @@ fn s1_s2(ctx: &Ctx, dom: &TestDomain) {
             });
             [&mut sync, &mut bare][side].runs.push(sample);
         }
-        eprintln!("S1 run {} of {}: sync {:.0} ms, bare {:.0} ms", run + 1, ctx.runs, last_ms(&sync), last_ms(&bare));
+        eprintln!(
+            "S1 run {} of {}: sync {:.0} ms, bare {:.0} ms",
+            run + 1,
+            ctx.runs,
+            last_ms(&sync),
+            last_ms(&bare)
+        );
     }
-    let ratio = format!("{:.3}× the bare loop (paired: {:.3}×)", sync.ms() / bare.ms(), sync.paired(&bare));
+    let ratio = format!(
+        "{:.3}× the bare loop (paired: {:.3}×)",
+        sync.ms() / bare.ms(),
+        sync.paired(&bare)
+    );
     sync.row("S1 journal overhead (200 × 4)", &ratio);
     bare.row("S1 journal overhead (200 × 4)", "");
 
@@ -556,12 +628,17 @@ fn s1_s2(ctx: &Ctx, dom: &TestDomain) {
             last_ms(&again)
         );
     }
-    noop.row("S2 no-op re-sync", &format!("{:.0}× faster than redefining all", again.ms() / noop.ms()));
+    noop.row(
+        "S2 no-op re-sync",
+        &format!("{:.0}× faster than redefining all", again.ms() / noop.ms()),
+    );
     again.row("S2 no-op re-sync", "");
 }
 
 fn last_ms(s: &Side) -> f64 {
-    s.runs.last().map_or(f64::NAN, |r| r.wall.as_secs_f64() * 1e3)
+    s.runs
+        .last()
+        .map_or(f64::NAN, |r| r.wall.as_secs_f64() * 1e3)
 }
 
 /// Leave libvirt as a sync killed after its 180th step left it: wipe, put
@@ -576,7 +653,9 @@ fn crash_at_180(ctx: &Ctx, dom: &TestDomain, chain: &Chain, journal: &Path, pre:
         let _ = std::fs::remove_file(format!("{}{f}", journal.display()));
     }
     let crashing = store_crashing_after(journal, 180);
-    let r = catch_unwind(AssertUnwindSafe(|| crashing.sync(&ctx.backend, chain.clone())));
+    let r = catch_unwind(AssertUnwindSafe(|| {
+        crashing.sync(&ctx.backend, chain.clone())
+    }));
     assert!(r.is_err(), "the sync was meant to crash");
 }
 
@@ -656,8 +735,13 @@ fn s3(ctx: &Ctx, dom: &TestDomain) {
             last_ms(&sides[2])
         );
     }
-    let faster =
-        |o: &Side| format!("`recover` {:.2}× faster (paired: {:.2}×)", o.ms() / sides[0].ms(), o.paired(&sides[0]));
+    let faster = |o: &Side| {
+        format!(
+            "`recover` {:.2}× faster (paired: {:.2}×)",
+            o.ms() / sides[0].ms(),
+            o.paired(&sides[0])
+        )
+    };
     sides[0].row("S3 resume at 180 of 200", "");
     sides[1].row("S3 resume at 180 of 200", &faster(&sides[1]));
     sides[2].row("S3 resume at 180 of 200", &faster(&sides[2]));
@@ -694,7 +778,9 @@ fn lookup_and_skip(b: &Counted<'_>, domain: &str, target: &[CheckpointDef], xmls
     for (d, x) in target.iter().zip(xmls) {
         match b.lookup(domain, &d.name) {
             Ok(_) => {}
-            Err(e) if e.kind == BackendErrorKind::NoCheckpoint => b.redefine(domain, x, false).unwrap(),
+            Err(e) if e.kind == BackendErrorKind::NoCheckpoint => {
+                b.redefine(domain, x, false).unwrap()
+            }
             Err(e) => panic!("lookup of {}: {e}", d.name),
         }
     }
@@ -703,13 +789,24 @@ fn lookup_and_skip(b: &Counted<'_>, domain: &str, target: &[CheckpointDef], xmls
 /// S4: 32 domains × 25 checkpoints re-applied after a "host restart"
 /// (libvirt's metadata gone, the journal's committed chains intact).
 fn s4(ctx: &Ctx) {
-    let doms: Vec<TestDomain> = (0..32).map(|_| TestDomain::define(&support::system(), "s4", DISKS)).collect();
+    let doms: Vec<TestDomain> = (0..32)
+        .map(|_| TestDomain::define(&support::system(), "s4", DISKS))
+        .collect();
     let names: Vec<String> = doms.iter().map(|d| d.name.clone()).collect();
     let journal = ctx.journal("s4.db");
     let workers = [1, 2, 4];
     let stores: Vec<Store> = workers
         .iter()
-        .map(|&workers| Store::open_with(&journal, StoreOptions { workers, ..StoreOptions::default() }).unwrap())
+        .map(|&workers| {
+            Store::open_with(
+                &journal,
+                StoreOptions {
+                    workers,
+                    ..StoreOptions::default()
+                },
+            )
+            .unwrap()
+        })
         .collect();
     let targets: Vec<Vec<CheckpointDef>> = doms.iter().map(|d| defs(&chain(d, 25))).collect();
     // Commit each domain's chain once (set-up).
@@ -728,34 +825,53 @@ fn s4(ctx: &Ctx) {
         order.rotate_left(run % stores.len());
         for i in order {
             let sample = steady(|| {
-                stores[i].recover(&ctx.backend, Policy::Rollback, None).unwrap();
+                stores[i]
+                    .recover(&ctx.backend, Policy::Rollback, None)
+                    .unwrap();
                 for n in &names {
                     wipe(&ctx.backend, n);
                 }
                 let c = ctx.counted();
                 let mut s = measure(&c, || {
                     let r = stores[i].resync_many(&c, &names);
-                    r.iter().all(|r| r.as_ref().is_ok_and(|r| r.redefined.len() == 25))
+                    r.iter()
+                        .all(|r| r.as_ref().is_ok_and(|r| r.redefined.len() == 25))
                 });
-                s.correct &= names.iter().zip(&targets).all(|(n, t)| at(&ctx.backend, n, t));
+                s.correct &= names
+                    .iter()
+                    .zip(&targets)
+                    .all(|(n, t)| at(&ctx.backend, n, t));
                 s
             });
             sides[i].runs.push(sample);
         }
-        let times: Vec<String> = sides.iter().map(|s| format!("{:.0} ms", last_ms(s))).collect();
-        eprintln!("S4 run {} of {}: workers 1/2/4: {}", run + 1, ctx.runs, times.join(", "));
+        let times: Vec<String> = sides
+            .iter()
+            .map(|s| format!("{:.0} ms", last_ms(s)))
+            .collect();
+        eprintln!(
+            "S4 run {} of {}: workers 1/2/4: {}",
+            run + 1,
+            ctx.runs,
+            times.join(", ")
+        );
     }
     let serial = &sides[0];
     serial.row("S4 host restart (32 × 25 × 4)", "");
     for s in &sides[1..] {
-        let ratio = format!("{:.2}× faster than serial (paired: {:.2}×)", serial.ms() / s.ms(), 1.0 / s.paired(serial));
+        let ratio = format!(
+            "{:.2}× faster than serial (paired: {:.2}×)",
+            serial.ms() / s.ms(),
+            1.0 / s.paired(serial)
+        );
         s.row("S4 host restart (32 × 25 × 4)", &ratio);
     }
     // Does parallelism make each call slower (the daemon's CPUs are full)?
     println!();
     for s in &sides {
         let per_call = s.median_by(|x| x.in_libvirt.as_secs_f64() * 1e3 / x.redefine.max(1) as f64);
-        let cpu = s.median_by(|x| x.daemon_cpu.unwrap_or(f64::NAN) * 1e3 / x.redefine.max(1) as f64);
+        let cpu =
+            s.median_by(|x| x.daemon_cpu.unwrap_or(f64::NAN) * 1e3 / x.redefine.max(1) as f64);
         println!(
             "S4 {}: {per_call:.1} ms per libvirt call (time in calls / redefines), \
              {cpu:.1} ms libvirtd CPU per redefine",
@@ -777,13 +893,22 @@ impl ImageReader for QemuImgReader {
             .args(["info", "--output=json", "--backing-chain", "-U"])
             .arg(path)
             .output()
-            .map_err(|e| ImageError::Unreadable { path: path.into(), reason: e.to_string() })?;
+            .map_err(|e| ImageError::Unreadable {
+                path: path.into(),
+                reason: e.to_string(),
+            })?;
         if !out.status.success() {
             let reason = String::from_utf8_lossy(&out.stderr).into_owned();
-            return Err(ImageError::Unreadable { path: path.into(), reason });
+            return Err(ImageError::Unreadable {
+                path: path.into(),
+                reason,
+            });
         }
-        let layers: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout)
-            .map_err(|e| ImageError::Unreadable { path: path.into(), reason: e.to_string() })?;
+        let layers: Vec<serde_json::Value> =
+            serde_json::from_slice(&out.stdout).map_err(|e| ImageError::Unreadable {
+                path: path.into(),
+                reason: e.to_string(),
+            })?;
         let layers = layers
             .iter()
             .take_while(|l| l["format"] == "qcow2")
@@ -795,7 +920,11 @@ impl ImageReader for QemuImgReader {
                     .map(|list| {
                         list.iter()
                             .map(|b| {
-                                let flag = |f: &str| b["flags"].as_array().is_some_and(|fl| fl.iter().any(|x| x == f));
+                                let flag = |f: &str| {
+                                    b["flags"]
+                                        .as_array()
+                                        .is_some_and(|fl| fl.iter().any(|x| x == f))
+                                };
                                 LayerBitmap {
                                     name: b["name"].as_str().unwrap_or_default().into(),
                                     in_use: flag("in-use"),
@@ -807,7 +936,10 @@ impl ImageReader for QemuImgReader {
                     .unwrap_or_default(),
             })
             .collect();
-        Ok(DiskChain { layers, unfollowed: None })
+        Ok(DiskChain {
+            layers,
+            unfollowed: None,
+        })
     }
 }
 
@@ -821,7 +953,8 @@ impl ImageReader for TimedReader<'_> {
     fn read_chain(&self, path: &Path) -> Result<DiskChain, ImageError> {
         let t = Instant::now();
         let r = self.inner.read_chain(path);
-        self.nanos.fetch_add(t.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        self.nanos
+            .fetch_add(t.elapsed().as_nanos() as u64, Ordering::Relaxed);
         r
     }
 }
@@ -848,10 +981,17 @@ fn s5(ctx: &Ctx, dom: &TestDomain) {
     let mut images: [Vec<f64>; 2] = [Vec::new(), Vec::new()];
     for run in 0..ctx.runs * 2 {
         for side in if run % 2 == 0 { [0, 1] } else { [1, 0] } {
-            let reader: &dyn ImageReader = if side == 0 { &Qcow2Reader } else { &QemuImgReader };
+            let reader: &dyn ImageReader = if side == 0 {
+                &Qcow2Reader
+            } else {
+                &QemuImgReader
+            };
             let mut img = 0.0;
             let sample = steady(|| {
-                let timed = TimedReader { inner: reader, nanos: AtomicU64::new(0) };
+                let timed = TimedReader {
+                    inner: reader,
+                    nanos: AtomicU64::new(0),
+                };
                 let c = ctx.counted();
                 let s = measure(&c, || {
                     let r = validate_with(&store, &c, &dom.name, &timed).unwrap();
@@ -881,14 +1021,20 @@ fn s5(ctx: &Ctx, dom: &TestDomain) {
 
 fn main() {
     quiet_crashes();
-    let runs: usize = std::env::var("CKPTSTORE_BENCH_RUNS").ok().and_then(|r| r.parse().ok()).unwrap_or(7);
+    let runs: usize = std::env::var("CKPTSTORE_BENCH_RUNS")
+        .ok()
+        .and_then(|r| r.parse().ok())
+        .unwrap_or(7);
     let only = std::env::var("CKPTSTORE_BENCH_ONLY").unwrap_or_else(|_| "S1,S2,S3,S4,S5".into());
     let want = |s: &str| only.split(',').any(|o| o.trim().eq_ignore_ascii_case(s));
     let base = std::env::var("CKPTSTORE_BENCH_DIR").unwrap_or_else(|_| "/var/tmp".into());
     let ctx = Ctx {
         backend: LibvirtBackend::connect(support::SYSTEM_URI).unwrap(),
         runs,
-        dir: tempfile::Builder::new().prefix("ckptstore-bench-").tempdir_in(&base).unwrap(),
+        dir: tempfile::Builder::new()
+            .prefix("ckptstore-bench-")
+            .tempdir_in(&base)
+            .unwrap(),
     };
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()

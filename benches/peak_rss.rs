@@ -56,7 +56,9 @@ fn chain(domain: &str, disks: usize) -> Chain {
     Chain {
         vm_id: Uuid::from_u128(0x93a5_c045),
         domain: Some(domain.into()),
-        disks: (0..disks).map(|i| (disk(i), format!("vd{}", (b'a' + i as u8) as char))).collect(),
+        disks: (0..disks)
+            .map(|i| (disk(i), format!("vd{}", (b'a' + i as u8) as char)))
+            .collect(),
         checkpoints: (0..CHECKPOINTS)
             .map(|i| Checkpoint {
                 id: ckpt(i),
@@ -76,7 +78,12 @@ fn case(disks: usize) {
     let targets: Vec<String> = chain.disks.values().cloned().collect();
     let targets: Vec<&str> = targets.iter().map(String::as_str).collect();
     let fake = FakeBackend::new();
-    fake.define_domain("rss", "93a5c045-6457-2c09-e56c-927cdf34e178", &targets, false);
+    fake.define_domain(
+        "rss",
+        "93a5c045-6457-2c09-e56c-927cdf34e178",
+        &targets,
+        false,
+    );
     let dir = tempfile::tempdir_in("/var/tmp").unwrap();
     let store = Store::open(dir.path().join("journal.db")).unwrap();
     let (_, ready) = memory();
@@ -109,22 +116,42 @@ fn case(disks: usize) {
 
 /// `ckptstore sync` under `/usr/bin/time -v`: (peak RSS KiB, seconds, stdout).
 fn timed_cli(args: &[&str]) -> (u64, f64, String) {
-    let out = Command::new("/usr/bin/time").arg("-v").arg(env!("CARGO_BIN_EXE_ckptstore")).args(args).output().unwrap();
+    let out = Command::new("/usr/bin/time")
+        .arg("-v")
+        .arg(env!("CARGO_BIN_EXE_ckptstore"))
+        .args(args)
+        .output()
+        .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "ckptstore {args:?}: {err}");
-    let field = |name: &str| err.lines().find_map(|l| l.trim().strip_prefix(name)).map(str::trim).unwrap_or("");
-    let peak = field("Maximum resident set size (kbytes):").parse().unwrap();
+    let field = |name: &str| {
+        err.lines()
+            .find_map(|l| l.trim().strip_prefix(name))
+            .map(str::trim)
+            .unwrap_or("")
+    };
+    let peak = field("Maximum resident set size (kbytes):")
+        .parse()
+        .unwrap();
     // h:mm:ss or m:ss.cc
     let secs = field("Elapsed (wall clock) time (h:mm:ss or m:ss):")
         .split(':')
-        .fold(0.0, |acc, part| acc * 60.0 + part.parse::<f64>().unwrap_or(0.0));
-    (peak, secs, String::from_utf8_lossy(&out.stdout).trim().to_string())
+        .fold(0.0, |acc, part| {
+            acc * 60.0 + part.parse::<f64>().unwrap_or(0.0)
+        });
+    (
+        peak,
+        secs,
+        String::from_utf8_lossy(&out.stdout).trim().to_string(),
+    )
 }
 
 /// The command on a shut-off `qemu:///system` domain with 4 disks.
 fn cli_case() {
     virt::error::clear_error_callback();
-    if virt::connect::Connect::open(Some(support::SYSTEM_URI)).is_err() || !Path::new("/usr/bin/time").exists() {
+    if virt::connect::Connect::open(Some(support::SYSTEM_URI)).is_err()
+        || !Path::new("/usr/bin/time").exists()
+    {
         println!("| {CHECKPOINTS} × 4 | `ckptstore sync` on qemu:///system | skipped: no daemon or no /usr/bin/time | | | | |");
         return;
     }
@@ -133,12 +160,25 @@ fn cli_case() {
     let file = dir.path().join("chain.json");
     std::fs::write(&file, serde_json::to_vec(&chain(&dom.name, 4)).unwrap()).unwrap();
     let db = dir.path().join("journal.db");
-    let args =
-        ["--db", db.to_str().unwrap(), "--connect", support::SYSTEM_URI, "sync", "--chain", file.to_str().unwrap()];
-    for phase in ["`ckptstore sync` into an empty domain", "`ckptstore sync`, no-op re-sync"] {
+    let args = [
+        "--db",
+        db.to_str().unwrap(),
+        "--connect",
+        support::SYSTEM_URI,
+        "sync",
+        "--chain",
+        file.to_str().unwrap(),
+    ];
+    for phase in [
+        "`ckptstore sync` into an empty domain",
+        "`ckptstore sync`, no-op re-sync",
+    ] {
         let (peak, secs, out) = timed_cli(&args);
         eprintln!("{out}");
-        println!("| {CHECKPOINTS} × 4 | {phase} (qemu:///system) | | | {:.1} | | {secs:.1} |", mib(peak));
+        println!(
+            "| {CHECKPOINTS} × 4 | {phase} (qemu:///system) | | | {:.1} | | {secs:.1} |",
+            mib(peak)
+        );
     }
 }
 
@@ -154,8 +194,15 @@ fn main() {
     println!("|---|---|---:|---:|---:|---:|---:|");
     for disks in [4, 16] {
         let me = std::env::current_exe().unwrap();
-        let out = Command::new(me).env(CASE, disks.to_string()).output().unwrap();
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let out = Command::new(me)
+            .env(CASE, disks.to_string())
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         print!("{}", String::from_utf8_lossy(&out.stdout));
     }
     cli_case();

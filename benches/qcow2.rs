@@ -27,7 +27,11 @@ fn images(dir: &Path) -> Vec<(&'static str, PathBuf)> {
     }
     let mut all = vec![("64K clusters", first.clone())];
     for (label, file, opts) in [
-        ("512B clusters", "c512.qcow2", &["-o", "cluster_size=512"][..]),
+        (
+            "512B clusters",
+            "c512.qcow2",
+            &["-o", "cluster_size=512"][..],
+        ),
         ("2M clusters", "c2m.qcow2", &["-o", "cluster_size=2M"][..]),
         ("compressed", "compressed.qcow2", &["-c"][..]),
     ] {
@@ -48,9 +52,14 @@ fn bench(c: &mut Criterion) {
     let dir = tempfile::tempdir().unwrap();
     let images = images(dir.path());
     let mut group = c.benchmark_group("qcow2 200 bitmaps");
-    group.sample_size(10).warm_up_time(Duration::from_millis(300)).measurement_time(Duration::from_secs(2));
+    group
+        .sample_size(10)
+        .warm_up_time(Duration::from_millis(300))
+        .measurement_time(Duration::from_secs(2));
     for (label, path) in &images {
-        group.bench_function(format!("read_image/{label}"), |b| b.iter(|| read_image(path).unwrap()));
+        group.bench_function(format!("read_image/{label}"), |b| {
+            b.iter(|| read_image(path).unwrap())
+        });
         group.bench_function(format!("qemu-img info/{label}"), |b| {
             b.iter(|| {
                 let out = qemu_img_output(&["info", "--output=json", "-U", path.to_str().unwrap()]);

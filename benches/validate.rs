@@ -13,7 +13,9 @@ use std::path::Path;
 use std::time::Duration;
 
 use chrono::DateTime;
-use ckptstore::validate::{validate_with, DiskChain, ImageError, ImageReader, Layer, LayerBitmap, Qcow2Reader};
+use ckptstore::validate::{
+    validate_with, DiskChain, ImageError, ImageReader, Layer, LayerBitmap, Qcow2Reader,
+};
 use ckptstore::{validate, Chain, Checkpoint, LibvirtBackend, Store};
 use criterion::{criterion_group, criterion_main, Criterion};
 use serde_json::Value;
@@ -32,13 +34,22 @@ impl ImageReader for QemuImgReader {
             .args(["info", "--output=json", "--backing-chain", "-U"])
             .arg(path)
             .output()
-            .map_err(|e| ImageError::Unreadable { path: path.into(), reason: e.to_string() })?;
+            .map_err(|e| ImageError::Unreadable {
+                path: path.into(),
+                reason: e.to_string(),
+            })?;
         if !out.status.success() {
             let reason = String::from_utf8_lossy(&out.stderr).into_owned();
-            return Err(ImageError::Unreadable { path: path.into(), reason });
+            return Err(ImageError::Unreadable {
+                path: path.into(),
+                reason,
+            });
         }
-        let layers: Vec<Value> = serde_json::from_slice(&out.stdout)
-            .map_err(|e| ImageError::Unreadable { path: path.into(), reason: e.to_string() })?;
+        let layers: Vec<Value> =
+            serde_json::from_slice(&out.stdout).map_err(|e| ImageError::Unreadable {
+                path: path.into(),
+                reason: e.to_string(),
+            })?;
         let layers = layers
             .iter()
             .take_while(|l| l["format"] == "qcow2")
@@ -51,7 +62,11 @@ impl ImageReader for QemuImgReader {
                     .map(|list| {
                         list.iter()
                             .map(|b| {
-                                let flag = |f: &str| b["flags"].as_array().is_some_and(|fl| fl.iter().any(|x| x == f));
+                                let flag = |f: &str| {
+                                    b["flags"]
+                                        .as_array()
+                                        .is_some_and(|fl| fl.iter().any(|x| x == f))
+                                };
                                 LayerBitmap {
                                     name: b["name"].as_str().unwrap_or_default().into(),
                                     in_use: flag("in-use"),
@@ -63,13 +78,23 @@ impl ImageReader for QemuImgReader {
                     .unwrap_or_default(),
             })
             .collect();
-        Ok(DiskChain { layers, unfollowed: None })
+        Ok(DiskChain {
+            layers,
+            unfollowed: None,
+        })
     }
 }
 
 fn run(args: &[&str]) {
-    let out = std::process::Command::new("qemu-img").args(args).output().expect("qemu-img runs");
-    assert!(out.status.success(), "qemu-img {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    let out = std::process::Command::new("qemu-img")
+        .args(args)
+        .output()
+        .expect("qemu-img runs");
+    assert!(
+        out.status.success(),
+        "qemu-img {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 fn bench(c: &mut Criterion) {
@@ -88,7 +113,11 @@ fn bench(c: &mut Criterion) {
     let chain = Chain {
         vm_id: Uuid::new_v4(),
         domain: Some(dom.name.clone()),
-        disks: disk_ids.iter().copied().zip(dom.targets.iter().cloned()).collect(),
+        disks: disk_ids
+            .iter()
+            .copied()
+            .zip(dom.targets.iter().cloned())
+            .collect(),
         checkpoints: names
             .iter()
             .enumerate()
@@ -109,20 +138,38 @@ fn bench(c: &mut Criterion) {
     let ours = validate(&store, &backend, &dom.name).unwrap();
     let theirs = validate_with(&store, &backend, &dom.name, &QemuImgReader).unwrap();
     assert!(ours.ok, "{ours:#?}");
-    assert_eq!((ours.findings, ours.usable), (theirs.findings, theirs.usable));
+    assert_eq!(
+        (ours.findings, ours.usable),
+        (theirs.findings, theirs.usable)
+    );
     assert_eq!((ours.checkpoints, ours.images_read), (CHECKPOINTS, DISKS));
 
     let mut group = c.benchmark_group("validate 200 checkpoints x 4 disks");
-    group.sample_size(10).warm_up_time(Duration::from_millis(500)).measurement_time(Duration::from_secs(3));
-    group.bench_function("validate (in-process reader)", |b| b.iter(|| validate(&store, &backend, &dom.name).unwrap()));
+    group
+        .sample_size(10)
+        .warm_up_time(Duration::from_millis(500))
+        .measurement_time(Duration::from_secs(3));
+    group.bench_function("validate (in-process reader)", |b| {
+        b.iter(|| validate(&store, &backend, &dom.name).unwrap())
+    });
     group.bench_function("validate (qemu-img info per image)", |b| {
         b.iter(|| validate_with(&store, &backend, &dom.name, &QemuImgReader).unwrap())
     });
     group.bench_function("images only: in-process reader", |b| {
-        b.iter(|| dom.images.iter().map(|i| Qcow2Reader.read_chain(i).unwrap()).collect::<Vec<_>>())
+        b.iter(|| {
+            dom.images
+                .iter()
+                .map(|i| Qcow2Reader.read_chain(i).unwrap())
+                .collect::<Vec<_>>()
+        })
     });
     group.bench_function("images only: qemu-img info", |b| {
-        b.iter(|| dom.images.iter().map(|i| QemuImgReader.read_chain(i).unwrap()).collect::<Vec<_>>())
+        b.iter(|| {
+            dom.images
+                .iter()
+                .map(|i| QemuImgReader.read_chain(i).unwrap())
+                .collect::<Vec<_>>()
+        })
     });
     group.finish();
 }

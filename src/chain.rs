@@ -133,7 +133,9 @@ pub enum ChainError {
         target: String,
     },
     /// A domain name libvirt would refuse.
-    #[error("domain name {0:?} is not valid (empty, too long, or contains '/' or control characters)")]
+    #[error(
+        "domain name {0:?} is not valid (empty, too long, or contains '/' or control characters)"
+    )]
     BadDomain(String),
     /// A creation time libvirt cannot store: libvirt writes a zero
     /// `creationTime` out without the element and then cannot read its own
@@ -185,7 +187,8 @@ pub fn is_valid_checkpoint_name(name: &str) -> bool {
         Some(b) if b.is_ascii_alphanumeric() || b == b'_' || b == b'-' => {}
         _ => return false,
     }
-    name.len() <= 1024 && bytes.all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-' || b == b'.')
+    name.len() <= 1024
+        && bytes.all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-' || b == b'.')
 }
 
 /// Check a disk target name against libvirt's checkpoint schema,
@@ -193,8 +196,13 @@ pub fn is_valid_checkpoint_name(name: &str) -> bool {
 /// schema also allows an absolute path and an `ioemu:` prefix; neither names
 /// a target in a domain's XML today, and a path has no place in a name.)
 pub fn is_valid_target(name: &str) -> bool {
-    let rest = ["xvd", "ubd", "fd", "hd", "sd", "vd"].iter().find_map(|p| name.strip_prefix(p));
-    name.len() <= 64 && rest.is_some_and(|r| !r.is_empty() && r.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_'))
+    let rest = ["xvd", "ubd", "fd", "hd", "sd", "vd"]
+        .iter()
+        .find_map(|p| name.strip_prefix(p));
+    name.len() <= 64
+        && rest.is_some_and(|r| {
+            !r.is_empty() && r.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+        })
 }
 
 /// Check a libvirt domain name (or UUID string): non-empty, at most 255
@@ -207,7 +215,9 @@ impl Chain {
     /// The libvirt domain this chain belongs to: `domain`, or `vm_id` as a
     /// UUID string.
     pub fn domain_key(&self) -> String {
-        self.domain.clone().unwrap_or_else(|| self.vm_id.to_string())
+        self.domain
+            .clone()
+            .unwrap_or_else(|| self.vm_id.to_string())
     }
 
     /// Validate the chain and compute its deterministic parent-first order.
@@ -217,7 +227,10 @@ impl Chain {
     /// A [`ChainError`] naming the first offending checkpoint, disk or name.
     pub fn validate(self) -> Result<ValidChain, ChainError> {
         if self.checkpoints.len() > MAX_CHECKPOINTS {
-            return Err(ChainError::TooLarge { count: self.checkpoints.len(), max: MAX_CHECKPOINTS });
+            return Err(ChainError::TooLarge {
+                count: self.checkpoints.len(),
+                max: MAX_CHECKPOINTS,
+            });
         }
         if self.checkpoints.is_empty() && self.disks.is_empty() {
             return Err(ChainError::Empty(self.vm_id));
@@ -229,10 +242,17 @@ impl Chain {
         let mut targets: HashMap<&str, Uuid> = HashMap::new();
         for (disk, target) in &self.disks {
             if !is_valid_target(target) {
-                return Err(ChainError::BadTarget { disk: *disk, target: target.clone() });
+                return Err(ChainError::BadTarget {
+                    disk: *disk,
+                    target: target.clone(),
+                });
             }
             if let Some(first) = targets.insert(target, *disk) {
-                return Err(ChainError::DuplicateTarget { target: target.clone(), first, second: *disk });
+                return Err(ChainError::DuplicateTarget {
+                    target: target.clone(),
+                    first,
+                    second: *disk,
+                });
             }
         }
         let mut index: HashMap<Uuid, usize> = HashMap::with_capacity(self.checkpoints.len());
@@ -251,19 +271,28 @@ impl Chain {
                     return Err(ChainError::Cycle(c.id));
                 }
                 if !index.contains_key(&p) {
-                    return Err(ChainError::UnknownParent { checkpoint: c.id, parent: p });
+                    return Err(ChainError::UnknownParent {
+                        checkpoint: c.id,
+                        parent: p,
+                    });
                 }
             }
             let mut seen = BTreeSet::new();
             let mut attached = 0;
             for d in &c.disks {
                 if !seen.insert(*d) {
-                    return Err(ChainError::DuplicateDisk { checkpoint: c.id, disk: *d });
+                    return Err(ChainError::DuplicateDisk {
+                        checkpoint: c.id,
+                        disk: *d,
+                    });
                 }
                 if self.disks.contains_key(d) {
                     attached += 1;
                 } else {
-                    detached.push(DetachedDisk { checkpoint: c.id, disk: *d });
+                    detached.push(DetachedDisk {
+                        checkpoint: c.id,
+                        disk: *d,
+                    });
                 }
             }
             if attached == 0 {
@@ -271,7 +300,11 @@ impl Chain {
             }
         }
         let order = topo_order(&self.checkpoints, &index)?;
-        Ok(ValidChain { chain: self, order, detached })
+        Ok(ValidChain {
+            chain: self,
+            order,
+            detached,
+        })
     }
 }
 
@@ -357,11 +390,20 @@ impl ValidChain {
                 parent: c.parent.map(|p| p.to_string()),
                 creation_time: c.created.timestamp(),
                 // libvirt keeps no empty description.
-                description: c.description.as_deref().map(xml_safe_text).filter(|d| !d.is_empty()),
+                description: c
+                    .description
+                    .as_deref()
+                    .map(xml_safe_text)
+                    .filter(|d| !d.is_empty()),
                 disks: c
                     .disks
                     .iter()
-                    .filter_map(|d| self.chain.disks.get(d).map(|t| (t.clone(), c.id.to_string())))
+                    .filter_map(|d| {
+                        self.chain
+                            .disks
+                            .get(d)
+                            .map(|t| (t.clone(), c.id.to_string()))
+                    })
                     .collect(),
             })
             .collect()
@@ -382,7 +424,11 @@ impl ValidChain {
 /// Cycles (which libvirt would never report) are broken by emitting the
 /// remaining definitions in name order.
 pub fn order_defs(defs: &[CheckpointDef]) -> Vec<&CheckpointDef> {
-    let index: HashMap<&str, usize> = defs.iter().enumerate().map(|(i, d)| (d.name.as_str(), i)).collect();
+    let index: HashMap<&str, usize> = defs
+        .iter()
+        .enumerate()
+        .map(|(i, d)| (d.name.as_str(), i))
+        .collect();
     let spine = spine(defs, &index);
     let mut children: Vec<Vec<usize>> = vec![Vec::new(); defs.len()];
     let mut has_parent = vec![false; defs.len()];
@@ -394,8 +440,18 @@ pub fn order_defs(defs: &[CheckpointDef]) -> Vec<&CheckpointDef> {
             }
         }
     }
-    let key = |i: usize| Reverse((!spine.contains(&i), defs[i].creation_time, defs[i].name.as_str(), i));
-    let mut ready: BinaryHeap<_> = (0..defs.len()).filter(|&i| !has_parent[i]).map(key).collect();
+    let key = |i: usize| {
+        Reverse((
+            !spine.contains(&i),
+            defs[i].creation_time,
+            defs[i].name.as_str(),
+            i,
+        ))
+    };
+    let mut ready: BinaryHeap<_> = (0..defs.len())
+        .filter(|&i| !has_parent[i])
+        .map(key)
+        .collect();
     let mut out = Vec::with_capacity(defs.len());
     let mut placed = vec![false; defs.len()];
     while let Some(Reverse((_, _, _, i))) = ready.pop() {
@@ -424,16 +480,26 @@ pub fn leaf_of(defs: &[CheckpointDef]) -> Option<&CheckpointDef> {
 
 /// The root of the leaf's branch.
 pub fn root_of(defs: &[CheckpointDef]) -> Option<&CheckpointDef> {
-    let index: HashMap<&str, usize> = defs.iter().enumerate().map(|(i, d)| (d.name.as_str(), i)).collect();
+    let index: HashMap<&str, usize> = defs
+        .iter()
+        .enumerate()
+        .map(|(i, d)| (d.name.as_str(), i))
+        .collect();
     spine_path(defs, &index).first().map(|&i| &defs[i])
 }
 
 /// Indices of the path root → leaf, root first.
 pub(crate) fn spine_path(defs: &[CheckpointDef], index: &HashMap<&str, usize>) -> Vec<usize> {
-    let Some(leaf) = leaf_of(defs) else { return Vec::new() };
+    let Some(leaf) = leaf_of(defs) else {
+        return Vec::new();
+    };
     let mut path = vec![index[leaf.name.as_str()]];
     let mut seen = BTreeSet::from([path[0]]);
-    while let Some(&p) = defs[*path.last().unwrap_or(&0)].parent.as_deref().and_then(|p| index.get(p)) {
+    while let Some(&p) = defs[*path.last().unwrap_or(&0)]
+        .parent
+        .as_deref()
+        .and_then(|p| index.get(p))
+    {
         if !seen.insert(p) {
             break;
         }
@@ -480,28 +546,43 @@ mod tests {
 
     #[test]
     fn orders_parents_first_whatever_the_input_order() {
-        let v = chain(vec![(3, Some(2)), (1, None), (2, Some(1))]).validate().unwrap();
+        let v = chain(vec![(3, Some(2)), (1, None), (2, Some(1))])
+            .validate()
+            .unwrap();
         let ids: Vec<_> = v.ordered().map(|c| c.id).collect();
         assert_eq!(ids, vec![id(1), id(2), id(3)]);
     }
 
     #[test]
     fn accepts_a_tree() {
-        let v = chain(vec![(4, Some(1)), (1, None), (2, Some(1)), (3, Some(2))]).validate().unwrap();
+        let v = chain(vec![(4, Some(1)), (1, None), (2, Some(1)), (3, Some(2))])
+            .validate()
+            .unwrap();
         let ids: Vec<_> = v.ordered().map(|c| c.id).collect();
         assert_eq!(ids, vec![id(1), id(2), id(3), id(4)]);
     }
 
     #[test]
     fn rejects_what_libvirt_or_sense_would() {
-        assert_eq!(chain(vec![(1, None), (1, None)]).validate().unwrap_err(), ChainError::Duplicate(id(1)));
+        assert_eq!(
+            chain(vec![(1, None), (1, None)]).validate().unwrap_err(),
+            ChainError::Duplicate(id(1))
+        );
         assert_eq!(
             chain(vec![(1, Some(7))]).validate().unwrap_err(),
-            ChainError::UnknownParent { checkpoint: id(1), parent: id(7) }
+            ChainError::UnknownParent {
+                checkpoint: id(1),
+                parent: id(7)
+            }
         );
-        assert_eq!(chain(vec![(1, Some(1))]).validate().unwrap_err(), ChainError::Cycle(id(1)));
         assert_eq!(
-            chain(vec![(1, None), (2, Some(3)), (3, Some(2))]).validate().unwrap_err(),
+            chain(vec![(1, Some(1))]).validate().unwrap_err(),
+            ChainError::Cycle(id(1))
+        );
+        assert_eq!(
+            chain(vec![(1, None), (2, Some(3)), (3, Some(2))])
+                .validate()
+                .unwrap_err(),
             ChainError::Cycle(id(2))
         );
         let mut c = chain(vec![(1, None)]);
@@ -509,10 +590,16 @@ mod tests {
         assert_eq!(c.validate().unwrap_err(), ChainError::NoDisks(id(1)));
         let mut c = chain(vec![(1, None)]);
         c.disks.insert(id(1000), "../sda".into());
-        assert!(matches!(c.validate().unwrap_err(), ChainError::BadTarget { .. }));
+        assert!(matches!(
+            c.validate().unwrap_err(),
+            ChainError::BadTarget { .. }
+        ));
         let mut c = chain(vec![(1, None)]);
         c.domain = Some("a/b".into());
-        assert!(matches!(c.validate().unwrap_err(), ChainError::BadDomain(_)));
+        assert!(matches!(
+            c.validate().unwrap_err(),
+            ChainError::BadDomain(_)
+        ));
     }
 
     #[test]
@@ -520,7 +607,13 @@ mod tests {
         let mut c = chain(vec![(1, None)]);
         c.checkpoints[0].disks.push(id(77));
         let v = c.validate().unwrap();
-        assert_eq!(v.detached(), &[DetachedDisk { checkpoint: id(1), disk: id(77) }]);
+        assert_eq!(
+            v.detached(),
+            &[DetachedDisk {
+                checkpoint: id(1),
+                disk: id(77)
+            }]
+        );
         assert_eq!(v.defs()[0].disks.len(), 1);
     }
 
@@ -529,7 +622,9 @@ mod tests {
         for ok in ["sda", "vdb", "hdc", "xvda", "ubda", "fd0", "sd_1"] {
             assert!(is_valid_target(ok), "{ok}");
         }
-        for bad in ["", "sd", "nvme0n1", "disk-a", "sda.1", "../sda", "vda/x", "v<a>"] {
+        for bad in [
+            "", "sd", "nvme0n1", "disk-a", "sda.1", "../sda", "vda/x", "v<a>",
+        ] {
             assert!(!is_valid_target(bad), "{bad}");
         }
     }
@@ -554,7 +649,12 @@ mod tests {
             disks: BTreeMap::new(),
         };
         // root r; branch a (older) and b (newest leaf).
-        let defs = vec![d("b2", Some("b1"), 5), d("a1", Some("r"), 3), d("r", None, 1), d("b1", Some("r"), 2)];
+        let defs = vec![
+            d("b2", Some("b1"), 5),
+            d("a1", Some("r"), 3),
+            d("r", None, 1),
+            d("b1", Some("r"), 2),
+        ];
         let names: Vec<_> = order_defs(&defs).iter().map(|d| d.name.as_str()).collect();
         assert_eq!(names, vec!["r", "b1", "b2", "a1"]);
         assert_eq!(leaf_of(&defs).unwrap().name, "b2");

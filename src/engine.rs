@@ -20,8 +20,8 @@ use crate::backend::{Backend, BackendError, BackendErrorKind};
 use crate::chain::{leaf_of, root_of, Chain, CheckpointDef, ValidChain};
 use crate::error::{Error, Result};
 use crate::journal::{
-    Begin, Committed, Journal, JournalOptions, NewStep, NewTxn, StepOp, StepPhase, TxnEvent, TxnKind, TxnRecord,
-    TxnState, TxnSummary,
+    Begin, Committed, Journal, JournalOptions, NewStep, NewTxn, StepOp, StepPhase, TxnEvent,
+    TxnKind, TxnRecord, TxnState, TxnSummary,
 };
 use crate::owner::Owner;
 use crate::plan::{plan, plan_with, same_content, Plan, Step};
@@ -240,13 +240,20 @@ struct Claim(Uuid);
 
 impl Claim {
     fn take(id: Uuid) -> Option<Claim> {
-        ACTIVE.lock().unwrap_or_else(|e| e.into_inner()).insert(id).then_some(Claim(id))
+        ACTIVE
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(id)
+            .then_some(Claim(id))
     }
 }
 
 impl Drop for Claim {
     fn drop(&mut self) {
-        ACTIVE.lock().unwrap_or_else(|e| e.into_inner()).remove(&self.0);
+        ACTIVE
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&self.0);
     }
 }
 
@@ -259,7 +266,10 @@ pub struct Store {
 
 impl std::fmt::Debug for Store {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Store").field("journal", &self.journal.path()).field("owner", &self.owner).finish()
+        f.debug_struct("Store")
+            .field("journal", &self.journal.path())
+            .field("owner", &self.owner)
+            .finish()
     }
 }
 
@@ -302,7 +312,11 @@ impl Store {
     pub fn open_with(path: impl AsRef<Path>, opts: StoreOptions) -> Result<Store> {
         let journal = Journal::open_with(path.as_ref(), &opts.journal)?;
         let owner = opts.owner.clone().unwrap_or_else(Owner::current);
-        Ok(Store { journal, opts, owner })
+        Ok(Store {
+            journal,
+            opts,
+            owner,
+        })
     }
 
     /// The journal (read access for queries and checks).
@@ -319,7 +333,13 @@ impl Store {
 
     fn report_progress(&self, txn: &Txn<'_>, phase: StepPhase, done: u64, total: u64) {
         if let (Some(f), true) = (&self.opts.progress, total > 0) {
-            f(&Progress { txn: txn.id, domain: txn.domain.to_string(), phase, done, total });
+            f(&Progress {
+                txn: txn.id,
+                domain: txn.domain.to_string(),
+                phase,
+                done,
+                total,
+            });
         }
     }
 
@@ -340,7 +360,10 @@ impl Store {
     /// this process working on it right now? (Validation reports such a
     /// domain as busy instead of reading it mid-transaction.)
     pub(crate) fn is_held(&self, t: &TxnRecord) -> bool {
-        let working = ACTIVE.lock().unwrap_or_else(|e| e.into_inner()).contains(&t.id);
+        let working = ACTIVE
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains(&t.id);
         working || !self.orphaned(t)
     }
 
@@ -360,7 +383,14 @@ impl Store {
         self.check_targets(backend, &domain, valid.targets().into_iter())?;
         let warnings = detached_warnings(&valid);
         let target = valid.defs();
-        self.apply(backend, &domain, TxnKind::Sync, Some(valid.chain()), target, warnings)
+        self.apply(
+            backend,
+            &domain,
+            TxnKind::Sync,
+            Some(valid.chain()),
+            target,
+            warnings,
+        )
     }
 
     /// Show what [`Store::sync`] would do, changing nothing.
@@ -374,11 +404,21 @@ impl Store {
         self.check_targets(backend, &domain, valid.targets().into_iter())?;
         let mut warnings = detached_warnings(&valid);
         for t in self.journal.incomplete(Some(&domain))? {
-            let who = if self.orphaned(&t) { "will be recovered first" } else { "is held by a live process (busy)" };
+            let who = if self.orphaned(&t) {
+                "will be recovered first"
+            } else {
+                "is held by a live process (busy)"
+            };
             warnings.push(format!("transaction {} on domain {domain} {who}", t.id));
         }
-        let current = backend.list(&domain).map_err(backend_err(&domain, "list", None))?;
-        Ok(PlanReport { domain, plan: plan(&current, &valid.defs()), warnings })
+        let current = backend
+            .list(&domain)
+            .map_err(backend_err(&domain, "list", None))?;
+        Ok(PlanReport {
+            domain,
+            plan: plan(&current, &valid.defs()),
+            warnings,
+        })
     }
 
     /// Re-apply the domain's last committed chain (after a transient domain
@@ -388,8 +428,12 @@ impl Store {
     ///
     /// [`Error::NoCommittedChain`]; otherwise as [`Store::sync`].
     pub fn resync(&self, backend: &dyn Backend, domain: &str) -> Result<SyncReport> {
-        let committed =
-            self.journal.committed(domain)?.ok_or_else(|| Error::NoCommittedChain { domain: domain.to_string() })?;
+        let committed = self
+            .journal
+            .committed(domain)?
+            .ok_or_else(|| Error::NoCommittedChain {
+                domain: domain.to_string(),
+            })?;
         let (chain, target, warnings) = match committed.chain {
             Some(chain) => {
                 let valid = chain.validate()?;
@@ -398,9 +442,19 @@ impl Store {
             }
             None => (None, committed.defs, Vec::new()),
         };
-        let targets: BTreeSet<&str> = target.iter().flat_map(|d| d.disks.keys().map(String::as_str)).collect();
+        let targets: BTreeSet<&str> = target
+            .iter()
+            .flat_map(|d| d.disks.keys().map(String::as_str))
+            .collect();
         self.check_targets(backend, domain, targets.into_iter())?;
-        self.apply(backend, domain, TxnKind::Resync, chain.as_ref(), target, warnings)
+        self.apply(
+            backend,
+            domain,
+            TxnKind::Resync,
+            chain.as_ref(),
+            target,
+            warnings,
+        )
     }
 
     /// Adopt the domain's current libvirt checkpoints as its committed chain.
@@ -411,7 +465,9 @@ impl Store {
     /// [`Error::Backend`]; [`Error::Journal`].
     pub fn import(&self, backend: &dyn Backend, domain: &str) -> Result<SyncReport> {
         let recovered = self.recover_domain_first(backend, domain)?;
-        let current = backend.list(domain).map_err(backend_err(domain, "list", None))?;
+        let current = backend
+            .list(domain)
+            .map_err(backend_err(domain, "list", None))?;
         let id = Uuid::new_v4();
         let _claim = Claim::take(id);
         let new = NewTxn {
@@ -424,7 +480,10 @@ impl Store {
             owner: &self.owner,
             steps: &[],
         };
-        self.busy_if_open(domain, self.journal.record_unchanged(new, self.opts.history)?)?;
+        self.busy_if_open(
+            domain,
+            self.journal.record_unchanged(new, self.opts.history)?,
+        )?;
         info!(txn = %id, domain, checkpoints = current.len(), "imported libvirt's checkpoints");
         Ok(SyncReport {
             txn: id,
@@ -451,9 +510,16 @@ impl Store {
     /// Domains are recovered in parallel by at most
     /// [`StoreOptions::workers`] threads; each domain's calls stay
     /// sequential.
-    pub fn recover(&self, backend: &dyn Backend, policy: Policy, domain: Option<&str>) -> Result<Vec<Recovered>> {
+    pub fn recover(
+        &self,
+        backend: &dyn Backend,
+        policy: Policy,
+        domain: Option<&str>,
+    ) -> Result<Vec<Recovered>> {
         let open = self.journal.incomplete(domain)?;
-        let results = parallel_map(open, self.opts.workers, |t| self.recover_one(backend, &t, policy));
+        let results = parallel_map(open, self.opts.workers, |t| {
+            self.recover_one(backend, &t, policy)
+        });
         let mut out = Vec::new();
         for r in results {
             if let Some(r) = r? {
@@ -466,14 +532,27 @@ impl Store {
     /// [`Store::resync`] of several domains, in parallel by at most
     /// [`StoreOptions::workers`] threads (a host restart re-applies every
     /// transient domain's chain). Results are in the order given.
-    pub fn resync_many(&self, backend: &dyn Backend, domains: &[String]) -> Vec<Result<SyncReport>> {
-        parallel_map(domains.iter().collect(), self.opts.workers, |d| self.resync(backend, d))
+    pub fn resync_many(
+        &self,
+        backend: &dyn Backend,
+        domains: &[String],
+    ) -> Vec<Result<SyncReport>> {
+        parallel_map(domains.iter().collect(), self.opts.workers, |d| {
+            self.resync(backend, d)
+        })
     }
 
     /// Recover one open transaction if it is orphaned; `None` when another
     /// live process or thread holds it.
-    fn recover_one(&self, backend: &dyn Backend, t: &TxnRecord, policy: Policy) -> Result<Option<Recovered>> {
-        let Some(_claim) = Claim::take(t.id) else { return Ok(None) };
+    fn recover_one(
+        &self,
+        backend: &dyn Backend,
+        t: &TxnRecord,
+        policy: Policy,
+    ) -> Result<Option<Recovered>> {
+        let Some(_claim) = Claim::take(t.id) else {
+            return Ok(None);
+        };
         if !self.orphaned(t) || !self.journal.take_over(t.id, &t.owner, &self.owner)? {
             return Ok(None);
         }
@@ -481,12 +560,17 @@ impl Store {
         let span = info_span!("recover", txn = %t.id, domain = %t.domain);
         let _e = span.enter();
         info!(state = t.state.as_str(), ?policy, previous_owner = %t.owner, "recovering");
-        let mut txn = Txn { id: t.id, domain: &t.domain, calls: 0 };
+        let mut txn = Txn {
+            id: t.id,
+            domain: &t.domain,
+            calls: 0,
+        };
         let outcome = match (t.state, policy) {
             (TxnState::Applying, Policy::Resume) => {
                 match self.run_phase(backend, &mut txn, StepPhase::Apply, &t.target, None) {
                     Ok(()) => {
-                        self.journal.finish(t.id, TxnEvent::Commit, self.opts.history)?;
+                        self.journal
+                            .finish(t.id, TxnEvent::Commit, self.opts.history)?;
                         self.point("txn.finished");
                         Outcome::Committed
                     }
@@ -494,7 +578,9 @@ impl Store {
                     // rolled back, which is a recovery too.
                     Err(PhaseError::Refused(checkpoint, source)) => {
                         match self.roll_back(backend, &mut txn, &t.before, checkpoint, source) {
-                            e @ Error::Refused { rolled_back: true, .. } => {
+                            e @ Error::Refused {
+                                rolled_back: true, ..
+                            } => {
                                 warn!(error = %e, "resume refused by libvirt; rolled back");
                                 Outcome::RolledBack
                             }
@@ -506,12 +592,17 @@ impl Store {
             }
             _ => {
                 if t.state == TxnState::Applying {
-                    self.journal.transition(t.id, TxnEvent::BeginRollback, Some("rollback requested by recover"))?;
+                    self.journal.transition(
+                        t.id,
+                        TxnEvent::BeginRollback,
+                        Some("rollback requested by recover"),
+                    )?;
                     self.point("txn.rollback_begun");
                 }
                 match self.run_phase(backend, &mut txn, StepPhase::Rollback, &t.before, None) {
                     Ok(()) => {
-                        self.journal.finish(t.id, TxnEvent::FinishRollback, self.opts.history)?;
+                        self.journal
+                            .finish(t.id, TxnEvent::FinishRollback, self.opts.history)?;
                         self.point("txn.finished");
                         Outcome::RolledBack
                     }
@@ -529,7 +620,12 @@ impl Store {
             }
         };
         info!(?outcome, calls = txn.calls, "recovered");
-        Ok(Some(Recovered { txn: t.id, domain: t.domain.clone(), outcome, libvirt_calls: txn.calls }))
+        Ok(Some(Recovered {
+            txn: t.id,
+            domain: t.domain.clone(),
+            outcome,
+            libvirt_calls: txn.calls,
+        }))
     }
 
     /// Open transactions with progress and owner liveness, and every
@@ -543,7 +639,10 @@ impl Store {
             .journal
             .incomplete_summaries(domain)?
             .into_iter()
-            .map(|s| Incomplete { owner_alive: self.alive(&s.owner), summary: s })
+            .map(|s| Incomplete {
+                owner_alive: self.alive(&s.owner),
+                summary: s,
+            })
             .collect();
         let domains = self
             .journal
@@ -552,7 +651,10 @@ impl Store {
             .filter(|c| domain.is_none_or(|d| d == c.domain))
             .map(|c| domain_status(&c))
             .collect();
-        Ok(Status { incomplete, domains })
+        Ok(Status {
+            incomplete,
+            domains,
+        })
     }
 
     /// A domain's committed chain, if it has one.
@@ -579,7 +681,10 @@ impl Store {
         domain: &str,
         targets: impl Iterator<Item = &'a str>,
     ) -> Result<()> {
-        let info = backend.domain_info(domain).map_err(backend_err(domain, "domain lookup", None))?;
+        let info =
+            backend
+                .domain_info(domain)
+                .map_err(backend_err(domain, "domain lookup", None))?;
         for t in targets {
             if !info.has_target(t) {
                 let known: Vec<&str> = info.disks.iter().map(|d| d.target.as_str()).collect();
@@ -596,7 +701,11 @@ impl Store {
     fn busy_if_open(&self, domain: &str, b: Begin) -> Result<()> {
         match b {
             Begin::Started => Ok(()),
-            Begin::Open(t) => Err(Error::Busy { domain: domain.to_string(), txn: t.id, owner: t.owner }),
+            Begin::Open(t) => Err(Error::Busy {
+                domain: domain.to_string(),
+                txn: t.id,
+                owner: t.owner,
+            }),
         }
     }
 
@@ -607,7 +716,13 @@ impl Store {
         for t in self.journal.incomplete(Some(domain))? {
             match self.recover_one(backend, &t, Policy::Resume) {
                 Ok(Some(r)) => out.push(r),
-                Ok(None) => return Err(Error::Busy { domain: domain.to_string(), txn: t.id, owner: t.owner }),
+                Ok(None) => {
+                    return Err(Error::Busy {
+                        domain: domain.to_string(),
+                        txn: t.id,
+                        owner: t.owner,
+                    })
+                }
                 Err(e) => return Err(e),
             }
         }
@@ -627,9 +742,14 @@ impl Store {
     ) -> Result<SyncReport> {
         let recovered = self.recover_domain_first(backend, domain)?;
         for r in &recovered {
-            warnings.push(format!("recovered interrupted transaction {} first ({:?})", r.txn, r.outcome));
+            warnings.push(format!(
+                "recovered interrupted transaction {} first ({:?})",
+                r.txn, r.outcome
+            ));
         }
-        let current = backend.list(domain).map_err(backend_err(domain, "list", None))?;
+        let current = backend
+            .list(domain)
+            .map_err(backend_err(domain, "list", None))?;
         let plan = plan(&current, &target);
         let id = Uuid::new_v4();
         let span = info_span!("txn", txn = %id, domain);
@@ -638,8 +758,16 @@ impl Store {
         // an orphan.
         let _claim = Claim::take(id);
         let steps = journal_steps(&plan);
-        let new =
-            NewTxn { id, domain, kind, chain, target: &target, before: &current, owner: &self.owner, steps: &steps };
+        let new = NewTxn {
+            id,
+            domain,
+            kind,
+            chain,
+            target: &target,
+            before: &current,
+            owner: &self.owner,
+            steps: &steps,
+        };
         let mut report = SyncReport {
             txn: id,
             domain: domain.to_string(),
@@ -652,7 +780,10 @@ impl Store {
             recovered,
         };
         if plan.is_empty() {
-            self.busy_if_open(domain, self.journal.record_unchanged(new, self.opts.history)?)?;
+            self.busy_if_open(
+                domain,
+                self.journal.record_unchanged(new, self.opts.history)?,
+            )?;
             info!("libvirt already matches: nothing to do");
             return Ok(report);
         }
@@ -662,10 +793,15 @@ impl Store {
         drop(steps);
         self.point("txn.intent_committed");
         info!(steps = planned, "intent committed");
-        let mut txn = Txn { id, domain, calls: 0 };
+        let mut txn = Txn {
+            id,
+            domain,
+            calls: 0,
+        };
         match self.run_phase(backend, &mut txn, StepPhase::Apply, &target, Some(plan)) {
             Ok(()) => {
-                self.journal.finish(id, TxnEvent::Commit, self.opts.history)?;
+                self.journal
+                    .finish(id, TxnEvent::Commit, self.opts.history)?;
                 self.point("txn.finished");
                 report.outcome = Outcome::Committed;
                 report.libvirt_calls = txn.calls;
@@ -691,12 +827,18 @@ impl Store {
     ) -> Error {
         warn!(%checkpoint, error = %source, "libvirt refused a step; rolling back");
         let msg = format!("libvirt refused checkpoint {checkpoint}: {source}");
-        if let Err(e) = self.journal.transition(txn.id, TxnEvent::BeginRollback, Some(&msg)) {
+        if let Err(e) = self
+            .journal
+            .transition(txn.id, TxnEvent::BeginRollback, Some(&msg))
+        {
             return e.into();
         }
         self.point("txn.rollback_begun");
         let rolled_back = match self.run_phase(backend, txn, StepPhase::Rollback, before, None) {
-            Ok(()) => match self.journal.finish(txn.id, TxnEvent::FinishRollback, self.opts.history) {
+            Ok(()) => match self
+                .journal
+                .finish(txn.id, TxnEvent::FinishRollback, self.opts.history)
+            {
                 Ok(_) => {
                     self.point("txn.finished");
                     true
@@ -706,7 +848,13 @@ impl Store {
             Err(PhaseError::Refused(..)) => false,
             Err(PhaseError::Other(e)) => return e,
         };
-        Error::Refused { domain: txn.domain.to_string(), txn: txn.id, checkpoint, source, rolled_back }
+        Error::Refused {
+            domain: txn.domain.to_string(),
+            txn: txn.id,
+            checkpoint,
+            source,
+            rolled_back,
+        }
     }
 
     /// Drive libvirt to `goal`: execute the plan (or plan from libvirt's
@@ -732,11 +880,17 @@ impl Store {
                 Ok(false) => {
                     rounds += 1;
                     if rounds > 5 {
-                        return Err(PhaseError::Other(Error::Diverged { domain: txn.domain.to_string(), txn: txn.id }));
+                        return Err(PhaseError::Other(Error::Diverged {
+                            domain: txn.domain.to_string(),
+                            txn: txn.id,
+                        }));
                     }
                 }
                 Err(PhaseError::Other(Error::Backend { source, op, .. }))
-                    if matches!(source.kind, BackendErrorKind::ConnectionLost | BackendErrorKind::Unreachable) =>
+                    if matches!(
+                        source.kind,
+                        BackendErrorKind::ConnectionLost | BackendErrorKind::Unreachable
+                    ) =>
                 {
                     lost += 1;
                     warn!(%source, attempt = lost, "connection to libvirt lost; the step's outcome is unknown");
@@ -773,7 +927,9 @@ impl Store {
                 (p, (0..n).collect::<Vec<u32>>())
             }
             None => {
-                let current = backend.list(domain).map_err(|e| PhaseError::Other(lost("list")(e)))?;
+                let current = backend
+                    .list(domain)
+                    .map_err(|e| PhaseError::Other(lost("list")(e)))?;
                 let journaled = self.journal.steps(txn.id, phase)?;
                 let force = pending_forced(&journaled);
                 let plan = plan_with(&current, goal, &force);
@@ -789,22 +945,37 @@ impl Store {
             let started = Instant::now();
             let result = match step {
                 Step::Delete { before } => backend.delete(domain, &before.name),
-                Step::Redefine { def, .. } => backend.redefine(domain, &render_checkpoint(def), false),
+                Step::Redefine { def, .. } => {
+                    backend.redefine(domain, &render_checkpoint(def), false)
+                }
             };
             let ms = started.elapsed().as_secs_f64() * 1e3;
             txn.calls += 1;
             self.point("step.after_call");
             match result {
                 Ok(()) => {
-                    debug!(op = op_name(step), checkpoint = step.checkpoint(), ms, "libvirt call");
+                    debug!(
+                        op = op_name(step),
+                        checkpoint = step.checkpoint(),
+                        ms,
+                        "libvirt call"
+                    );
                     self.journal.step_done(txn.id, phase, seq)?;
                     self.point("step.recorded");
                     done += 1;
                     self.report_progress(txn, phase, done, total);
                 }
                 // Deleting what is already gone reaches the step's goal.
-                Err(e) if matches!(step, Step::Delete { .. }) && e.kind == BackendErrorKind::NoCheckpoint => {
-                    debug!(op = "delete", checkpoint = step.checkpoint(), ms, "already gone");
+                Err(e)
+                    if matches!(step, Step::Delete { .. })
+                        && e.kind == BackendErrorKind::NoCheckpoint =>
+                {
+                    debug!(
+                        op = "delete",
+                        checkpoint = step.checkpoint(),
+                        ms,
+                        "already gone"
+                    );
                     self.journal.step_done(txn.id, phase, seq)?;
                     self.point("step.recorded");
                     done += 1;
@@ -827,7 +998,9 @@ impl Store {
         // The plan holds a copy of every definition: let it go before
         // libvirt's listing makes another.
         drop(plan);
-        let after = backend.list(domain).map_err(|e| PhaseError::Other(lost("list")(e)))?;
+        let after = backend
+            .list(domain)
+            .map_err(|e| PhaseError::Other(lost("list")(e)))?;
         Ok(same_content(&after, goal))
     }
 
@@ -844,12 +1017,17 @@ impl Store {
         let new_steps = journal_steps(plan);
         let mut free: HashMap<(StepOp, &str, Option<&str>), Vec<u32>> = HashMap::new();
         for r in journaled.iter().filter(|r| !r.done) {
-            free.entry((r.step.op, r.step.checkpoint.as_str(), r.step.xml.as_deref())).or_default().push(r.seq);
+            free.entry((r.step.op, r.step.checkpoint.as_str(), r.step.xml.as_deref()))
+                .or_default()
+                .push(r.seq);
         }
         let mut seqs = Vec::with_capacity(new_steps.len());
         let mut to_add = Vec::new();
         for s in &new_steps {
-            match free.get_mut(&(s.op, s.checkpoint.as_str(), s.xml.as_deref())).and_then(|v| v.pop()) {
+            match free
+                .get_mut(&(s.op, s.checkpoint.as_str(), s.xml.as_deref()))
+                .and_then(|v| v.pop())
+            {
                 Some(seq) => seqs.push(Some(seq)),
                 None => {
                     seqs.push(None);
@@ -860,13 +1038,20 @@ impl Store {
         let stale: Vec<u32> = free.into_values().flatten().collect();
         self.journal.mark_observed(txn, phase, &stale)?;
         let mut added = self.journal.add_steps(txn, phase, &to_add)?.into_iter();
-        Ok(seqs.into_iter().map(|s| s.or_else(|| added.next()).unwrap_or(u32::MAX)).collect())
+        Ok(seqs
+            .into_iter()
+            .map(|s| s.or_else(|| added.next()).unwrap_or(u32::MAX))
+            .collect())
     }
 }
 
 /// Apply `f` to every item with at most `workers` threads; results in the
 /// items' order.
-fn parallel_map<T: Send, R: Send>(items: Vec<T>, workers: usize, f: impl Fn(T) -> R + Sync) -> Vec<R> {
+fn parallel_map<T: Send, R: Send>(
+    items: Vec<T>,
+    workers: usize,
+    f: impl Fn(T) -> R + Sync,
+) -> Vec<R> {
     let n = items.len();
     let workers = workers.clamp(1, n.max(1));
     if workers == 1 {
@@ -884,7 +1069,12 @@ fn parallel_map<T: Send, R: Send>(items: Vec<T>, workers: usize, f: impl Fn(T) -
             });
         }
     });
-    results.into_inner().unwrap_or_else(|e| e.into_inner()).into_iter().flatten().collect()
+    results
+        .into_inner()
+        .unwrap_or_else(|e| e.into_inner())
+        .into_iter()
+        .flatten()
+        .collect()
 }
 
 fn op_name(step: &Step) -> &'static str {
@@ -894,17 +1084,29 @@ fn op_name(step: &Step) -> &'static str {
     }
 }
 
-fn backend_err<'a>(domain: &'a str, op: &'static str, txn: Option<Uuid>) -> impl Fn(BackendError) -> Error + 'a {
-    move |source| Error::Backend { domain: domain.to_string(), op, txn, source }
+fn backend_err<'a>(
+    domain: &'a str,
+    op: &'static str,
+    txn: Option<Uuid>,
+) -> impl Fn(BackendError) -> Error + 'a {
+    move |source| Error::Backend {
+        domain: domain.to_string(),
+        op,
+        txn,
+        source,
+    }
 }
 
 fn journal_steps(plan: &Plan) -> Vec<NewStep> {
     plan.steps
         .iter()
         .map(|s| match s {
-            Step::Delete { before } => {
-                NewStep { op: StepOp::Delete, checkpoint: before.name.clone(), xml: None, before: Some(before.clone()) }
-            }
+            Step::Delete { before } => NewStep {
+                op: StepOp::Delete,
+                checkpoint: before.name.clone(),
+                xml: None,
+                before: Some(before.clone()),
+            },
             Step::Redefine { def, before, .. } => NewStep {
                 op: StepOp::Redefine,
                 checkpoint: def.name.clone(),
@@ -933,7 +1135,12 @@ fn pending_forced(steps: &[crate::journal::StepRecord]) -> BTreeSet<String> {
 fn detached_warnings(v: &ValidChain) -> Vec<String> {
     v.detached()
         .iter()
-        .map(|d| format!("checkpoint {} names disk {}, which is no longer attached: left out", d.checkpoint, d.disk))
+        .map(|d| {
+            format!(
+                "checkpoint {} names disk {}, which is no longer attached: left out",
+                d.checkpoint, d.disk
+            )
+        })
         .collect()
 }
 
@@ -976,7 +1183,12 @@ mod tests {
                 .collect(),
         };
         let fake = FakeBackend::new();
-        fake.define_domain("vm", "93a5c045-6457-2c09-e56c-927cdf34e178", &["sda"], false);
+        fake.define_domain(
+            "vm",
+            "93a5c045-6457-2c09-e56c-927cdf34e178",
+            &["sda"],
+            false,
+        );
         let seen = Arc::new(Mutex::new(Vec::new()));
         let sink = seen.clone();
         let progress: ProgressFn = Arc::new(move |p: &Progress| {
@@ -984,13 +1196,19 @@ mod tests {
             sink.lock().unwrap().push((p.done, p.total));
         });
         let dir = tempfile::tempdir().unwrap();
-        let opts = StoreOptions { progress: Some(progress), ..StoreOptions::default() };
+        let opts = StoreOptions {
+            progress: Some(progress),
+            ..StoreOptions::default()
+        };
         let store = Store::open_with(dir.path().join("j.db"), opts).unwrap();
         store.sync(&fake, chain.clone()).unwrap();
         assert_eq!(*seen.lock().unwrap(), vec![(0, 3), (1, 3), (2, 3), (3, 3)]);
         // A sync with nothing to do makes no call and reports nothing.
         seen.lock().unwrap().clear();
-        assert_eq!(store.sync(&fake, chain).unwrap().outcome, Outcome::Unchanged);
+        assert_eq!(
+            store.sync(&fake, chain).unwrap().outcome,
+            Outcome::Unchanged
+        );
         assert!(seen.lock().unwrap().is_empty());
     }
 }

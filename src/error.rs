@@ -92,7 +92,10 @@ pub enum Error {
 impl Error {
     /// Bad input: nothing was changed anywhere.
     pub fn is_bad_input(&self) -> bool {
-        matches!(self, Error::Chain(_) | Error::UnknownTarget { .. } | Error::NoCommittedChain { .. })
+        matches!(
+            self,
+            Error::Chain(_) | Error::UnknownTarget { .. } | Error::NoCommittedChain { .. }
+        )
     }
 
     /// A live process holds the domain.
@@ -102,7 +105,13 @@ impl Error {
 
     /// libvirt refused a step and the transaction was rolled back.
     pub fn is_rolled_back(&self) -> bool {
-        matches!(self, Error::Refused { rolled_back: true, .. })
+        matches!(
+            self,
+            Error::Refused {
+                rolled_back: true,
+                ..
+            }
+        )
     }
 
     /// libvirt cannot be reached, or the domain does not exist.
@@ -110,7 +119,9 @@ impl Error {
         match self {
             Error::Backend { source, .. } => matches!(
                 source.kind,
-                BackendErrorKind::Unreachable | BackendErrorKind::NoDomain | BackendErrorKind::ConnectionLost
+                BackendErrorKind::Unreachable
+                    | BackendErrorKind::NoDomain
+                    | BackendErrorKind::ConnectionLost
             ),
             _ => false,
         }
@@ -124,7 +135,9 @@ impl Error {
     /// The transaction this error left open or rolled back, if any.
     pub fn txn(&self) -> Option<Uuid> {
         match self {
-            Error::Busy { txn, .. } | Error::Refused { txn, .. } | Error::Diverged { txn, .. } => Some(*txn),
+            Error::Busy { txn, .. } | Error::Refused { txn, .. } | Error::Diverged { txn, .. } => {
+                Some(*txn)
+            }
             Error::Backend { txn, .. } => *txn,
             _ => None,
         }

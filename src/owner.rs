@@ -21,7 +21,11 @@ impl Owner {
     /// The calling process.
     pub fn current() -> Owner {
         let pid = std::process::id();
-        Owner { pid, boot_id: boot_id(), start: start_time(pid).unwrap_or(0) }
+        Owner {
+            pid,
+            boot_id: boot_id(),
+            start: start_time(pid).unwrap_or(0),
+        }
     }
 
     /// Is this owner a process that is running now? False when the boot id
@@ -39,12 +43,20 @@ impl Owner {
 
 impl std::fmt::Display for Owner {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "pid {} (boot {}, start {})", self.pid, self.boot_id.get(..8).unwrap_or(&self.boot_id), self.start)
+        write!(
+            f,
+            "pid {} (boot {}, start {})",
+            self.pid,
+            self.boot_id.get(..8).unwrap_or(&self.boot_id),
+            self.start
+        )
     }
 }
 
 fn boot_id() -> String {
-    fs::read_to_string("/proc/sys/kernel/random/boot_id").map(|s| s.trim().to_string()).unwrap_or_default()
+    fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default()
 }
 
 /// Field 22 of `/proc/PID/stat`. The command name (field 2) may hold spaces
@@ -72,8 +84,20 @@ mod tests {
     #[test]
     fn a_reused_pid_or_another_boot_is_dead() {
         let me = Owner::current();
-        assert!(!Owner { start: me.start + 1, ..me.clone() }.is_alive());
-        assert!(!Owner { boot_id: "00000000-0000-0000-0000-000000000000".into(), ..me.clone() }.is_alive());
-        assert!(!Owner { pid: u32::MAX, ..me }.is_alive());
+        assert!(!Owner {
+            start: me.start + 1,
+            ..me.clone()
+        }
+        .is_alive());
+        assert!(!Owner {
+            boot_id: "00000000-0000-0000-0000-000000000000".into(),
+            ..me.clone()
+        }
+        .is_alive());
+        assert!(!Owner {
+            pid: u32::MAX,
+            ..me
+        }
+        .is_alive());
     }
 }

@@ -67,12 +67,20 @@ impl Plan {
 
     /// Names redefined, in order.
     pub fn redefined(&self) -> Vec<String> {
-        self.steps.iter().filter(|s| matches!(s, Step::Redefine { .. })).map(|s| s.checkpoint().to_string()).collect()
+        self.steps
+            .iter()
+            .filter(|s| matches!(s, Step::Redefine { .. }))
+            .map(|s| s.checkpoint().to_string())
+            .collect()
     }
 
     /// Names deleted, in order.
     pub fn deleted(&self) -> Vec<String> {
-        self.steps.iter().filter(|s| matches!(s, Step::Delete { .. })).map(|s| s.checkpoint().to_string()).collect()
+        self.steps
+            .iter()
+            .filter(|s| matches!(s, Step::Delete { .. }))
+            .map(|s| s.checkpoint().to_string())
+            .collect()
     }
 
     /// Names of the forced (same-content) redefines.
@@ -80,7 +88,9 @@ impl Plan {
         self.steps
             .iter()
             .filter_map(|s| match s {
-                Step::Redefine { def, forced: true, .. } => Some(def.name.clone()),
+                Step::Redefine {
+                    def, forced: true, ..
+                } => Some(def.name.clone()),
                 _ => None,
             })
             .collect()
@@ -104,7 +114,11 @@ pub fn plan(current: &[CheckpointDef], target: &[CheckpointDef]) -> Plan {
 
 /// [`plan`], also redefining the target checkpoints named in `force` (a
 /// resumed transaction's forced steps that are not yet recorded done).
-pub fn plan_with(current: &[CheckpointDef], target: &[CheckpointDef], force: &BTreeSet<String>) -> Plan {
+pub fn plan_with(
+    current: &[CheckpointDef],
+    target: &[CheckpointDef],
+    force: &BTreeSet<String>,
+) -> Plan {
     let cur: HashMap<&str, &CheckpointDef> = current.iter().map(|d| (d.name.as_str(), d)).collect();
     let tgt: HashMap<&str, &CheckpointDef> = target.iter().map(|d| (d.name.as_str(), d)).collect();
 
@@ -116,18 +130,31 @@ pub fn plan_with(current: &[CheckpointDef], target: &[CheckpointDef], force: &BT
         .collect();
     let deleted: BTreeSet<&str> = steps.iter().map(Step::checkpoint).collect();
 
-    let needed: BTreeSet<&str> =
-        target.iter().filter(|d| cur.get(d.name.as_str()) != Some(d)).map(|d| d.name.as_str()).collect();
+    let needed: BTreeSet<&str> = target
+        .iter()
+        .filter(|d| cur.get(d.name.as_str()) != Some(d))
+        .map(|d| d.name.as_str())
+        .collect();
 
     // Where may libvirt's current checkpoint sit on the leaf's path once the
     // deletes are done? Assume the deepest path checkpoint libvirt has (a
     // chain built parent first, or by backups, ends there), and lower it to
     // wherever a deleted extra hangs off the path: deleting the current
     // checkpoint makes its parent current.
-    let tindex: HashMap<&str, usize> = target.iter().enumerate().map(|(i, d)| (d.name.as_str(), i)).collect();
-    let spine: Vec<&str> = spine_path(target, &tindex).into_iter().map(|i| target[i].name.as_str()).collect();
+    let tindex: HashMap<&str, usize> = target
+        .iter()
+        .enumerate()
+        .map(|(i, d)| (d.name.as_str(), i))
+        .collect();
+    let spine: Vec<&str> = spine_path(target, &tindex)
+        .into_iter()
+        .map(|i| target[i].name.as_str())
+        .collect();
     let spine_pos: HashMap<&str, usize> = spine.iter().enumerate().map(|(i, n)| (*n, i)).collect();
-    let mut lowest: isize = spine.iter().rposition(|n| cur.contains_key(n)).map_or(-1, |i| i as isize);
+    let mut lowest: isize = spine
+        .iter()
+        .rposition(|n| cur.contains_key(n))
+        .map_or(-1, |i| i as isize);
     for name in &deleted {
         let mut up = cur.get(name).and_then(|d| d.parent.as_deref());
         let mut hops = 0;
@@ -147,9 +174,18 @@ pub fn plan_with(current: &[CheckpointDef], target: &[CheckpointDef], force: &BT
         };
         lowest = lowest.min(pos);
     }
-    let mut forced: BTreeSet<&str> =
-        spine.iter().skip((lowest + 1) as usize).filter(|n| !needed.contains(**n)).copied().collect();
-    forced.extend(force.iter().map(String::as_str).filter(|n| tgt.contains_key(n) && !needed.contains(n)));
+    let mut forced: BTreeSet<&str> = spine
+        .iter()
+        .skip((lowest + 1) as usize)
+        .filter(|n| !needed.contains(**n))
+        .copied()
+        .collect();
+    forced.extend(
+        force
+            .iter()
+            .map(String::as_str)
+            .filter(|n| tgt.contains_key(n) && !needed.contains(n)),
+    );
 
     let mut unchanged = Vec::new();
     for d in order_defs(target) {
@@ -196,8 +232,12 @@ mod tests {
             .iter()
             .map(|s| match s {
                 Step::Delete { before } => format!("-{}", before.name),
-                Step::Redefine { def, forced: false, .. } => format!("+{}", def.name),
-                Step::Redefine { def, forced: true, .. } => format!("={}", def.name),
+                Step::Redefine {
+                    def, forced: false, ..
+                } => format!("+{}", def.name),
+                Step::Redefine {
+                    def, forced: true, ..
+                } => format!("={}", def.name),
             })
             .collect()
     }
@@ -226,7 +266,9 @@ mod tests {
         cur[1].creation_time = 99;
         let p = plan(&cur, &line(3));
         assert_eq!(ops(&p), ["+c1"]);
-        assert!(matches!(&p.steps[0], Step::Redefine { before: Some(b), .. } if b.creation_time == 99));
+        assert!(
+            matches!(&p.steps[0], Step::Redefine { before: Some(b), .. } if b.creation_time == 99)
+        );
     }
 
     #[test]

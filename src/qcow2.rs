@@ -196,7 +196,10 @@ impl Qcow2Error {
 
     /// The image is qcow2 but uses a version or feature QEMU does not support.
     pub fn is_unsupported(&self) -> bool {
-        matches!(self, Qcow2Error::UnsupportedVersion { .. } | Qcow2Error::UnsupportedFeature { .. })
+        matches!(
+            self,
+            Qcow2Error::UnsupportedVersion { .. } | Qcow2Error::UnsupportedFeature { .. }
+        )
     }
 
     /// The image is damaged: QEMU would refuse it or its bitmaps.
@@ -288,7 +291,9 @@ impl Image {
     /// The backing file, resolved the way QEMU resolves it: relative names
     /// against the folder of [`Image::path`], protocol names not at all.
     pub fn backing(&self) -> Backing {
-        let Some(raw) = &self.backing_raw else { return Backing::None };
+        let Some(raw) = &self.backing_raw else {
+            return Backing::None;
+        };
         if has_protocol(raw) {
             return Backing::Unreadable(String::from_utf8_lossy(raw).into_owned());
         }
@@ -376,7 +381,10 @@ pub fn read_chain(path: &Path) -> Result<BackingChain, Qcow2Error> {
     let mut next = path.to_path_buf();
     loop {
         if layers.len() >= MAX_CHAIN_DEPTH {
-            return Err(Qcow2Error::TooDeep { path: next, limit: MAX_CHAIN_DEPTH });
+            return Err(Qcow2Error::TooDeep {
+                path: next,
+                limit: MAX_CHAIN_DEPTH,
+            });
         }
         let file = File::open(&next).map_err(|e| io_error(&next, e))?;
         let meta = file.metadata().map_err(|e| io_error(&next, e))?;
@@ -387,12 +395,21 @@ pub fn read_chain(path: &Path) -> Result<BackingChain, Qcow2Error> {
             match above.backing_format.as_deref() {
                 Some("qcow2") => {}
                 Some(other) => {
-                    let end = ChainEnd::NotQcow2 { path: next, format: Some(other.to_owned()) };
+                    let end = ChainEnd::NotQcow2 {
+                        path: next,
+                        format: Some(other.to_owned()),
+                    };
                     return Ok(BackingChain { layers, end });
                 }
                 None => {
                     if !starts_with_magic(&file).map_err(|e| io_error(&next, e))? {
-                        return Ok(BackingChain { layers, end: ChainEnd::NotQcow2 { path: next, format: None } });
+                        return Ok(BackingChain {
+                            layers,
+                            end: ChainEnd::NotQcow2 {
+                                path: next,
+                                format: None,
+                            },
+                        });
                     }
                 }
             }
@@ -401,15 +418,28 @@ pub fn read_chain(path: &Path) -> Result<BackingChain, Qcow2Error> {
         let backing = image.backing();
         layers.push(image);
         match backing {
-            Backing::None => return Ok(BackingChain { layers, end: ChainEnd::NoBacking }),
-            Backing::Unreadable(name) => return Ok(BackingChain { layers, end: ChainEnd::Unreadable(name) }),
+            Backing::None => {
+                return Ok(BackingChain {
+                    layers,
+                    end: ChainEnd::NoBacking,
+                })
+            }
+            Backing::Unreadable(name) => {
+                return Ok(BackingChain {
+                    layers,
+                    end: ChainEnd::Unreadable(name),
+                })
+            }
             Backing::File(path) => next = path,
         }
     }
 }
 
 fn io_error(path: &Path, source: io::Error) -> Qcow2Error {
-    Qcow2Error::Io { path: path.to_path_buf(), source }
+    Qcow2Error::Io {
+        path: path.to_path_buf(),
+        source,
+    }
 }
 
 fn starts_with_magic(file: &File) -> io::Result<bool> {
@@ -428,7 +458,8 @@ fn file_len(file: &File) -> io::Result<u64> {
 }
 
 fn read_at(file: &File, offset: u64, len: u64) -> io::Result<Vec<u8>> {
-    let len = usize::try_from(len).map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "read too large"))?;
+    let len = usize::try_from(len)
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "read too large"))?;
     let mut buf = vec![0u8; len];
     file.read_exact_at(&mut buf, offset)?;
     Ok(buf)
@@ -454,7 +485,10 @@ impl Fault {
             Fault::Version(version) => Qcow2Error::UnsupportedVersion { path, version },
             Fault::Unsupported(detail) => Qcow2Error::UnsupportedFeature { path, detail },
             Fault::Invalid(detail) => Qcow2Error::Invalid { path, detail },
-            Fault::Short(end) => Qcow2Error::Invalid { path, detail: format!("file ends before byte {end}") },
+            Fault::Short(end) => Qcow2Error::Invalid {
+                path,
+                detail: format!("file ends before byte {end}"),
+            },
             Fault::Io(source) => Qcow2Error::Io { path, source },
         }
     }
@@ -471,7 +505,9 @@ impl Bytes<'_> {
     fn slice(&self, at: u64, len: u64) -> Result<&[u8], Fault> {
         let end = at.checked_add(len).ok_or(Fault::Short(u64::MAX))?;
         let range = usize::try_from(at).ok().zip(usize::try_from(end).ok());
-        range.and_then(|(a, e)| self.0.get(a..e)).ok_or(Fault::Short(end))
+        range
+            .and_then(|(a, e)| self.0.get(a..e))
+            .ok_or(Fault::Short(end))
     }
 
     fn array<const N: usize>(&self, at: u64) -> Result<[u8; N], Fault> {
@@ -574,17 +610,29 @@ fn parse_header(buf: &[u8]) -> Result<Header, Fault> {
     };
     let header_length = u64::from(header_length);
     if header_length > cluster {
-        return invalid(format!("header ({header_length} bytes) exceeds the cluster size"));
+        return invalid(format!(
+            "header ({header_length} bytes) exceeds the cluster size"
+        ));
     }
     b.slice(0, header_length)?;
     let backing_offset = b.u64(8)?;
     let backing_size = b.u32(16)?;
     if backing_offset > cluster {
-        return invalid(format!("backing file name offset {backing_offset:#x} outside cluster 0"));
+        return invalid(format!(
+            "backing file name offset {backing_offset:#x} outside cluster 0"
+        ));
     }
-    let extensions_end = if backing_offset != 0 { backing_offset } else { cluster };
+    let extensions_end = if backing_offset != 0 {
+        backing_offset
+    } else {
+        cluster
+    };
 
-    let compression = if header_length > u64::from(V3_MIN_HEADER_LENGTH) { b.u8(104)? } else { 0 };
+    let compression = if header_length > u64::from(V3_MIN_HEADER_LENGTH) {
+        b.u8(104)?
+    } else {
+        0
+    };
     match compression {
         0 if incompatible & INCOMPAT_COMPRESSION != 0 => {
             return invalid("compression type bit set with the default compression type")
@@ -612,8 +660,22 @@ fn parse_header(buf: &[u8]) -> Result<Header, Fault> {
     if refcount_clusters == 0 {
         return invalid("no reference count table");
     }
-    check_table("refcount table", b.u64(48)?, refcount_clusters.into(), cluster, 8 << 20, cluster)?;
-    check_table("snapshot table", b.u64(64)?, b.u32(60)?.into(), 40, 40 * 65536, cluster)?;
+    check_table(
+        "refcount table",
+        b.u64(48)?,
+        refcount_clusters.into(),
+        cluster,
+        8 << 20,
+        cluster,
+    )?;
+    check_table(
+        "snapshot table",
+        b.u64(64)?,
+        b.u32(60)?.into(),
+        40,
+        40 * 65536,
+        cluster,
+    )?;
     let l1_size = b.u32(36)?;
     check_table("L1 table", b.u64(40)?, l1_size.into(), 8, 32 << 20, cluster)?;
     let virtual_size = b.u64(24)?;
@@ -623,7 +685,9 @@ fn parse_header(buf: &[u8]) -> Result<Header, Fault> {
         return invalid(format!("virtual size {virtual_size} too big"));
     }
     if u64::from(l1_size) < l1_needed {
-        return invalid(format!("L1 table too small ({l1_size} entries, {l1_needed} needed)"));
+        return invalid(format!(
+            "L1 table too small ({l1_size} entries, {l1_needed} needed)"
+        ));
     }
 
     let mut header = Header {
@@ -646,7 +710,9 @@ fn parse_header(buf: &[u8]) -> Result<Header, Fault> {
         let (kind, len) = (b.u32(offset)?, b.u32(offset + 4)?);
         let len64 = u64::from(len);
         if len64 > extensions_end - data {
-            return invalid(format!("header extension {kind:#010x} too large ({len} bytes)"));
+            return invalid(format!(
+                "header extension {kind:#010x} too large ({len} bytes)"
+            ));
         }
         match kind {
             EXT_END => break,
@@ -690,7 +756,8 @@ fn parse_header(buf: &[u8]) -> Result<Header, Fault> {
 
     if backing_offset != 0 {
         let len = u64::from(backing_size);
-        if len > MAX_BACKING_NAME.min(cluster - backing_offset) || backing_size >= BACKING_FILE_BUF {
+        if len > MAX_BACKING_NAME.min(cluster - backing_offset) || backing_size >= BACKING_FILE_BUF
+        {
             return invalid(format!("backing file name too long ({backing_size} bytes)"));
         }
         let name = c_bytes(b.slice(backing_offset, len)?);
@@ -707,16 +774,25 @@ fn check_bitmaps_ext(ext: &BitmapsExt, reserved: u32, cluster: u64) -> Result<()
         return invalid("bitmaps extension: reserved field is not zero");
     }
     if ext.nb_bitmaps > MAX_BITMAPS {
-        return invalid(format!("bitmaps extension: {} bitmaps, more than {MAX_BITMAPS}", ext.nb_bitmaps));
+        return invalid(format!(
+            "bitmaps extension: {} bitmaps, more than {MAX_BITMAPS}",
+            ext.nb_bitmaps
+        ));
     }
     if ext.nb_bitmaps == 0 {
         return invalid("bitmaps extension with zero bitmaps");
     }
     if ext.directory_offset % cluster != 0 {
-        return invalid(format!("bitmap directory offset {:#x} not cluster-aligned", ext.directory_offset));
+        return invalid(format!(
+            "bitmap directory offset {:#x} not cluster-aligned",
+            ext.directory_offset
+        ));
     }
     if ext.directory_size > MAX_DIRECTORY_SIZE {
-        return invalid(format!("bitmap directory size {} above {MAX_DIRECTORY_SIZE}", ext.directory_size));
+        return invalid(format!(
+            "bitmap directory size {} above {MAX_DIRECTORY_SIZE}",
+            ext.directory_size
+        ));
     }
     Ok(())
 }
@@ -730,7 +806,9 @@ fn read_header(file: &File, path: &Path, file_len: u64) -> Result<(Vec<u8>, Head
         let buf = read_at(file, 0, want).map_err(|e| io_error(path, e))?;
         match parse_header(&buf) {
             Ok(header) => return Ok((buf, header)),
-            Err(Fault::Short(end)) if want < end && end <= file_len && end <= 1 << MAX_CLUSTER_BITS => {
+            Err(Fault::Short(end))
+                if want < end && end <= file_len && end <= 1 << MAX_CLUSTER_BITS =>
+            {
                 want = file_len.min(1 << MAX_CLUSTER_BITS);
             }
             Err(fault) => return Err(fault.into_error(path)),
@@ -745,12 +823,16 @@ fn read_file(file: &File, path: &Path) -> Result<Image, Qcow2Error> {
         let cluster = 1u64 << header.cluster_bits;
         let (bitmaps, consistent) = match header.bitmaps {
             None => return Ok(image(path, header, Vec::new(), true)),
-            Some((ext, true)) => (read_directory(file, &ext, cluster, header.virtual_size, file_len), true),
+            Some((ext, true)) => (
+                read_directory(file, &ext, cluster, header.virtual_size, file_len),
+                true,
+            ),
             Some((ext, false)) => {
                 // QEMU ignores a stale extension: list what it says if it still
                 // passes the checks, and nothing otherwise.
-                let stale = check_bitmaps_ext(&ext, 0, cluster)
-                    .and_then(|()| read_directory(file, &ext, cluster, header.virtual_size, file_len));
+                let stale = check_bitmaps_ext(&ext, 0, cluster).and_then(|()| {
+                    read_directory(file, &ext, cluster, header.virtual_size, file_len)
+                });
                 match stale {
                     Err(Fault::Io(e)) => (Err(Fault::Io(e)), false),
                     stale => (Ok(stale.unwrap_or_default()), false),
@@ -769,7 +851,10 @@ fn read_file(file: &File, path: &Path) -> Result<Image, Qcow2Error> {
             Err(fault) => Err(fault.into_error(path)),
         };
     }
-    Err(Qcow2Error::Unstable { path: path.to_path_buf(), attempts: MAX_ATTEMPTS })
+    Err(Qcow2Error::Unstable {
+        path: path.to_path_buf(),
+        attempts: MAX_ATTEMPTS,
+    })
 }
 
 fn image(path: &Path, header: Header, bitmaps: Vec<Bitmap>, bitmaps_consistent: bool) -> Image {
@@ -778,7 +863,10 @@ fn image(path: &Path, header: Header, bitmaps: Vec<Bitmap>, bitmaps_consistent: 
         version: header.version,
         cluster_size: 1 << header.cluster_bits,
         virtual_size: header.virtual_size,
-        backing_file: header.backing_raw.as_deref().map(|raw| String::from_utf8_lossy(raw).into_owned()),
+        backing_file: header
+            .backing_raw
+            .as_deref()
+            .map(|raw| String::from_utf8_lossy(raw).into_owned()),
         backing_format: header.backing_format,
         data_file: header.data_file,
         bitmaps_consistent,
@@ -839,7 +927,9 @@ fn parse_directory(
             return invalid("broken bitmap directory: an entry runs past its end");
         }
         if bitmaps.len() as u64 >= u64::from(nb_bitmaps) {
-            return invalid(format!("more bitmaps in the directory than the {nb_bitmaps} of the extension"));
+            return invalid(format!(
+                "more bitmaps in the directory than the {nb_bitmaps} of the extension"
+            ));
         }
         let table_offset = b.u64(at)?;
         let table_size = b.u32(at + 8)?;
@@ -848,12 +938,16 @@ fn parse_directory(
         let granularity_bits = b.u8(at + 17)?;
         let name_size = b.u16(at + 18)?;
         let extra_size = b.u32(at + 20)?;
-        let entry_size = (DIR_ENTRY_FIXED + u64::from(name_size) + u64::from(extra_size)).next_multiple_of(8);
+        let entry_size =
+            (DIR_ENTRY_FIXED + u64::from(name_size) + u64::from(extra_size)).next_multiple_of(8);
         if entry_size > size - at {
             return invalid("broken bitmap directory: an entry runs past its end");
         }
         if extra_size != 0 {
-            return invalid(format!("bitmap {} has extra data, which QEMU does not support", bitmaps.len()));
+            return invalid(format!(
+                "bitmap {} has extra data, which QEMU does not support",
+                bitmaps.len()
+            ));
         }
         let raw_name = b.slice(at + DIR_ENTRY_FIXED, name_size.into())?.to_vec();
         let name = String::from_utf8_lossy(&raw_name).into_owned();
@@ -862,26 +956,36 @@ fn parse_directory(
             return fail("has no bitmap table".into());
         }
         if table_offset % cluster != 0 {
-            return fail(format!("has a bitmap table offset {table_offset:#x} not cluster-aligned"));
+            return fail(format!(
+                "has a bitmap table offset {table_offset:#x} not cluster-aligned"
+            ));
         }
         if table_size > MAX_TABLE_SIZE {
-            return fail(format!("has a bitmap table of {table_size} entries, above {MAX_TABLE_SIZE}"));
+            return fail(format!(
+                "has a bitmap table of {table_size} entries, above {MAX_TABLE_SIZE}"
+            ));
         }
         if !(MIN_GRANULARITY_BITS..=MAX_GRANULARITY_BITS).contains(&granularity_bits) {
-            return fail(format!("has granularity 2^{granularity_bits}, outside 2^9..2^31"));
+            return fail(format!(
+                "has granularity 2^{granularity_bits}, outside 2^9..2^31"
+            ));
         }
         if flags & !(FLAG_IN_USE | FLAG_AUTO) != 0 {
             return fail(format!("has unknown flags {flags:#x}"));
         }
         if name_size > MAX_NAME_SIZE {
-            return fail(format!("has a {name_size}-byte name, above {MAX_NAME_SIZE}"));
+            return fail(format!(
+                "has a {name_size}-byte name, above {MAX_NAME_SIZE}"
+            ));
         }
         if kind != TYPE_DIRTY_TRACKING {
             return fail(format!("has type {kind}, not 1 (dirty tracking)"));
         }
         let phys_bytes = u64::from(table_size) * cluster;
         if phys_bytes > MAX_PHYS_SIZE {
-            return fail(format!("has a bitmap table for {phys_bytes} bytes, above {MAX_PHYS_SIZE}"));
+            return fail(format!(
+                "has a bitmap table for {phys_bytes} bytes, above {MAX_PHYS_SIZE}"
+            ));
         }
         let in_use = flags & FLAG_IN_USE != 0;
         let covered = (u128::from(phys_bytes) * 8) << granularity_bits;
@@ -940,17 +1044,50 @@ mod tests {
     #[test]
     fn backing_names_resolve_like_qemu() {
         let cases: &[(&str, &[u8], Backing)] = &[
-            ("/a/top.qcow2", b"base.qcow2", Backing::File("/a/base.qcow2".into())),
-            ("/a/top.qcow2", b"../b/base", Backing::File("/a/../b/base".into())),
-            ("/a/top.qcow2", b"/abs/base", Backing::File("/abs/base".into())),
+            (
+                "/a/top.qcow2",
+                b"base.qcow2",
+                Backing::File("/a/base.qcow2".into()),
+            ),
+            (
+                "/a/top.qcow2",
+                b"../b/base",
+                Backing::File("/a/../b/base".into()),
+            ),
+            (
+                "/a/top.qcow2",
+                b"/abs/base",
+                Backing::File("/abs/base".into()),
+            ),
             ("top.qcow2", b"base", Backing::File("base".into())),
-            ("/a/top", b"nbd://host:10809/x", Backing::Unreadable("nbd://host:10809/x".into())),
-            ("/a/top", b"host:1234", Backing::Unreadable("host:1234".into())),
-            ("/a/top", b"json:{\"file\":{}}", Backing::Unreadable("json:{\"file\":{}}".into())),
-            ("/a/top", b"dir/with:colon", Backing::File("/a/dir/with:colon".into())),
+            (
+                "/a/top",
+                b"nbd://host:10809/x",
+                Backing::Unreadable("nbd://host:10809/x".into()),
+            ),
+            (
+                "/a/top",
+                b"host:1234",
+                Backing::Unreadable("host:1234".into()),
+            ),
+            (
+                "/a/top",
+                b"json:{\"file\":{}}",
+                Backing::Unreadable("json:{\"file\":{}}".into()),
+            ),
+            (
+                "/a/top",
+                b"dir/with:colon",
+                Backing::File("/a/dir/with:colon".into()),
+            ),
         ];
         for (path, name, want) in cases {
-            assert_eq!(&with_backing(path, name).backing(), want, "{path} + {}", String::from_utf8_lossy(name));
+            assert_eq!(
+                &with_backing(path, name).backing(),
+                want,
+                "{path} + {}",
+                String::from_utf8_lossy(name)
+            );
         }
     }
 
@@ -982,16 +1119,32 @@ mod tests {
 
         assert!(check(&good, 1).unwrap_err().contains("more bitmaps"));
         assert!(check(&good, 3).unwrap_err().contains("fewer"));
-        assert!(check(&good[..good.len() - 8], 2).unwrap_err().contains("broken"));
-        assert!(check(&[good.clone(), vec![0; 8]].concat(), 2).unwrap_err().contains("broken"));
-        assert!(check(&entry(b"a", 4, 16), 1).unwrap_err().contains("unknown flags"));
-        assert!(check(&entry(b"a", 0, 8), 1).unwrap_err().contains("granularity"));
-        assert!(check(&entry(b"a", 0, 32), 1).unwrap_err().contains("granularity"));
-        assert!(check(&entry(b"", 0, 16), 1).unwrap_err().contains("empty name"));
-        assert!(check(&[entry(b"a", 0, 16), entry(b"a", 0, 16)].concat(), 2).unwrap_err().contains("twice"));
+        assert!(check(&good[..good.len() - 8], 2)
+            .unwrap_err()
+            .contains("broken"));
+        assert!(check(&[good.clone(), vec![0; 8]].concat(), 2)
+            .unwrap_err()
+            .contains("broken"));
+        assert!(check(&entry(b"a", 4, 16), 1)
+            .unwrap_err()
+            .contains("unknown flags"));
+        assert!(check(&entry(b"a", 0, 8), 1)
+            .unwrap_err()
+            .contains("granularity"));
+        assert!(check(&entry(b"a", 0, 32), 1)
+            .unwrap_err()
+            .contains("granularity"));
+        assert!(check(&entry(b"", 0, 16), 1)
+            .unwrap_err()
+            .contains("empty name"));
+        assert!(check(&[entry(b"a", 0, 16), entry(b"a", 0, 16)].concat(), 2)
+            .unwrap_err()
+            .contains("twice"));
         // One table entry of a 64 KiB cluster covers 2^19 bits: a 1 GiB disk
         // needs granularity 2^11 at least unless the bitmap is in use.
-        assert!(check(&entry(b"a", 0, 10), 1).unwrap_err().contains("too small"));
+        assert!(check(&entry(b"a", 0, 10), 1)
+            .unwrap_err()
+            .contains("too small"));
         assert!(check(&entry(b"a", 1, 10), 1).is_ok());
     }
 }

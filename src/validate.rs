@@ -272,14 +272,23 @@ impl ImageReader for Qcow2Reader {
                         bitmaps: image
                             .bitmaps
                             .into_iter()
-                            .map(|b| LayerBitmap { name: b.name, in_use: b.in_use, auto: b.auto })
+                            .map(|b| LayerBitmap {
+                                name: b.name,
+                                in_use: b.in_use,
+                                auto: b.auto,
+                            })
                             .collect(),
                         path: image.path,
                     })
                     .collect(),
             }),
-            Err(e) if e.is_not_qcow2() && e.path() == path => Err(ImageError::NotQcow2 { path: path.to_path_buf() }),
-            Err(e) => Err(ImageError::Unreadable { path: e.path().to_path_buf(), reason: e.to_string() }),
+            Err(e) if e.is_not_qcow2() && e.path() == path => Err(ImageError::NotQcow2 {
+                path: path.to_path_buf(),
+            }),
+            Err(e) => Err(ImageError::Unreadable {
+                path: e.path().to_path_buf(),
+                reason: e.to_string(),
+            }),
         }
     }
 }
@@ -308,14 +317,25 @@ pub fn validate(store: &Store, backend: &dyn Backend, domain: &str) -> Result<Re
 /// # Errors
 ///
 /// As [`validate`].
-pub fn validate_with(store: &Store, backend: &dyn Backend, domain: &str, reader: &dyn ImageReader) -> Result<Report> {
-    let info = backend.domain_info(domain).map_err(backend_err(domain, "domain lookup"))?;
+pub fn validate_with(
+    store: &Store,
+    backend: &dyn Backend,
+    domain: &str,
+    reader: &dyn ImageReader,
+) -> Result<Report> {
+    let info = backend
+        .domain_info(domain)
+        .map_err(backend_err(domain, "domain lookup"))?;
     let keys = journal_keys(domain, &info);
     let mut notes = Vec::new();
     for key in &keys {
         for t in store.journal().incomplete(Some(key))? {
             if store.is_held(&t) {
-                return Err(Error::Busy { domain: domain.to_string(), txn: t.id, owner: t.owner });
+                return Err(Error::Busy {
+                    domain: domain.to_string(),
+                    txn: t.id,
+                    owner: t.owner,
+                });
             }
             notes.push(format!(
                 "transaction {} on this domain was interrupted and is still open: libvirt may hold part of it; \
@@ -334,10 +354,19 @@ pub fn validate_with(store: &Store, backend: &dyn Backend, domain: &str, reader:
             Vec::new()
         }
     };
-    let journal_defs = committed.as_ref().map(|c| c.defs.as_slice()).unwrap_or_default();
+    let journal_defs = committed
+        .as_ref()
+        .map(|c| c.defs.as_slice())
+        .unwrap_or_default();
     notes.extend(detached_notes(&libvirt, &info));
 
-    let mut check = Check { info: &info, libvirt: &libvirt, reader, findings: Vec::new(), bad: HashSet::new() };
+    let mut check = Check {
+        info: &info,
+        libvirt: &libvirt,
+        reader,
+        findings: Vec::new(),
+        bad: HashSet::new(),
+    };
     let mut images_read = 0;
     let mut validations = 0;
     let running = if info.running {
@@ -345,13 +374,22 @@ pub fn validate_with(store: &Store, backend: &dyn Backend, domain: &str, reader:
             Ok(()) => true,
             // The domain stopped since it was looked up: check its images.
             Err(e) if e.kind == BackendErrorKind::NotRunning => {
-                notes.push("the domain stopped during validation: its images were checked instead".into());
+                notes.push(
+                    "the domain stopped during validation: its images were checked instead".into(),
+                );
                 check.findings.clear();
                 check.bad.clear();
                 check.stopped(journal_defs, &mut images_read, &mut notes);
                 false
             }
-            Err(e) => return Err(Error::Backend { domain: domain.to_string(), op: "validate", txn: None, source: e }),
+            Err(e) => {
+                return Err(Error::Backend {
+                    domain: domain.to_string(),
+                    op: "validate",
+                    txn: None,
+                    source: e,
+                })
+            }
         }
     } else {
         check.stopped(journal_defs, &mut images_read, &mut notes);
@@ -364,8 +402,14 @@ pub fn validate_with(store: &Store, backend: &dyn Backend, domain: &str, reader:
     }
     findings.append(&mut check.findings);
     let usable = newest_usable(&libvirt, &check.bad, &participating(&libvirt, &info));
-    let index: HashMap<&str, usize> = libvirt.iter().enumerate().map(|(i, d)| (d.name.as_str(), i)).collect();
-    let leaf = spine_path(&libvirt, &index).last().map(|&i| libvirt[i].name.clone());
+    let index: HashMap<&str, usize> = libvirt
+        .iter()
+        .enumerate()
+        .map(|(i, d)| (d.name.as_str(), i))
+        .collect();
+    let leaf = spine_path(&libvirt, &index)
+        .last()
+        .map(|&i| libvirt[i].name.clone());
     Ok(Report {
         domain: domain.to_string(),
         ok: findings.is_empty(),
@@ -382,7 +426,12 @@ pub fn validate_with(store: &Store, backend: &dyn Backend, domain: &str, reader:
 }
 
 fn backend_err<'a>(domain: &'a str, op: &'static str) -> impl Fn(BackendError) -> Error + 'a {
-    move |source| Error::Backend { domain: domain.to_string(), op, txn: None, source }
+    move |source| Error::Backend {
+        domain: domain.to_string(),
+        op,
+        txn: None,
+        source,
+    }
 }
 
 /// The names the journal may know the domain by: as asked, its name, its UUID.
@@ -452,7 +501,12 @@ fn compare_journal(journal: &[CheckpointDef], libvirt: &[CheckpointDef]) -> Vec<
 }
 
 fn describe(d: &CheckpointDef) -> String {
-    format!("parent {}, creationTime {}, disks {}", parent_name(d), d.creation_time, disk_map(&d.disks))
+    format!(
+        "parent {}, creationTime {}, disks {}",
+        parent_name(d),
+        d.creation_time,
+        disk_map(&d.disks)
+    )
 }
 
 fn parent_name(d: &CheckpointDef) -> &str {
@@ -467,13 +521,24 @@ fn disk_map(disks: &BTreeMap<String, String>) -> String {
 fn differences(j: &CheckpointDef, l: &CheckpointDef) -> String {
     let mut parts = Vec::new();
     if j.parent != l.parent {
-        parts.push(format!("parent: journal {}, libvirt {}", parent_name(j), parent_name(l)));
+        parts.push(format!(
+            "parent: journal {}, libvirt {}",
+            parent_name(j),
+            parent_name(l)
+        ));
     }
     if j.creation_time != l.creation_time {
-        parts.push(format!("creationTime: journal {}, libvirt {}", j.creation_time, l.creation_time));
+        parts.push(format!(
+            "creationTime: journal {}, libvirt {}",
+            j.creation_time, l.creation_time
+        ));
     }
     if j.disks != l.disks {
-        parts.push(format!("disks: journal {}, libvirt {}", disk_map(&j.disks), disk_map(&l.disks)));
+        parts.push(format!(
+            "disks: journal {}, libvirt {}",
+            disk_map(&j.disks),
+            disk_map(&l.disks)
+        ));
     }
     if j.description != l.description {
         parts.push("description differs".into());
@@ -492,20 +557,35 @@ fn detached_notes(libvirt: &[CheckpointDef], info: &DomainInfo) -> Vec<String> {
     }
     by_target
         .into_iter()
-        .map(|(t, n)| format!("{n} checkpoint(s) name disk {t}, which the domain no longer has: not checked"))
+        .map(|(t, n)| {
+            format!("{n} checkpoint(s) name disk {t}, which the domain no longer has: not checked")
+        })
         .collect()
 }
 
 /// The disks that take part in checkpoints: the domain's disks that at
 /// least one of libvirt's checkpoints names.
 fn participating<'a>(libvirt: &'a [CheckpointDef], info: &DomainInfo) -> BTreeSet<&'a str> {
-    libvirt.iter().flat_map(|d| d.disks.keys()).filter(|t| info.has_target(t)).map(String::as_str).collect()
+    libvirt
+        .iter()
+        .flat_map(|d| d.disks.keys())
+        .filter(|t| info.has_target(t))
+        .map(String::as_str)
+        .collect()
 }
 
 /// The newest checkpoint on the leaf's path (leaf first, up to the root)
 /// that has no finding or unknown, and names every participating disk.
-fn newest_usable(libvirt: &[CheckpointDef], bad: &HashSet<String>, disks: &BTreeSet<&str>) -> Option<String> {
-    let index: HashMap<&str, usize> = libvirt.iter().enumerate().map(|(i, d)| (d.name.as_str(), i)).collect();
+fn newest_usable(
+    libvirt: &[CheckpointDef],
+    bad: &HashSet<String>,
+    disks: &BTreeSet<&str>,
+) -> Option<String> {
+    let index: HashMap<&str, usize> = libvirt
+        .iter()
+        .enumerate()
+        .map(|(i, d)| (d.name.as_str(), i))
+        .collect();
     spine_path(libvirt, &index)
         .into_iter()
         .rev()
@@ -522,7 +602,11 @@ struct Indexed<'a> {
 
 impl<'a> Indexed<'a> {
     fn new(chain: &'a DiskChain) -> Self {
-        let by_name = chain.layers.iter().map(|l| l.bitmaps.iter().map(|b| (b.name.as_str(), b)).collect()).collect();
+        let by_name = chain
+            .layers
+            .iter()
+            .map(|l| l.bitmaps.iter().map(|b| (b.name.as_str(), b)).collect())
+            .collect();
         Indexed { chain, by_name }
     }
 
@@ -551,7 +635,11 @@ fn bitmap_findings(disk: &Indexed<'_>, bitmap: &str) -> Vec<BitmapFinding> {
             format!("bitmap {bitmap} cannot exist: the disk's image is not qcow2"),
         )];
     };
-    let present: Vec<Option<&LayerBitmap>> = disk.by_name.iter().map(|m| m.get(bitmap).copied()).collect();
+    let present: Vec<Option<&LayerBitmap>> = disk
+        .by_name
+        .iter()
+        .map(|m| m.get(bitmap).copied())
+        .collect();
     let run = present.iter().take_while(|p| p.is_some()).count();
     let mut out = Vec::new();
     if run == 0 {
@@ -570,7 +658,11 @@ fn bitmap_findings(disk: &Indexed<'_>, bitmap: &str) -> Vec<BitmapFinding> {
                 } else {
                     " (and the image's bitmaps extension is marked inconsistent)"
                 };
-                let below = if layers.len() > 1 { " nor in any backing layer" } else { "" };
+                let below = if layers.len() > 1 {
+                    " nor in any backing layer"
+                } else {
+                    ""
+                };
                 out.push((
                     FindingKind::MissingBitmap,
                     Some(top.path.clone()),
@@ -606,7 +698,9 @@ fn bitmap_findings(disk: &Indexed<'_>, bitmap: &str) -> Vec<BitmapFinding> {
             out.push((
                 FindingKind::InconsistentBitmap,
                 Some(layer.path.clone()),
-                format!("bitmap {bitmap} is in use on a stopped domain: QEMU did not save it cleanly"),
+                format!(
+                    "bitmap {bitmap} is in use on a stopped domain: QEMU did not save it cleanly"
+                ),
             ));
         }
         if !b.auto {
@@ -638,14 +732,21 @@ enum Read {
 
 impl Check<'_> {
     /// Read one disk's chain, recording an unreadable image as a finding.
-    fn read(&mut self, disk: &DomainDisk, images_read: &mut usize, notes: &mut Vec<String>) -> Read {
+    fn read(
+        &mut self,
+        disk: &DomainDisk,
+        images_read: &mut usize,
+        notes: &mut Vec<String>,
+    ) -> Read {
         let Some(source) = &disk.source else {
             self.findings.push(Finding {
                 kind: FindingKind::UnreadableImage,
                 checkpoint: None,
                 disk: Some(disk.target.clone()),
                 image: None,
-                detail: "the disk has no local file or block device source: its bitmaps cannot be read".into(),
+                detail:
+                    "the disk has no local file or block device source: its bitmaps cannot be read"
+                        .into(),
             });
             return Read::Unknown;
         };
@@ -683,11 +784,18 @@ impl Check<'_> {
     }
 
     /// The image checks of a shut-off domain: each disk's chain read once.
-    fn stopped(&mut self, journal: &[CheckpointDef], images_read: &mut usize, notes: &mut Vec<String>) {
+    fn stopped(
+        &mut self,
+        journal: &[CheckpointDef],
+        images_read: &mut usize,
+        notes: &mut Vec<String>,
+    ) {
         let libvirt = self.libvirt;
         for disk in &self.info.disks {
-            let named: Vec<(&CheckpointDef, &str)> =
-                libvirt.iter().filter_map(|d| d.disks.get(&disk.target).map(|b| (d, b.as_str()))).collect();
+            let named: Vec<(&CheckpointDef, &str)> = libvirt
+                .iter()
+                .filter_map(|d| d.disks.get(&disk.target).map(|b| (d, b.as_str())))
+                .collect();
             let chain = match self.read(disk, images_read, notes) {
                 Read::Chain(chain) => chain,
                 Read::Unknown => {
@@ -711,19 +819,32 @@ impl Check<'_> {
                     });
                 }
             }
-            let Some(top) = chain.layers.first() else { continue };
+            let Some(top) = chain.layers.first() else {
+                continue;
+            };
             let known: HashSet<&str> = named
                 .iter()
                 .map(|(_, b)| *b)
-                .chain(journal.iter().filter_map(|d| d.disks.get(&disk.target).map(String::as_str)))
+                .chain(
+                    journal
+                        .iter()
+                        .filter_map(|d| d.disks.get(&disk.target).map(String::as_str)),
+                )
                 .collect();
-            for b in top.bitmaps.iter().filter(|b| !known.contains(b.name.as_str())) {
+            for b in top
+                .bitmaps
+                .iter()
+                .filter(|b| !known.contains(b.name.as_str()))
+            {
                 self.findings.push(Finding {
                     kind: FindingKind::OrphanBitmap,
                     checkpoint: Some(b.name.clone()),
                     disk: Some(disk.target.clone()),
                     image: Some(top.path.clone()),
-                    detail: format!("bitmap {} is in the top image but no checkpoint names it for this disk", b.name),
+                    detail: format!(
+                        "bitmap {} is in the top image but no checkpoint names it for this disk",
+                        b.name
+                    ),
                 });
             }
         }
@@ -765,7 +886,8 @@ impl Check<'_> {
                             on_disk = format!("; bitmap {bitmap} is in the image on disk");
                         } else {
                             kind = FindingKind::MissingBitmap;
-                            on_disk = format!("; bitmap {bitmap} is in no layer of the image on disk");
+                            on_disk =
+                                format!("; bitmap {bitmap} is in no layer of the image on disk");
                         }
                     }
                 }
@@ -787,7 +909,10 @@ impl Check<'_> {
 /// only disk the domain has. Used to annotate the finding only.
 fn refused_disk<'a>(def: &'a CheckpointDef, message: &str, info: &DomainInfo) -> Option<&'a str> {
     let mut attached = def.disks.keys().filter(|t| info.has_target(t));
-    if let Some(named) = message.rsplit_once("for disk '").and_then(|(_, rest)| rest.split_once('\'')) {
+    if let Some(named) = message
+        .rsplit_once("for disk '")
+        .and_then(|(_, rest)| rest.split_once('\''))
+    {
         if let Some(t) = def.disks.keys().find(|t| **t == named.0) {
             return Some(t.as_str());
         }
@@ -812,7 +937,10 @@ mod tests {
             parent: parent.map(Into::into),
             creation_time: t,
             description: None,
-            disks: disks.iter().map(|d| (d.to_string(), name.to_string())).collect(),
+            disks: disks
+                .iter()
+                .map(|d| (d.to_string(), name.to_string()))
+                .collect(),
         }
     }
 
@@ -831,13 +959,20 @@ mod tests {
             bitmaps_consistent: true,
             bitmaps: bitmaps
                 .iter()
-                .map(|(n, in_use, auto)| LayerBitmap { name: n.to_string(), in_use: *in_use, auto: *auto })
+                .map(|(n, in_use, auto)| LayerBitmap {
+                    name: n.to_string(),
+                    in_use: *in_use,
+                    auto: *auto,
+                })
                 .collect(),
         }
     }
 
     fn good(path: &str, names: &[&str]) -> Layer {
-        layer(path, &names.iter().map(|n| (*n, false, true)).collect::<Vec<_>>())
+        layer(
+            path,
+            &names.iter().map(|n| (*n, false, true)).collect::<Vec<_>>(),
+        )
     }
 
     /// Images by path, for the fake's `/fake/<domain>/<target>.qcow2`.
@@ -846,7 +981,13 @@ mod tests {
 
     impl Images {
         fn disk(mut self, target: &str, layers: Vec<Layer>) -> Self {
-            self.0.insert(format!("/fake/vm/{target}.qcow2").into(), Ok(DiskChain { layers, unfollowed: None }));
+            self.0.insert(
+                format!("/fake/vm/{target}.qcow2").into(),
+                Ok(DiskChain {
+                    layers,
+                    unfollowed: None,
+                }),
+            );
             self
         }
     }
@@ -854,7 +995,10 @@ mod tests {
     impl ImageReader for Images {
         fn read_chain(&self, path: &Path) -> std::result::Result<DiskChain, ImageError> {
             self.0.get(path).cloned().unwrap_or_else(|| {
-                Err(ImageError::Unreadable { path: path.into(), reason: "no such file (test)".into() })
+                Err(ImageError::Unreadable {
+                    path: path.into(),
+                    reason: "no such file (test)".into(),
+                })
             })
         }
     }
@@ -871,11 +1015,18 @@ mod tests {
         let fake = FakeBackend::new();
         fake.define_domain("vm", UUID, targets, running);
         fake.set_checkpoints("vm", defs);
-        Setup { _dir: dir, store, fake }
+        Setup {
+            _dir: dir,
+            store,
+            fake,
+        }
     }
 
     fn kinds(r: &Report) -> Vec<(FindingKind, Option<&str>, Option<&str>)> {
-        r.findings.iter().map(|f| (f.kind, f.checkpoint.as_deref(), f.disk.as_deref())).collect()
+        r.findings
+            .iter()
+            .map(|f| (f.kind, f.checkpoint.as_deref(), f.disk.as_deref()))
+            .collect()
     }
 
     #[test]
@@ -887,7 +1038,10 @@ mod tests {
             .disk("vdb", vec![good("/fake/vm/vdb.qcow2", &["c0", "c1", "c2"])]);
         let r = validate_with(&s.store, &s.fake, "vm", &images).unwrap();
         assert!(r.ok, "{r:#?}");
-        assert_eq!((r.usable.as_deref(), r.leaf.as_deref()), (Some("c2"), Some("c2")));
+        assert_eq!(
+            (r.usable.as_deref(), r.leaf.as_deref()),
+            (Some("c2"), Some("c2"))
+        );
         assert_eq!((r.images_read, r.checkpoints, r.running), (2, 3, false));
         assert!(r.journal_txn.is_some());
         // The domain is found in the journal by UUID as well.
@@ -905,8 +1059,13 @@ mod tests {
         changed.pop();
         changed.push(def("x", Some("c2"), 500, &["vda"]));
         s.fake.set_checkpoints("vm", changed);
-        let images =
-            Images::default().disk("vda", vec![good("/fake/vm/vda.qcow2", &["c0", "c1", "c2", "c3", "x", "other"])]);
+        let images = Images::default().disk(
+            "vda",
+            vec![good(
+                "/fake/vm/vda.qcow2",
+                &["c0", "c1", "c2", "c3", "x", "other"],
+            )],
+        );
         let r = validate_with(&s.store, &s.fake, "vm", &images).unwrap();
         assert_eq!(
             kinds(&r),
@@ -917,8 +1076,16 @@ mod tests {
                 (FindingKind::UnexpectedInLibvirt, Some("x"), None),
             ]
         );
-        assert!(r.findings[0].detail.contains("creationTime: journal 101, libvirt 7"), "{}", r.findings[0].detail);
-        assert!(r.findings[1].detail.contains("disks: journal {vda=c2}, libvirt {vda=other}"));
+        assert!(
+            r.findings[0]
+                .detail
+                .contains("creationTime: journal 101, libvirt 7"),
+            "{}",
+            r.findings[0].detail
+        );
+        assert!(r.findings[1]
+            .detail
+            .contains("disks: journal {vda=c2}, libvirt {vda=other}"));
         // c3's bitmap is known to the journal: not an orphan.
         assert_eq!(r.usable.as_deref(), Some("x"));
     }
@@ -929,22 +1096,45 @@ mod tests {
         let images = Images::default().disk("vda", vec![good("/fake/vm/vda.qcow2", &["c0", "c1"])]);
         let r = validate_with(&s.store, &s.fake, "vm", &images).unwrap();
         assert!(r.ok && r.journal_txn.is_none());
-        assert!(r.notes.iter().any(|n| n.contains("no committed chain")), "{:?}", r.notes);
+        assert!(
+            r.notes.iter().any(|n| n.contains("no committed chain")),
+            "{:?}",
+            r.notes
+        );
     }
 
     #[test]
     fn bitmap_rules() {
-        let chain = |layers: Vec<Layer>| DiskChain { layers, unfollowed: None };
-        let kinds = |c: &DiskChain, b: &str| check_bitmap(c, b).into_iter().map(|f| (f.0, f.1)).collect::<Vec<_>>();
+        let chain = |layers: Vec<Layer>| DiskChain {
+            layers,
+            unfollowed: None,
+        };
+        let kinds = |c: &DiskChain, b: &str| {
+            check_bitmap(c, b)
+                .into_iter()
+                .map(|f| (f.0, f.1))
+                .collect::<Vec<_>>()
+        };
         let p = |s: &str| Some(PathBuf::from(s));
-        let ok = chain(vec![good("top", &["a"]), good("mid", &["a"]), good("base", &[])]);
+        let ok = chain(vec![
+            good("top", &["a"]),
+            good("mid", &["a"]),
+            good("base", &[]),
+        ]);
         assert!(kinds(&ok, "a").is_empty());
         assert_eq!(kinds(&ok, "b"), [(FindingKind::MissingBitmap, p("top"))]);
-        let gap = chain(vec![good("top", &["a"]), good("mid", &[]), good("base", &["a"])]);
+        let gap = chain(vec![
+            good("top", &["a"]),
+            good("mid", &[]),
+            good("base", &["a"]),
+        ]);
         assert_eq!(kinds(&gap, "a"), [(FindingKind::BrokenChain, p("mid"))]);
         let below = chain(vec![good("top", &[]), good("base", &["a"])]);
         assert_eq!(kinds(&below, "a"), [(FindingKind::BrokenChain, p("top"))]);
-        let flags = chain(vec![layer("top", &[("a", true, false)]), layer("base", &[("a", false, false)])]);
+        let flags = chain(vec![
+            layer("top", &[("a", true, false)]),
+            layer("base", &[("a", false, false)]),
+        ]);
         assert_eq!(
             kinds(&flags, "a"),
             [
@@ -955,8 +1145,14 @@ mod tests {
         );
         let mut stale = good("top", &["a"]);
         stale.bitmaps_consistent = false;
-        assert_eq!(kinds(&chain(vec![stale]), "a"), [(FindingKind::InconsistentBitmap, p("top"))]);
-        assert_eq!(kinds(&chain(vec![]), "a"), [(FindingKind::MissingBitmap, None)]);
+        assert_eq!(
+            kinds(&chain(vec![stale]), "a"),
+            [(FindingKind::InconsistentBitmap, p("top"))]
+        );
+        assert_eq!(
+            kinds(&chain(vec![]), "a"),
+            [(FindingKind::MissingBitmap, None)]
+        );
     }
 
     #[test]
@@ -1007,7 +1203,10 @@ mod tests {
             .disk("vda", vec![good("/fake/vm/vda.qcow2", &["c0", "c1"])])
             .disk("vdb", vec![good("/fake/vm/vdb.qcow2", &[])]);
         let r = validate_with(&s.store, &s.fake, "vm", &images).unwrap();
-        assert_eq!(kinds(&r), [(FindingKind::MissingBitmap, Some("c1"), Some("vdb"))]);
+        assert_eq!(
+            kinds(&r),
+            [(FindingKind::MissingBitmap, Some("c1"), Some("vdb"))]
+        );
         assert_eq!(r.usable, None);
     }
 
@@ -1016,7 +1215,10 @@ mod tests {
         let s = setup(&["vda", "vdb"], false, line(2, &["vda", "vdb"]));
         let images = Images::default().disk("vda", vec![good("/fake/vm/vda.qcow2", &["c0", "c1"])]);
         let r = validate_with(&s.store, &s.fake, "vm", &images).unwrap();
-        assert_eq!(kinds(&r), [(FindingKind::UnreadableImage, None, Some("vdb"))]);
+        assert_eq!(
+            kinds(&r),
+            [(FindingKind::UnreadableImage, None, Some("vdb"))]
+        );
         assert_eq!(r.usable, None);
     }
 
@@ -1027,7 +1229,11 @@ mod tests {
         let r = validate_with(&s.store, &s.fake, "vm", &images).unwrap();
         assert!(r.ok, "{r:#?}");
         assert_eq!(r.usable.as_deref(), Some("c1"));
-        assert!(r.notes.iter().any(|n| n.contains("disk vdz")), "{:?}", r.notes);
+        assert!(
+            r.notes.iter().any(|n| n.contains("disk vdz")),
+            "{:?}",
+            r.notes
+        );
     }
 
     #[test]
@@ -1037,19 +1243,36 @@ mod tests {
         s.fake.add_bitmap("vm", "vda", "c2");
         assert_eq!(s.fake.current("vm").as_deref(), Some("c2"));
         // On disk, c1 was never written either: missing.
-        let images = Images::default().disk("vda", vec![layer("/fake/vm/vda.qcow2", &[("c0", true, true)])]);
+        let images = Images::default().disk(
+            "vda",
+            vec![layer("/fake/vm/vda.qcow2", &[("c0", true, true)])],
+        );
         let r = validate_with(&s.store, &s.fake, "vm", &images).unwrap();
         assert!(r.running);
-        assert_eq!(kinds(&r), [(FindingKind::MissingBitmap, Some("c1"), Some("vda"))]);
-        assert!(r.findings[0].detail.contains("missing or broken bitmap 'c1' for disk 'vda'"), "{r:#?}");
+        assert_eq!(
+            kinds(&r),
+            [(FindingKind::MissingBitmap, Some("c1"), Some("vda"))]
+        );
+        assert!(
+            r.findings[0]
+                .detail
+                .contains("missing or broken bitmap 'c1' for disk 'vda'"),
+            "{r:#?}"
+        );
         assert_eq!((r.libvirt_validations, r.images_read), (3, 1));
         assert_eq!(r.usable.as_deref(), Some("c2"));
         assert_eq!(s.fake.current("vm").as_deref(), Some("c2"));
         assert_eq!(s.fake.peek("vm").len(), 3);
         // Present on disk but refused by libvirt: inconsistent.
-        let images = Images::default().disk("vda", vec![layer("/fake/vm/vda.qcow2", &[("c1", true, true)])]);
+        let images = Images::default().disk(
+            "vda",
+            vec![layer("/fake/vm/vda.qcow2", &[("c1", true, true)])],
+        );
         let r = validate_with(&s.store, &s.fake, "vm", &images).unwrap();
-        assert_eq!(kinds(&r), [(FindingKind::InconsistentBitmap, Some("c1"), Some("vda"))]);
+        assert_eq!(
+            kinds(&r),
+            [(FindingKind::InconsistentBitmap, Some("c1"), Some("vda"))]
+        );
     }
 
     #[test]
@@ -1081,10 +1304,18 @@ mod tests {
         s.fake.clear_faults();
         let images = Images::default().disk("vda", vec![good("/fake/vm/vda.qcow2", &[])]);
         let r = validate_with(&store, &s.fake, "vm", &images).unwrap();
-        assert!(r.notes.iter().any(|n| n.contains("interrupted")), "{:?}", r.notes);
+        assert!(
+            r.notes.iter().any(|n| n.contains("interrupted")),
+            "{:?}",
+            r.notes
+        );
         // Owned by a live process that is not this one: busy.
         let other = StoreOptions {
-            owner: Some(crate::owner::Owner { pid: 1, boot_id: "x".into(), start: 1 }),
+            owner: Some(crate::owner::Owner {
+                pid: 1,
+                boot_id: "x".into(),
+                start: 1,
+            }),
             liveness: Some(std::sync::Arc::new(|_: &crate::owner::Owner| true)),
             ..StoreOptions::default()
         };

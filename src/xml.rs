@@ -23,7 +23,10 @@ pub struct XmlError {
 }
 
 fn err(what: &'static str, detail: impl Into<String>) -> XmlError {
-    XmlError { what, detail: detail.into() }
+    XmlError {
+        what,
+        detail: detail.into(),
+    }
 }
 
 /// One disk of a domain, as its XML describes it.
@@ -145,7 +148,10 @@ pub fn parse_checkpoint(xml: &str) -> Result<CheckpointDef, XmlError> {
             Event::Start(e) => {
                 let n = e.name().as_ref().to_vec();
                 if path.is_empty() && n != b"domaincheckpoint" {
-                    return Err(err(W, format!("root element is <{}>", String::from_utf8_lossy(&n))));
+                    return Err(err(
+                        W,
+                        format!("root element is <{}>", String::from_utf8_lossy(&n)),
+                    ));
                 }
                 if path.len() == 2 && path[1] == b"disks" && n == b"disk" {
                     disks.push(disk_attrs(&e)?);
@@ -165,10 +171,16 @@ pub fn parse_checkpoint(xml: &str) -> Result<CheckpointDef, XmlError> {
                     description = None;
                 }
             }
-            Event::Text(t) => push_text(&mut text, &t.decode().map_err(|e| err(W, e.to_string()))?, W)?,
-            Event::GeneralRef(g) => {
-                push_text(&mut text, &format!("&{};", g.decode().map_err(|e| err(W, e.to_string()))?), W)?
-            }
+            Event::Text(t) => push_text(
+                &mut text,
+                &t.decode().map_err(|e| err(W, e.to_string()))?,
+                W,
+            )?,
+            Event::GeneralRef(g) => push_text(
+                &mut text,
+                &format!("&{};", g.decode().map_err(|e| err(W, e.to_string()))?),
+                W,
+            )?,
             Event::CData(c) => {
                 text.push_str(&String::from_utf8_lossy(&c.into_inner()));
             }
@@ -181,8 +193,10 @@ pub fn parse_checkpoint(xml: &str) -> Result<CheckpointDef, XmlError> {
                     parent = Some(std::mem::take(&mut text));
                 } else if is(&[b"domaincheckpoint", b"creationTime"]) {
                     let t = text.trim();
-                    creation =
-                        Some(t.parse::<i64>().map_err(|_| err(W, format!("creationTime {t:?} is not a number")))?);
+                    creation = Some(
+                        t.parse::<i64>()
+                            .map_err(|_| err(W, format!("creationTime {t:?} is not a number")))?,
+                    );
                 } else if is(&[b"domaincheckpoint", b"description"]) {
                     description = Some(std::mem::take(&mut text)).filter(|d| !d.is_empty());
                 }
@@ -206,7 +220,13 @@ pub fn parse_checkpoint(xml: &str) -> Result<CheckpointDef, XmlError> {
         }
         map.insert(target, bitmap.unwrap_or_else(|| name.clone()));
     }
-    Ok(CheckpointDef { name, parent, creation_time, description, disks: map })
+    Ok(CheckpointDef {
+        name,
+        parent,
+        creation_time,
+        description,
+        disks: map,
+    })
 }
 
 fn disk_attrs(e: &BytesStart<'_>) -> Result<(String, Option<String>, Option<String>), XmlError> {
@@ -216,7 +236,13 @@ fn disk_attrs(e: &BytesStart<'_>) -> Result<(String, Option<String>, Option<Stri
 }
 
 /// The disk being read: (is_disk_device, target, format, source, backing).
-type DiskParts = (bool, Option<String>, Option<String>, Option<PathBuf>, Vec<PathBuf>);
+type DiskParts = (
+    bool,
+    Option<String>,
+    Option<String>,
+    Option<PathBuf>,
+    Vec<PathBuf>,
+);
 
 /// Parse the facts the store needs from a domain's XML. `running` is taken
 /// from the caller (libvirt's `virDomainIsActive`), not guessed from the XML.
@@ -236,42 +262,48 @@ pub fn parse_domain(xml: &str, running: bool) -> Result<DomainInfo, XmlError> {
     let mut cur: Option<DiskParts> = None;
     // Depth of <backingStore> nesting inside the current disk.
     let mut bs_depth = 0usize;
-    let handle =
-        |e: &BytesStart<'_>, path: &[Vec<u8>], cur: &mut Option<DiskParts>, bs_depth: usize| -> Result<(), XmlError> {
-            let n = e.name().as_ref().to_vec();
-            let in_disk = path.len() >= 3 && path[1] == b"devices" && path[2] == b"disk";
-            if !in_disk {
-                return Ok(());
-            }
-            let Some(c) = cur.as_mut() else { return Ok(()) };
-            let parent = path.last().map(Vec::as_slice);
-            match n.as_slice() {
-                b"target" if path.len() == 3 => c.1 = attr(e, b"dev", W)?,
-                b"driver" if path.len() == 3 => c.2 = attr(e, b"type", W)?,
-                b"source" if path.len() == 3 || parent == Some(b"backingStore".as_slice()) => {
-                    let p = match attr(e, b"file", W)? {
-                        Some(f) => Some(f),
-                        None => attr(e, b"dev", W)?,
-                    };
-                    if let Some(p) = p {
-                        if bs_depth == 0 {
-                            c.3 = Some(PathBuf::from(p));
-                        } else {
-                            c.4.push(PathBuf::from(p));
-                        }
+    let handle = |e: &BytesStart<'_>,
+                  path: &[Vec<u8>],
+                  cur: &mut Option<DiskParts>,
+                  bs_depth: usize|
+     -> Result<(), XmlError> {
+        let n = e.name().as_ref().to_vec();
+        let in_disk = path.len() >= 3 && path[1] == b"devices" && path[2] == b"disk";
+        if !in_disk {
+            return Ok(());
+        }
+        let Some(c) = cur.as_mut() else { return Ok(()) };
+        let parent = path.last().map(Vec::as_slice);
+        match n.as_slice() {
+            b"target" if path.len() == 3 => c.1 = attr(e, b"dev", W)?,
+            b"driver" if path.len() == 3 => c.2 = attr(e, b"type", W)?,
+            b"source" if path.len() == 3 || parent == Some(b"backingStore".as_slice()) => {
+                let p = match attr(e, b"file", W)? {
+                    Some(f) => Some(f),
+                    None => attr(e, b"dev", W)?,
+                };
+                if let Some(p) = p {
+                    if bs_depth == 0 {
+                        c.3 = Some(PathBuf::from(p));
+                    } else {
+                        c.4.push(PathBuf::from(p));
                     }
                 }
-                _ => {}
             }
-            Ok(())
-        };
+            _ => {}
+        }
+        Ok(())
+    };
     loop {
         let ev = r.read_event().map_err(|e| err(W, e.to_string()))?;
         match ev {
             Event::Start(e) => {
                 let n = e.name().as_ref().to_vec();
                 if path.is_empty() && n != b"domain" {
-                    return Err(err(W, format!("root element is <{}>", String::from_utf8_lossy(&n))));
+                    return Err(err(
+                        W,
+                        format!("root element is <{}>", String::from_utf8_lossy(&n)),
+                    ));
                 }
                 if path.len() == 2 && path[1] == b"devices" && n == b"disk" {
                     let device = attr(&e, b"device", W)?.unwrap_or_else(|| "disk".into());
@@ -295,10 +327,16 @@ pub fn parse_domain(xml: &str, running: bool) -> Result<DomainInfo, XmlError> {
                 }
                 handle(&e, &path, &mut cur, bs_depth)?;
             }
-            Event::Text(t) => push_text(&mut text, &t.decode().map_err(|e| err(W, e.to_string()))?, W)?,
-            Event::GeneralRef(g) => {
-                push_text(&mut text, &format!("&{};", g.decode().map_err(|e| err(W, e.to_string()))?), W)?
-            }
+            Event::Text(t) => push_text(
+                &mut text,
+                &t.decode().map_err(|e| err(W, e.to_string()))?,
+                W,
+            )?,
+            Event::GeneralRef(g) => push_text(
+                &mut text,
+                &format!("&{};", g.decode().map_err(|e| err(W, e.to_string()))?),
+                W,
+            )?,
             Event::End(_) => {
                 let n = path.pop().unwrap_or_default();
                 if path.len() == 1 && n == b"name" {
@@ -309,7 +347,12 @@ pub fn parse_domain(xml: &str, running: bool) -> Result<DomainInfo, XmlError> {
                     bs_depth = bs_depth.saturating_sub(1);
                 } else if path.len() == 2 && n == b"disk" {
                     if let Some((true, Some(target), format, source, backing)) = cur.take() {
-                        disks.push(DomainDisk { target, format, source, backing });
+                        disks.push(DomainDisk {
+                            target,
+                            format,
+                            source,
+                            backing,
+                        });
                     }
                     cur = None;
                 }
@@ -322,7 +365,12 @@ pub fn parse_domain(xml: &str, running: bool) -> Result<DomainInfo, XmlError> {
     if name.is_empty() {
         return Err(err(W, "no <name>"));
     }
-    Ok(DomainInfo { name, uuid, running, disks })
+    Ok(DomainInfo {
+        name,
+        uuid,
+        running,
+        disks,
+    })
 }
 
 #[cfg(test)]
@@ -344,7 +392,10 @@ mod tests {
     fn renders_minimal_xml_and_reads_it_back() {
         let xml = render_checkpoint(&def());
         assert!(xml.starts_with("<domaincheckpoint><name>c2</name>"));
-        assert!(!xml.contains("<domain>"), "metacharacters must be escaped: {xml}");
+        assert!(
+            !xml.contains("<domain>"),
+            "metacharacters must be escaped: {xml}"
+        );
         assert!(!xml.contains("]]>"));
         assert_eq!(parse_checkpoint(&xml).unwrap(), def());
     }
@@ -360,13 +411,18 @@ mod tests {
         assert_eq!(d.parent.as_deref(), Some("c1"));
         assert_eq!(d.creation_time, 1_700_000_000);
         assert_eq!(d.description, None);
-        assert_eq!(d.disks, BTreeMap::from([("vda".to_string(), "b2".to_string())]));
+        assert_eq!(
+            d.disks,
+            BTreeMap::from([("vda".to_string(), "b2".to_string())])
+        );
     }
 
     #[test]
     fn reads_libvirts_zero_time_and_empty_description() {
-        let d =
-            parse_checkpoint("<domaincheckpoint><name>x</name><description></description></domaincheckpoint>").unwrap();
+        let d = parse_checkpoint(
+            "<domaincheckpoint><name>x</name><description></description></domaincheckpoint>",
+        )
+        .unwrap();
         assert_eq!((d.creation_time, d.description), (0, None));
         let mut def = def();
         def.description = Some(String::new());
@@ -377,8 +433,10 @@ mod tests {
     fn refuses_what_is_not_a_checkpoint() {
         assert!(parse_checkpoint("<domain/>").is_err());
         assert!(parse_checkpoint("<domaincheckpoint><name>x</name>").is_err());
-        assert!(parse_checkpoint("<domaincheckpoint><name>x</name><creationTime>z</creationTime></domaincheckpoint>")
-            .is_err());
+        assert!(parse_checkpoint(
+            "<domaincheckpoint><name>x</name><creationTime>z</creationTime></domaincheckpoint>"
+        )
+        .is_err());
         assert!(parse_checkpoint("not xml at all").is_err());
         assert!(parse_checkpoint("").is_err());
     }
@@ -403,7 +461,10 @@ mod tests {
         assert_eq!(info.disks[0].target, "vda");
         assert_eq!(info.disks[0].format.as_deref(), Some("qcow2"));
         assert_eq!(info.disks[0].source, Some(PathBuf::from("/img/top.qcow2")));
-        assert_eq!(info.disks[0].backing, vec![PathBuf::from("/img/base.qcow2")]);
+        assert_eq!(
+            info.disks[0].backing,
+            vec![PathBuf::from("/img/base.qcow2")]
+        );
         assert_eq!(info.disks[1].target, "vdb");
         assert_eq!(info.disks[1].source, Some(PathBuf::from("/dev/sdz")));
         assert!(info.has_target("vdb") && !info.has_target("hdc"));

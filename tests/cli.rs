@@ -40,7 +40,11 @@ fn chain(domain: &str, n: usize, targets: &[&str]) -> Chain {
     Chain {
         vm_id: Uuid::parse_str("93a5c045-6457-2c09-e56c-927cdf34e178").unwrap(),
         domain: Some(domain.to_string()),
-        disks: targets.iter().enumerate().map(|(i, t)| (disk_id(i), t.to_string())).collect(),
+        disks: targets
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (disk_id(i), t.to_string()))
+            .collect(),
         checkpoints: (0..n)
             .map(|i| Checkpoint {
                 id: ckpt_id(i),
@@ -54,7 +58,9 @@ fn chain(domain: &str, n: usize, targets: &[&str]) -> Chain {
 }
 
 fn write_chain(s: &Snap, file: &str, c: &Chain) -> String {
-    s.write(file, serde_json::to_string_pretty(c).unwrap()).display().to_string()
+    s.write(file, serde_json::to_string_pretty(c).unwrap())
+        .display()
+        .to_string()
 }
 
 fn defs(c: &Chain) -> Vec<CheckpointDef> {
@@ -62,7 +68,10 @@ fn defs(c: &Chain) -> Vec<CheckpointDef> {
 }
 
 fn libvirt(domain: &str) -> Vec<CheckpointDef> {
-    LibvirtBackend::connect(SYSTEM_URI).unwrap().list(domain).unwrap()
+    LibvirtBackend::connect(SYSTEM_URI)
+        .unwrap()
+        .list(domain)
+        .unwrap()
 }
 
 /// The payload of a crash injected into a store of this test process.
@@ -95,7 +104,15 @@ fn crashing_store(db: &Path, owner: Owner, at: &'static str, nth: u32) -> Store 
             std::panic::panic_any(Crash);
         }
     });
-    Store::open_with(db, StoreOptions { owner: Some(owner), hook: Some(hook), ..StoreOptions::default() }).unwrap()
+    Store::open_with(
+        db,
+        StoreOptions {
+            owner: Some(owner),
+            hook: Some(hook),
+            ..StoreOptions::default()
+        },
+    )
+    .unwrap()
 }
 
 /// Field 22 of /proc/PID/stat: the process's start time.
@@ -113,9 +130,19 @@ struct LiveOwner {
 
 impl LiveOwner {
     fn spawn() -> LiveOwner {
-        let child = Command::new("sleep").arg("60").spawn().expect("spawn sleep");
+        let child = Command::new("sleep")
+            .arg("60")
+            .spawn()
+            .expect("spawn sleep");
         let pid = child.id();
-        LiveOwner { child, owner: Owner { pid, boot_id: Owner::current().boot_id, start: start_time(pid) } }
+        LiveOwner {
+            child,
+            owner: Owner {
+                pid,
+                boot_id: Owner::current().boot_id,
+                start: start_time(pid),
+            },
+        }
     }
 
     /// Its identity (still the same once it has died).
@@ -139,15 +166,23 @@ impl Drop for LiveOwner {
 fn help_and_version() {
     let mut s = Snap::new("help");
     let r = s.run(&["--version"]);
-    assert_eq!((r.code, r.stdout.as_str()), (0, concat!("ckptstore ", env!("CARGO_PKG_VERSION"), "\n")));
+    assert_eq!(
+        (r.code, r.stdout.as_str()),
+        (0, concat!("ckptstore ", env!("CARGO_PKG_VERSION"), "\n"))
+    );
     let r = s.run(&["--help"]);
     assert_eq!(r.code, 0);
     assert!(r.stdout.contains("Exit codes:") && r.stdout.contains("$ ckptstore demo"));
-    for cmd in ["sync", "plan", "recover", "status", "import", "history", "demo"] {
+    for cmd in [
+        "sync", "plan", "recover", "status", "import", "history", "demo",
+    ] {
         let r = s.run(&[cmd, "--help"]);
         assert_eq!(r.code, 0, "{cmd} --help");
         assert!(r.stdout.contains("Example:"), "{cmd} --help has no example");
-        assert!(r.stdout.contains(&format!("$ ckptstore {cmd}")), "{cmd} --help's example does not run {cmd}");
+        assert!(
+            r.stdout.contains(&format!("$ ckptstore {cmd}")),
+            "{cmd} --help's example does not run {cmd}"
+        );
         assert!(r.stderr.is_empty());
     }
     s.check();
@@ -169,10 +204,18 @@ fn usage_errors_exit_2() {
         let r = s.run(args);
         assert_eq!(r.code, 2, "{args:?}");
         assert!(r.stdout.is_empty(), "{args:?}");
-        assert_eq!(r.stderr.lines().count(), 1, "{args:?}: one line on stderr:\n{}", r.stderr);
+        assert_eq!(
+            r.stderr.lines().count(),
+            1,
+            "{args:?}: one line on stderr:\n{}",
+            r.stderr
+        );
         assert!(r.stderr.starts_with("ckptstore: "), "{args:?}");
     }
-    assert!(!s.db().exists(), "a usage error must not create the journal");
+    assert!(
+        !s.db().exists(),
+        "a usage error must not create the journal"
+    );
     s.check();
 }
 
@@ -189,9 +232,22 @@ fn bad_chains_exit_2_before_libvirt_is_asked() {
     let mut orphan = good.clone();
     orphan.checkpoints[1].parent = Some(ckpt_id(7));
     let cases: Vec<(&str, String)> = vec![
-        ("malformed", good_json[..good_json.len() / 2].replace(',', ",\n")),
-        ("wrong type", good_json.replacen("\"vm_id\":\"93a5c045-6457-2c09-e56c-927cdf34e178\"", "\"vm_id\":42", 1)),
-        ("unknown field", good_json.replacen("\"disks\"", "\"disk_map\"", 1)),
+        (
+            "malformed",
+            good_json[..good_json.len() / 2].replace(',', ",\n"),
+        ),
+        (
+            "wrong type",
+            good_json.replacen(
+                "\"vm_id\":\"93a5c045-6457-2c09-e56c-927cdf34e178\"",
+                "\"vm_id\":42",
+                1,
+            ),
+        ),
+        (
+            "unknown field",
+            good_json.replacen("\"disks\"", "\"disk_map\"", 1),
+        ),
         ("cycle", serde_json::to_string(&cycle).unwrap()),
         ("duplicate", serde_json::to_string(&duplicate).unwrap()),
         ("unknown parent", serde_json::to_string(&orphan).unwrap()),
@@ -214,10 +270,26 @@ fn bad_chains_exit_2_before_libvirt_is_asked() {
         "malformed.json",
         "{\n  \"vm_id\": \"93a5c045-6457-2c09-e56c-927cdf34e178\",\n  \"disks\": {}\n  \"checkpoints\": []\n}\n",
     );
-    let r = s.run(&["--connect", NOWHERE, "plan", "--chain", &file.display().to_string()]);
+    let r = s.run(&[
+        "--connect",
+        NOWHERE,
+        "plan",
+        "--chain",
+        &file.display().to_string(),
+    ]);
     assert_eq!(r.code, 2);
-    assert!(r.stderr.contains("line 4 column 3"), "serde's line and column: {}", r.stderr);
-    let r = s.run(&["--connect", NOWHERE, "sync", "--chain", "/nonexistent/chain.json"]);
+    assert!(
+        r.stderr.contains("line 4 column 3"),
+        "serde's line and column: {}",
+        r.stderr
+    );
+    let r = s.run(&[
+        "--connect",
+        NOWHERE,
+        "sync",
+        "--chain",
+        "/nonexistent/chain.json",
+    ]);
     assert_eq!(r.code, 2);
     let r = s.run(&["--connect", NOWHERE, "sync", "--domain", "never-synced"]);
     assert_eq!(r.code, 2, "no committed chain to re-apply");
@@ -245,7 +317,10 @@ fn sync_plan_status_history_on_qemu() {
     let r = s.run(&["sync", "--chain", &c3, "--json"]);
     assert_eq!(r.code, 0);
     let j = r.json();
-    assert_eq!((j["outcome"].as_str(), j["libvirt_calls"].as_u64()), (Some("unchanged"), Some(0)));
+    assert_eq!(
+        (j["outcome"].as_str(), j["libvirt_calls"].as_u64()),
+        (Some("unchanged"), Some(0))
+    );
     assert_eq!(j["unchanged"].as_array().unwrap().len(), 3);
 
     let r = s.run(&["plan", "--chain", &c5, "--json"]);
@@ -259,7 +334,10 @@ fn sync_plan_status_history_on_qemu() {
     let r = s.run(&["sync", "--chain", &c5, "--json"]);
     assert_eq!(r.code, 0, "{}", r.stderr);
     let j = r.json();
-    assert_eq!((j["outcome"].as_str(), j["libvirt_calls"].as_u64()), (Some("committed"), Some(2)));
+    assert_eq!(
+        (j["outcome"].as_str(), j["libvirt_calls"].as_u64()),
+        (Some("committed"), Some(2))
+    );
     assert!(same_content(&libvirt(&dom.name), &defs(&five)));
 
     // Re-apply the committed chain: libvirt already has it.
@@ -279,7 +357,11 @@ fn sync_plan_status_history_on_qemu() {
     assert_eq!(r.json()["transactions"].as_array().unwrap().len(), 2);
 
     // A disk target the domain does not have: refused before any change.
-    let wrong = write_chain(&s, "wrong-target.json", &chain(&dom.name, 3, &["vda", "sdz"]));
+    let wrong = write_chain(
+        &s,
+        "wrong-target.json",
+        &chain(&dom.name, 3, &["vda", "sdz"]),
+    );
     let r = s.run(&["sync", "--chain", &wrong]);
     assert_eq!(r.code, 2);
     let r = s.run(&["plan", "--chain", &wrong, "--json"]);
@@ -330,11 +412,19 @@ fn refused_step_rolls_back_exit_1() {
     let c = write_chain(&s, "chain.json", &chain("stopped-vm", 2, &["vda"]));
     let r = s.run(&["--connect", &uri, "sync", "--chain", &c]);
     assert_eq!(r.code, 1, "{}", r.stderr);
-    assert!(r.stderr.lines().last().unwrap().starts_with("ckptstore: libvirt refused checkpoint"));
+    assert!(r
+        .stderr
+        .lines()
+        .last()
+        .unwrap()
+        .starts_with("ckptstore: libvirt refused checkpoint"));
     let r = s.run(&["--connect", &uri, "sync", "--chain", &c, "--json"]);
     assert_eq!(r.code, 1);
     let j = r.json();
-    assert_eq!((j["outcome"].as_str(), j["domain"].as_str()), (Some("rolled_back"), Some("stopped-vm")));
+    assert_eq!(
+        (j["outcome"].as_str(), j["domain"].as_str()),
+        (Some("rolled_back"), Some("stopped-vm"))
+    );
     assert_eq!(j["error"]["exit_code"], 1);
     let r = s.run(&["status"]);
     assert!(r.stdout.starts_with("incomplete transactions: none"));
@@ -362,7 +452,10 @@ fn live_owner_is_busy_exit_3_then_recover_on_qemu() {
     let r = s.run(&["sync", "--chain", &c3]);
     assert_eq!(r.code, 3, "{}", r.stderr);
     let r = s.run(&["sync", "--chain", &c3, "--json"]);
-    assert_eq!((r.code, &r.json()["error"]["exit_code"]), (3, &serde_json::json!(3)));
+    assert_eq!(
+        (r.code, &r.json()["error"]["exit_code"]),
+        (3, &serde_json::json!(3))
+    );
     let r = s.run(&["status", "--json"]);
     assert_eq!(r.json()["incomplete"][0]["owner_alive"], true);
     let r = s.run(&["recover"]);
@@ -372,7 +465,11 @@ fn live_owner_is_busy_exit_3_then_recover_on_qemu() {
     // The owner dies: its transaction can be undone ...
     agent.kill();
     let r = s.run(&["status"]);
-    assert!(r.stdout.contains("applying  0/3 steps  owner pid") && r.stdout.contains(" dead\n"), "{}", r.stdout);
+    assert!(
+        r.stdout.contains("applying  0/3 steps  owner pid") && r.stdout.contains(" dead\n"),
+        "{}",
+        r.stdout
+    );
     let r = s.run(&["recover", "--domain", &dom.name, "--rollback"]);
     assert_eq!(r.code, 0, "{}", r.stderr);
     assert!(libvirt(&dom.name).is_empty());
@@ -384,12 +481,21 @@ fn live_owner_is_busy_exit_3_then_recover_on_qemu() {
     assert_eq!(libvirt(&dom.name).len(), 2);
     let r = s.run(&["status", "--json"]);
     let j = &r.json()["incomplete"][0];
-    assert_eq!((j["state"].as_str(), j["owner_alive"].as_bool()), (Some("applying"), Some(false)));
-    assert_eq!((j["done"].as_u64(), j["total"].as_u64()), (Some(2), Some(3)));
+    assert_eq!(
+        (j["state"].as_str(), j["owner_alive"].as_bool()),
+        (Some("applying"), Some(false))
+    );
+    assert_eq!(
+        (j["done"].as_u64(), j["total"].as_u64()),
+        (Some(2), Some(3))
+    );
     let r = s.run(&["recover", "--json"]);
     assert_eq!(r.code, 0, "{}", r.stderr);
     let rec = &r.json()["recovered"][0];
-    assert_eq!((rec["outcome"].as_str(), rec["libvirt_calls"].as_u64()), (Some("committed"), Some(1)));
+    assert_eq!(
+        (rec["outcome"].as_str(), rec["libvirt_calls"].as_u64()),
+        (Some("committed"), Some(1))
+    );
     assert!(same_content(&libvirt(&dom.name), &defs(&three)));
     let r = s.run(&["status"]);
     assert!(r.stdout.starts_with("incomplete transactions: none"));
@@ -403,7 +509,10 @@ fn libvirt_unreachable_or_domain_unknown_exit_4() {
     let mut s = Snap::new("libvirt_unreachable");
     let missing = "ckpt-test-no-such-domain";
     let c = write_chain(&s, "chain.json", &chain(missing, 1, &["vda"]));
-    for args in [&["import", "--domain", missing][..], &["import", "--domain", missing, "--json"]] {
+    for args in [
+        &["import", "--domain", missing][..],
+        &["import", "--domain", missing, "--json"],
+    ] {
         let r = s.run(args);
         assert_eq!(r.code, 4, "{}", r.stderr);
         assert_eq!(r.stderr.lines().count(), 1, "{}", r.stderr);
@@ -414,7 +523,10 @@ fn libvirt_unreachable_or_domain_unknown_exit_4() {
     assert_eq!(r.code, 4);
     assert!(r.stderr.contains("/nonexistent/ckptstore.sock"));
     let r = s.run(&["--connect", NOWHERE, "plan", "--chain", &c, "--json"]);
-    assert_eq!((r.code, &r.json()["error"]["exit_code"]), (4, &serde_json::json!(4)));
+    assert_eq!(
+        (r.code, &r.json()["error"]["exit_code"]),
+        (4, &serde_json::json!(4))
+    );
     let r = s.run(&["--connect", NOWHERE, "import", "--domain", missing]);
     assert_eq!(r.code, 4);
     // Nothing to recover needs no libvirt.
@@ -442,7 +554,15 @@ fn unusable_journal_exit_5() {
     assert_eq!(r.code, 5);
     let r = s.run(&["--db", &corrupt, "status", "--json"]);
     assert_eq!(r.json()["error"]["exit_code"], 5);
-    let r = s.run(&["--db", &corrupt, "--connect", NOWHERE, "sync", "--chain", &c]);
+    let r = s.run(&[
+        "--db",
+        &corrupt,
+        "--connect",
+        NOWHERE,
+        "sync",
+        "--chain",
+        &c,
+    ]);
     assert_eq!(r.code, 5);
     assert_eq!(std::fs::read(&corrupt).unwrap(), noise);
 
@@ -450,18 +570,30 @@ fn unusable_journal_exit_5() {
     let newer = s.dir().join("newer.db");
     {
         let db = rusqlite::Connection::open(&newer).unwrap();
-        db.execute_batch("CREATE TABLE future (x); INSERT INTO future VALUES (1); PRAGMA user_version = 99;").unwrap();
+        db.execute_batch(
+            "CREATE TABLE future (x); INSERT INTO future VALUES (1); PRAGMA user_version = 99;",
+        )
+        .unwrap();
     }
     let before = std::fs::read(&newer).unwrap();
     let newer = newer.display().to_string();
-    for args in [&["status"][..], &["recover"], &["history", "--domain", "vm"], &["sync", "--chain", &c]] {
+    for args in [
+        &["status"][..],
+        &["recover"],
+        &["history", "--domain", "vm"],
+        &["sync", "--chain", &c],
+    ] {
         let mut full = vec!["--db", newer.as_str(), "--connect", NOWHERE];
         full.extend(args);
         let r = s.run(&full);
         assert_eq!(r.code, 5, "{args:?}: {}", r.stderr);
         assert!(r.stderr.contains("schema version 99"), "{}", r.stderr);
     }
-    assert_eq!(std::fs::read(&newer).unwrap(), before, "the newer journal was changed");
+    assert_eq!(
+        std::fs::read(&newer).unwrap(),
+        before,
+        "the newer journal was changed"
+    );
     assert!(!Path::new(&format!("{newer}-wal")).exists());
 
     // A journal that cannot be created.
@@ -481,7 +613,10 @@ fn demo_tells_the_whole_story() {
     let j = r.json();
     assert_eq!(j["libvirt_equals_chain"], true);
     assert_eq!(j["crashed_after"], 4);
-    assert_eq!(j["status_after_crash"]["incomplete"][0]["owner_alive"], false);
+    assert_eq!(
+        j["status_after_crash"]["incomplete"][0]["owner_alive"],
+        false
+    );
     assert_eq!(j["recovered"][0]["outcome"], "committed");
     assert!(!s.db().exists(), "the demo uses a journal of its own");
     s.check();
@@ -518,13 +653,22 @@ fn validate_exit_0_when_clean_and_1_with_findings_on_qemu() {
     assert_eq!(r.code, 1);
     let doc = r.json();
     assert_eq!(doc["ok"], false);
-    let kinds: Vec<&str> = doc["findings"].as_array().unwrap().iter().map(|f| f["kind"].as_str().unwrap()).collect();
+    let kinds: Vec<&str> = doc["findings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f["kind"].as_str().unwrap())
+        .collect();
     assert_eq!(kinds, ["missing_bitmap", "orphan_bitmap"]);
     assert_eq!(doc["findings"][0]["checkpoint"], leaf.as_str());
     assert_eq!(doc["findings"][0]["disk"], "vda");
     assert_eq!(doc["usable"], ckpt_id(1).to_string().as_str());
     assert_eq!(doc["error"]["exit_code"], 1);
     // Unknown domain: exit 4.
-    assert_eq!(s.run(&["validate", "--domain", "ckptstore-no-such-domain"]).code, 4);
+    assert_eq!(
+        s.run(&["validate", "--domain", "ckptstore-no-such-domain"])
+            .code,
+        4
+    );
     s.check();
 }

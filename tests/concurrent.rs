@@ -30,7 +30,10 @@ use support::{TestDomain, SYSTEM_URI};
 fn two_processes_sync_one_domain_exactly_one_proceeds_on_qemu() {
     let conn = support::system();
     let dom = TestDomain::define(&conn, "race", 1);
-    let dir = tempfile::Builder::new().prefix("ckptstore-race-").tempdir().unwrap();
+    let dir = tempfile::Builder::new()
+        .prefix("ckptstore-race-")
+        .tempdir()
+        .unwrap();
     let db = dir.path().join("journal.db");
     let chain = rel::chain(&dom.name, 100, &["vda"]);
     let file = rel::write_chain(dir.path(), "chain.json", &chain);
@@ -43,15 +46,24 @@ fn two_processes_sync_one_domain_exactly_one_proceeds_on_qemu() {
         let history_before = history_len(&db, &dom.name);
         let staggered = race % 2 == 1;
         let json = race >= 2;
-        let args: Vec<&str> =
-            if json { vec!["sync", "--chain", &file, "--json"] } else { vec!["sync", "--chain", &file] };
+        let args: Vec<&str> = if json {
+            vec!["sync", "--chain", &file, "--json"]
+        } else {
+            vec!["sync", "--chain", &file]
+        };
         let mut a = Running::spawn(rel::command(&db, &args));
         if staggered {
             // The second starts once the first has committed its intent.
             let t = Instant::now();
             while status_incomplete(&db, &dom.name) == 0 {
-                assert!(t.elapsed() < Duration::from_secs(30), "the first sync never began");
-                assert!(a.child.try_wait().unwrap().is_none(), "the first sync ended before it was seen");
+                assert!(
+                    t.elapsed() < Duration::from_secs(30),
+                    "the first sync never began"
+                );
+                assert!(
+                    a.child.try_wait().unwrap().is_none(),
+                    "the first sync ended before it was seen"
+                );
                 std::thread::sleep(Duration::from_millis(20));
             }
         }
@@ -67,11 +79,17 @@ fn two_processes_sync_one_domain_exactly_one_proceeds_on_qemu() {
             std::thread::sleep(Duration::from_millis(5));
         };
         let mut winner = winner;
-        assert!(winner.child.try_wait().unwrap().is_none(), "race {race}: the loser did not exit at once");
+        assert!(
+            winner.child.try_wait().unwrap().is_none(),
+            "race {race}: the loser did not exit at once"
+        );
         let lost = loser.wait();
         assert_eq!(lost.code(), Some(3), "race {race}: the loser: {lost:#?}");
         assert_eq!(lost.stderr.lines().count(), 1, "{lost:#?}");
-        assert!(lost.stderr.starts_with("ckptstore: domain ") && lost.stderr.contains("is busy"), "{lost:#?}");
+        assert!(
+            lost.stderr.starts_with("ckptstore: domain ") && lost.stderr.contains("is busy"),
+            "{lost:#?}"
+        );
         if json {
             assert_eq!(lost.json()["error"]["exit_code"], 3);
         }
@@ -80,13 +98,27 @@ fn two_processes_sync_one_domain_exactly_one_proceeds_on_qemu() {
         assert_eq!(won.code(), Some(0), "race {race}: the winner: {won:#?}");
         if json {
             let j = won.json();
-            assert_eq!((j["outcome"].as_str(), j["libvirt_calls"].as_u64()), (Some("committed"), Some(100)));
+            assert_eq!(
+                (j["outcome"].as_str(), j["libvirt_calls"].as_u64()),
+                (Some("committed"), Some(100))
+            );
         }
         // Nothing lost: libvirt has the chain, the journal one more
         // transaction (committed), the loser left nothing behind.
-        let landed = rel::check_invariant(&backend, &db, &dom.name, &target, &[], &format!("race {race}"));
+        let landed = rel::check_invariant(
+            &backend,
+            &db,
+            &dom.name,
+            &target,
+            &[],
+            &format!("race {race}"),
+        );
         assert_eq!(landed, rel::Landed::Target);
-        assert_eq!(history_len(&db, &dom.name), history_before + 1, "race {race}: one transaction per race");
+        assert_eq!(
+            history_len(&db, &dom.name),
+            history_before + 1,
+            "race {race}: one transaction per race"
+        );
         assert_eq!(rel::last_txn(&db, &dom.name).unwrap()["state"], "committed");
         println!(
             "concurrent: race {race} ({}): one sync committed 100 checkpoints in {} ms, the other exited 3 after {} ms",
@@ -102,7 +134,12 @@ fn history_len(db: &Path, domain: &str) -> usize {
     if !db.exists() {
         return 0;
     }
-    let h = rel::run(db, &["history", "--domain", domain, "--limit", "1000", "--json"]).expect(0, "history").json();
+    let h = rel::run(
+        db,
+        &["history", "--domain", domain, "--limit", "1000", "--json"],
+    )
+    .expect(0, "history")
+    .json();
     h["transactions"].as_array().unwrap().len()
 }
 
@@ -121,9 +158,16 @@ fn status_incomplete(db: &Path, domain: &str) -> usize {
 #[test]
 fn eight_threads_and_four_processes_on_one_journal_on_qemu() {
     let conn = support::system();
-    let lib_doms: Vec<TestDomain> = (0..8).map(|i| TestDomain::define(&conn, &format!("lib{i}"), 1)).collect();
-    let cli_doms: Vec<TestDomain> = (0..8).map(|i| TestDomain::define(&conn, &format!("cli{i}"), 1)).collect();
-    let dir = tempfile::Builder::new().prefix("ckptstore-many-").tempdir().unwrap();
+    let lib_doms: Vec<TestDomain> = (0..8)
+        .map(|i| TestDomain::define(&conn, &format!("lib{i}"), 1))
+        .collect();
+    let cli_doms: Vec<TestDomain> = (0..8)
+        .map(|i| TestDomain::define(&conn, &format!("cli{i}"), 1))
+        .collect();
+    let dir = tempfile::Builder::new()
+        .prefix("ckptstore-many-")
+        .tempdir()
+        .unwrap();
     // The journal does not exist yet: five processes create it at once.
     let db = dir.path().join("journal.db");
     let backend = LibvirtBackend::connect(SYSTEM_URI).unwrap();
@@ -134,7 +178,13 @@ fn eight_threads_and_four_processes_on_one_journal_on_qemu() {
     for (round, &n) in sizes.iter().enumerate() {
         let files: Vec<String> = cli_doms
             .iter()
-            .map(|d| rel::write_chain(dir.path(), &format!("{}-{n}.json", d.name), &rel::chain(&d.name, n, &["vda"])))
+            .map(|d| {
+                rel::write_chain(
+                    dir.path(),
+                    &format!("{}-{n}.json", d.name),
+                    &rel::chain(&d.name, n, &["vda"]),
+                )
+            })
             .collect();
         let results: Mutex<Vec<String>> = Mutex::new(Vec::new());
         let t = Instant::now();
@@ -156,16 +206,24 @@ fn eight_threads_and_four_processes_on_one_journal_on_qemu() {
             // processes start.
             let mut guard = store.lock().unwrap();
             if guard.is_none() {
-                *guard = Some(Store::open(&db).expect("open the journal while four processes create it"));
+                *guard = Some(
+                    Store::open(&db).expect("open the journal while four processes create it"),
+                );
             }
             let st = guard.as_ref().unwrap();
             std::thread::scope(|s2| {
                 for d in &lib_doms {
                     let (backend, results) = (&backend, &results);
                     s2.spawn(move || {
-                        let report = st.sync(backend, rel::chain(&d.name, n, &["vda"])).unwrap_or_else(|e| {
-                            panic!("round {round}, thread for {}: {e} (journal error: {})", d.name, e.is_journal())
-                        });
+                        let report = st
+                            .sync(backend, rel::chain(&d.name, n, &["vda"]))
+                            .unwrap_or_else(|e| {
+                                panic!(
+                                    "round {round}, thread for {}: {e} (journal error: {})",
+                                    d.name,
+                                    e.is_journal()
+                                )
+                            });
                         assert_eq!(report.outcome, Outcome::Committed);
                         assert_eq!(report.libvirt_calls, 8);
                         results.lock().unwrap().push("thread".into());
@@ -190,10 +248,24 @@ fn eight_threads_and_four_processes_on_one_journal_on_qemu() {
     assert_eq!(status.domains.len(), 16);
     for d in lib_doms.iter().chain(&cli_doms) {
         let target = rel::defs(&rel::chain(&d.name, sizes[2], &["vda"]));
-        assert!(ckptstore::plan::same_content(&rel::list(&backend, &d.name), &target), "{}", d.name);
+        assert!(
+            ckptstore::plan::same_content(&rel::list(&backend, &d.name), &target),
+            "{}",
+            d.name
+        );
         let h = st.history(&d.name, 10).unwrap();
-        assert_eq!(h.len(), sizes.len(), "{}: one transaction per round", d.name);
-        assert!(h.iter().all(|t| t.state == ckptstore::journal::TxnState::Committed), "{}", d.name);
+        assert_eq!(
+            h.len(),
+            sizes.len(),
+            "{}: one transaction per round",
+            d.name
+        );
+        assert!(
+            h.iter()
+                .all(|t| t.state == ckptstore::journal::TxnState::Committed),
+            "{}",
+            d.name
+        );
         let c = st.committed(&d.name).unwrap().unwrap();
         assert_eq!(c.defs.len(), sizes[2]);
     }
@@ -225,10 +297,22 @@ fn leave_open(db: &Path, owner: Owner, backend: &LibvirtBackend, dom: &TestDomai
             std::panic::panic_any(Crash);
         }
     });
-    let store =
-        Store::open_with(db, StoreOptions { owner: Some(owner), hook: Some(hook), ..StoreOptions::default() }).unwrap();
-    let r = catch_unwind(AssertUnwindSafe(|| store.sync(backend, rel::chain(&dom.name, 3, &["vda"]))));
-    assert!(matches!(r, Err(p) if p.downcast_ref::<Crash>().is_some()), "the store should have died");
+    let store = Store::open_with(
+        db,
+        StoreOptions {
+            owner: Some(owner),
+            hook: Some(hook),
+            ..StoreOptions::default()
+        },
+    )
+    .unwrap();
+    let r = catch_unwind(AssertUnwindSafe(|| {
+        store.sync(backend, rel::chain(&dom.name, 3, &["vda"]))
+    }));
+    assert!(
+        matches!(r, Err(p) if p.downcast_ref::<Crash>().is_some()),
+        "the store should have died"
+    );
 }
 
 /// Field 22 of /proc/PID/stat: the process's start time.
@@ -248,7 +332,11 @@ impl Sleeper {
 
     fn owner(&self) -> Owner {
         let pid = self.0.id();
-        Owner { pid, boot_id: Owner::current().boot_id, start: start_time(pid) }
+        Owner {
+            pid,
+            boot_id: Owner::current().boot_id,
+            start: start_time(pid),
+        }
     }
 }
 
@@ -263,10 +351,15 @@ impl Drop for Sleeper {
 fn stale_owners_are_seen_dead_by_status_on_qemu() {
     let conn = support::system();
     let backend = LibvirtBackend::connect(SYSTEM_URI).unwrap();
-    let dir = tempfile::Builder::new().prefix("ckptstore-owners-").tempdir().unwrap();
+    let dir = tempfile::Builder::new()
+        .prefix("ckptstore-owners-")
+        .tempdir()
+        .unwrap();
     let db = dir.path().join("journal.db");
-    let doms: Vec<TestDomain> =
-        ["dead", "reused", "reboot", "live"].iter().map(|t| TestDomain::define(&conn, t, 1)).collect();
+    let doms: Vec<TestDomain> = ["dead", "reused", "reboot", "live"]
+        .iter()
+        .map(|t| TestDomain::define(&conn, t, 1))
+        .collect();
 
     // A process that has died.
     let dead = {
@@ -276,21 +369,32 @@ fn stale_owners_are_seen_dead_by_status_on_qemu() {
     // This boot, a live pid whose process started at another time: the pid
     // was reused.
     let keep = Sleeper::spawn();
-    let reused = Owner { start: keep.owner().start + 1, ..keep.owner() };
+    let reused = Owner {
+        start: keep.owner().start + 1,
+        ..keep.owner()
+    };
     // A live pid with its own start time, but written in another boot: the
     // machine rebooted and the pid (and even the start time) came again.
-    let rebooted = Owner { boot_id: "00000000-0000-4000-8000-000000000000".into(), ..keep.owner() };
+    let rebooted = Owner {
+        boot_id: "00000000-0000-4000-8000-000000000000".into(),
+        ..keep.owner()
+    };
     let live = Sleeper::spawn();
     let owners = [dead.clone(), reused, rebooted, live.owner()];
     for (dom, owner) in doms.iter().zip(&owners) {
         leave_open(&db, owner.clone(), &backend, dom);
     }
 
-    let status = rel::run(&db, &["status", "--json"]).expect(0, "status").json();
+    let status = rel::run(&db, &["status", "--json"])
+        .expect(0, "status")
+        .json();
     let incomplete = status["incomplete"].as_array().unwrap();
     assert_eq!(incomplete.len(), 4);
     for (dom, owner) in doms.iter().zip(&owners) {
-        let t = incomplete.iter().find(|t| t["domain"] == dom.name.as_str()).unwrap();
+        let t = incomplete
+            .iter()
+            .find(|t| t["domain"] == dom.name.as_str())
+            .unwrap();
         assert_eq!(t["owner"]["pid"], owner.pid);
         assert_eq!(t["owner"]["boot_id"], owner.boot_id.as_str());
         let alive = dom.name.ends_with("-live");
@@ -301,15 +405,27 @@ fn stale_owners_are_seen_dead_by_status_on_qemu() {
 
     // recover takes over the three dead owners' transactions and leaves
     // the live one's alone ...
-    let out = rel::run(&db, &["recover", "--json"]).expect(0, "recover").json();
+    let out = rel::run(&db, &["recover", "--json"])
+        .expect(0, "recover")
+        .json();
     assert_eq!(out["recovered"].as_array().unwrap().len(), 3, "{out}");
     let left = out["left_open"].as_array().unwrap();
-    assert_eq!((left.len(), &left[0]["owner_alive"]), (1, &serde_json::json!(true)), "{out}");
+    assert_eq!(
+        (left.len(), &left[0]["owner_alive"]),
+        (1, &serde_json::json!(true)),
+        "{out}"
+    );
     // ... and a sync of the live owner's domain is busy.
-    let file = rel::write_chain(dir.path(), "live.json", &rel::chain(&doms[3].name, 3, &["vda"]));
+    let file = rel::write_chain(
+        dir.path(),
+        "live.json",
+        &rel::chain(&doms[3].name, 3, &["vda"]),
+    );
     rel::run(&db, &["sync", "--chain", &file]).expect(3, "sync of a live owner's domain");
     drop(live);
-    let out = rel::run(&db, &["recover", "--json"]).expect(0, "recover").json();
+    let out = rel::run(&db, &["recover", "--json"])
+        .expect(0, "recover")
+        .json();
     assert_eq!(out["recovered"].as_array().unwrap().len(), 1, "{out}");
     for dom in &doms {
         let target = rel::defs(&rel::chain(&dom.name, 3, &["vda"]));
@@ -321,13 +437,18 @@ fn stale_owners_are_seen_dead_by_status_on_qemu() {
 
 #[test]
 fn a_new_journal_opened_by_eight_processes_at_once() {
-    let tmp = tempfile::Builder::new().prefix("ckptstore-create-").tempdir().unwrap();
+    let tmp = tempfile::Builder::new()
+        .prefix("ckptstore-create-")
+        .tempdir()
+        .unwrap();
     let rounds = 20;
     for r in 0..rounds {
         // A folder that does not exist either: created, 0700, by whoever
         // comes first.
         let db = tmp.path().join(format!("r{r}/journal.db"));
-        let running: Vec<Running> = (0..8).map(|_| Running::spawn(rel::command(&db, &["status", "--json"]))).collect();
+        let running: Vec<Running> = (0..8)
+            .map(|_| Running::spawn(rel::command(&db, &["status", "--json"])))
+            .collect();
         for p in running {
             let out = p.wait();
             assert_eq!(out.code(), Some(0), "round {r}: {out:#?}");

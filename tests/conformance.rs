@@ -56,7 +56,10 @@ trait Harness {
 }
 
 fn now() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64
 }
 
 struct FakeHarness {
@@ -65,7 +68,9 @@ struct FakeHarness {
 
 impl FakeHarness {
     fn new() -> Self {
-        FakeHarness { fake: FakeBackend::new() }
+        FakeHarness {
+            fake: FakeBackend::new(),
+        }
     }
 
     fn define(&self, tag: &str, disks: usize, bitmaps: &[&str], running: bool) -> Dom {
@@ -79,7 +84,12 @@ impl FakeHarness {
                 self.fake.add_bitmap(&name, target, b);
             }
         }
-        Dom { name, uuid, targets, _guard: None }
+        Dom {
+            name,
+            uuid,
+            targets,
+            _guard: None,
+        }
     }
 }
 
@@ -126,7 +136,11 @@ impl LibvirtHarness {
 
     fn system() -> Self {
         let conn = support::system();
-        LibvirtHarness { backend: LibvirtBackend::connect(support::SYSTEM_URI).unwrap(), conn, always_running: false }
+        LibvirtHarness {
+            backend: LibvirtBackend::connect(support::SYSTEM_URI).unwrap(),
+            conn,
+            always_running: false,
+        }
     }
 
     fn define(&self, tag: &str, disks: usize, bitmaps: &[&str], running: bool) -> Dom {
@@ -137,7 +151,12 @@ impl LibvirtHarness {
         if running {
             d.start();
         }
-        Dom { name: d.name.clone(), uuid: d.uuid.clone(), targets: d.targets.clone(), _guard: Some(d) }
+        Dom {
+            name: d.name.clone(),
+            uuid: d.uuid.clone(),
+            targets: d.targets.clone(),
+            _guard: Some(d),
+        }
     }
 }
 
@@ -178,26 +197,39 @@ fn def(name: &str, parent: Option<&str>, time: i64, disks: &[&str]) -> Checkpoin
         parent: parent.map(Into::into),
         creation_time: time,
         description: None,
-        disks: disks.iter().map(|d| (d.to_string(), name.to_string())).collect(),
+        disks: disks
+            .iter()
+            .map(|d| (d.to_string(), name.to_string()))
+            .collect(),
     }
 }
 
 /// Redefine through the XML the store renders.
 fn put(h: &dyn Harness, dom: &Dom, d: &CheckpointDef) -> Result<(), BackendError> {
-    h.backend().redefine(&dom.name, &render_checkpoint(d), false)
+    h.backend()
+        .redefine(&dom.name, &render_checkpoint(d), false)
 }
 
 fn put_ok(h: &dyn Harness, dom: &Dom, d: &CheckpointDef) {
-    put(h, dom, d).unwrap_or_else(|e| panic!("redefine {} on {}: {e:?}", d.name, h.backend().describe()));
+    put(h, dom, d)
+        .unwrap_or_else(|e| panic!("redefine {} on {}: {e:?}", d.name, h.backend().describe()));
 }
 
 /// `(name, parent)` in listing order.
 fn tree(h: &dyn Harness, dom: &Dom) -> Vec<(String, Option<String>)> {
-    h.backend().list(&dom.name).unwrap().into_iter().map(|d| (d.name, d.parent)).collect()
+    h.backend()
+        .list(&dom.name)
+        .unwrap()
+        .into_iter()
+        .map(|d| (d.name, d.parent))
+        .collect()
 }
 
 fn t(pairs: &[(&str, Option<&str>)]) -> Vec<(String, Option<String>)> {
-    pairs.iter().map(|(n, p)| (n.to_string(), p.map(Into::into))).collect()
+    pairs
+        .iter()
+        .map(|(n, p)| (n.to_string(), p.map(Into::into)))
+        .collect()
 }
 
 fn assert_err(r: Result<(), BackendError>, kind: K, code: i32, message: Option<&str>) {
@@ -212,7 +244,10 @@ fn assert_parents_first(list: &[(String, Option<String>)]) {
     for (i, (name, parent)) in list.iter().enumerate() {
         if let Some(p) = parent {
             let at = list.iter().position(|(n, _)| n == p);
-            assert!(at.is_some_and(|at| at < i), "{name} listed before its parent {p}: {list:?}");
+            assert!(
+                at.is_some_and(|at| at < i),
+                "{name} listed before its parent {p}: {list:?}"
+            );
         }
     }
 }
@@ -250,13 +285,24 @@ fn redefining_a_name_replaces_it(h: &dyn Harness) {
     let got: BTreeMap<_, _> = list.iter().map(|d| (d.name.as_str(), d)).collect();
     assert_eq!(got["c2"], &new);
     assert_eq!(got["c3"].parent.as_deref(), Some("c2"));
-    assert_eq!(tree(h, &dom), t(&[("r2", None), ("c2", Some("r2")), ("c3", Some("c2")), ("c1", None)]));
+    assert_eq!(
+        tree(h, &dom),
+        t(&[
+            ("r2", None),
+            ("c2", Some("r2")),
+            ("c3", Some("c2")),
+            ("c1", None)
+        ])
+    );
     // Idempotent: the same definition again changes nothing.
     put_ok(h, &dom, &new);
     assert_eq!(h.backend().list(&dom.name).unwrap(), list);
     // Back to a root.
     put_ok(h, &dom, &def("c2", None, 200, &["vda"]));
-    assert_eq!(tree(h, &dom), t(&[("c2", None), ("c3", Some("c2")), ("r2", None), ("c1", None)]));
+    assert_eq!(
+        tree(h, &dom),
+        t(&[("c2", None), ("c3", Some("c2")), ("r2", None), ("c1", None)])
+    );
 }
 
 fn delete_reparents_the_children(h: &dyn Harness) {
@@ -272,13 +318,30 @@ fn delete_reparents_the_children(h: &dyn Harness) {
     }
     assert_eq!(
         tree(h, &dom),
-        t(&[("c1", None), ("c5", Some("c1")), ("c2", Some("c1")), ("c4", Some("c2")), ("c3", Some("c2"))])
+        t(&[
+            ("c1", None),
+            ("c5", Some("c1")),
+            ("c2", Some("c1")),
+            ("c4", Some("c2")),
+            ("c3", Some("c2"))
+        ])
     );
     h.backend().delete(&dom.name, "c2").unwrap();
     // The children move, in their order, in front of their new siblings.
-    assert_eq!(tree(h, &dom), t(&[("c1", None), ("c4", Some("c1")), ("c3", Some("c1")), ("c5", Some("c1"))]));
+    assert_eq!(
+        tree(h, &dom),
+        t(&[
+            ("c1", None),
+            ("c4", Some("c1")),
+            ("c3", Some("c1")),
+            ("c5", Some("c1"))
+        ])
+    );
     h.backend().delete(&dom.name, "c1").unwrap();
-    assert_eq!(tree(h, &dom), t(&[("c4", None), ("c3", None), ("c5", None)]));
+    assert_eq!(
+        tree(h, &dom),
+        t(&[("c4", None), ("c3", None), ("c5", None)])
+    );
     // The definitions of the moved children say so too.
     let c4 = h.backend().list(&dom.name).unwrap().remove(0);
     assert_eq!(c4, def("c4", None, 400, &["vda"]));
@@ -294,7 +357,12 @@ fn deleting_an_unknown_name_is_no_checkpoint(h: &dyn Harness) {
     );
     put_ok(h, &dom, &def("c1", None, 100, &["vda"]));
     h.backend().delete(&dom.name, "c1").unwrap();
-    assert_err(h.backend().delete(&dom.name, "c1"), K::NoCheckpoint, 103, None);
+    assert_err(
+        h.backend().delete(&dom.name, "c1"),
+        K::NoCheckpoint,
+        103,
+        None,
+    );
 }
 
 fn an_unknown_domain_is_no_domain(h: &dyn Harness) {
@@ -306,7 +374,14 @@ fn an_unknown_domain_is_no_domain(h: &dyn Harness) {
         assert!(e.is_unreachable());
     };
     check(b.list(&missing).unwrap_err());
-    check(b.redefine(&missing, &render_checkpoint(&def("c1", None, 1, &["vda"])), false).unwrap_err());
+    check(
+        b.redefine(
+            &missing,
+            &render_checkpoint(&def("c1", None, 1, &["vda"])),
+            false,
+        )
+        .unwrap_err(),
+    );
     check(b.delete(&missing, "c1").unwrap_err());
     check(b.domain_info(&missing).unwrap_err());
     check(b.list(&uuid::Uuid::new_v4().to_string()).unwrap_err());
@@ -360,15 +435,28 @@ fn listing_is_libvirts_topological_order(h: &dyn Harness) {
     }
     // Depth first; siblings (roots too) most recently defined first,
     // whatever their names or creation times.
-    let expected =
-        t(&[("z", None), ("r", None), ("c", Some("r")), ("a", Some("r")), ("a1", Some("a")), ("b", Some("r"))]);
+    let expected = t(&[
+        ("z", None),
+        ("r", None),
+        ("c", Some("r")),
+        ("a", Some("r")),
+        ("a1", Some("a")),
+        ("b", Some("r")),
+    ]);
     assert_eq!(tree(h, &dom), expected);
     assert_parents_first(&expected);
     // A redefine, even an identical one, moves the checkpoint to the front.
     put_ok(h, &dom, &def("b", Some("r"), 300, &["vda"]));
     assert_eq!(
         tree(h, &dom),
-        t(&[("z", None), ("r", None), ("b", Some("r")), ("c", Some("r")), ("a", Some("r")), ("a1", Some("a"))])
+        t(&[
+            ("z", None),
+            ("r", None),
+            ("b", Some("r")),
+            ("c", Some("r")),
+            ("a", Some("r")),
+            ("a1", Some("a"))
+        ])
     );
 }
 
@@ -380,7 +468,11 @@ fn rendered_xml_round_trips(h: &dyn Harness) {
         d
     };
     let mut defs = vec![
-        described("meta", None, "a <b> & ]]> 'q' \"d\" <domain type='kvm'><name>x</name></domain> &amp; <![CDATA[x]]>"),
+        described(
+            "meta",
+            None,
+            "a <b> & ]]> 'q' \"d\" <domain type='kvm'><name>x</name></domain> &amp; <![CDATA[x]]>",
+        ),
         described("spaces", Some("meta"), "  leading and trailing  "),
         described("lines", Some("spaces"), "\nfirst\n\n  second\t\n"),
         described("blank", Some("lines"), "   "),
@@ -392,7 +484,9 @@ fn rendered_xml_round_trips(h: &dyn Harness) {
     ];
     // A bitmap that is not named after the checkpoint, and a disk that
     // takes no part.
-    defs[8].disks.insert("vda".into(), "some.other_bitmap-1".into());
+    defs[8]
+        .disks
+        .insert("vda".into(), "some.other_bitmap-1".into());
     for d in &defs {
         put_ok(h, &dom, d);
     }
@@ -411,7 +505,10 @@ fn rendered_xml_round_trips(h: &dyn Harness) {
     let mut empty = def("empty", None, 6, &["vda"]);
     b.redefine(
         &dom.name,
-        &render_checkpoint(&empty).replace("<creationTime>", "<description></description><creationTime>"),
+        &render_checkpoint(&empty).replace(
+            "<creationTime>",
+            "<description></description><creationTime>",
+        ),
         false,
     )
     .unwrap();
@@ -434,23 +531,47 @@ fn schema_refusals(h: &dyn Harness) {
     let b = h.backend();
     put_ok(h, &dom, &def("c1", None, 100, &["vda"]));
     let good = render_checkpoint(&def("c2", Some("c1"), 200, &["vda"]));
-    let schema = |xml: String| assert_err(b.redefine(&dom.name, &xml, false), K::InvalidArgument, 92, None);
+    let schema = |xml: String| {
+        assert_err(
+            b.redefine(&dom.name, &xml, false),
+            K::InvalidArgument,
+            92,
+            None,
+        )
+    };
     schema(good.replace("<name>c2</name>", "<name>.c2</name>"));
     schema(good.replace("<name>c2</name>", "<name>c/2</name>"));
     schema(good.replace("<name>c1</name>", "<name>c 1</name>"));
     schema(good.replace("<creationTime>200", "<creationTime>-200"));
     schema(good.replace("name=\"vda\"", "name=\"disk0\""));
-    schema(good.replace("<disk name=\"vda\" checkpoint=\"bitmap\" bitmap=\"c2\"/>", ""));
+    schema(good.replace(
+        "<disk name=\"vda\" checkpoint=\"bitmap\" bitmap=\"c2\"/>",
+        "",
+    ));
     schema(good.replace("<name>c2</name>", "<name>c2</name><unknown/>"));
     assert_err(
-        b.redefine(&dom.name, &good.replace("<creationTime>200</creationTime>", ""), false),
+        b.redefine(
+            &dom.name,
+            &good.replace("<creationTime>200</creationTime>", ""),
+            false,
+        ),
         K::Other,
         1,
         Some("internal error: missing creationTime from existing checkpoint"),
     );
     // Not well-formed: VIR_ERR_XML_DETAIL.
-    assert_err(b.redefine(&dom.name, "<domaincheckpoint><name>c2</name>", false), K::InvalidArgument, 35, None);
-    assert_err(b.redefine(&dom.name, &good.replace("c2", "c\u{1}2"), false), K::InvalidArgument, 35, None);
+    assert_err(
+        b.redefine(&dom.name, "<domaincheckpoint><name>c2</name>", false),
+        K::InvalidArgument,
+        35,
+        None,
+    );
+    assert_err(
+        b.redefine(&dom.name, &good.replace("c2", "c\u{1}2"), false),
+        K::InvalidArgument,
+        35,
+        None,
+    );
     assert_eq!(tree(h, &dom), t(&[("c1", None)]));
 }
 
@@ -458,11 +579,17 @@ fn domain_info_names_disks_and_state(h: &dyn Harness) {
     let dom = h.domain("info", 3, &[]);
     for key in [&dom.name, &dom.uuid, &dom.uuid.to_uppercase()] {
         let info = h.backend().domain_info(key).unwrap();
-        assert_eq!((info.name.as_str(), info.uuid.as_str()), (dom.name.as_str(), dom.uuid.as_str()));
+        assert_eq!(
+            (info.name.as_str(), info.uuid.as_str()),
+            (dom.name.as_str(), dom.uuid.as_str())
+        );
         assert_eq!(info.running, h.domains_run());
         let targets: Vec<&str> = info.disks.iter().map(|d| d.target.as_str()).collect();
         assert_eq!(targets, ["vda", "vdb", "vdc"]);
-        assert!(info.disks.iter().all(|d| d.format.as_deref() == Some("qcow2") && d.source.is_some()));
+        assert!(info
+            .disks
+            .iter()
+            .all(|d| d.format.as_deref() == Some("qcow2") && d.source.is_some()));
     }
     // Checkpoint calls take the UUID too.
     put_ok(h, &dom, &def("c1", None, 100, &["vda"]));
@@ -509,8 +636,17 @@ fn the_hidden_current_checkpoint(h: &dyn Harness) {
     cur(Some("c5"));
     assert_eq!(h.create(&dom, "w").unwrap().as_deref(), Some("c5"));
     // A real checkpoint covers every disk, with a bitmap named after it.
-    let w = h.backend().list(&dom.name).unwrap().into_iter().find(|d| d.name == "w").unwrap();
-    assert_eq!(w.disks, BTreeMap::from([("vda".to_string(), "w".to_string())]));
+    let w = h
+        .backend()
+        .list(&dom.name)
+        .unwrap()
+        .into_iter()
+        .find(|d| d.name == "w")
+        .unwrap();
+    assert_eq!(
+        w.disks,
+        BTreeMap::from([("vda".to_string(), "w".to_string())])
+    );
 }
 
 fn creating_needs_a_running_domain(h: &dyn Harness) {
@@ -520,21 +656,36 @@ fn creating_needs_a_running_domain(h: &dyn Harness) {
     let dom = h.domain("create-off", 1, &[]);
     let e = h.create(&dom, "x").unwrap_err();
     assert_eq!((e.kind, e.code), (K::Unsupported, 84), "{e:?}");
-    assert_eq!(e.message, "Operation not supported: cannot create checkpoint for inactive domain");
+    assert_eq!(
+        e.message,
+        "Operation not supported: cannot create checkpoint for inactive domain"
+    );
 }
 
 fn validate_checks_the_bitmaps_of_a_running_domain(h: &dyn Harness) {
     let b = h.backend();
     if !h.validates() {
         let dom = h.domain("novalidate", 1, &[]);
-        let e = b.redefine(&dom.name, &render_checkpoint(&def("c1", None, 1, &["vda"])), true).unwrap_err();
+        let e = b
+            .redefine(
+                &dom.name,
+                &render_checkpoint(&def("c1", None, 1, &["vda"])),
+                true,
+            )
+            .unwrap_err();
         assert_eq!(e.kind, K::Unsupported, "{e:?}");
         return;
     }
     let off = h.domain("validate-off", 1, &["c1"]);
-    let validate = |dom: &Dom, d: &CheckpointDef| b.redefine(&dom.name, &render_checkpoint(d), true);
+    let validate =
+        |dom: &Dom, d: &CheckpointDef| b.redefine(&dom.name, &render_checkpoint(d), true);
     // The parent is checked before the run state.
-    assert_err(validate(&off, &def("c2", Some("c1"), 2, &["vda"])), K::InvalidArgument, 8, None);
+    assert_err(
+        validate(&off, &def("c2", Some("c1"), 2, &["vda"])),
+        K::InvalidArgument,
+        8,
+        None,
+    );
     assert_err(
         validate(&off, &def("c1", None, 1, &["vda"])),
         K::NotRunning,

@@ -33,14 +33,21 @@ const CHECKPOINTS: usize = 60;
 const SCRIPT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/support/libvirt.sh");
 
 fn script(arg: &str) -> std::process::Output {
-    Command::new("bash").arg(SCRIPT).arg(arg).output().expect("run tests/support/libvirt.sh")
+    Command::new("bash")
+        .arg(SCRIPT)
+        .arg(arg)
+        .output()
+        .expect("run tests/support/libvirt.sh")
 }
 
 /// The daemon's pid, from its pid file (the script checks that the pid is
 /// still a libvirtd).
 fn daemon_pid() -> Option<u32> {
     let out = script("pid");
-    out.status.success().then(|| String::from_utf8_lossy(&out.stdout).trim().parse().ok()).flatten()
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).trim().parse().ok())
+        .flatten()
 }
 
 /// Restarts the daemon when dropped, if it is not running.
@@ -51,7 +58,10 @@ impl Drop for Restart {
         if daemon_pid().is_none() {
             let out = script("start");
             if !out.status.success() {
-                eprintln!("cannot restart libvirtd: {}", String::from_utf8_lossy(&out.stderr));
+                eprintln!(
+                    "cannot restart libvirtd: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
             }
         }
     }
@@ -60,11 +70,17 @@ impl Drop for Restart {
 /// SIGKILL the daemon by its pid and wait until it is gone.
 fn kill_daemon() -> u32 {
     let pid = daemon_pid().expect("libvirtd runs (tests/support/libvirt.sh start)");
-    let st = Command::new("kill").args(["-KILL", &pid.to_string()]).status().unwrap();
+    let st = Command::new("kill")
+        .args(["-KILL", &pid.to_string()])
+        .status()
+        .unwrap();
     assert!(st.success(), "kill -KILL {pid}");
     let t = Instant::now();
     while Path::new(&format!("/proc/{pid}")).exists() {
-        assert!(t.elapsed() < Duration::from_secs(10), "libvirtd {pid} does not die");
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "libvirtd {pid} does not die"
+        );
         std::thread::sleep(Duration::from_millis(10));
     }
     pid
@@ -74,7 +90,11 @@ fn kill_daemon() -> u32 {
 fn start_daemon() -> Duration {
     let t = Instant::now();
     let out = script("start");
-    assert!(out.status.success(), "libvirt.sh start: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "libvirt.sh start: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     t.elapsed()
 }
 
@@ -86,7 +106,11 @@ fn wait_steps(db: &Path, running: &Running, phase: &str, k: u64) -> bool {
     let mut conn = None;
     loop {
         if conn.is_none() && db.exists() {
-            conn = rusqlite::Connection::open_with_flags(db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY).ok();
+            conn = rusqlite::Connection::open_with_flags(
+                db,
+                rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+            )
+            .ok();
         }
         let done: u64 = conn.as_ref().map_or(0, |c| {
             c.query_row(
@@ -103,7 +127,10 @@ fn wait_steps(db: &Path, running: &Running, phase: &str, k: u64) -> bool {
         if running.ended() {
             return false;
         }
-        assert!(t.elapsed() < Duration::from_secs(60), "no progress to {k} {phase} steps");
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "no progress to {k} {phase} steps"
+        );
         std::thread::sleep(Duration::from_millis(1));
     }
 }
@@ -122,14 +149,19 @@ fn kill_daemon_at(db: &Path, running: &Running, phase: &str, k: u64) -> (u32, bo
 fn unknown_outcomes(out: &rel::Out) -> usize {
     out.stderr
         .lines()
-        .filter(|l| l.contains("outcome is unknown") && l.split_whitespace().any(|w| w == "attempt=1"))
+        .filter(|l| {
+            l.contains("outcome is unknown") && l.split_whitespace().any(|w| w == "attempt=1")
+        })
         .count()
 }
 
 #[test]
 fn libvirtd_killed_during_sync_and_recover_on_qemu() {
     let _restart = Restart;
-    let rounds: usize = std::env::var("CKPTSTORE_DAEMON_ROUNDS").ok().and_then(|s| s.parse().ok()).unwrap_or(8);
+    let rounds: usize = std::env::var("CKPTSTORE_DAEMON_ROUNDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(8);
     let seed = rel::seed("CKPTSTORE_DAEMON_SEED");
     println!("daemon kills: seed {seed} (CKPTSTORE_DAEMON_SEED={seed} replays), {rounds} kills of libvirtd");
     let mut rng = Rng::new(seed);
@@ -137,7 +169,10 @@ fn libvirtd_killed_during_sync_and_recover_on_qemu() {
     let dom = TestDomain::define(&conn, "daemon-kill", 1);
     drop(conn);
     let name = dom.name.clone();
-    let dir = tempfile::Builder::new().prefix("ckptstore-daemon-").tempdir().unwrap();
+    let dir = tempfile::Builder::new()
+        .prefix("ckptstore-daemon-")
+        .tempdir()
+        .unwrap();
     let db = dir.path().join("journal.db");
     let chain = rel::chain(&name, CHECKPOINTS, &["vda"]);
     let file = rel::write_chain(dir.path(), "chain.json", &chain);
@@ -153,21 +188,31 @@ fn libvirtd_killed_during_sync_and_recover_on_qemu() {
         let during_sync = r % 2 == 0;
         // In a quarter of the rounds the daemon stays down longer than the
         // command waits for it (10 attempts, 500 ms apart): it gives up.
-        let down = if (r / 2) % 4 == 2 { Duration::from_millis(6500) } else { Duration::ZERO };
+        let down = if (r / 2) % 4 == 2 {
+            Duration::from_millis(6500)
+        } else {
+            Duration::ZERO
+        };
         let pre = if r % 4 < 2 { Pre::Empty } else { Pre::Prefix };
         let before = rel::pre_state(pre, &target);
         rel::reset(&backend, &name, &before);
         let prev = rel::last_txn(&db, &name).map(|t| t["txn"].clone());
         let calls = plan(&before, &target).steps.len() as u64;
         // Recover meets the dying daemon resuming and rolling back in turn.
-        let rollback = if during_sync { rng.chance(0.5) } else { r % 4 == 3 };
+        let rollback = if during_sync {
+            rng.chance(0.5)
+        } else {
+            r % 4 == 3
+        };
         let policy = if rollback { "rollback" } else { "resume" };
         let mut recover_args = vec!["recover", "--domain", name.as_str(), "-v"];
         if rollback {
             recover_args.push("--rollback");
         }
-        let ctx =
-            format!("round {r} ({pre:?}, libvirtd killed during {})", if during_sync { "sync" } else { "recover" });
+        let ctx = format!(
+            "round {r} ({pre:?}, libvirtd killed during {})",
+            if during_sync { "sync" } else { "recover" }
+        );
         let line;
         let first_exit;
         if during_sync {
@@ -179,10 +224,19 @@ fn libvirtd_killed_during_sync_and_recover_on_qemu() {
             restarts.push(start_daemon());
             let out = running.wait();
             unknown += unknown_outcomes(&out);
-            let code = out.code().unwrap_or_else(|| panic!("{ctx}: sync died: {out:#?}"));
+            let code = out
+                .code()
+                .unwrap_or_else(|| panic!("{ctx}: sync died: {out:#?}"));
             assert!(code == 0 || code == 4, "{ctx}: sync exit {code}: {out:#?}");
             if code == 4 {
-                assert_eq!(out.stderr.lines().last().map(|l| l.starts_with("ckptstore: ")), Some(true), "{out:#?}");
+                assert_eq!(
+                    out.stderr
+                        .lines()
+                        .last()
+                        .map(|l| l.starts_with("ckptstore: ")),
+                    Some(true),
+                    "{out:#?}"
+                );
             }
             mid_command += u32::from(mid);
             first_exit = Some(code);
@@ -197,7 +251,10 @@ fn libvirtd_killed_during_sync_and_recover_on_qemu() {
             // steps), then the daemon dies after k2 steps of recover.
             let k1 = calls / 4 + rng.below(calls / 4);
             let sync = Running::spawn(rel::command(&db, &["sync", "--chain", &file]));
-            assert!(wait_steps(&db, &sync, "apply", k1), "{ctx}: the sync ended before {k1} steps");
+            assert!(
+                wait_steps(&db, &sync, "apply", k1),
+                "{ctx}: the sync ended before {k1} steps"
+            );
             let (_, killed) = sync.kill_at(Duration::ZERO);
             assert!(killed, "{ctx}: the sync ended before its kill");
             let (phase, k2) = if rollback {
@@ -211,8 +268,13 @@ fn libvirtd_killed_during_sync_and_recover_on_qemu() {
             restarts.push(start_daemon());
             let out = running.wait();
             unknown += unknown_outcomes(&out);
-            let code = out.code().unwrap_or_else(|| panic!("{ctx}: recover died: {out:#?}"));
-            assert!(code == 0 || code == 4, "{ctx}: recover exit {code}: {out:#?}");
+            let code = out
+                .code()
+                .unwrap_or_else(|| panic!("{ctx}: recover died: {out:#?}"));
+            assert!(
+                code == 0 || code == 4,
+                "{ctx}: recover exit {code}: {out:#?}"
+            );
             mid_command += u32::from(mid);
             first_exit = Some(code);
             line = format!(
@@ -223,7 +285,9 @@ fn libvirtd_killed_during_sync_and_recover_on_qemu() {
             );
         }
         // Whatever is still open is recovered now that the daemon is back.
-        let open = !rel::run(&db, &["status", "--domain", &name, "--json"]).expect(0, &ctx).json()["incomplete"]
+        let open = !rel::run(&db, &["status", "--domain", &name, "--json"])
+            .expect(0, &ctx)
+            .json()["incomplete"]
             .as_array()
             .unwrap()
             .is_empty();
@@ -232,7 +296,11 @@ fn libvirtd_killed_during_sync_and_recover_on_qemu() {
             unknown += unknown_outcomes(&out);
         }
         let landed = rel::check_invariant(&backend, &db, &name, &target, &before, &ctx);
-        let by_policy = if rollback { Landed::Before } else { Landed::Target };
+        let by_policy = if rollback {
+            Landed::Before
+        } else {
+            Landed::Target
+        };
         let want = match (during_sync, open, first_exit) {
             (false, _, _) | (true, true, _) => by_policy,
             (true, false, Some(0)) => Landed::Target,
@@ -243,24 +311,49 @@ fn libvirtd_killed_during_sync_and_recover_on_qemu() {
         // The journal agrees with libvirt.
         match rel::last_txn(&db, &name) {
             Some(t) if Some(&t["txn"]) != prev.as_ref() => {
-                let state = if landed == Landed::Target { "committed" } else { "rolled_back" };
-                assert_eq!(t["state"], state, "{ctx}: the journal's last transaction: {t}");
+                let state = if landed == Landed::Target {
+                    "committed"
+                } else {
+                    "rolled_back"
+                };
+                assert_eq!(
+                    t["state"], state,
+                    "{ctx}: the journal's last transaction: {t}"
+                );
             }
-            _ => assert_eq!(landed, Landed::Before, "{ctx}: libvirt changed without a transaction"),
+            _ => assert_eq!(
+                landed,
+                Landed::Before,
+                "{ctx}: libvirt changed without a transaction"
+            ),
         }
-        println!("daemon kills: {line}; {}recovered → {landed:?}", if open { "left open, " } else { "" });
+        println!(
+            "daemon kills: {line}; {}recovered → {landed:?}",
+            if open { "left open, " } else { "" }
+        );
         *outcomes
             .entry(format!(
                 "during {}{}, command exit {}, {} → {landed:?}",
                 if during_sync { "sync" } else { "recover" },
-                if down.is_zero() { "" } else { " (daemon down 6.5 s)" },
+                if down.is_zero() {
+                    ""
+                } else {
+                    " (daemon down 6.5 s)"
+                },
                 first_exit.unwrap_or(-1),
-                if open { format!("recover --{policy}") } else { "no recover needed".into() }
+                if open {
+                    format!("recover --{policy}")
+                } else {
+                    "no recover needed".into()
+                }
             ))
             .or_default() += 1;
     }
     let max = restarts.iter().max().copied().unwrap_or_default();
-    assert!(mid_command as usize * 4 >= rounds * 3, "the daemon must die while the command runs");
+    assert!(
+        mid_command as usize * 4 >= rounds * 3,
+        "the daemon must die while the command runs"
+    );
     println!(
         "daemon kills: {rounds} kills of libvirtd in {:.0} s (seed {seed}), {mid_command} while the command ran; restarts took up to {:.1} s; {unknown} \
          connection losses inside a transaction (a call's outcome unknown), all reconciled by listing; partial \

@@ -41,8 +41,8 @@ use ckptstore::owner::Owner;
 use ckptstore::plan::{same_content, Step};
 use ckptstore::xml::render_checkpoint;
 use ckptstore::{
-    Backend, BackendErrorKind as K, Chain, Checkpoint, CheckpointDef, Error, LibvirtBackend, Outcome, Policy, Store,
-    StoreOptions,
+    Backend, BackendErrorKind as K, Chain, Checkpoint, CheckpointDef, Error, LibvirtBackend,
+    Outcome, Policy, Store, StoreOptions,
 };
 use sim::{run_crashing, Rng, SimCrash};
 use support::TestDomain;
@@ -65,27 +65,44 @@ fn daemon_exclusive() -> RwLockWriteGuard<'static, ()> {
 
 fn libvirt_sh(arg: &str) -> std::process::Output {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/support/libvirt.sh");
-    Command::new("bash").arg(script).arg(arg).output().expect("bash runs")
+    Command::new("bash")
+        .arg(script)
+        .arg(arg)
+        .output()
+        .expect("bash runs")
 }
 
 /// The pid of the daemon `tests/support/libvirt.sh` started.
 fn daemon_pid() -> u32 {
     let out = libvirt_sh("pid");
     let pid = String::from_utf8_lossy(&out.stdout).trim().to_string();
-    pid.parse().unwrap_or_else(|_| panic!("no libvirtd pid: run `bash tests/support/libvirt.sh start` (as root)"))
+    pid.parse().unwrap_or_else(|_| {
+        panic!("no libvirtd pid: run `bash tests/support/libvirt.sh start` (as root)")
+    })
 }
 
 /// `libvirt.sh start`: idempotent, returns once `qemu:///system` answers.
 fn start_daemon() {
     let out = libvirt_sh("start");
-    assert!(out.status.success(), "libvirt.sh start failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "libvirt.sh start failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 /// `kill -9` the daemon, start it again; returns how long it was away.
 fn kill_and_restart(pid: u32) -> Duration {
     let t = Instant::now();
-    let out = Command::new("kill").args(["-KILL", &pid.to_string()]).output().expect("kill runs");
-    assert!(out.status.success(), "kill -KILL {pid}: {}", String::from_utf8_lossy(&out.stderr));
+    let out = Command::new("kill")
+        .args(["-KILL", &pid.to_string()])
+        .output()
+        .expect("kill runs");
+    assert!(
+        out.status.success(),
+        "kill -KILL {pid}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     start_daemon();
     t.elapsed()
 }
@@ -108,7 +125,9 @@ impl Outage {
             std::thread::sleep(delay);
             Some(kill_and_restart(pid))
         });
-        Outage { thread: Some(thread) }
+        Outage {
+            thread: Some(thread),
+        }
     }
 
     /// Wait for the outage to end; its length, if there was one.
@@ -122,7 +141,10 @@ impl Drop for Outage {
         let _ = self.join();
         let out = libvirt_sh("start");
         if !out.status.success() {
-            eprintln!("cannot restart libvirtd: {}", String::from_utf8_lossy(&out.stderr));
+            eprintln!(
+                "cannot restart libvirtd: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
         }
     }
 }
@@ -154,7 +176,12 @@ fn chain(dom: &TestDomain, parents: &[Option<usize>]) -> Chain {
     Chain {
         vm_id: Uuid::parse_str(&dom.uuid).unwrap(),
         domain: Some(dom.name.clone()),
-        disks: dom.targets.iter().enumerate().map(|(i, t)| (disk_id(i), t.clone())).collect(),
+        disks: dom
+            .targets
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (disk_id(i), t.clone()))
+            .collect(),
         checkpoints: parents
             .iter()
             .enumerate()
@@ -187,12 +214,17 @@ fn extra(name: &str, parent: Option<&str>, creation_time: i64) -> CheckpointDef 
 /// Redefine `defs` straight into libvirt, in the order given.
 fn put(backend: &dyn Backend, domain: &str, defs: &[CheckpointDef]) {
     for d in defs {
-        backend.redefine(domain, &render_checkpoint(d), false).unwrap_or_else(|e| panic!("redefine {}: {e}", d.name));
+        backend
+            .redefine(domain, &render_checkpoint(d), false)
+            .unwrap_or_else(|e| panic!("redefine {}: {e}", d.name));
     }
 }
 
 fn journal_dir() -> tempfile::TempDir {
-    tempfile::Builder::new().prefix("ckpt-e2e-journal-").tempdir().unwrap()
+    tempfile::Builder::new()
+        .prefix("ckpt-e2e-journal-")
+        .tempdir()
+        .unwrap()
 }
 
 fn journal(dir: &tempfile::TempDir) -> PathBuf {
@@ -202,7 +234,11 @@ fn journal(dir: &tempfile::TempDir) -> PathBuf {
 /// A store acting as simulated process `owner`; every other owner is dead.
 fn store_as(path: &Path, owner: u32, hook: Option<Hook>) -> Store {
     let opts = StoreOptions {
-        owner: Some(Owner { pid: owner, boot_id: "e2e".into(), start: u64::from(owner) }),
+        owner: Some(Owner {
+            pid: owner,
+            boot_id: "e2e".into(),
+            start: u64::from(owner),
+        }),
         liveness: Some(Arc::new(|_| false)),
         hook,
         ..StoreOptions::default()
@@ -222,7 +258,10 @@ fn at_point(point: &'static str, nth: u64, f: impl Fn() + Send + Sync + 'static)
 
 /// The 1-based position of the step on `checkpoint` in the plan.
 fn step_number(steps: &[Step], checkpoint: &str) -> u64 {
-    1 + steps.iter().position(|s| s.checkpoint() == checkpoint).expect("the plan has the step") as u64
+    1 + steps
+        .iter()
+        .position(|s| s.checkpoint() == checkpoint)
+        .expect("the plan has the step") as u64
 }
 
 fn ops(steps: &[Step], names: &dyn Fn(&str) -> String) -> Vec<String> {
@@ -230,8 +269,12 @@ fn ops(steps: &[Step], names: &dyn Fn(&str) -> String) -> Vec<String> {
         .iter()
         .map(|s| match s {
             Step::Delete { before } => format!("-{}", names(&before.name)),
-            Step::Redefine { def, forced: false, .. } => format!("+{}", names(&def.name)),
-            Step::Redefine { def, forced: true, .. } => format!("={}", names(&def.name)),
+            Step::Redefine {
+                def, forced: false, ..
+            } => format!("+{}", names(&def.name)),
+            Step::Redefine {
+                def, forced: true, ..
+            } => format!("={}", names(&def.name)),
         })
         .collect()
 }
@@ -255,14 +298,24 @@ fn assert_settled(
 ) -> Outcome {
     let now = backend.list(domain).unwrap();
     let status = store.status(Some(domain)).unwrap();
-    assert!(status.incomplete.is_empty(), "still incomplete: {:?}", status.incomplete);
+    assert!(
+        status.incomplete.is_empty(),
+        "still incomplete: {:?}",
+        status.incomplete
+    );
     assert_eq!(store.journal().integrity_check().unwrap(), "ok");
     if same_content(&now, target) {
         let committed = store.committed(domain).unwrap().expect("a committed chain");
-        assert!(same_content(&committed.defs, target), "the journal's committed chain is not the target");
+        assert!(
+            same_content(&committed.defs, target),
+            "the journal's committed chain is not the target"
+        );
         Outcome::Committed
     } else {
-        assert!(same_content(&now, before), "libvirt is neither the target nor the before-image: {now:#?}");
+        assert!(
+            same_content(&now, before),
+            "libvirt is neither the target nor the before-image: {now:#?}"
+        );
         Outcome::RolledBack
     }
 }
@@ -270,7 +323,10 @@ fn assert_settled(
 fn seed(test: &str) -> u64 {
     let seed = match std::env::var("CKPTSTORE_E2E_SEED") {
         Ok(s) => s.parse().expect("CKPTSTORE_E2E_SEED must be a number"),
-        Err(_) => std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64,
+        Err(_) => std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos() as u64,
     };
     println!("{test}: seed {seed} (replay with CKPTSTORE_E2E_SEED={seed})");
     seed
@@ -300,7 +356,10 @@ fn sync_of_100_checkpoints_on_4_disks() {
     let sync_time = t.elapsed();
     assert_eq!(report.outcome, Outcome::Committed);
     assert_eq!(report.libvirt_calls, 100);
-    assert_eq!(report.redefined, target.iter().map(|d| d.name.clone()).collect::<Vec<_>>());
+    assert_eq!(
+        report.redefined,
+        target.iter().map(|d| d.name.clone()).collect::<Vec<_>>()
+    );
     assert!(report.deleted.is_empty() && report.unchanged.is_empty());
     // libvirt lists a line parent first: exactly the chain, 4 disks each.
     let listed = backend.list(&dom.name).unwrap();
@@ -331,7 +390,13 @@ fn sync_of_100_checkpoints_on_4_disks() {
     let status = store.status(Some(&dom.name)).unwrap();
     assert!(status.incomplete.is_empty());
     assert_eq!(status.domains.len(), 1);
-    assert_eq!((status.domains[0].checkpoints, status.domains[0].leaf.clone()), (100, Some(name(99))));
+    assert_eq!(
+        (
+            status.domains[0].checkpoints,
+            status.domains[0].leaf.clone()
+        ),
+        (100, Some(name(99)))
+    );
     assert_eq!(store.journal().integrity_check().unwrap(), "ok");
     println!(
         "sync 100 × 4 disks: {:.2} s ({:.1} ms per redefine); no-op re-sync: {:.1} ms; resync of 3: {:.1} ms",
@@ -344,7 +409,15 @@ fn sync_of_100_checkpoints_on_4_disks() {
 
 /// libvirt holds c0..c9 with c5 stale and an extra x on c3; the target is
 /// c0..c11. Returns the domain, the chain, the target and the before-image.
-fn conflict_and_extra(tag: &str) -> (TestDomain, LibvirtBackend, Chain, Vec<CheckpointDef>, Vec<CheckpointDef>) {
+fn conflict_and_extra(
+    tag: &str,
+) -> (
+    TestDomain,
+    LibvirtBackend,
+    Chain,
+    Vec<CheckpointDef>,
+    Vec<CheckpointDef>,
+) {
     let dom = TestDomain::define(&support::system(), tag, 2);
     let backend = LibvirtBackend::connect(support::SYSTEM_URI).unwrap();
     let chain = chain(&dom, &line(12));
@@ -362,40 +435,67 @@ fn conflict_and_extra(tag: &str) -> (TestDomain, LibvirtBackend, Chain, Vec<Chec
 /// The plan of the conflict-and-extra sync: the extra goes first, then the
 /// path is walked again from c3 (where deleting x may leave the current
 /// checkpoint), c5 replaced on the way.
-const CONFLICT_PLAN: [&str; 9] = ["-x", "=c4", "+c5", "=c6", "=c7", "=c8", "=c9", "+c10", "+c11"];
+const CONFLICT_PLAN: [&str; 9] = [
+    "-x", "=c4", "+c5", "=c6", "=c7", "=c8", "=c9", "+c10", "+c11",
+];
 
 #[test]
 fn rollback_after_a_crash_restores_the_conflict_and_the_extra() {
     let _daemon = daemon_shared();
     let (dom, backend, chain, target, before) = conflict_and_extra("e2e-crash-rollback");
     let dir = journal_dir();
-    let plan = store_as(&journal(&dir), 1, None).plan(&backend, chain.clone()).unwrap().plan;
+    let plan = store_as(&journal(&dir), 1, None)
+        .plan(&backend, chain.clone())
+        .unwrap()
+        .plan;
     assert_eq!(ops(&plan.steps, &short), CONFLICT_PLAN);
 
     // The process dies just before the last call: x is deleted and c5
     // replaced, c10 added.
     let last = step_number(&plan.steps, &name(11));
-    let crashing =
-        store_as(&journal(&dir), 1, Some(at_point("step.before_call", last, || std::panic::panic_any(SimCrash))));
-    assert!(run_crashing(|| crashing.sync(&backend, chain.clone())).is_none(), "the sync reached its crash point");
+    let crashing = store_as(
+        &journal(&dir),
+        1,
+        Some(at_point("step.before_call", last, || {
+            std::panic::panic_any(SimCrash)
+        })),
+    );
+    assert!(
+        run_crashing(|| crashing.sync(&backend, chain.clone())).is_none(),
+        "the sync reached its crash point"
+    );
     drop(crashing);
     let mid = backend.list(&dom.name).unwrap();
-    assert!(same_content(&mid, &target[..11]), "c0..c10 with the new c5, no x: {mid:#?}");
+    assert!(
+        same_content(&mid, &target[..11]),
+        "c0..c10 with the new c5, no x: {mid:#?}"
+    );
 
     let t = Instant::now();
     let rec = store_as(&journal(&dir), 2, None);
-    let recovered = rec.recover(&backend, Policy::Rollback, Some(&dom.name)).unwrap();
+    let recovered = rec
+        .recover(&backend, Policy::Rollback, Some(&dom.name))
+        .unwrap();
     let rollback_time = t.elapsed();
     assert_eq!(recovered.len(), 1);
     assert_eq!(recovered[0].outcome, Outcome::RolledBack);
     // Delete c10, put back the stale c5 and x.
     assert_eq!(recovered[0].libvirt_calls, 3);
-    assert_eq!(assert_settled(&rec, &backend, &dom.name, &target, &before), Outcome::RolledBack);
+    assert_eq!(
+        assert_settled(&rec, &backend, &dom.name, &target, &before),
+        Outcome::RolledBack
+    );
     let now = backend.list(&dom.name).unwrap();
     let by_name = |n: &str| now.iter().find(|d| d.name == n).cloned();
-    assert_eq!(by_name(&name(5)).unwrap().description.as_deref(), Some("stale"));
+    assert_eq!(
+        by_name(&name(5)).unwrap().description.as_deref(),
+        Some("stale")
+    );
     assert_eq!(by_name("x"), before.iter().find(|d| d.name == "x").cloned());
-    println!("rollback of a crashed sync (3 calls): {:.1} ms", ms(rollback_time));
+    println!(
+        "rollback of a crashed sync (3 calls): {:.1} ms",
+        ms(rollback_time)
+    );
 }
 
 #[test]
@@ -403,7 +503,10 @@ fn a_step_libvirt_refuses_rolls_back_the_conflict_and_the_extra() {
     let _daemon = daemon_shared();
     let (dom, backend, chain, target, before) = conflict_and_extra("e2e-refused");
     let dir = journal_dir();
-    let plan = store_as(&journal(&dir), 1, None).plan(&backend, chain.clone()).unwrap().plan;
+    let plan = store_as(&journal(&dir), 1, None)
+        .plan(&backend, chain.clone())
+        .unwrap()
+        .plan;
     assert_eq!(ops(&plan.steps, &short), CONFLICT_PLAN);
 
     // Just before c11 is redefined another client deletes its parent c10:
@@ -411,23 +514,48 @@ fn a_step_libvirt_refuses_rolls_back_the_conflict_and_the_extra() {
     let other = Arc::new(LibvirtBackend::connect(support::SYSTEM_URI).unwrap());
     let (domain, c10) = (dom.name.clone(), name(10));
     let last = step_number(&plan.steps, &name(11));
-    let hook = at_point("step.before_call", last, move || other.delete(&domain, &c10).unwrap());
+    let hook = at_point("step.before_call", last, move || {
+        other.delete(&domain, &c10).unwrap()
+    });
     let store = store_as(&journal(&dir), 1, Some(hook));
     let err = store.sync(&backend, chain).unwrap_err();
     match &err {
-        Error::Refused { checkpoint, source, rolled_back: true, .. } => {
+        Error::Refused {
+            checkpoint,
+            source,
+            rolled_back: true,
+            ..
+        } => {
             assert_eq!(checkpoint, &name(11));
-            assert_eq!((source.kind, source.code), (K::InvalidArgument, 8), "{source:?}");
+            assert_eq!(
+                (source.kind, source.code),
+                (K::InvalidArgument, 8),
+                "{source:?}"
+            );
             assert_eq!(
                 source.message,
-                format!("invalid argument: parent {} for moment {} not found", name(10), name(11))
+                format!(
+                    "invalid argument: parent {} for moment {} not found",
+                    name(10),
+                    name(11)
+                )
             );
         }
         e => panic!("expected a refusal rolled back, got {e}"),
     }
-    assert_eq!(assert_settled(&store, &backend, &dom.name, &target, &before), Outcome::RolledBack);
+    assert_eq!(
+        assert_settled(&store, &backend, &dom.name, &target, &before),
+        Outcome::RolledBack
+    );
     let history = store.history(&dom.name, 1).unwrap();
-    assert!(history[0].error.as_deref().unwrap_or("").contains("not found"), "{history:?}");
+    assert!(
+        history[0]
+            .error
+            .as_deref()
+            .unwrap_or("")
+            .contains("not found"),
+        "{history:?}"
+    );
 }
 
 /// `kill -9` the daemon after the `k`-th call of a 100-checkpoint sync
@@ -440,8 +568,15 @@ fn kill_during_sync(test: &str, attempts: u32) {
     let mut rng = Rng::new(seed);
     let k = 5 + rng.below(86);
     let delay = Duration::from_millis(rng.below(41));
-    let policy = if rng.chance(50) { Policy::Resume } else { Policy::Rollback };
-    println!("{test}: kill after call {k} + {} ms; recover (if needed) with {policy:?}", delay.as_millis());
+    let policy = if rng.chance(50) {
+        Policy::Resume
+    } else {
+        Policy::Rollback
+    };
+    println!(
+        "{test}: kill after call {k} + {} ms; recover (if needed) with {policy:?}",
+        delay.as_millis()
+    );
 
     let dom = TestDomain::define(&support::system(), "e2e-kill", 4);
     let backend = LibvirtBackend::connect(support::SYSTEM_URI).unwrap();
@@ -486,10 +621,16 @@ fn kill_during_sync(test: &str, attempts: u32) {
             // It rode the outage out (or the kill came after its last call).
             assert_eq!(report.outcome, Outcome::Committed);
             assert!(report.libvirt_calls >= 100, "{report:?}");
-            assert_eq!(assert_settled(&store, &backend, &dom.name, &target, &[]), Outcome::Committed);
+            assert_eq!(
+                assert_settled(&store, &backend, &dom.name, &target, &[]),
+                Outcome::Committed
+            );
         }
         Err(e) => {
-            assert!(attempts < 10, "the sync should have waited for the daemon: {e}");
+            assert!(
+                attempts < 10,
+                "the sync should have waited for the daemon: {e}"
+            );
             assert!(e.is_unreachable(), "{e}");
             let txn = e.txn().expect("the transaction is left open");
             let open = store.status(Some(&dom.name)).unwrap().incomplete;
@@ -497,10 +638,17 @@ fn kill_during_sync(test: &str, attempts: u32) {
             assert_eq!(open[0].summary.id, txn);
             let t = Instant::now();
             let recovered = store.recover(&backend, policy, Some(&dom.name)).unwrap();
-            let expected = if policy == Policy::Resume { Outcome::Committed } else { Outcome::RolledBack };
+            let expected = if policy == Policy::Resume {
+                Outcome::Committed
+            } else {
+                Outcome::RolledBack
+            };
             assert_eq!(recovered.len(), 1);
             assert_eq!(recovered[0].outcome, expected);
-            assert_eq!(assert_settled(&store, &backend, &dom.name, &target, &[]), expected);
+            assert_eq!(
+                assert_settled(&store, &backend, &dom.name, &target, &[]),
+                expected
+            );
             println!(
                 "{test}: recover ({policy:?}) made {} calls in {:.2} s",
                 recovered[0].libvirt_calls,
@@ -530,7 +678,11 @@ fn libvirtd_killed_during_a_sync_that_waits_for_it() {
 /// parent becomes current again); the parent it got.
 fn backup_parent(backend: &LibvirtBackend, domain: &str) -> Option<String> {
     static N: AtomicU64 = AtomicU64::new(0);
-    let probe = format!("probe-{}-{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed));
+    let probe = format!(
+        "probe-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    );
     let xml = format!("<domaincheckpoint><name>{probe}</name></domaincheckpoint>");
     let created = backend.create_checkpoint(domain, &xml).unwrap();
     backend.delete(domain, &probe).unwrap();
@@ -550,7 +702,18 @@ fn a_backup_after_sync_and_rollback_hangs_off_the_leaf() {
     let line6 = defs(&chain(&dom, &line(6)));
     let x1 = extra("x1", Some(&c(1)), 1_600_000_001);
     let x2 = extra("x2", Some("x1"), 1_600_000_002);
-    put(&backend, &dom.name, &[line6[0].clone(), line6[1].clone(), x1, x2, line6[2].clone(), line6[3].clone()]);
+    put(
+        &backend,
+        &dom.name,
+        &[
+            line6[0].clone(),
+            line6[1].clone(),
+            x1,
+            x2,
+            line6[2].clone(),
+            line6[3].clone(),
+        ],
+    );
     assert_eq!(backup_parent(&backend, &dom.name).as_deref(), Some("x2"));
 
     // Sync to c0..c5: the branch goes (children first), the path is walked
@@ -559,31 +722,54 @@ fn a_backup_after_sync_and_rollback_hangs_off_the_leaf() {
     let store = store_as(&journal(&dir), 1, None);
     let chain1 = chain(&dom, &line(6));
     let plan = store.plan(&backend, chain1.clone()).unwrap().plan;
-    assert_eq!(ops(&plan.steps, &short), ["-x2", "-x1", "=c2", "=c3", "+c4", "+c5"]);
+    assert_eq!(
+        ops(&plan.steps, &short),
+        ["-x2", "-x1", "=c2", "=c3", "+c4", "+c5"]
+    );
     let report = store.sync(&backend, chain1).unwrap();
-    assert_eq!((report.outcome, report.libvirt_calls), (Outcome::Committed, 6));
+    assert_eq!(
+        (report.outcome, report.libvirt_calls),
+        (Outcome::Committed, 6)
+    );
     assert_eq!(backend.list(&dom.name).unwrap(), line6);
     assert_eq!(backup_parent(&backend, &dom.name), Some(c(5)));
 
     // Another client adds y on c2. A sync to c0..c7 with c3 edited (and y
     // gone) dies before its last call; recover rolls it back. A backup
     // still hangs off c5, the before-image's leaf.
-    put(&backend, &dom.name, &[extra("y", Some(&c(2)), 1_600_000_003)]);
+    put(
+        &backend,
+        &dom.name,
+        &[extra("y", Some(&c(2)), 1_600_000_003)],
+    );
     let before = backend.list(&dom.name).unwrap();
     let mut chain2 = chain(&dom, &line(8));
     chain2.checkpoints[3].description = Some("edited".into());
     let target2 = defs(&chain2);
     let plan = store.plan(&backend, chain2.clone()).unwrap().plan;
-    assert_eq!(ops(&plan.steps, &short), ["-y", "+c3", "=c4", "=c5", "+c6", "+c7"]);
+    assert_eq!(
+        ops(&plan.steps, &short),
+        ["-y", "+c3", "=c4", "=c5", "+c6", "+c7"]
+    );
     let last = step_number(&plan.steps, &c(7));
-    let crashing =
-        store_as(&journal(&dir), 2, Some(at_point("step.before_call", last, || std::panic::panic_any(SimCrash))));
+    let crashing = store_as(
+        &journal(&dir),
+        2,
+        Some(at_point("step.before_call", last, || {
+            std::panic::panic_any(SimCrash)
+        })),
+    );
     assert!(run_crashing(|| crashing.sync(&backend, chain2.clone())).is_none());
     drop(crashing);
     let rec = store_as(&journal(&dir), 3, None);
-    let recovered = rec.recover(&backend, Policy::Rollback, Some(&dom.name)).unwrap();
+    let recovered = rec
+        .recover(&backend, Policy::Rollback, Some(&dom.name))
+        .unwrap();
     assert_eq!(recovered[0].outcome, Outcome::RolledBack);
-    assert_eq!(assert_settled(&rec, &backend, &dom.name, &target2, &before), Outcome::RolledBack);
+    assert_eq!(
+        assert_settled(&rec, &backend, &dom.name, &target2, &before),
+        Outcome::RolledBack
+    );
     assert_eq!(backup_parent(&backend, &dom.name), Some(c(5)));
 
     // And a sync that commits c0..c7 leaves c7 current.
@@ -603,7 +789,10 @@ fn a_backup_after_a_tree_sync_hangs_off_the_leaf() {
     let dir = journal_dir();
     let store = store_as(&journal(&dir), 1, None);
     let report = store.sync(&backend, tree).unwrap();
-    assert_eq!((report.outcome, report.libvirt_calls), (Outcome::Committed, 4));
+    assert_eq!(
+        (report.outcome, report.libvirt_calls),
+        (Outcome::Committed, 4)
+    );
     assert_eq!(backup_parent(&backend, &dom.name), Some(name(3)));
 }
 
@@ -663,12 +852,24 @@ fn restart_scenario(w: &dyn Restartable, domain: &str) {
     let b = w.backend();
     // c0 <- a (current), c0 <- s; deleting a makes c0 current: a line
     // c0 <- s whose current checkpoint is not its leaf.
-    put(b, domain, &[extra("c0", None, 1), extra("a", Some("c0"), 2), extra("s", Some("c0"), 3)]);
+    put(
+        b,
+        domain,
+        &[
+            extra("c0", None, 1),
+            extra("a", Some("c0"), 2),
+            extra("s", Some("c0"), 3),
+        ],
+    );
     assert_eq!(w.backup_parent(domain).as_deref(), Some("a"));
     b.delete(domain, "a").unwrap();
     assert_eq!(w.backup_parent(domain).as_deref(), Some("c0"));
     w.restart();
-    assert_eq!(w.backup_parent(domain).as_deref(), Some("s"), "one line: its leaf is current");
+    assert_eq!(
+        w.backup_parent(domain).as_deref(),
+        Some("s"),
+        "one line: its leaf is current"
+    );
 
     // A branch: c0 <- s and c0 <- t. Before a restart s stays current...
     put(b, domain, &[extra("t", Some("c0"), 4)]);
@@ -684,12 +885,18 @@ fn a_daemon_restart_recomputes_the_current_checkpoint() {
         let _daemon = daemon_exclusive();
         let dom = TestDomain::define(&support::system(), "e2e-restart", 1);
         dom.start();
-        let real = Real { backend: LibvirtBackend::connect(support::SYSTEM_URI).unwrap(), domain: dom.name.clone() };
+        let real = Real {
+            backend: LibvirtBackend::connect(support::SYSTEM_URI).unwrap(),
+            domain: dom.name.clone(),
+        };
         let _restart_anyway = Outage { thread: None };
         restart_scenario(&real, &dom.name);
     }
     // The fake forgets its current checkpoint alike.
-    let fake = Fake { fake: FakeBackend::new() };
-    fake.fake.define_domain("restart", &Uuid::new_v4().to_string(), &["vda"], true);
+    let fake = Fake {
+        fake: FakeBackend::new(),
+    };
+    fake.fake
+        .define_domain("restart", &Uuid::new_v4().to_string(), &["vda"], true);
     restart_scenario(&fake, "restart");
 }

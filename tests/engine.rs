@@ -36,7 +36,14 @@ fn a_sync_redefines_each_missing_checkpoint_once_and_a_resync_nothing() {
     fake.reset_calls();
     let r = store.sync(&fake, linear_chain(20, 2)).unwrap();
     assert_eq!(r.outcome, Outcome::Unchanged);
-    assert_eq!((r.libvirt_calls, fake.calls(Op::Redefine), fake.calls(Op::Delete)), (0, 0, 0));
+    assert_eq!(
+        (
+            r.libvirt_calls,
+            fake.calls(Op::Redefine),
+            fake.calls(Op::Delete)
+        ),
+        (0, 0, 0)
+    );
     assert_eq!(r.unchanged.len(), 20);
 }
 
@@ -59,14 +66,19 @@ fn a_resume_issues_only_the_remaining_calls() {
         let seen = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let s2 = seen.clone();
         let hook: Hook = Arc::new(move |p| {
-            if p == "step.recorded" && s2.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1 == k {
+            if p == "step.recorded" && s2.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1 == k
+            {
                 std::panic::panic_any(SimCrash);
             }
         });
         let crashed = Store::open_with(
             j.path(),
             StoreOptions {
-                owner: Some(Owner { pid: 1, boot_id: "gone".into(), start: 1 }),
+                owner: Some(Owner {
+                    pid: 1,
+                    boot_id: "gone".into(),
+                    start: 1,
+                }),
                 liveness: Some(Arc::new(|_| false)),
                 hook: Some(hook),
                 ..StoreOptions::default()
@@ -79,7 +91,13 @@ fn a_resume_issues_only_the_remaining_calls() {
         let rec = j.store(2);
         let status = rec.status(None).unwrap();
         assert_eq!(status.incomplete.len(), 1);
-        assert_eq!((status.incomplete[0].summary.done, status.incomplete[0].summary.total), (k, 20));
+        assert_eq!(
+            (
+                status.incomplete[0].summary.done,
+                status.incomplete[0].summary.total
+            ),
+            (k, 20)
+        );
         let out = rec.recover(&fake, Policy::Resume, None).unwrap();
         assert_eq!(out.len(), 1);
         assert_eq!(out[0].outcome, Outcome::Committed);
@@ -101,28 +119,51 @@ fn a_live_owner_makes_the_domain_busy_and_a_dead_one_is_recovered_first() {
             std::panic::panic_any(SimCrash);
         }
     });
-    let holder =
-        Store::open_with(j.path(), StoreOptions { owner: Some(me.clone()), hook: Some(hook), ..Default::default() })
-            .unwrap();
+    let holder = Store::open_with(
+        j.path(),
+        StoreOptions {
+            owner: Some(me.clone()),
+            hook: Some(hook),
+            ..Default::default()
+        },
+    )
+    .unwrap();
     assert!(run_crashing(|| holder.sync(&fake, linear_chain(3, 1))).is_none());
     drop(holder);
     // Another process (a different identity whose liveness check is real).
     let other = Store::open_with(
         j.path(),
-        StoreOptions { owner: Some(Owner { pid: 2, boot_id: "x".into(), start: 2 }), ..Default::default() },
+        StoreOptions {
+            owner: Some(Owner {
+                pid: 2,
+                boot_id: "x".into(),
+                start: 2,
+            }),
+            ..Default::default()
+        },
     )
     .unwrap();
     let err = other.sync(&fake, linear_chain(3, 1)).unwrap_err();
     assert!(err.is_busy(), "{err}");
     assert!(matches!(&err, Error::Busy { owner, .. } if *owner == me));
     assert_eq!(fake.calls(Op::Redefine), 0, "busy changes nothing");
-    assert!(other.recover(&fake, Policy::Resume, None).unwrap().is_empty(), "a live owner is left alone");
+    assert!(
+        other
+            .recover(&fake, Policy::Resume, None)
+            .unwrap()
+            .is_empty(),
+        "a live owner is left alone"
+    );
 
     // Once the owner is dead, a sync of the domain recovers it first.
     let later = Store::open_with(
         j.path(),
         StoreOptions {
-            owner: Some(Owner { pid: 3, boot_id: "y".into(), start: 3 }),
+            owner: Some(Owner {
+                pid: 3,
+                boot_id: "y".into(),
+                start: 3,
+            }),
             liveness: Some(Arc::new(|_| false)),
             ..Default::default()
         },
@@ -131,7 +172,10 @@ fn a_live_owner_makes_the_domain_busy_and_a_dead_one_is_recovered_first() {
     let r = later.sync(&fake, linear_chain(4, 1)).unwrap();
     assert_eq!(r.recovered.len(), 1);
     assert_eq!(r.recovered[0].outcome, Outcome::Committed);
-    assert!(same_content(&fake.peek(DOMAIN), &linear_chain(4, 1).validate().unwrap().defs()));
+    assert!(same_content(
+        &fake.peek(DOMAIN),
+        &linear_chain(4, 1).validate().unwrap().defs()
+    ));
     assert!(later.status(None).unwrap().incomplete.is_empty());
 }
 
@@ -147,11 +191,17 @@ fn a_refused_step_rolls_back_to_the_exact_before_image() {
     let store = TempJournal::new().store(1);
     let err = store.sync(&fake, linear_chain(6, 2)).unwrap_err();
     assert!(err.is_rolled_back(), "{err}");
-    assert!(err.to_string().contains(&target[5].name), "the error names the checkpoint: {err}");
+    assert!(
+        err.to_string().contains(&target[5].name),
+        "the error names the checkpoint: {err}"
+    );
     assert!(same_content(&fake.peek(DOMAIN), &before));
     let h = store.history(DOMAIN, 10).unwrap();
     assert_eq!(h[0].state, ckptstore::journal::TxnState::RolledBack);
-    assert!(store.committed(DOMAIN).unwrap().is_none(), "a rolled-back sync commits no chain");
+    assert!(
+        store.committed(DOMAIN).unwrap().is_none(),
+        "a rolled-back sync commits no chain"
+    );
 }
 
 #[test]
@@ -162,13 +212,25 @@ fn bad_input_changes_nothing() {
     let mut chain = linear_chain(3, 2);
     chain.disks.insert(disk_id(9), "vdz".into());
     let err = store.sync(&fake, chain).unwrap_err();
-    assert!(err.is_bad_input() && matches!(&err, Error::UnknownTarget { target, .. } if target == "vdz"), "{err}");
+    assert!(
+        err.is_bad_input()
+            && matches!(&err, Error::UnknownTarget { target, .. } if target == "vdz"),
+        "{err}"
+    );
     let mut chain = linear_chain(3, 2);
     chain.checkpoints[0].parent = Some(ckpt_id(2));
     assert!(store.sync(&fake, chain).unwrap_err().is_bad_input());
     assert_eq!(fake.calls(Op::Redefine) + fake.calls(Op::Delete), 0);
     assert!(store.history(DOMAIN, 10).unwrap().is_empty());
-    let err = store.sync(&fake, ckptstore::Chain { domain: Some("nope".into()), ..linear_chain(1, 1) }).unwrap_err();
+    let err = store
+        .sync(
+            &fake,
+            ckptstore::Chain {
+                domain: Some("nope".into()),
+                ..linear_chain(1, 1)
+            },
+        )
+        .unwrap_err();
     assert!(err.is_unreachable(), "{err}");
 }
 
@@ -210,7 +272,10 @@ fn import_adopts_and_resync_reapplies_after_the_domain_is_recreated() {
     assert_eq!(st.domains[0].checkpoints, 6);
     assert_eq!(st.domains[0].leaf.as_deref(), Some("manual"));
     assert_eq!(st.domains[0].root.as_deref(), Some(odd[0].name.as_str()));
-    assert!(matches!(store.resync(&fake, "other").unwrap_err(), Error::NoCommittedChain { .. }));
+    assert!(matches!(
+        store.resync(&fake, "other").unwrap_err(),
+        Error::NoCommittedChain { .. }
+    ));
 }
 
 #[test]
@@ -221,7 +286,11 @@ fn history_is_pruned_but_open_transactions_never_are() {
         j.path(),
         StoreOptions {
             history: 3,
-            owner: Some(Owner { pid: 1, boot_id: "h".into(), start: 1 }),
+            owner: Some(Owner {
+                pid: 1,
+                boot_id: "h".into(),
+                start: 1,
+            }),
             liveness: Some(Arc::new(|_| true)),
             ..Default::default()
         },
@@ -240,7 +309,12 @@ fn eight_threads_sync_eight_domains_on_one_store() {
     let fake = FakeBackend::new();
     let names: Vec<String> = (0..8).map(|i| format!("dom{i}")).collect();
     for (i, n) in names.iter().enumerate() {
-        fake.define_domain(n, &uuid::Uuid::from_u128(i as u128 + 1).to_string(), &["sda", "sdb"], false);
+        fake.define_domain(
+            n,
+            &uuid::Uuid::from_u128(i as u128 + 1).to_string(),
+            &["sda", "sdb"],
+            false,
+        );
     }
     let j = TempJournal::new();
     let store = j.store(1);
@@ -249,7 +323,10 @@ fn eight_threads_sync_eight_domains_on_one_store() {
             let (store, fake) = (&store, &fake);
             s.spawn(move || {
                 for len in [5, 9, 4] {
-                    let chain = ckptstore::Chain { domain: Some(n.clone()), ..linear_chain(len, 2) };
+                    let chain = ckptstore::Chain {
+                        domain: Some(n.clone()),
+                        ..linear_chain(len, 2)
+                    };
                     let r = store.sync(fake, chain).unwrap();
                     assert_eq!(r.outcome, Outcome::Committed);
                 }
@@ -270,9 +347,17 @@ fn recovery_of_many_domains_runs_in_parallel_and_finishes_all() {
     let j = TempJournal::new();
     let names: Vec<String> = (0..6).map(|i| format!("p{i}")).collect();
     for (i, n) in names.iter().enumerate() {
-        fake.define_domain(n, &uuid::Uuid::from_u128(100 + i as u128).to_string(), &["sda"], false);
+        fake.define_domain(
+            n,
+            &uuid::Uuid::from_u128(100 + i as u128).to_string(),
+            &["sda"],
+            false,
+        );
         let crashed = j.store_crashing_at(10 + i as u32, 7);
-        let chain = ckptstore::Chain { domain: Some(n.clone()), ..linear_chain(8, 1) };
+        let chain = ckptstore::Chain {
+            domain: Some(n.clone()),
+            ..linear_chain(8, 1)
+        };
         assert!(run_crashing(|| crashed.sync(&fake, chain)).is_none());
     }
     let rec = j.store(99);
@@ -284,5 +369,7 @@ fn recovery_of_many_domains_runs_in_parallel_and_finishes_all() {
         assert_eq!(fake.peek(n).len(), 8);
     }
     let again = rec.resync_many(&fake, &names);
-    assert!(again.iter().all(|r| r.as_ref().is_ok_and(|r| r.outcome == Outcome::Unchanged)));
+    assert!(again
+        .iter()
+        .all(|r| r.as_ref().is_ok_and(|r| r.outcome == Outcome::Unchanged)));
 }

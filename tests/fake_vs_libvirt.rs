@@ -62,7 +62,12 @@ fn run_seed(seed: u64) {
         l
     };
     for step in 0..STEPS {
-        let existing: Vec<String> = fake.list(&dom.name).unwrap().into_iter().map(|d| d.name).collect();
+        let existing: Vec<String> = fake
+            .list(&dom.name)
+            .unwrap()
+            .into_iter()
+            .map(|d| d.name)
+            .collect();
         let (what, r_fake, r_real) = match rng.below(10) {
             0..=5 => {
                 let name = NAMES[rng.below(NAMES.len())].to_string();
@@ -83,7 +88,10 @@ fn run_seed(seed: u64) {
                     parent,
                     creation_time: 1_000 + rng.below(100) as i64,
                     description: (rng.below(3) == 0).then(|| format!("step {step}")),
-                    disks: disks.iter().map(|d| (d.to_string(), name.clone())).collect(),
+                    disks: disks
+                        .iter()
+                        .map(|d| (d.to_string(), name.clone()))
+                        .collect(),
                 };
                 let xml = render_checkpoint(&def);
                 (
@@ -124,10 +132,16 @@ fn run_seed(seed: u64) {
 
 #[test]
 fn the_fake_answers_like_the_test_driver() {
-    if let Some(seed) = std::env::var("CKPTSTORE_DIFF_SEED").ok().and_then(|s| s.parse().ok()) {
+    if let Some(seed) = std::env::var("CKPTSTORE_DIFF_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+    {
         return run_seed(seed);
     }
-    let seeds: u64 = std::env::var("CKPTSTORE_DIFF_SEEDS").ok().and_then(|s| s.parse().ok()).unwrap_or(3);
+    let seeds: u64 = std::env::var("CKPTSTORE_DIFF_SEEDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(3);
     for seed in 1..=seeds {
         run_seed(seed);
     }

@@ -23,8 +23,15 @@ fn fake() -> FakeBackend {
 
 /// libvirt and the journal are exactly as before.
 fn assert_untouched(f: &FakeBackend, store: &Store) {
-    assert_eq!(f.calls(Op::Redefine) + f.calls(Op::Delete), 0, "libvirt was changed");
-    assert!(store.history(DOMAIN, 10).unwrap().is_empty(), "the journal was written");
+    assert_eq!(
+        f.calls(Op::Redefine) + f.calls(Op::Delete),
+        0,
+        "libvirt was changed"
+    );
+    assert!(
+        store.history(DOMAIN, 10).unwrap().is_empty(),
+        "the journal was written"
+    );
     assert!(store.status(None).unwrap().domains.is_empty());
 }
 
@@ -92,10 +99,20 @@ fn structurally_bad_chains_are_refused_by_name() {
             },
             |e| matches!(e, ChainError::BadTarget { .. }),
         ),
-        (Chain { domain: Some("../../run/evil".into()), ..linear_chain(1, 1) }, |e| {
-            matches!(e, ChainError::BadDomain(_))
-        }),
-        (Chain { domain: Some(String::new()), ..linear_chain(1, 1) }, |e| matches!(e, ChainError::BadDomain(_))),
+        (
+            Chain {
+                domain: Some("../../run/evil".into()),
+                ..linear_chain(1, 1)
+            },
+            |e| matches!(e, ChainError::BadDomain(_)),
+        ),
+        (
+            Chain {
+                domain: Some(String::new()),
+                ..linear_chain(1, 1)
+            },
+            |e| matches!(e, ChainError::BadDomain(_)),
+        ),
         (
             {
                 let mut c = linear_chain(1, 1);
@@ -120,7 +137,16 @@ fn a_hundred_thousand_checkpoints_are_refused_before_anything_is_done() {
     let store = TempJournal::new().store(1);
     let chain = linear_chain(100_000, 1);
     let err = store.sync(&f, chain).unwrap_err();
-    assert!(matches!(err, Error::Chain(ChainError::TooLarge { count: 100_000, max: MAX_CHECKPOINTS })), "{err}");
+    assert!(
+        matches!(
+            err,
+            Error::Chain(ChainError::TooLarge {
+                count: 100_000,
+                max: MAX_CHECKPOINTS
+            })
+        ),
+        "{err}"
+    );
     assert_untouched(&f, &store);
 }
 
@@ -137,7 +163,10 @@ fn malformed_json_and_wrong_types_are_serde_errors() {
         r#"{"vm_id": "93a5c045-6457-2c09-e56c-927cdf34e178", "disks": {}, "checkpoints": [], "surprise": 1}"#,
         r#"{"vm_id": "93a5c045-6457-2c09-e56c-927cdf34e178", "disks": {}, "checkpoints": [{"id": "7b1e2a8c-0c1f-4a0e-9a52-2f6f3b7d9c10", "created": "yesterday", "disks": []}]}"#,
     ] {
-        assert!(serde_json::from_str::<Chain>(bad).is_err(), "accepted: {bad}");
+        assert!(
+            serde_json::from_str::<Chain>(bad).is_err(),
+            "accepted: {bad}"
+        );
     }
 }
 
@@ -152,8 +181,14 @@ fn descriptions_with_markup_come_out_escaped() {
     // The XML sent to libvirt parses back to exactly the same text.
     let def = chain.validate().unwrap().defs().pop().unwrap();
     let xml = render_checkpoint(&def);
-    assert!(!xml.contains("<domain ") && !xml.contains("</domain>") && !xml.contains("<![CDATA"), "{xml}");
-    assert_eq!(parse_checkpoint(&xml).unwrap().description.as_deref(), Some(evil));
+    assert!(
+        !xml.contains("<domain ") && !xml.contains("</domain>") && !xml.contains("<![CDATA"),
+        "{xml}"
+    );
+    assert_eq!(
+        parse_checkpoint(&xml).unwrap().description.as_deref(),
+        Some(evil)
+    );
     assert_eq!(f.peek(DOMAIN)[1].description.as_deref(), Some(evil));
 }
 
@@ -169,7 +204,10 @@ fn a_full_journal_changes_nothing_in_libvirt() {
     let store = Store::open_with(
         j.path(),
         StoreOptions {
-            journal: JournalOptions { max_page_count: Some(pages), ..JournalOptions::default() },
+            journal: JournalOptions {
+                max_page_count: Some(pages),
+                ..JournalOptions::default()
+            },
             ..StoreOptions::default()
         },
     )
@@ -177,19 +215,40 @@ fn a_full_journal_changes_nothing_in_libvirt() {
     let err = store.sync(&f, linear_chain(200, 2)).unwrap_err();
     assert!(err.is_journal(), "{err}");
     assert!(err.to_string().contains("full"), "{err}");
-    assert_eq!(f.calls(Op::Redefine) + f.calls(Op::Delete), 0, "no libvirt call without a committed intent");
+    assert_eq!(
+        f.calls(Op::Redefine) + f.calls(Op::Delete),
+        0,
+        "no libvirt call without a committed intent"
+    );
     assert_eq!(store.journal().integrity_check().unwrap(), "ok");
 }
 
 /// A bounded fuzz run: the count of executions is printed; set
 /// `CKPTSTORE_FUZZ_CASES` for a longer run, `CKPTSTORE_FUZZ_SEED` to replay.
 fn runner(default_cases: u32) -> (TestRunner, u64, u32) {
-    let cases = std::env::var("CKPTSTORE_FUZZ_CASES").ok().and_then(|s| s.parse().ok()).unwrap_or(default_cases);
-    let seed = std::env::var("CKPTSTORE_FUZZ_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(seed_from_env);
+    let cases = std::env::var("CKPTSTORE_FUZZ_CASES")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(default_cases);
+    let seed = std::env::var("CKPTSTORE_FUZZ_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(seed_from_env);
     let mut bytes = [0u8; 32];
     bytes[..8].copy_from_slice(&seed.to_le_bytes());
     let rng = TestRng::from_seed(RngAlgorithm::ChaCha, &bytes);
-    (TestRunner::new_with_rng(Config { cases, failure_persistence: None, ..Config::default() }, rng), seed, cases)
+    (
+        TestRunner::new_with_rng(
+            Config {
+                cases,
+                failure_persistence: None,
+                ..Config::default()
+            },
+            rng,
+        ),
+        seed,
+        cases,
+    )
 }
 
 fn mutate(base: &[u8], edits: &[(usize, u8, u8)]) -> Vec<u8> {
@@ -220,22 +279,32 @@ fn fuzz_the_chain_parser_and_validation() {
     let runs = std::sync::atomic::AtomicU32::new(0);
     let started = std::time::Instant::now();
     runner
-        .run(&proptest::collection::vec((any::<usize>(), any::<u8>(), any::<u8>()), 1..12), |edits| {
-            runs.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            let input = mutate(&base, &edits);
-            if let Ok(s) = std::str::from_utf8(&input) {
-                if let Ok(chain) = serde_json::from_str::<Chain>(s) {
-                    if let Ok(v) = chain.validate() {
-                        for d in v.defs() {
-                            prop_assert_eq!(parse_checkpoint(&render_checkpoint(&d)).unwrap(), d);
+        .run(
+            &proptest::collection::vec((any::<usize>(), any::<u8>(), any::<u8>()), 1..12),
+            |edits| {
+                runs.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let input = mutate(&base, &edits);
+                if let Ok(s) = std::str::from_utf8(&input) {
+                    if let Ok(chain) = serde_json::from_str::<Chain>(s) {
+                        if let Ok(v) = chain.validate() {
+                            for d in v.defs() {
+                                prop_assert_eq!(
+                                    parse_checkpoint(&render_checkpoint(&d)).unwrap(),
+                                    d
+                                );
+                            }
                         }
                     }
                 }
-            }
-            Ok(())
-        })
+                Ok(())
+            },
+        )
         .unwrap_or_else(|e| panic!("chain fuzz failed (seed {seed}): {e}"));
-    println!("chain fuzz: {} executions in {} ms, 0 panics", runs.into_inner(), started.elapsed().as_millis());
+    println!(
+        "chain fuzz: {} executions in {} ms, 0 panics",
+        runs.into_inner(),
+        started.elapsed().as_millis()
+    );
 }
 
 #[test]
@@ -256,14 +325,17 @@ fn fuzz_the_libvirt_xml_parsers() {
     let runs = std::sync::atomic::AtomicU32::new(0);
     let started = std::time::Instant::now();
     runner
-        .run(&proptest::collection::vec((any::<usize>(), any::<u8>(), any::<u8>()), 1..12), |edits| {
-            runs.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            let c = mutate(ckpt.as_bytes(), &edits);
-            let d = mutate(dom.as_bytes(), &edits);
-            let _ = parse_checkpoint(&String::from_utf8_lossy(&c));
-            let _ = parse_domain(&String::from_utf8_lossy(&d), false);
-            Ok(())
-        })
+        .run(
+            &proptest::collection::vec((any::<usize>(), any::<u8>(), any::<u8>()), 1..12),
+            |edits| {
+                runs.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let c = mutate(ckpt.as_bytes(), &edits);
+                let d = mutate(dom.as_bytes(), &edits);
+                let _ = parse_checkpoint(&String::from_utf8_lossy(&c));
+                let _ = parse_domain(&String::from_utf8_lossy(&d), false);
+                Ok(())
+            },
+        )
         .unwrap_or_else(|e| panic!("xml fuzz failed (seed {seed}): {e}"));
     println!(
         "xml fuzz: {} executions of each parser in {} ms, 0 panics",

@@ -32,12 +32,21 @@ struct World {
 impl World {
     fn new(conn: &virt::connect::Connect, tag: &str) -> World {
         let dom = TestDomain::define(conn, tag, 2);
-        let dir = tempfile::Builder::new().prefix("ckptstore-hostile-").tempdir().unwrap();
+        let dir = tempfile::Builder::new()
+            .prefix("ckptstore-hostile-")
+            .tempdir()
+            .unwrap();
         let db = dir.path().join("journal.db");
         let good = rel::chain(&dom.name, 3, &["vda", "vdb"]);
         let file = rel::write_chain(dir.path(), "good.json", &good);
         rel::run(&db, &["sync", "--chain", &file]).expect(0, "the first sync");
-        World { dom, backend: LibvirtBackend::connect(SYSTEM_URI).unwrap(), dir, db, good }
+        World {
+            dom,
+            backend: LibvirtBackend::connect(SYSTEM_URI).unwrap(),
+            dir,
+            db,
+            good,
+        }
     }
 
     fn libvirt(&self) -> Vec<CheckpointDef> {
@@ -56,12 +65,22 @@ impl World {
 /// behind a connection that could only read).
 fn journal_bytes(db: &Path) -> (Vec<u8>, Vec<u8>) {
     let wal = PathBuf::from(format!("{}-wal", db.display()));
-    (std::fs::read(db).unwrap_or_default(), std::fs::read(wal).unwrap_or_default())
+    (
+        std::fs::read(db).unwrap_or_default(),
+        std::fs::read(wal).unwrap_or_default(),
+    )
 }
 
 /// Run `args` on `db`; it must exit `code` with one line on stderr that
 /// contains `says`, and change neither libvirt nor the journal's bytes.
-fn refused(w: &World, db: &Path, args: &[&str], stdin: Option<&[u8]>, code: i32, says: &str) -> Out {
+fn refused(
+    w: &World,
+    db: &Path,
+    args: &[&str],
+    stdin: Option<&[u8]>,
+    code: i32,
+    says: &str,
+) -> Out {
     let before = w.libvirt();
     let bytes = journal_bytes(db);
     let mut cmd = rel::command(db, args);
@@ -82,16 +101,39 @@ fn refused(w: &World, db: &Path, args: &[&str], stdin: Option<&[u8]>, code: i32,
         stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
         elapsed: Default::default(),
     };
-    let shown = args.iter().map(|a| if a.len() > 80 { "…" } else { a }).collect::<Vec<_>>();
+    let shown = args
+        .iter()
+        .map(|a| if a.len() > 80 { "…" } else { a })
+        .collect::<Vec<_>>();
     assert_eq!(out.code(), Some(code), "{shown:?}: {}", out.stderr);
-    assert_eq!(out.stderr.lines().count(), 1, "{shown:?}: one line on stderr: {}", out.stderr);
+    assert_eq!(
+        out.stderr.lines().count(),
+        1,
+        "{shown:?}: one line on stderr: {}",
+        out.stderr
+    );
     let line = out.stderr.trim_end();
-    assert!(line.starts_with("ckptstore: ") && line.contains(" — "), "{shown:?}: {line}");
-    assert!(line.contains(says), "{shown:?}: {line:?} does not say {says:?}");
-    assert!(!line.contains("panicked") && !line.contains("RUST_BACKTRACE"), "{line}");
+    assert!(
+        line.starts_with("ckptstore: ") && line.contains(" — "),
+        "{shown:?}: {line}"
+    );
+    assert!(
+        line.contains(says),
+        "{shown:?}: {line:?} does not say {says:?}"
+    );
+    assert!(
+        !line.contains("panicked") && !line.contains("RUST_BACKTRACE"),
+        "{line}"
+    );
     assert_eq!(w.libvirt(), before, "{shown:?}: libvirt was changed");
-    assert!(journal_bytes(db) == bytes, "{shown:?}: the journal was changed");
-    println!("hostile: exit {code}: {}", line.chars().take(160).collect::<String>());
+    assert!(
+        journal_bytes(db) == bytes,
+        "{shown:?}: the journal was changed"
+    );
+    println!(
+        "hostile: exit {code}: {}",
+        line.chars().take(160).collect::<String>()
+    );
     out
 }
 
@@ -108,19 +150,56 @@ fn hostile_chains_change_nothing_on_qemu() {
     };
 
     // Malformed JSON, with line and column.
-    let f = w.file("malformed.json", good_json[..good_json.len() / 2].replace(',', ",\n"));
+    let f = w.file(
+        "malformed.json",
+        good_json[..good_json.len() / 2].replace(',', ",\n"),
+    );
     case(&["sync", "--chain", &f], None, 2, "line ");
-    case(&["sync", "--chain", "-"], Some(b"{\"vm_id\": "), 2, "EOF while parsing");
-    case(&["sync", "--chain", "-"], Some(&[0xff, 0xfe, 0x00, 0x7b]), 2, "valid UTF-8");
+    case(
+        &["sync", "--chain", "-"],
+        Some(b"{\"vm_id\": "),
+        2,
+        "EOF while parsing",
+    );
+    case(
+        &["sync", "--chain", "-"],
+        Some(&[0xff, 0xfe, 0x00, 0x7b]),
+        2,
+        "valid UTF-8",
+    );
     case(&["sync", "--chain", "-"], Some(b""), 2, "not valid");
     // Wrong types.
     for (what, from, to) in [
-        ("vm_id a number", format!("\"vm_id\":\"{}\"", rel::VM_UUID), "\"vm_id\":42".to_string()),
-        ("disks a list", "\"disks\":{".into(), "\"disks\":[],\"x\":{".into()),
-        ("created a number", "\"created\":\"2023-11-14T22:13:20Z\"".into(), "\"created\":1700000000".into()),
-        ("checkpoints a string", "\"checkpoints\":[".into(), "\"checkpoints\":\"[\",\"y\":[".into()),
-        ("id not a UUID", format!("\"id\":\"{}\"", rel::ckpt_id(0)), "\"id\":\"../../etc/passwd\"".into()),
-        ("id with markup", format!("\"id\":\"{}\"", rel::ckpt_id(0)), "\"id\":\"<c0>&amp;\"".into()),
+        (
+            "vm_id a number",
+            format!("\"vm_id\":\"{}\"", rel::VM_UUID),
+            "\"vm_id\":42".to_string(),
+        ),
+        (
+            "disks a list",
+            "\"disks\":{".into(),
+            "\"disks\":[],\"x\":{".into(),
+        ),
+        (
+            "created a number",
+            "\"created\":\"2023-11-14T22:13:20Z\"".into(),
+            "\"created\":1700000000".into(),
+        ),
+        (
+            "checkpoints a string",
+            "\"checkpoints\":[".into(),
+            "\"checkpoints\":\"[\",\"y\":[".into(),
+        ),
+        (
+            "id not a UUID",
+            format!("\"id\":\"{}\"", rel::ckpt_id(0)),
+            "\"id\":\"../../etc/passwd\"".into(),
+        ),
+        (
+            "id with markup",
+            format!("\"id\":\"{}\"", rel::ckpt_id(0)),
+            "\"id\":\"<c0>&amp;\"".into(),
+        ),
         ("unknown key", "\"disks\":".into(), "\"disk_map\":".into()),
     ] {
         let text = good_json.replacen(&from, &to, 1);
@@ -132,7 +211,12 @@ fn hostile_chains_change_nothing_on_qemu() {
     let huge = rel::chain(&name, 100_000, &["vda"]);
     let f = w.file("huge.json", serde_json::to_vec(&huge).unwrap());
     let t = std::time::Instant::now();
-    case(&["sync", "--chain", &f], None, 2, "100000 checkpoints, more than the limit");
+    case(
+        &["sync", "--chain", &f],
+        None,
+        2,
+        "100000 checkpoints, more than the limit",
+    );
     println!(
         "hostile: the 100,000-checkpoint chain ({} MB) was refused in {} ms",
         std::fs::metadata(&f).unwrap().len() >> 20,
@@ -142,17 +226,48 @@ fn hostile_chains_change_nothing_on_qemu() {
     // Cycles, duplicates, dangling parents.
     let mut cycle = w.good.clone();
     cycle.checkpoints[0].parent = Some(rel::ckpt_id(2));
-    case(&["sync", "--chain", &w.file("cycle.json", serde_json::to_vec(&cycle).unwrap())], None, 2, "cycle");
+    case(
+        &[
+            "sync",
+            "--chain",
+            &w.file("cycle.json", serde_json::to_vec(&cycle).unwrap()),
+        ],
+        None,
+        2,
+        "cycle",
+    );
     let mut selfish = w.good.clone();
     selfish.checkpoints[1].parent = Some(rel::ckpt_id(1));
-    case(&["sync", "--chain", &w.file("self.json", serde_json::to_vec(&selfish).unwrap())], None, 2, "cycle");
+    case(
+        &[
+            "sync",
+            "--chain",
+            &w.file("self.json", serde_json::to_vec(&selfish).unwrap()),
+        ],
+        None,
+        2,
+        "cycle",
+    );
     let mut dup = w.good.clone();
     dup.checkpoints[2].id = rel::ckpt_id(0);
-    case(&["sync", "--chain", &w.file("dup.json", serde_json::to_vec(&dup).unwrap())], None, 2, "more than once");
+    case(
+        &[
+            "sync",
+            "--chain",
+            &w.file("dup.json", serde_json::to_vec(&dup).unwrap()),
+        ],
+        None,
+        2,
+        "more than once",
+    );
     let mut dangling = w.good.clone();
     dangling.checkpoints[2].parent = Some(rel::ckpt_id(77));
     case(
-        &["sync", "--chain", &w.file("dangling.json", serde_json::to_vec(&dangling).unwrap())],
+        &[
+            "sync",
+            "--chain",
+            &w.file("dangling.json", serde_json::to_vec(&dangling).unwrap()),
+        ],
         None,
         2,
         "not in the chain",
@@ -178,24 +293,45 @@ fn hostile_chains_change_nothing_on_qemu() {
     let mut c = w.good.clone();
     c.domain = Some("<domain type='kvm'>&amp;]]>".into());
     case(
-        &["sync", "--chain", &w.file("nodom.json", serde_json::to_vec(&c).unwrap())],
+        &[
+            "sync",
+            "--chain",
+            &w.file("nodom.json", serde_json::to_vec(&c).unwrap()),
+        ],
         None,
         4,
         "has no domain <domain type='kvm'>&amp;]]>",
     );
-    case(&["import", "--domain", "ckpt-test-no-such-domain"], None, 4, "has no domain");
+    case(
+        &["import", "--domain", "ckpt-test-no-such-domain"],
+        None,
+        4,
+        "has no domain",
+    );
     // A disk target the domain does not have (libvirt itself would not check).
     let mut c = w.good.clone();
     c.disks.insert(rel::disk_id(1), "vdz".into());
     case(
-        &["sync", "--chain", &w.file("vdz.json", serde_json::to_vec(&c).unwrap())],
+        &[
+            "sync",
+            "--chain",
+            &w.file("vdz.json", serde_json::to_vec(&c).unwrap()),
+        ],
         None,
         2,
         "has no disk with target \"vdz\"",
     );
     // A chain for another domain's disks is fine, but not an empty one.
-    let empty = format!("{{\"vm_id\":\"{}\",\"domain\":\"{name}\",\"disks\":{{}},\"checkpoints\":[]}}", rel::VM_UUID);
-    case(&["sync", "--chain", "-"], Some(empty.as_bytes()), 2, "empty");
+    let empty = format!(
+        "{{\"vm_id\":\"{}\",\"domain\":\"{name}\",\"disks\":{{}},\"checkpoints\":[]}}",
+        rel::VM_UUID
+    );
+    case(
+        &["sync", "--chain", "-"],
+        Some(empty.as_bytes()),
+        2,
+        "empty",
+    );
     println!("hostile: {cases} hostile inputs through the binary: documented exit code, one line, libvirt and journal unchanged");
 }
 
@@ -219,24 +355,50 @@ fn descriptions_with_markup_come_back_exactly_on_qemu() {
         // Through the library's parser ...
         let def = w.backend.checkpoint(&w.dom.name, &id).unwrap();
         assert_eq!(def.description.as_deref(), Some(*e), "checkpoint {i}");
-        assert_eq!(def.disks.keys().collect::<Vec<_>>(), ["vda", "vdb"], "no disk was injected");
+        assert_eq!(
+            def.disks.keys().collect::<Vec<_>>(),
+            ["vda", "vdb"],
+            "no disk was injected"
+        );
         // ... and the raw XML libvirt keeps: one element each, the markup
         // escaped.
         let out = Command::new("virsh")
-            .args(["-c", SYSTEM_URI, "checkpoint-dumpxml", "--no-domain", &w.dom.name, &id])
+            .args([
+                "-c",
+                SYSTEM_URI,
+                "checkpoint-dumpxml",
+                "--no-domain",
+                &w.dom.name,
+                &id,
+            ])
             .output()
             .unwrap();
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         let xml = String::from_utf8(out.stdout).unwrap();
         assert_eq!(xml.matches("<description>").count(), 1, "{xml}");
-        assert!(!xml.contains("<domain ") && !xml.contains("<domain>") && !xml.contains("<![CDATA["), "{xml}");
-        assert!(!xml.contains("<name>evil") && !xml.contains("<!--"), "{xml}");
+        assert!(
+            !xml.contains("<domain ") && !xml.contains("<domain>") && !xml.contains("<![CDATA["),
+            "{xml}"
+        );
+        assert!(
+            !xml.contains("<name>evil") && !xml.contains("<!--"),
+            "{xml}"
+        );
         assert_eq!(xml.matches("<disk ").count(), 2, "{xml}");
         assert_eq!(ckptstore::xml::parse_checkpoint(&xml).unwrap(), def);
     }
     // Same content: a second sync makes no call.
-    let again = rel::run(&w.db, &["sync", "--chain", &f, "--json"]).expect(0, "again").json();
-    assert_eq!((again["outcome"].as_str(), again["libvirt_calls"].as_u64()), (Some("unchanged"), Some(0)));
+    let again = rel::run(&w.db, &["sync", "--chain", &f, "--json"])
+        .expect(0, "again")
+        .json();
+    assert_eq!(
+        (again["outcome"].as_str(), again["libvirt_calls"].as_u64()),
+        (Some("unchanged"), Some(0))
+    );
     println!(
         "hostile: {} descriptions with ]]>, <domain>, CDATA, entities and comments came back from libvirt exactly",
         evil.len()
@@ -245,7 +407,10 @@ fn descriptions_with_markup_come_back_exactly_on_qemu() {
 
 /// A sync that would change libvirt, for the journal cases.
 fn next_chain(w: &World) -> String {
-    w.file("next.json", serde_json::to_vec(&rel::chain(&w.dom.name, 40, &["vda", "vdb"])).unwrap())
+    w.file(
+        "next.json",
+        serde_json::to_vec(&rel::chain(&w.dom.name, 40, &["vda", "vdb"])).unwrap(),
+    )
 }
 
 #[test]
@@ -283,7 +448,11 @@ fn unusable_journals_change_nothing_on_qemu() {
         f.set_len(keep as u64).unwrap();
         drop(f);
         let out = refused(&w, &p, &sync, None, 5, "journal");
-        assert!(out.stderr.contains("corrupt") || out.stderr.contains("malformed"), "{what}: {}", out.stderr);
+        assert!(
+            out.stderr.contains("corrupt") || out.stderr.contains("malformed"),
+            "{what}: {}",
+            out.stderr
+        );
         cases += 1;
     }
     // From a newer schema: the real journal, one version ahead.
@@ -291,10 +460,16 @@ fn unusable_journals_change_nothing_on_qemu() {
     let newer = ckptstore::journal::SCHEMA_VERSION + 1;
     {
         let c = rusqlite::Connection::open(&p).unwrap();
-        c.execute_batch(&format!("PRAGMA user_version = {newer}")).unwrap();
+        c.execute_batch(&format!("PRAGMA user_version = {newer}"))
+            .unwrap();
     }
     let says = format!("schema version {newer}");
-    for args in [&sync[..], &["status"], &["recover"], &["import", "--domain", &w.dom.name]] {
+    for args in [
+        &sync[..],
+        &["status"],
+        &["recover"],
+        &["import", "--domain", &w.dom.name],
+    ] {
         refused(&w, &p, args, None, 5, &says);
         cases += 1;
     }
@@ -336,9 +511,13 @@ fn unusable_journals_change_nothing_on_qemu() {
     }
     // The journal is usable again and still holds the first sync.
     assert_eq!(rel::integrity(&w.db), "ok");
-    let st = rel::run(&w.db, &["status", "--json"]).expect(0, "status").json();
+    let st = rel::run(&w.db, &["status", "--json"])
+        .expect(0, "status")
+        .json();
     assert_eq!(st["domains"][0]["checkpoints"], 3);
-    println!("hostile: {cases} unusable journals: exit 5, one line, libvirt and the file unchanged");
+    println!(
+        "hostile: {cases} unusable journals: exit 5, one line, libvirt and the file unchanged"
+    );
 }
 
 /// Fill the file system holding `dir` until `leave` bytes or less are free.
@@ -351,7 +530,9 @@ fn fill(dir: &Path, leave: u64) {
         if free <= leave {
             break;
         }
-        if f.write_all(&chunk[..(free - leave).min(4096) as usize]).is_err() {
+        if f.write_all(&chunk[..(free - leave).min(4096) as usize])
+            .is_err()
+        {
             break;
         }
     }
@@ -359,7 +540,11 @@ fn fill(dir: &Path, leave: u64) {
 }
 
 fn statvfs_free(dir: &Path) -> u64 {
-    let out = Command::new("stat").args(["-f", "-c", "%a %S"]).arg(dir).output().unwrap();
+    let out = Command::new("stat")
+        .args(["-f", "-c", "%a %S"])
+        .arg(dir)
+        .output()
+        .unwrap();
     let s = String::from_utf8(out.stdout).unwrap();
     let v: Vec<u64> = s.split_whitespace().map(|x| x.parse().unwrap()).collect();
     v[0] * v[1]
@@ -370,8 +555,13 @@ struct Immutable(PathBuf);
 
 impl Immutable {
     fn new(p: &Path) -> Option<Immutable> {
-        let st = Command::new("chattr").arg("+i").arg(p).stderr(Stdio::null()).status();
-        st.is_ok_and(|s| s.success()).then(|| Immutable(p.to_path_buf()))
+        let st = Command::new("chattr")
+            .arg("+i")
+            .arg(p)
+            .stderr(Stdio::null())
+            .status();
+        st.is_ok_and(|s| s.success())
+            .then(|| Immutable(p.to_path_buf()))
     }
 }
 
@@ -389,11 +579,23 @@ struct ReadOnlyMount {
 
 impl ReadOnlyMount {
     fn new(src: &Path) -> Option<ReadOnlyMount> {
-        let dir = tempfile::Builder::new().prefix("ckptstore-ro-").tempdir().unwrap();
+        let dir = tempfile::Builder::new()
+            .prefix("ckptstore-ro-")
+            .tempdir()
+            .unwrap();
         let path = dir.path().join("ro");
         std::fs::create_dir(&path).unwrap();
-        let ok = |args: &[&str]| Command::new("mount").args(args).status().is_ok_and(|s| s.success());
-        if !ok(&["--bind", &src.display().to_string(), &path.display().to_string()]) {
+        let ok = |args: &[&str]| {
+            Command::new("mount")
+                .args(args)
+                .status()
+                .is_ok_and(|s| s.success())
+        };
+        if !ok(&[
+            "--bind",
+            &src.display().to_string(),
+            &path.display().to_string(),
+        ]) {
             return None;
         }
         let m = ReadOnlyMount { path, _dir: dir };
@@ -415,15 +617,25 @@ struct Tmpfs {
 
 impl Tmpfs {
     fn new(parent: &Path, size: u64) -> Option<Tmpfs> {
-        let dir = tempfile::Builder::new().prefix("tmpfs-").tempdir_in(parent).unwrap();
+        let dir = tempfile::Builder::new()
+            .prefix("tmpfs-")
+            .tempdir_in(parent)
+            .unwrap();
         let path = dir.path().join("fs");
         std::fs::create_dir(&path).unwrap();
         let st = Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={size},mode=0700"), "tmpfs"])
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={size},mode=0700"),
+                "tmpfs",
+            ])
             .arg(&path)
             .stderr(Stdio::null())
             .status();
-        st.is_ok_and(|s| s.success()).then_some(Tmpfs { path, _dir: dir })
+        st.is_ok_and(|s| s.success())
+            .then_some(Tmpfs { path, _dir: dir })
     }
 }
 
@@ -436,7 +648,10 @@ impl Drop for Tmpfs {
 #[test]
 fn fuzz_the_chain_input_through_the_binary_on_qemu() {
     let w = World::new(&support::system(), "fuzz");
-    let cases: u32 = std::env::var("CKPTSTORE_FUZZ_CASES").ok().and_then(|s| s.parse().ok()).unwrap_or(300);
+    let cases: u32 = std::env::var("CKPTSTORE_FUZZ_CASES")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(300);
     let seed = rel::seed("CKPTSTORE_FUZZ_SEED");
     println!(
         "cli fuzz: seed {seed} (CKPTSTORE_FUZZ_SEED={seed} replays), {cases} executions of `plan --chain -` (half \
@@ -449,7 +664,11 @@ fn fuzz_the_chain_input_through_the_binary_on_qemu() {
     let bytes = journal_bytes(&w.db);
     let mut codes = std::collections::BTreeMap::new();
     for i in 0..cases {
-        let input = if i % 2 == 0 { mutate_bytes(&base, &mut rng) } else { mutate_chain(&good, &mut rng) };
+        let input = if i % 2 == 0 {
+            mutate_bytes(&base, &mut rng)
+        } else {
+            mutate_chain(&good, &mut rng)
+        };
         let mut cmd = rel::command(&w.db, &["plan", "--chain", "-"]);
         cmd.stdin(Stdio::piped());
         let mut child = cmd.spawn().unwrap();
@@ -460,8 +679,12 @@ fn fuzz_the_chain_input_through_the_binary_on_qemu() {
         let out = child.wait_with_output().unwrap();
         let code = out.status.code();
         let stderr = String::from_utf8_lossy(&out.stderr);
-        let ctx =
-            || format!("fuzz case {i} (seed {seed}): input {:?}\nstderr: {stderr}", String::from_utf8_lossy(&input));
+        let ctx = || {
+            format!(
+                "fuzz case {i} (seed {seed}): input {:?}\nstderr: {stderr}",
+                String::from_utf8_lossy(&input)
+            )
+        };
         assert!(matches!(code, Some(0 | 2 | 4)), "{}", ctx());
         if code != Some(0) {
             assert_eq!(stderr.lines().count(), 1, "{}", ctx());
@@ -508,7 +731,15 @@ fn mutate_bytes(base: &[u8], rng: &mut Rng) -> Vec<u8> {
 /// well-formed JSON, so validation, the domain lookup and the planner run.
 fn mutate_chain(good: &ckptstore::Chain, rng: &mut Rng) -> Vec<u8> {
     let mut c = good.clone();
-    let names = ["", "/", "..", "<d>", "a\u{0}b", "ckpt-test-no-such", "x".repeat(300).leak()];
+    let names = [
+        "",
+        "/",
+        "..",
+        "<d>",
+        "a\u{0}b",
+        "ckpt-test-no-such",
+        "x".repeat(300).leak(),
+    ];
     let targets = ["vda", "vdb", "vdz", "sda", "", "vd", "vd/a", "xvdq", "<t>"];
     for _ in 0..1 + rng.below(4) {
         let n = c.checkpoints.len() as u64;
@@ -517,7 +748,10 @@ fn mutate_chain(good: &ckptstore::Chain, rng: &mut Rng) -> Vec<u8> {
             0 => c.domain = Some(names[rng.below(names.len() as u64) as usize].to_string()),
             1 => {
                 let d = rel::disk_id(rng.below(3) as usize);
-                c.disks.insert(d, targets[rng.below(targets.len() as u64) as usize].to_string());
+                c.disks.insert(
+                    d,
+                    targets[rng.below(targets.len() as u64) as usize].to_string(),
+                );
             }
             2 if n > 0 => {
                 let i = pick(rng);
@@ -538,8 +772,9 @@ fn mutate_chain(good: &ckptstore::Chain, rng: &mut Rng) -> Vec<u8> {
             }
             6 if n > 0 => {
                 let i = pick(rng);
-                c.checkpoints[i].disks =
-                    (0..rng.below(3)).map(|k| rel::disk_id(k as usize + rng.below(2) as usize)).collect();
+                c.checkpoints[i].disks = (0..rng.below(3))
+                    .map(|k| rel::disk_id(k as usize + rng.below(2) as usize))
+                    .collect();
             }
             7 if n > 0 => {
                 let i = pick(rng);

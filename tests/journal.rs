@@ -13,27 +13,40 @@ use sim::TempJournal;
 /// The SHA-256 of every released migration. A released migration is never
 /// edited: add a new numbered file instead.
 const RELEASED: &[(&str, &str)] = &[
-    ("0001_initial.sql", "496a9c7f6325d58cd10a63430d53162be56761ea29ec758ef083ae01c620d85e"),
-    ("0002_progress.sql", "0e33cd2a9990aa67858b5b5b0253b38a8bbd4d396eb54c705442bb2d349dbb6b"),
+    (
+        "0001_initial.sql",
+        "496a9c7f6325d58cd10a63430d53162be56761ea29ec758ef083ae01c620d85e",
+    ),
+    (
+        "0002_progress.sql",
+        "0e33cd2a9990aa67858b5b5b0253b38a8bbd4d396eb54c705442bb2d349dbb6b",
+    ),
 ];
 
 #[test]
 fn released_migrations_are_never_edited() {
-    assert!(MIGRATIONS.len() >= RELEASED.len(), "a released migration was removed");
+    assert!(
+        MIGRATIONS.len() >= RELEASED.len(),
+        "a released migration was removed"
+    );
     for (m, (name, hash)) in MIGRATIONS.iter().zip(RELEASED) {
         assert_eq!(m.name, *name, "migrations were renamed or reordered");
         let found = format!("{:x}", Sha256::digest(m.sql.as_bytes()));
         assert_eq!(&found, hash, "migration {name} was edited after release");
     }
     // The files on disk are the ones embedded, in numbered order.
-    let mut on_disk: Vec<String> = std::fs::read_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/migrations"))
-        .unwrap()
-        .map(|e| e.unwrap().file_name().into_string().unwrap())
-        .filter(|n| n.ends_with(".sql"))
-        .collect();
+    let mut on_disk: Vec<String> =
+        std::fs::read_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/migrations"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .filter(|n| n.ends_with(".sql"))
+            .collect();
     on_disk.sort();
     let embedded: Vec<&str> = MIGRATIONS.iter().map(|m| m.name).collect();
-    assert_eq!(on_disk, embedded, "every file under migrations/ must be embedded, in order");
+    assert_eq!(
+        on_disk, embedded,
+        "every file under migrations/ must be embedded, in order"
+    );
 }
 
 #[test]
@@ -44,9 +57,13 @@ fn open_asserts_durability_settings_and_creates_the_file_0600() {
     assert_eq!(mode, 0o600);
     drop(j);
     let conn = rusqlite::Connection::open(t.path()).unwrap();
-    let mode: String = conn.query_row("PRAGMA journal_mode", [], |r| r.get(0)).unwrap();
+    let mode: String = conn
+        .query_row("PRAGMA journal_mode", [], |r| r.get(0))
+        .unwrap();
     assert_eq!(mode, "wal", "WAL is persistent in the file");
-    let v: u32 = conn.query_row("PRAGMA user_version", [], |r| r.get(0)).unwrap();
+    let v: u32 = conn
+        .query_row("PRAGMA user_version", [], |r| r.get(0))
+        .unwrap();
     assert_eq!(v, SCHEMA_VERSION);
 }
 
@@ -91,20 +108,38 @@ fn a_newer_schema_is_refused_and_left_untouched() {
         let conn = rusqlite::Connection::open(t.path()).unwrap();
         conn.pragma_update(None, "user_version", 99).unwrap();
         // Checkpoint the WAL so the file on disk holds everything.
-        conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(())).unwrap();
+        conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
+            .unwrap();
     }
     let before = std::fs::read(t.path()).unwrap();
     let err = Journal::open(&t.path()).unwrap_err();
-    assert_eq!(err, JournalError::NewerSchema { found: 99, supported: SCHEMA_VERSION });
-    assert_eq!(std::fs::read(t.path()).unwrap(), before, "the file must be left untouched");
+    assert_eq!(
+        err,
+        JournalError::NewerSchema {
+            found: 99,
+            supported: SCHEMA_VERSION
+        }
+    );
+    assert_eq!(
+        std::fs::read(t.path()).unwrap(),
+        before,
+        "the file must be left untouched"
+    );
 }
 
 #[test]
 fn a_corrupt_or_truncated_file_is_a_typed_error() {
     let t = TempJournal::new();
-    std::fs::write(t.path(), b"this is not a sqlite database, not even close; padding padding padding").unwrap();
+    std::fs::write(
+        t.path(),
+        b"this is not a sqlite database, not even close; padding padding padding",
+    )
+    .unwrap();
     let before = std::fs::read(t.path()).unwrap();
-    assert!(matches!(Journal::open(&t.path()).unwrap_err(), JournalError::Corrupt { .. }));
+    assert!(matches!(
+        Journal::open(&t.path()).unwrap_err(),
+        JournalError::Corrupt { .. }
+    ));
     assert_eq!(std::fs::read(t.path()).unwrap(), before);
 
     // A real journal cut in half.
@@ -112,7 +147,8 @@ fn a_corrupt_or_truncated_file_is_a_typed_error() {
     drop(Journal::open(&t.path()).unwrap());
     {
         let conn = rusqlite::Connection::open(t.path()).unwrap();
-        conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(())).unwrap();
+        conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
+            .unwrap();
     }
     let bytes = std::fs::read(t.path()).unwrap();
     std::fs::write(t.path(), &bytes[..bytes.len() / 2]).unwrap();
@@ -128,5 +164,8 @@ fn a_corrupt_or_truncated_file_is_a_typed_error() {
 fn a_directory_is_not_a_journal() {
     let t = TempJournal::new();
     std::fs::create_dir(t.path()).unwrap();
-    assert!(matches!(Journal::open(&t.path()).unwrap_err(), JournalError::Io { .. }));
+    assert!(matches!(
+        Journal::open(&t.path()).unwrap_err(),
+        JournalError::Io { .. }
+    ));
 }

@@ -59,14 +59,20 @@ struct Counts {
 
 #[test]
 fn sigkill_sync_and_recover_on_qemu() {
-    let kills: u32 = std::env::var("CKPTSTORE_KILL_ROUNDS").ok().and_then(|s| s.parse().ok()).unwrap_or(52);
+    let kills: u32 = std::env::var("CKPTSTORE_KILL_ROUNDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(52);
     let seed = rel::seed("CKPTSTORE_KILL_SEED");
     println!(
         "kill rounds: seed {seed} (CKPTSTORE_KILL_SEED={seed} replays), until {kills} syncs are killed, \
          {CHECKPOINTS}-checkpoint chain"
     );
     let conn = support::system();
-    let dir = tempfile::Builder::new().prefix("ckptstore-kill-").tempdir().unwrap();
+    let dir = tempfile::Builder::new()
+        .prefix("ckptstore-kill-")
+        .tempdir()
+        .unwrap();
     // One journal for every domain, as one agent on a host has.
     let db = dir.path().join("journal.db");
     let backend = LibvirtBackend::connect(SYSTEM_URI).unwrap();
@@ -80,7 +86,14 @@ fn sigkill_sync_and_recover_on_qemu() {
             let before = rel::pre_state(pre, &target);
             let calls = plan(&before, &target).steps.len() as u64;
             rel::reset(&backend, &dom.name, &before);
-            Setup { pre, dom, file, target, before, calls }
+            Setup {
+                pre,
+                dom,
+                file,
+                target,
+                before,
+                calls,
+            }
         })
         .collect();
 
@@ -126,12 +139,25 @@ fn sigkill_sync_and_recover_on_qemu() {
     for (what, n) in &c.outcomes {
         println!("kill rounds: {n:>3} × {what}");
     }
-    assert!(c.sync_killed * 10 >= c.rounds * 8, "most syncs must really be killed");
-    assert!(c.killed_mid_txn * 2 >= c.rounds, "most kills must hit an open transaction");
+    assert!(
+        c.sync_killed * 10 >= c.rounds * 8,
+        "most syncs must really be killed"
+    );
+    assert!(
+        c.killed_mid_txn * 2 >= c.rounds,
+        "most kills must hit an open transaction"
+    );
     assert!(c.recover_killed > 0, "some recoveries must be killed");
 }
 
-fn round(r: usize, s: &Setup, backend: &LibvirtBackend, db: &Path, rng: &mut Rng, counts: &Mutex<Counts>) {
+fn round(
+    r: usize,
+    s: &Setup,
+    backend: &LibvirtBackend,
+    db: &Path,
+    rng: &mut Rng,
+    counts: &Mutex<Counts>,
+) {
     let name = s.dom.name.as_str();
     rel::reset(backend, name, &s.before);
     let prev = rel::last_txn(db, name).map(|t| t["txn"].clone());
@@ -140,15 +166,30 @@ fn round(r: usize, s: &Setup, backend: &LibvirtBackend, db: &Path, rng: &mut Rng
     // Kill early: now and then while the process starts and plans, mostly
     // somewhere in the first 60% of its calls.
     let window = 80 + s.calls * CALL_MS;
-    let delay = if rng.chance(0.15) { rng.millis(0, 80) } else { rng.millis(80, window * 6 / 10) };
+    let delay = if rng.chance(0.15) {
+        rng.millis(0, 80)
+    } else {
+        rng.millis(80, window * 6 / 10)
+    };
     let recover_at = rng.next();
 
-    let (out, killed) = Running::spawn(rel::command(db, &["sync", "--chain", &s.file])).kill_at(delay);
-    let ctx = format!("round {r} ({:?}, sync killed at {} ms)", s.pre, delay.as_millis());
+    let (out, killed) =
+        Running::spawn(rel::command(db, &["sync", "--chain", &s.file])).kill_at(delay);
+    let ctx = format!(
+        "round {r} ({:?}, sync killed at {} ms)",
+        s.pre,
+        delay.as_millis()
+    );
     if !killed {
-        assert_eq!(out.code(), Some(0), "{ctx}: sync that was not killed: {out:#?}");
+        assert_eq!(
+            out.code(),
+            Some(0),
+            "{ctx}: sync that was not killed: {out:#?}"
+        );
     }
-    let status = rel::run(db, &["status", "--domain", name, "--json"]).expect(0, &ctx).json();
+    let status = rel::run(db, &["status", "--domain", name, "--json"])
+        .expect(0, &ctx)
+        .json();
     let open = status["incomplete"].as_array().unwrap().first().cloned();
     let mut line = format!(
         "round {r:>2} {:<11} sync {} at {:>4} ms",
@@ -158,7 +199,10 @@ fn round(r: usize, s: &Setup, backend: &LibvirtBackend, db: &Path, rng: &mut Rng
     );
     let (landed, what) = match open {
         Some(t) => {
-            assert_eq!(t["owner_alive"], false, "{ctx}: the killed owner must be seen dead");
+            assert_eq!(
+                t["owner_alive"], false,
+                "{ctx}: the killed owner must be seen dead"
+            );
             let (done, total) = (t["done"].as_u64().unwrap(), t["total"].as_u64().unwrap());
             line += &format!(" ({done}/{total} steps recorded)");
             let mut args = vec!["recover", "--domain", name];
@@ -168,19 +212,35 @@ fn round(r: usize, s: &Setup, backend: &LibvirtBackend, db: &Path, rng: &mut Rng
             let mut recover_killed = None;
             if kill_recover {
                 // A rollback mostly deletes (~2 ms a call); a resume redefines.
-                let window = if rollback { 40 + (done + 1) * 10 } else { 60 + (total - done) * CALL_MS * 4 / 5 };
+                let window = if rollback {
+                    40 + (done + 1) * 10
+                } else {
+                    60 + (total - done) * CALL_MS * 4 / 5
+                };
                 let at = Duration::from_millis(recover_at % window);
                 let (o, k) = Running::spawn(rel::command(db, &args)).kill_at(at);
                 if !k {
-                    assert_eq!(o.code(), Some(0), "{ctx}: recover that was not killed: {o:#?}");
+                    assert_eq!(
+                        o.code(),
+                        Some(0),
+                        "{ctx}: recover that was not killed: {o:#?}"
+                    );
                 }
                 recover_killed = Some((k, at));
             }
             let o = rel::run(db, &[&args[..], &["--json"]].concat()).expect(0, &ctx);
             let left_open = o.json()["left_open"].clone();
-            assert_eq!(left_open, serde_json::json!([]), "{ctx}: recover left a transaction open");
+            assert_eq!(
+                left_open,
+                serde_json::json!([]),
+                "{ctx}: recover left a transaction open"
+            );
             let landed = rel::check_invariant(backend, db, name, &s.target, &s.before, &ctx);
-            let want = if rollback { Landed::Before } else { Landed::Target };
+            let want = if rollback {
+                Landed::Before
+            } else {
+                Landed::Target
+            };
             assert_eq!(
                 landed,
                 want,
@@ -206,7 +266,10 @@ fn round(r: usize, s: &Setup, backend: &LibvirtBackend, db: &Path, rng: &mut Rng
                     ""
                 }
             };
-            (landed, format!("sync killed mid-transaction, recover {policy}{rk} → {landed:?}"))
+            (
+                landed,
+                format!("sync killed mid-transaction, recover {policy}{rk} → {landed:?}"),
+            )
         }
         None => {
             let landed = rel::check_invariant(backend, db, name, &s.target, &s.before, &ctx);
@@ -224,7 +287,9 @@ fn round(r: usize, s: &Setup, backend: &LibvirtBackend, db: &Path, rng: &mut Rng
                     c.killed_after_commit += 1;
                     "sync killed after its commit → Target"
                 }
-                (false, Landed::Before) => panic!("{ctx}: a sync that ended left libvirt at the before-image"),
+                (false, Landed::Before) => {
+                    panic!("{ctx}: a sync that ended left libvirt at the before-image")
+                }
             };
             (landed, what.to_string())
         }
@@ -234,10 +299,21 @@ fn round(r: usize, s: &Setup, backend: &LibvirtBackend, db: &Path, rng: &mut Rng
     // died before its intent was committed.
     match rel::last_txn(db, name) {
         Some(t) if Some(&t["txn"]) != prev.as_ref() => {
-            let want = if landed == Landed::Target { "committed" } else { "rolled_back" };
-            assert_eq!(t["state"], want, "{ctx}: the journal's last transaction: {t}");
+            let want = if landed == Landed::Target {
+                "committed"
+            } else {
+                "rolled_back"
+            };
+            assert_eq!(
+                t["state"], want,
+                "{ctx}: the journal's last transaction: {t}"
+            );
         }
-        _ => assert_eq!(landed, Landed::Before, "{ctx}: libvirt changed without a transaction"),
+        _ => assert_eq!(
+            landed,
+            Landed::Before,
+            "{ctx}: libvirt changed without a transaction"
+        ),
     }
     line += &format!(" → {landed:?}");
     println!("{line}");

@@ -55,7 +55,10 @@ fn run_armed(db: &Path, args: &[&str], failpoints: &str, point: &str) -> (bool, 
     let out = rel::run_cmd(cmd);
     if out.signal() == Some(libc::SIGABRT) {
         let line = format!("ckptstore: killed at crash point {point}\n");
-        assert!(out.stderr.ends_with(&line), "{args:?} with {failpoints}: died elsewhere: {out:#?}");
+        assert!(
+            out.stderr.ends_with(&line),
+            "{args:?} with {failpoints}: died elsewhere: {out:#?}"
+        );
         (true, out)
     } else {
         assert_eq!(out.code(), Some(0), "{args:?} with {failpoints}: {out:#?}");
@@ -85,7 +88,9 @@ impl World {
 
     /// Is a transaction of the domain open (its owner dead)?
     fn open(&self) -> bool {
-        let st = rel::run(&self.db, &["status", "--domain", self.name(), "--json"]).expect(0, "status").json();
+        let st = rel::run(&self.db, &["status", "--domain", self.name(), "--json"])
+            .expect(0, "status")
+            .json();
         match st["incomplete"].as_array().unwrap().as_slice() {
             [] => false,
             [t] => {
@@ -107,13 +112,23 @@ impl World {
     }
 
     fn check(&self, ctx: &str) -> Landed {
-        rel::check_invariant(&self.backend, &self.db, self.name(), &self.target, &self.before, ctx)
+        rel::check_invariant(
+            &self.backend,
+            &self.db,
+            self.name(),
+            &self.target,
+            &self.before,
+            ctx,
+        )
     }
 }
 
 fn world(conn: &virt::connect::Connect) -> World {
     let dom = TestDomain::define(conn, "killpoints", 2);
-    let dir = tempfile::Builder::new().prefix("ckptstore-killpoints-").tempdir().unwrap();
+    let dir = tempfile::Builder::new()
+        .prefix("ckptstore-killpoints-")
+        .tempdir()
+        .unwrap();
     let chain = rel::chain(&dom.name, CHECKPOINTS, &["vda", "vdb"]);
     let file = rel::write_chain(dir.path(), "chain.json", &chain);
     let target = rel::defs(&chain);
@@ -123,7 +138,15 @@ fn world(conn: &virt::connect::Connect) -> World {
     before[1].description = Some("an older definition".into());
     let backend = LibvirtBackend::connect(SYSTEM_URI).unwrap();
     let db = dir.path().join("journal.db");
-    let w = World { dom, backend, db, file, target, before, _dir: dir };
+    let w = World {
+        dom,
+        backend,
+        db,
+        file,
+        target,
+        before,
+        _dir: dir,
+    };
     w.reset();
     w
 }
@@ -163,10 +186,17 @@ fn every_crash_point_of_sync_and_recover_on_qemu() {
                 let open = w.open();
                 w.recover(rollback);
                 let got = w.check(&ctx);
-                let want = if open && rollback { Landed::Before } else { Landed::Target };
+                let want = if open && rollback {
+                    Landed::Before
+                } else {
+                    Landed::Target
+                };
                 // Dying before the intent is committed is the one way to
                 // stay at the before-image without a transaction.
-                assert!(open || point == "txn.finished", "{ctx}: no open transaction after a kill at {point}");
+                assert!(
+                    open || point == "txn.finished",
+                    "{ctx}: no open transaction after a kill at {point}"
+                );
                 assert_eq!(got, want, "{ctx}");
                 *landed.entry(got).or_default() += 1;
                 scenarios += 1;
@@ -180,7 +210,13 @@ fn every_crash_point_of_sync_and_recover_on_qemu() {
         sync_counts = Some(counts);
     }
     let sync_counts = sync_counts.unwrap();
-    for p in ["txn.intent_committed", "step.before_call", "step.after_call", "step.recorded", "txn.finished"] {
+    for p in [
+        "txn.intent_committed",
+        "step.before_call",
+        "step.after_call",
+        "step.recorded",
+        "txn.finished",
+    ] {
         assert!(sync_counts[p] > 0, "a sync passes {p}");
     }
     assert_eq!(sync_counts["step.before_call"] as usize, plan.steps.len());
@@ -199,7 +235,12 @@ fn every_crash_point_of_sync_and_recover_on_qemu() {
             let mut k = 1;
             loop {
                 w.reset();
-                let (killed, _) = run_armed(&w.db, &["sync", "--chain", &w.file], &interrupt, "step.after_call");
+                let (killed, _) = run_armed(
+                    &w.db,
+                    &["sync", "--chain", &w.file],
+                    &interrupt,
+                    "step.after_call",
+                );
                 assert!(killed && w.open());
                 let fp = spec(point, k);
                 let (killed, _) = run_armed(&w.db, &args, &fp, point);
@@ -208,7 +249,15 @@ fn every_crash_point_of_sync_and_recover_on_qemu() {
                     w.recover(rollback);
                 }
                 let got = w.check(&ctx);
-                assert_eq!(got, if rollback { Landed::Before } else { Landed::Target }, "{ctx}");
+                assert_eq!(
+                    got,
+                    if rollback {
+                        Landed::Before
+                    } else {
+                        Landed::Target
+                    },
+                    "{ctx}"
+                );
                 if !killed {
                     counts.insert(point, k - 1);
                     break;
@@ -218,8 +267,13 @@ fn every_crash_point_of_sync_and_recover_on_qemu() {
                 k += 1;
             }
         }
-        println!("kill points: recover --{policy} of an interrupted sync: deaths per point {counts:?}");
-        assert!(counts["recover.taken_over"] == 1 && counts["txn.finished"] == 1, "{counts:?}");
+        println!(
+            "kill points: recover --{policy} of an interrupted sync: deaths per point {counts:?}"
+        );
+        assert!(
+            counts["recover.taken_over"] == 1 && counts["txn.finished"] == 1,
+            "{counts:?}"
+        );
         if rollback {
             assert_eq!(counts["txn.rollback_begun"], 1);
         }
@@ -231,7 +285,12 @@ fn every_crash_point_of_sync_and_recover_on_qemu() {
         let mut k = 1;
         loop {
             w.reset();
-            let (killed, _) = run_armed(&w.db, &["sync", "--chain", &w.file], &interrupt, "step.after_call");
+            let (killed, _) = run_armed(
+                &w.db,
+                &["sync", "--chain", &w.file],
+                &interrupt,
+                "step.after_call",
+            );
             assert!(killed && w.open());
             let fp = spec(point, k);
             let (killed, _) = run_armed(&w.db, &["sync", "--chain", &w.file], &fp, point);
@@ -249,7 +308,9 @@ fn every_crash_point_of_sync_and_recover_on_qemu() {
             k += 1;
         }
     }
-    println!("kill points: a sync that recovers an interrupted one first: deaths per point {counts:?}");
+    println!(
+        "kill points: a sync that recovers an interrupted one first: deaths per point {counts:?}"
+    );
     assert_eq!(counts["recover.taken_over"], 1);
     println!(
         "kill points: {scenarios} deaths of the real binary, each recovered: {} at the target, {} at the before-image; \

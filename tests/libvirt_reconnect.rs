@@ -11,8 +11,15 @@ use ckptstore::{Backend, BackendErrorKind as K, CheckpointDef, LibvirtBackend};
 use support::TestDomain;
 
 fn virt_admin(args: &[&str]) -> String {
-    let out = Command::new("virt-admin").args(args).output().expect("virt-admin (libvirt-clients)");
-    assert!(out.status.success(), "virt-admin {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    let out = Command::new("virt-admin")
+        .args(args)
+        .output()
+        .expect("virt-admin (libvirt-clients)");
+    assert!(
+        out.status.success(),
+        "virt-admin {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
@@ -21,11 +28,18 @@ fn our_clients() -> Vec<String> {
     let pid = std::process::id().to_string();
     virt_admin(&["srv-clients-list", "libvirtd"])
         .lines()
-        .filter_map(|l| l.split_whitespace().next().filter(|id| id.chars().all(|c| c.is_ascii_digit())))
+        .filter_map(|l| {
+            l.split_whitespace()
+                .next()
+                .filter(|id| id.chars().all(|c| c.is_ascii_digit()))
+        })
         .filter(|id| {
             virt_admin(&["client-info", "libvirtd", id])
                 .lines()
-                .any(|l| l.starts_with("unix_process_id") && l.split_whitespace().last() == Some(pid.as_str()))
+                .any(|l| {
+                    l.starts_with("unix_process_id")
+                        && l.split_whitespace().last() == Some(pid.as_str())
+                })
         })
         .map(String::from)
         .collect()
@@ -37,7 +51,10 @@ fn a_dropped_connection_is_lost_then_reopened() {
     let others = our_clients();
     let backend = LibvirtBackend::connect(support::SYSTEM_URI).unwrap();
     assert!(backend.list(&dom.name).unwrap().is_empty());
-    let mine: Vec<String> = our_clients().into_iter().filter(|c| !others.contains(c)).collect();
+    let mine: Vec<String> = our_clients()
+        .into_iter()
+        .filter(|c| !others.contains(c))
+        .collect();
     assert_eq!(mine.len(), 1, "the backend holds one connection");
     virt_admin(&["client-disconnect", "libvirtd", &mine[0]]);
 
@@ -55,9 +72,14 @@ fn a_dropped_connection_is_lost_then_reopened() {
         description: None,
         disks: [("vda".to_string(), "c1".to_string())].into(),
     };
-    backend.redefine(&dom.name, &render_checkpoint(&c1), false).unwrap();
+    backend
+        .redefine(&dom.name, &render_checkpoint(&c1), false)
+        .unwrap();
     assert_eq!(backend.list(&dom.name).unwrap(), vec![c1]);
-    let now: Vec<String> = our_clients().into_iter().filter(|c| !others.contains(c)).collect();
+    let now: Vec<String> = our_clients()
+        .into_iter()
+        .filter(|c| !others.contains(c))
+        .collect();
     assert_eq!(now.len(), 1);
     assert_ne!(now, mine);
 }

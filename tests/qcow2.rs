@@ -9,12 +9,21 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use ckptstore::qcow2::{read_chain, read_image, Backing, BackingChain, ChainEnd, Image, Qcow2Error};
-use qemu::{add_bitmap, create, disable_bitmap, info, info_bitmaps, info_chain, qemu_img, qemu_img_output, InfoBitmap};
+use ckptstore::qcow2::{
+    read_chain, read_image, Backing, BackingChain, ChainEnd, Image, Qcow2Error,
+};
+use qemu::{
+    add_bitmap, create, disable_bitmap, info, info_bitmaps, info_chain, qemu_img, qemu_img_output,
+    InfoBitmap,
+};
 use serde_json::Value;
 
 fn ours(image: &Image) -> Vec<InfoBitmap> {
-    image.bitmaps.iter().map(|b| (b.name.clone(), b.granularity, b.in_use, b.auto)).collect()
+    image
+        .bitmaps
+        .iter()
+        .map(|b| (b.name.clone(), b.granularity, b.in_use, b.auto))
+        .collect()
 }
 
 /// Compares one layer read by us with the same layer in `qemu-img info`.
@@ -27,18 +36,50 @@ fn compare(image: &Image, info: &Value) {
         other => panic!("{what}: compat {other:?}"),
     };
     assert_eq!(image.version, version, "{what}: version");
-    assert_eq!(Some(image.cluster_size), info["cluster-size"].as_u64(), "{what}: cluster size");
-    assert_eq!(Some(image.virtual_size), info["virtual-size"].as_u64(), "{what}: virtual size");
-    assert_eq!(image.backing_file.as_deref(), info["backing-filename"].as_str(), "{what}: backing file");
-    assert_eq!(image.backing_format.as_deref(), info["backing-filename-format"].as_str(), "{what}: backing format");
-    assert_eq!(image.data_file.as_deref(), data["data-file"].as_str(), "{what}: data file");
-    assert_eq!(Some(image.dirty), info["dirty-flag"].as_bool(), "{what}: dirty flag");
+    assert_eq!(
+        Some(image.cluster_size),
+        info["cluster-size"].as_u64(),
+        "{what}: cluster size"
+    );
+    assert_eq!(
+        Some(image.virtual_size),
+        info["virtual-size"].as_u64(),
+        "{what}: virtual size"
+    );
+    assert_eq!(
+        image.backing_file.as_deref(),
+        info["backing-filename"].as_str(),
+        "{what}: backing file"
+    );
+    assert_eq!(
+        image.backing_format.as_deref(),
+        info["backing-filename-format"].as_str(),
+        "{what}: backing format"
+    );
+    assert_eq!(
+        image.data_file.as_deref(),
+        data["data-file"].as_str(),
+        "{what}: data file"
+    );
+    assert_eq!(
+        Some(image.dirty),
+        info["dirty-flag"].as_bool(),
+        "{what}: dirty flag"
+    );
     if version == 3 {
-        assert_eq!(Some(image.corrupt), data["corrupt"].as_bool(), "{what}: corrupt flag");
+        assert_eq!(
+            Some(image.corrupt),
+            data["corrupt"].as_bool(),
+            "{what}: corrupt flag"
+        );
     }
     match image.backing() {
         Backing::File(path) => {
-            assert_eq!(Some(path.as_path()), info["full-backing-filename"].as_str().map(Path::new), "{what}")
+            assert_eq!(
+                Some(path.as_path()),
+                info["full-backing-filename"].as_str().map(Path::new),
+                "{what}"
+            )
         }
         Backing::None => assert!(info.get("full-backing-filename").is_none(), "{what}"),
         Backing::Unreadable(name) => panic!("{what}: unexpected unreadable backing {name}"),
@@ -52,7 +93,12 @@ fn compare(image: &Image, info: &Value) {
 fn check(path: &Path) -> Image {
     let before = fs::read(path).unwrap();
     let image = read_image(path).unwrap_or_else(|e| panic!("{e}"));
-    assert_eq!(before, fs::read(path).unwrap(), "reading changed {}", path.display());
+    assert_eq!(
+        before,
+        fs::read(path).unwrap(),
+        "reading changed {}",
+        path.display()
+    );
     compare(&image, &info(path));
     assert_eq!(image.path, path);
     image
@@ -81,7 +127,10 @@ fn no_bitmaps() {
     create(&img, "1G", &[]);
     let image = check(&img);
     assert!(image.bitmaps.is_empty());
-    assert_eq!((image.version, image.cluster_size, image.virtual_size), (3, 65536, 1 << 30));
+    assert_eq!(
+        (image.version, image.cluster_size, image.virtual_size),
+        (3, 65536, 1 << 30)
+    );
     assert_eq!(image.backing(), Backing::None);
 }
 
@@ -113,7 +162,11 @@ fn three_bitmaps_enabled_and_disabled() {
     let image = check(&img);
     assert_eq!(
         ours(&image),
-        [("a".into(), 65536, false, false), ("b".into(), 1 << 20, false, true), ("c".into(), 4096, false, false)]
+        [
+            ("a".into(), 65536, false, false),
+            ("b".into(), 1 << 20, false, true),
+            ("c".into(), 4096, false, false)
+        ]
     );
 }
 
@@ -122,7 +175,9 @@ fn fifty_bitmaps_in_directory_order() {
     let dir = tempfile::tempdir().unwrap();
     let img = dir.path().join("a.qcow2");
     create(&img, "1G", &[]);
-    let want: Vec<String> = (0..50).map(|i| format!("{:08x}-checkpoint-{i}", 0x9e37_79b9u32.wrapping_mul(i))).collect();
+    let want: Vec<String> = (0..50)
+        .map(|i| format!("{:08x}-checkpoint-{i}", 0x9e37_79b9u32.wrapping_mul(i)))
+        .collect();
     for name in &want {
         add_bitmap(&img, name, None);
     }
@@ -140,8 +195,21 @@ fn granularities_from_512_bytes_to_2_gib() {
         add_bitmap(&img, &format!("g{size}"), Some(size));
     }
     // QEMU refuses granularities outside 2^9..2^31.
-    assert!(!qemu_img_output(&["bitmap", "--add", "-g", "256", img.to_str().unwrap(), "small"]).status.success());
-    assert!(!qemu_img_output(&["bitmap", "--add", "-g", "4G", img.to_str().unwrap(), "big"]).status.success());
+    assert!(!qemu_img_output(&[
+        "bitmap",
+        "--add",
+        "-g",
+        "256",
+        img.to_str().unwrap(),
+        "small"
+    ])
+    .status
+    .success());
+    assert!(
+        !qemu_img_output(&["bitmap", "--add", "-g", "4G", img.to_str().unwrap(), "big"])
+            .status
+            .success()
+    );
     let image = check(&img);
     let granularities: Vec<u64> = image.bitmaps.iter().map(|b| b.granularity).collect();
     assert_eq!(granularities, [512, 64 << 10, 1 << 20, 2 << 30]);
@@ -154,7 +222,11 @@ fn longest_name_is_1023_bytes() {
     create(&img, "1G", &[]);
     let longest = "n".repeat(1023);
     add_bitmap(&img, &longest, None);
-    assert!(!qemu_img_output(&["bitmap", "--add", img.to_str().unwrap(), &"n".repeat(1024)]).status.success());
+    assert!(
+        !qemu_img_output(&["bitmap", "--add", img.to_str().unwrap(), &"n".repeat(1024)])
+            .status
+            .success()
+    );
     add_bitmap(&img, "after", None);
     let image = check(&img);
     assert_eq!(names(&image), [longest.as_str(), "after"]);
@@ -201,16 +273,32 @@ fn backing_chain_of_three_layers() {
     let chain = check_chain(&top);
     assert_eq!(chain.end, ChainEnd::NoBacking);
     let paths: Vec<&Path> = chain.layers.iter().map(|l| l.path.as_path()).collect();
-    assert_eq!(paths, [top.as_path(), &dir.path().join("mid/../mid/mid.qcow2"), &base]);
+    assert_eq!(
+        paths,
+        [
+            top.as_path(),
+            &dir.path().join("mid/../mid/mid.qcow2"),
+            &base
+        ]
+    );
     let layer_names: Vec<Vec<&str>> = chain.layers.iter().map(names).collect();
-    assert_eq!(layer_names, [vec!["c3", "c4"], vec!["c2", "c3"], vec!["c1", "c2"]]);
-    assert_eq!(chain.layers[0].backing_file.as_deref(), Some("mid/../mid/mid.qcow2"));
+    assert_eq!(
+        layer_names,
+        [vec!["c3", "c4"], vec!["c2", "c3"], vec!["c1", "c2"]]
+    );
+    assert_eq!(
+        chain.layers[0].backing_file.as_deref(),
+        Some("mid/../mid/mid.qcow2")
+    );
     assert_eq!(chain.layers[1].backing_file.as_deref(), base.to_str());
     assert_eq!(chain.layers[1].backing_format.as_deref(), Some("qcow2"));
 
     // A relative image path resolves a relative backing name relative to it.
     let relative = read_image(&dir.path().join("top.qcow2")).unwrap();
-    assert_eq!(relative.backing(), Backing::File(dir.path().join("mid/../mid/mid.qcow2")));
+    assert_eq!(
+        relative.backing(),
+        Backing::File(dir.path().join("mid/../mid/mid.qcow2"))
+    );
 }
 
 #[test]
@@ -219,16 +307,42 @@ fn compressed_image_keeps_its_bitmaps() {
     let (src, dst) = (dir.path().join("src.qcow2"), dir.path().join("dst.qcow2"));
     create(&src, "64M", &[]);
     let out = Command::new("qemu-io")
-        .args(["-f", "qcow2", "-c", "write -P 0xab 0 4M", "-c", "write -z 8M 1M", src.to_str().unwrap()])
+        .args([
+            "-f",
+            "qcow2",
+            "-c",
+            "write -P 0xab 0 4M",
+            "-c",
+            "write -z 8M 1M",
+            src.to_str().unwrap(),
+        ])
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     add_bitmap(&src, "x", None);
     add_bitmap(&src, "y", Some("1M"));
     disable_bitmap(&src, "y");
-    qemu_img(&["convert", "-c", "--bitmaps", "-O", "qcow2", src.to_str().unwrap(), dst.to_str().unwrap()]);
+    qemu_img(&[
+        "convert",
+        "-c",
+        "--bitmaps",
+        "-O",
+        "qcow2",
+        src.to_str().unwrap(),
+        dst.to_str().unwrap(),
+    ]);
     let image = check(&dst);
-    assert_eq!(ours(&image), [("x".into(), 65536, false, true), ("y".into(), 1 << 20, false, false)]);
+    assert_eq!(
+        ours(&image),
+        [
+            ("x".into(), 65536, false, true),
+            ("y".into(), 1 << 20, false, false)
+        ]
+    );
 }
 
 #[test]
@@ -250,7 +364,11 @@ fn external_data_file() {
     let dir = tempfile::tempdir().unwrap();
     let img = dir.path().join("meta.qcow2");
     let data = dir.path().join("data.raw");
-    create(&img, "1G", &["-o", &format!("data_file={}", data.display())]);
+    create(
+        &img,
+        "1G",
+        &["-o", &format!("data_file={}", data.display())],
+    );
     add_bitmap(&img, "d1", None);
     add_bitmap(&img, "d2", Some("256K"));
     let image = check(&img);
@@ -263,9 +381,17 @@ fn version_2_image() {
     let dir = tempfile::tempdir().unwrap();
     let (base, img) = (dir.path().join("base.qcow2"), dir.path().join("v2.qcow2"));
     create(&base, "1G", &["-o", "compat=0.10"]);
-    create(&img, "1G", &["-o", "compat=0.10", "-b", "base.qcow2", "-F", "qcow2"]);
+    create(
+        &img,
+        "1G",
+        &["-o", "compat=0.10", "-b", "base.qcow2", "-F", "qcow2"],
+    );
     // QEMU stores no bitmaps in version 2 images.
-    assert!(!qemu_img_output(&["bitmap", "--add", img.to_str().unwrap(), "b"]).status.success());
+    assert!(
+        !qemu_img_output(&["bitmap", "--add", img.to_str().unwrap(), "b"])
+            .status
+            .success()
+    );
     let image = check(&img);
     assert_eq!(image.version, 2);
     // The extensions of a version 2 image start right after its 72-byte header.
@@ -303,8 +429,14 @@ fn in_use_bitmap_from_a_killed_writer() {
     // A writable open marks every bitmap in use at once; wait for it.
     let deadline = Instant::now() + Duration::from_secs(20);
     while !info_bitmaps(&info(&img)).iter().any(|b| b.2) {
-        assert!(Instant::now() < deadline, "qemu-io never marked the bitmap in use");
-        assert!(writer.0.try_wait().unwrap().is_none(), "qemu-io exited early");
+        assert!(
+            Instant::now() < deadline,
+            "qemu-io never marked the bitmap in use"
+        );
+        assert!(
+            writer.0.try_wait().unwrap().is_none(),
+            "qemu-io exited early"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
     // Read while the image is open for writing.
@@ -316,7 +448,13 @@ fn in_use_bitmap_from_a_killed_writer() {
 
     add_bitmap(&img, "later", None);
     let image = check(&img);
-    assert_eq!(ours(&image), [("live".into(), 65536, true, true), ("later".into(), 65536, false, true)]);
+    assert_eq!(
+        ours(&image),
+        [
+            ("live".into(), 65536, true, true),
+            ("later".into(), 65536, false, true)
+        ]
+    );
 }
 
 #[test]
@@ -333,10 +471,16 @@ fn cleared_autoclear_bit_makes_every_bitmap_stale() {
     let out = qemu_img_output(&["info", "--output=json", img.to_str().unwrap()]);
     assert!(out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("all bitmaps are now considered inconsistent"), "{stderr}");
+    assert!(
+        stderr.contains("all bitmaps are now considered inconsistent"),
+        "{stderr}"
+    );
     let info: Value = serde_json::from_slice(&out.stdout).unwrap();
     // QEMU ignores the extension: it lists no bitmaps at all.
-    assert!(info["format-specific"]["data"].get("bitmaps").is_none(), "{info}");
+    assert!(
+        info["format-specific"]["data"].get("bitmaps").is_none(),
+        "{info}"
+    );
 
     let image = read_image(&img).unwrap();
     assert!(!image.bitmaps_consistent);
@@ -377,19 +521,71 @@ fn damaged_images_give_typed_errors() {
     type Damage = Box<dyn Fn(&mut Vec<u8>)>;
     type Kind = fn(&Qcow2Error) -> bool;
     let cases: Vec<(&str, Damage, Kind)> = vec![
-        ("bad magic", Box::new(|b| put(b, 0, b"QFI\0")), Qcow2Error::is_not_qcow2),
-        ("empty file", Box::new(|b| b.clear()), Qcow2Error::is_not_qcow2),
-        ("truncated header", Box::new(|b| b.truncate(90)), Qcow2Error::is_invalid),
-        ("version 4", Box::new(|b| put(b, 4, &4u32.to_be_bytes())), Qcow2Error::is_unsupported),
-        ("cluster bits 22", Box::new(|b| put(b, 20, &22u32.to_be_bytes())), Qcow2Error::is_invalid),
-        ("header length 96", Box::new(|b| put(b, 100, &96u32.to_be_bytes())), Qcow2Error::is_invalid),
-        ("unknown incompatible bit", Box::new(|b| put(b, 79, &[0x20])), Qcow2Error::is_unsupported),
-        ("extension too large", Box::new(move |b| put(b, ext - 4, &0x10000u32.to_be_bytes())), Qcow2Error::is_invalid),
-        ("zero bitmaps", Box::new(move |b| put(b, ext, &0u32.to_be_bytes())), Qcow2Error::is_invalid),
-        ("more bitmaps than entries", Box::new(move |b| put(b, ext, &3u32.to_be_bytes())), Qcow2Error::is_invalid),
-        ("fewer bitmaps than entries", Box::new(move |b| put(b, ext, &1u32.to_be_bytes())), Qcow2Error::is_invalid),
-        ("reserved field", Box::new(move |b| put(b, ext + 4, &1u32.to_be_bytes())), Qcow2Error::is_invalid),
-        ("directory too big", Box::new(move |b| put(b, ext + 8, &(1u64 << 40).to_be_bytes())), Qcow2Error::is_invalid),
+        (
+            "bad magic",
+            Box::new(|b| put(b, 0, b"QFI\0")),
+            Qcow2Error::is_not_qcow2,
+        ),
+        (
+            "empty file",
+            Box::new(|b| b.clear()),
+            Qcow2Error::is_not_qcow2,
+        ),
+        (
+            "truncated header",
+            Box::new(|b| b.truncate(90)),
+            Qcow2Error::is_invalid,
+        ),
+        (
+            "version 4",
+            Box::new(|b| put(b, 4, &4u32.to_be_bytes())),
+            Qcow2Error::is_unsupported,
+        ),
+        (
+            "cluster bits 22",
+            Box::new(|b| put(b, 20, &22u32.to_be_bytes())),
+            Qcow2Error::is_invalid,
+        ),
+        (
+            "header length 96",
+            Box::new(|b| put(b, 100, &96u32.to_be_bytes())),
+            Qcow2Error::is_invalid,
+        ),
+        (
+            "unknown incompatible bit",
+            Box::new(|b| put(b, 79, &[0x20])),
+            Qcow2Error::is_unsupported,
+        ),
+        (
+            "extension too large",
+            Box::new(move |b| put(b, ext - 4, &0x10000u32.to_be_bytes())),
+            Qcow2Error::is_invalid,
+        ),
+        (
+            "zero bitmaps",
+            Box::new(move |b| put(b, ext, &0u32.to_be_bytes())),
+            Qcow2Error::is_invalid,
+        ),
+        (
+            "more bitmaps than entries",
+            Box::new(move |b| put(b, ext, &3u32.to_be_bytes())),
+            Qcow2Error::is_invalid,
+        ),
+        (
+            "fewer bitmaps than entries",
+            Box::new(move |b| put(b, ext, &1u32.to_be_bytes())),
+            Qcow2Error::is_invalid,
+        ),
+        (
+            "reserved field",
+            Box::new(move |b| put(b, ext + 4, &1u32.to_be_bytes())),
+            Qcow2Error::is_invalid,
+        ),
+        (
+            "directory too big",
+            Box::new(move |b| put(b, ext + 8, &(1u64 << 40).to_be_bytes())),
+            Qcow2Error::is_invalid,
+        ),
         (
             "directory offset beyond EOF",
             Box::new(move |b| put(b, ext + 16, &(1u64 << 40).to_be_bytes())),
@@ -400,21 +596,57 @@ fn damaged_images_give_typed_errors() {
             Box::new(move |b| put(b, ext + 16, &(dir_at as u64 + 8).to_be_bytes())),
             Qcow2Error::is_invalid,
         ),
-        ("directory cut short", Box::new(move |b| b.truncate(dir_at + 30)), Qcow2Error::is_invalid),
-        ("unknown flag", Box::new(move |b| put(b, dir_at + 12, &6u32.to_be_bytes())), Qcow2Error::is_invalid),
-        ("bitmap type 2", Box::new(move |b| put(b, dir_at + 16, &[2])), Qcow2Error::is_invalid),
-        ("granularity 2^8", Box::new(move |b| put(b, dir_at + 17, &[8])), Qcow2Error::is_invalid),
-        ("granularity 2^32", Box::new(move |b| put(b, dir_at + 17, &[32])), Qcow2Error::is_invalid),
+        (
+            "directory cut short",
+            Box::new(move |b| b.truncate(dir_at + 30)),
+            Qcow2Error::is_invalid,
+        ),
+        (
+            "unknown flag",
+            Box::new(move |b| put(b, dir_at + 12, &6u32.to_be_bytes())),
+            Qcow2Error::is_invalid,
+        ),
+        (
+            "bitmap type 2",
+            Box::new(move |b| put(b, dir_at + 16, &[2])),
+            Qcow2Error::is_invalid,
+        ),
+        (
+            "granularity 2^8",
+            Box::new(move |b| put(b, dir_at + 17, &[8])),
+            Qcow2Error::is_invalid,
+        ),
+        (
+            "granularity 2^32",
+            Box::new(move |b| put(b, dir_at + 17, &[32])),
+            Qcow2Error::is_invalid,
+        ),
         (
             "name runs past the directory",
             Box::new(move |b| put(b, dir_at + 18, &1024u16.to_be_bytes())),
             Qcow2Error::is_invalid,
         ),
-        ("extra data", Box::new(move |b| put(b, dir_at + 20, &8u32.to_be_bytes())), Qcow2Error::is_invalid),
-        ("no bitmap table", Box::new(move |b| put(b, dir_at, &0u64.to_be_bytes())), Qcow2Error::is_invalid),
-        ("L1 table too small", Box::new(|b| put(b, 24, &(1u64 << 50).to_be_bytes())), Qcow2Error::is_invalid),
+        (
+            "extra data",
+            Box::new(move |b| put(b, dir_at + 20, &8u32.to_be_bytes())),
+            Qcow2Error::is_invalid,
+        ),
+        (
+            "no bitmap table",
+            Box::new(move |b| put(b, dir_at, &0u64.to_be_bytes())),
+            Qcow2Error::is_invalid,
+        ),
+        (
+            "L1 table too small",
+            Box::new(|b| put(b, 24, &(1u64 << 50).to_be_bytes())),
+            Qcow2Error::is_invalid,
+        ),
         // One 64 KiB table cluster at granularity 2^9 covers 256 MiB of the 1 GiB disk.
-        ("bitmap table too small", Box::new(move |b| put(b, dir_at + 17, &[9])), Qcow2Error::is_invalid),
+        (
+            "bitmap table too small",
+            Box::new(move |b| put(b, dir_at + 17, &[9])),
+            Qcow2Error::is_invalid,
+        ),
     ];
     for (what, damage, kind) in cases {
         let mut bytes = orig.clone();
@@ -444,9 +676,15 @@ fn bitmap_table_beyond_eof_is_stricter_than_qemu() {
     put(&mut bytes, dir_at, &past_end.to_be_bytes());
     fs::write(&img, &bytes).unwrap();
     let err = read_image(&img).unwrap_err();
-    assert!(err.is_invalid() && err.to_string().contains("beyond the end of the file"), "{err}");
+    assert!(
+        err.is_invalid() && err.to_string().contains("beyond the end of the file"),
+        "{err}"
+    );
     // QEMU reads past the end as zeros and lists the bitmap.
-    assert_eq!(info_bitmaps(&info(&img)), [("b1".into(), 65536, false, true)]);
+    assert_eq!(
+        info_bitmaps(&info(&img)),
+        [("b1".into(), 65536, false, true)]
+    );
 }
 
 #[test]
@@ -458,7 +696,13 @@ fn raw_base_ends_the_chain() {
     add_bitmap(&top, "t", None);
     let chain = check_chain(&top);
     assert_eq!(chain.layers.len(), 1);
-    assert_eq!(chain.end, ChainEnd::NotQcow2 { path: base.clone(), format: Some("raw".into()) });
+    assert_eq!(
+        chain.end,
+        ChainEnd::NotQcow2 {
+            path: base.clone(),
+            format: Some("raw".into())
+        }
+    );
     // A raw top image is not qcow2.
     assert!(read_chain(&base).unwrap_err().is_not_qcow2());
     assert!(read_image(&base).unwrap_err().is_not_qcow2());
@@ -467,21 +711,34 @@ fn raw_base_ends_the_chain() {
 #[test]
 fn unrecorded_format_is_probed() {
     let dir = tempfile::tempdir().unwrap();
-    let (raw, mid, top) = (dir.path().join("base.raw"), dir.path().join("mid.qcow2"), dir.path().join("top.qcow2"));
+    let (raw, mid, top) = (
+        dir.path().join("base.raw"),
+        dir.path().join("mid.qcow2"),
+        dir.path().join("top.qcow2"),
+    );
     qemu_img(&["create", "-q", "-f", "raw", raw.to_str().unwrap(), "64M"]);
     create(&mid, "64M", &["-b", "base.raw", "-F", "raw"]);
     create(&top, "64M", &["-b", "mid.qcow2", "-F", "qcow2"]);
     // Drop the recorded formats: the reader then looks at the magic.
     for img in [&mid, &top] {
         let mut bytes = fs::read(img).unwrap();
-        let at = bytes.windows(4).position(|w| w == [0xe2, 0x79, 0x2a, 0xca]).unwrap();
+        let at = bytes
+            .windows(4)
+            .position(|w| w == [0xe2, 0x79, 0x2a, 0xca])
+            .unwrap();
         put(&mut bytes, at, &0x1234_5678u32.to_be_bytes());
         fs::write(img, &bytes).unwrap();
     }
     let chain = read_chain(&top).unwrap();
     assert_eq!(chain.layers.len(), 2);
     assert_eq!(chain.layers[0].backing_format, None);
-    assert_eq!(chain.end, ChainEnd::NotQcow2 { path: raw, format: None });
+    assert_eq!(
+        chain.end,
+        ChainEnd::NotQcow2 {
+            path: raw,
+            format: None
+        }
+    );
 }
 
 #[test]
@@ -496,12 +753,25 @@ fn protocol_and_json_backing_names_are_not_followed() {
     ];
     for name in names {
         create(&img, "64M", &[]);
-        qemu_img(&["rebase", "-u", "-f", "qcow2", "-b", name, "-F", "raw", img.to_str().unwrap()]);
+        qemu_img(&[
+            "rebase",
+            "-u",
+            "-f",
+            "qcow2",
+            "-b",
+            name,
+            "-F",
+            "raw",
+            img.to_str().unwrap(),
+        ]);
         let image = read_image(&img).unwrap();
         assert_eq!(image.backing_file.as_deref(), Some(name));
         assert_eq!(image.backing(), Backing::Unreadable(name.into()));
         let chain = read_chain(&img).unwrap();
-        assert_eq!((chain.layers.len(), chain.end), (1, ChainEnd::Unreadable(name.into())));
+        assert_eq!(
+            (chain.layers.len(), chain.end),
+            (1, ChainEnd::Unreadable(name.into()))
+        );
     }
 }
 
@@ -513,7 +783,9 @@ fn missing_backing_file_is_not_found() {
     let err = read_chain(&img).unwrap_err();
     assert!(err.is_not_found(), "{err}");
     assert_eq!(err.path(), dir.path().join("gone.qcow2"));
-    assert!(read_image(&dir.path().join("nothing.qcow2")).unwrap_err().is_not_found());
+    assert!(read_image(&dir.path().join("nothing.qcow2"))
+        .unwrap_err()
+        .is_not_found());
 }
 
 #[test]
@@ -522,15 +794,35 @@ fn backing_loop_is_detected() {
     let (a, b) = (dir.path().join("a.qcow2"), dir.path().join("b.qcow2"));
     create(&a, "64M", &[]);
     create(&b, "64M", &["-b", "a.qcow2", "-F", "qcow2"]);
-    qemu_img(&["rebase", "-u", "-f", "qcow2", "-b", "b.qcow2", "-F", "qcow2", a.to_str().unwrap()]);
+    qemu_img(&[
+        "rebase",
+        "-u",
+        "-f",
+        "qcow2",
+        "-b",
+        "b.qcow2",
+        "-F",
+        "qcow2",
+        a.to_str().unwrap(),
+    ]);
     let err = read_chain(&b).unwrap_err();
-    assert!(err.is_bad_chain() && matches!(err, Qcow2Error::Loop { .. }), "{err}");
+    assert!(
+        err.is_bad_chain() && matches!(err, Qcow2Error::Loop { .. }),
+        "{err}"
+    );
     assert_eq!(err.path(), b);
-    assert!(!qemu_img_output(&["info", "--backing-chain", b.to_str().unwrap()]).status.success());
+    assert!(
+        !qemu_img_output(&["info", "--backing-chain", b.to_str().unwrap()])
+            .status
+            .success()
+    );
     // An image naming itself through another path is the same file.
     let c = dir.path().join("c.qcow2");
     create(&c, "64M", &["-u", "-b", "./c.qcow2", "-F", "qcow2"]);
-    assert!(matches!(read_chain(&c).unwrap_err(), Qcow2Error::Loop { .. }));
+    assert!(matches!(
+        read_chain(&c).unwrap_err(),
+        Qcow2Error::Loop { .. }
+    ));
 }
 
 #[test]
@@ -538,7 +830,19 @@ fn chain_depth_is_limited() {
     let dir = tempfile::tempdir().unwrap();
     let layer = |i: usize| dir.path().join(format!("l{i:04}.qcow2"));
     let template = dir.path().join("template.qcow2");
-    create(&template, "64M", &["-o", "cluster_size=512", "-u", "-b", "l9999.qcow2", "-F", "qcow2"]);
+    create(
+        &template,
+        "64M",
+        &[
+            "-o",
+            "cluster_size=512",
+            "-u",
+            "-b",
+            "l9999.qcow2",
+            "-F",
+            "qcow2",
+        ],
+    );
     let bytes = fs::read(&template).unwrap();
     let at = bytes.windows(11).position(|w| w == b"l9999.qcow2").unwrap();
     let limit = ckptstore::qcow2::MAX_CHAIN_DEPTH;
@@ -548,13 +852,19 @@ fn chain_depth_is_limited() {
         fs::write(layer(i), copy).unwrap();
     }
     let err = read_chain(&layer(0)).unwrap_err();
-    assert!(matches!(err, Qcow2Error::TooDeep { limit: l, .. } if l == limit), "{err}");
+    assert!(
+        matches!(err, Qcow2Error::TooDeep { limit: l, .. } if l == limit),
+        "{err}"
+    );
     assert_eq!(err.path(), layer(limit));
 
     // Exactly the limit is fine.
     create(&layer(limit - 1), "64M", &["-o", "cluster_size=512"]);
     let chain = read_chain(&layer(0)).unwrap();
-    assert_eq!((chain.layers.len(), chain.end), (limit, ChainEnd::NoBacking));
+    assert_eq!(
+        (chain.layers.len(), chain.end),
+        (limit, ChainEnd::NoBacking)
+    );
     let last: &PathBuf = &chain.layers[limit - 1].path;
     assert_eq!(last, &layer(limit - 1));
 }

@@ -35,10 +35,26 @@ struct Seed {
 
 #[derive(Debug, Clone)]
 enum Mutation {
-    Byte { region: usize, pos: u32, value: u8 },
-    Fill { region: usize, pos: u32, len: u16, value: u8 },
-    Field { region: usize, pos: u32, width: usize, value: u64 },
-    Truncate { pos: u32 },
+    Byte {
+        region: usize,
+        pos: u32,
+        value: u8,
+    },
+    Fill {
+        region: usize,
+        pos: u32,
+        len: u16,
+        value: u8,
+    },
+    Field {
+        region: usize,
+        pos: u32,
+        width: usize,
+        value: u64,
+    },
+    Truncate {
+        pos: u32,
+    },
 }
 
 fn mutation() -> impl Strategy<Value = Mutation> {
@@ -81,13 +97,23 @@ fn apply(seed: &Seed, mutations: &[Mutation]) -> Vec<u8> {
                     bytes[i] = value;
                 }
             }
-            Mutation::Fill { region, pos, len, value } => {
+            Mutation::Fill {
+                region,
+                pos,
+                len,
+                value,
+            } => {
                 if let Some(i) = at(&bytes, region, pos) {
                     let end = (i + usize::from(len)).min(bytes.len());
                     bytes[i..end].fill(value);
                 }
             }
-            Mutation::Field { region, pos, width, value } => {
+            Mutation::Field {
+                region,
+                pos,
+                width,
+                value,
+            } => {
                 if let Some(i) = at(&bytes, region, pos) {
                     let i = i & !(width - 1);
                     let be = value.to_be_bytes();
@@ -123,7 +149,11 @@ fn directory_range(bytes: &[u8]) -> (usize, usize) {
 fn seed(name: &'static str, path: &Path) -> Seed {
     let bytes = fs::read(path).unwrap();
     let directory = directory_range(&bytes);
-    Seed { name, regions: [(0, 1024.min(bytes.len())), directory, (0, bytes.len())], bytes }
+    Seed {
+        name,
+        regions: [(0, 1024.min(bytes.len())), directory, (0, bytes.len())],
+        bytes,
+    }
 }
 
 fn make_seeds(dir: &Path) -> Vec<Seed> {
@@ -131,16 +161,38 @@ fn make_seeds(dir: &Path) -> Vec<Seed> {
     create(&p("base.qcow2"), "16M", &["-o", "cluster_size=512"]);
     add_bitmap(&p("base.qcow2"), "base-1", None);
 
-    create(&p("a.qcow2"), "16M", &["-o", "cluster_size=512", "-b", "base.qcow2", "-F", "qcow2"]);
+    create(
+        &p("a.qcow2"),
+        "16M",
+        &["-o", "cluster_size=512", "-b", "base.qcow2", "-F", "qcow2"],
+    );
     add_bitmap(&p("a.qcow2"), "one", None);
     add_bitmap(&p("a.qcow2"), "two", Some("1M"));
     add_bitmap(&p("a.qcow2"), "three", Some("512"));
     disable_bitmap(&p("a.qcow2"), "two");
 
-    create(&p("b.qcow2"), "16M", &["-o", "cluster_size=512,compat=0.10", "-b", "base.qcow2", "-F", "qcow2"]);
+    create(
+        &p("b.qcow2"),
+        "16M",
+        &[
+            "-o",
+            "cluster_size=512,compat=0.10",
+            "-b",
+            "base.qcow2",
+            "-F",
+            "qcow2",
+        ],
+    );
 
     let data = p("c.data");
-    create(&p("c.qcow2"), "16M", &["-o", &format!("cluster_size=4096,data_file={}", data.display())]);
+    create(
+        &p("c.qcow2"),
+        "16M",
+        &[
+            "-o",
+            &format!("cluster_size=4096,data_file={}", data.display()),
+        ],
+    );
     add_bitmap(&p("c.qcow2"), &"ü".repeat(200), None);
     add_bitmap(&p("c.qcow2"), "снимок", Some("64K"));
 
@@ -148,7 +200,10 @@ fn make_seeds(dir: &Path) -> Vec<Seed> {
     for i in 0..20 {
         add_bitmap(&p("d.qcow2"), &format!("checkpoint-{i:03}"), None);
     }
-    let mut seeds = vec![seed("512 B clusters", &p("a.qcow2")), seed("version 2", &p("b.qcow2"))];
+    let mut seeds = vec![
+        seed("512 B clusters", &p("a.qcow2")),
+        seed("version 2", &p("b.qcow2")),
+    ];
     seeds.push(seed("data file", &p("c.qcow2")));
     seeds.push(seed("64 KiB clusters", &p("d.qcow2")));
     // The first cluster alone: every directory is past the end of the file.
@@ -161,7 +216,9 @@ fn make_seeds(dir: &Path) -> Vec<Seed> {
 /// What an accepted image must respect whatever its bytes.
 fn check_limits(image: &Image) -> Result<(), TestCaseError> {
     prop_assert!(image.version == 2 || image.version == 3);
-    prop_assert!((512..=2 << 20).contains(&image.cluster_size) && image.cluster_size.is_power_of_two());
+    prop_assert!(
+        (512..=2 << 20).contains(&image.cluster_size) && image.cluster_size.is_power_of_two()
+    );
     prop_assert!(image.bitmaps.len() <= 65535);
     for b in &image.bitmaps {
         prop_assert!(b.granularity.is_power_of_two() && (512..=1 << 31).contains(&b.granularity));
@@ -184,11 +241,19 @@ fn outcome<T>(r: &Result<T, ckptstore::qcow2::Qcow2Error>) -> &'static str {
 
 #[test]
 fn mutated_images_never_panic() {
-    let cases: u32 = std::env::var("CKPTSTORE_FUZZ_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(DEFAULT_CASES);
+    let cases: u32 = std::env::var("CKPTSTORE_FUZZ_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(DEFAULT_CASES);
     let seed: u64 = std::env::var("CKPTSTORE_FUZZ_SEED")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_nanos() as u64);
+        .unwrap_or_else(|| {
+            SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .unwrap()
+                .as_nanos() as u64
+        });
     println!("qcow2 fuzz: seed {seed} (replay with CKPTSTORE_FUZZ_SEED={seed}), {cases} cases");
 
     let dir = tempfile::tempdir().unwrap();
@@ -201,12 +266,21 @@ fn mutated_images_never_panic() {
     for chunk in key.chunks_mut(8) {
         chunk.copy_from_slice(&seed.to_le_bytes());
     }
-    let config = Config { cases, failure_persistence: None, ..Config::default() };
-    let mut runner = TestRunner::new_with_rng(config, TestRng::from_seed(RngAlgorithm::ChaCha, &key));
+    let config = Config {
+        cases,
+        failure_persistence: None,
+        ..Config::default()
+    };
+    let mut runner =
+        TestRunner::new_with_rng(config, TestRng::from_seed(RngAlgorithm::ChaCha, &key));
     let executions = AtomicU64::new(0);
     let outcomes = Mutex::new(BTreeMap::<String, u64>::new());
     let started = Instant::now();
-    let strategy = (0..seeds.len(), prop::collection::vec(mutation(), 1..6), prop::bool::weighted(0.2));
+    let strategy = (
+        0..seeds.len(),
+        prop::collection::vec(mutation(), 1..6),
+        prop::bool::weighted(0.2),
+    );
     let result = runner.run(&strategy, |(which, mutations, mutate_base)| {
         let seed = &seeds[which];
         let bytes = apply(seed, &mutations);
@@ -232,8 +306,15 @@ fn mutated_images_never_panic() {
         let mut outcomes = outcomes.lock().unwrap();
         let what = if mutate_base { "base" } else { seed.name };
         let bitmaps = image.as_ref().map_or(0, |i| i.bitmaps.len().min(1));
-        *outcomes.entry(format!("{what}: image {} (bitmaps: {bitmaps})", outcome(&image))).or_default() += 1;
-        *outcomes.entry(format!("{what}: chain {}", outcome(&chain))).or_default() += 1;
+        *outcomes
+            .entry(format!(
+                "{what}: image {} (bitmaps: {bitmaps})",
+                outcome(&image)
+            ))
+            .or_default() += 1;
+        *outcomes
+            .entry(format!("{what}: chain {}", outcome(&chain)))
+            .or_default() += 1;
         Ok(())
     });
     let elapsed = started.elapsed();

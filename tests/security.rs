@@ -20,7 +20,11 @@ use rel::Running;
 use support::TestDomain;
 
 fn mode(p: &Path) -> u32 {
-    std::fs::metadata(p).unwrap_or_else(|e| panic!("{}: {e}", p.display())).permissions().mode() & 0o7777
+    std::fs::metadata(p)
+        .unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+        .permissions()
+        .mode()
+        & 0o7777
 }
 
 /// `ckptstore ARGS` under `umask 0` (through `sh`, in this test only).
@@ -32,7 +36,8 @@ fn under_umask_0(db: Option<&Path>, args: &[&str]) -> Command {
     }
     cmd.args(["--connect", support::SYSTEM_URI]).args(args);
     cmd.env_remove("CKPTSTORE_DB").env_remove("FAILPOINTS");
-    cmd.stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped());
+    cmd.stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
     cmd
 }
 
@@ -40,10 +45,16 @@ fn under_umask_0(db: Option<&Path>, args: &[&str]) -> Command {
 fn journal_is_0600_and_its_new_folders_0700_even_under_umask_0() {
     let conn = support::system();
     let dom = TestDomain::define(&conn, "modes", 1);
-    let tmp = tempfile::Builder::new().prefix("ckptstore-modes-").tempdir().unwrap();
+    let tmp = tempfile::Builder::new()
+        .prefix("ckptstore-modes-")
+        .tempdir()
+        .unwrap();
     // Sanity: umask 0 really is in force for what the shell creates.
     let probe = tmp.path().join("probe");
-    let st = Command::new("sh").args(["-c", "umask 0; mkdir \"$0\"", &probe.display().to_string()]).status().unwrap();
+    let st = Command::new("sh")
+        .args(["-c", "umask 0; mkdir \"$0\"", &probe.display().to_string()])
+        .status()
+        .unwrap();
     assert!(st.success());
     assert_eq!(mode(&probe), 0o777);
 
@@ -61,7 +72,10 @@ fn journal_is_0600_and_its_new_folders_0700_even_under_umask_0() {
     let mut cmd = under_umask_0(None, &["status"]);
     cmd.env("CKPTSTORE_DB", &env_db);
     rel::run_cmd(cmd).expect(0, "status with CKPTSTORE_DB");
-    assert_eq!((mode(&env_db), mode(env_db.parent().unwrap())), (0o600, 0o700));
+    assert_eq!(
+        (mode(&env_db), mode(env_db.parent().unwrap())),
+        (0o600, 0o700)
+    );
 
     // While a sync runs, its -wal and -shm files are 0600 too.
     let chain = rel::chain(&dom.name, 30, &["vda"]);
@@ -71,7 +85,10 @@ fn journal_is_0600_and_its_new_folders_0700_even_under_umask_0() {
     let mut running = Running::spawn(under_umask_0(Some(&db), &["sync", "--chain", &file]));
     let t = Instant::now();
     while !(wal.exists() && shm.exists()) {
-        assert!(running.child.try_wait().unwrap().is_none(), "the sync ended before its WAL was seen");
+        assert!(
+            running.child.try_wait().unwrap().is_none(),
+            "the sync ended before its WAL was seen"
+        );
         assert!(t.elapsed() < Duration::from_secs(20));
         std::thread::sleep(Duration::from_millis(2));
     }
@@ -86,7 +103,10 @@ fn journal_is_0600_and_its_new_folders_0700_even_under_umask_0() {
 fn credentials_in_the_uri_never_reach_the_output() {
     let conn = support::system();
     let dom = TestDomain::define(&conn, "creds", 1);
-    let tmp = tempfile::Builder::new().prefix("ckptstore-creds-").tempdir().unwrap();
+    let tmp = tempfile::Builder::new()
+        .prefix("ckptstore-creds-")
+        .tempdir()
+        .unwrap();
     let db = tmp.path().join("journal.db");
     let chain = rel::chain(&dom.name, 3, &["vda"]);
     let file = rel::write_chain(tmp.path(), "chain.json", &chain);
@@ -115,14 +135,22 @@ fn credentials_in_the_uri_never_reach_the_output() {
         ] {
             for extra in [&["-vvv"][..], &["-vvv", "--json"], &[]] {
                 let mut cmd = Command::new(rel::BIN);
-                cmd.arg("--db").arg(&db).args(["--connect", uri]).args(args).args(extra);
+                cmd.arg("--db")
+                    .arg(&db)
+                    .args(["--connect", uri])
+                    .args(args)
+                    .args(extra);
                 cmd.env_remove("RUST_LOG").env_remove("LIBVIRT_DEFAULT_URI");
                 cmd.stdin(std::process::Stdio::null());
-                cmd.stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped());
+                cmd.stdout(std::process::Stdio::piped())
+                    .stderr(std::process::Stdio::piped());
                 let (out, killed) = Running::spawn(cmd).kill_at(Duration::from_secs(30));
                 assert!(!killed, "{uri} {args:?}: hung");
                 let all = format!("{}{}", out.stdout, out.stderr);
-                assert!(!all.contains("secret"), "{uri} {args:?} {extra:?} leaked a credential:\n{all}");
+                assert!(
+                    !all.contains("secret"),
+                    "{uri} {args:?} {extra:?} leaked a credential:\n{all}"
+                );
                 if works && args[0] == "sync" {
                     assert_eq!(out.code(), Some(0), "{uri} {args:?}: {out:#?}");
                 }
@@ -135,7 +163,10 @@ fn credentials_in_the_uri_never_reach_the_output() {
             }
         }
     }
-    println!("security: {runs} runs with credentials in {} URIs, -vvv included: \"secret\" in no output", uris.len());
+    println!(
+        "security: {runs} runs with credentials in {} URIs, -vvv included: \"secret\" in no output",
+        uris.len()
+    );
 }
 
 /// Every `.rs` file under `dir`.
@@ -153,26 +184,50 @@ fn sources(dir: &Path, out: &mut Vec<PathBuf>) {
 #[test]
 fn the_store_never_runs_a_shell() {
     let mut files = Vec::new();
-    sources(&Path::new(env!("CARGO_MANIFEST_DIR")).join("src"), &mut files);
+    sources(
+        &Path::new(env!("CARGO_MANIFEST_DIR")).join("src"),
+        &mut files,
+    );
     assert!(files.len() > 10);
-    let shells = ["sh", "bash", "dash", "zsh", "ksh", "fish", "busybox", "env", "su", "sudo"];
+    let shells = [
+        "sh", "bash", "dash", "zsh", "ksh", "fish", "busybox", "env", "su", "sudo",
+    ];
     let mut spawns = Vec::new();
     for f in &files {
         let text = std::fs::read_to_string(f).unwrap();
         let name = f.display().to_string();
-        for bad in ["libc::system", "libc::popen", "libc::exec", "CommandExt", ".exec()", "\"-c\"", "pre_exec"] {
+        for bad in [
+            "libc::system",
+            "libc::popen",
+            "libc::exec",
+            "CommandExt",
+            ".exec()",
+            "\"-c\"",
+            "pre_exec",
+        ] {
             assert!(!text.contains(bad), "{name} uses {bad}");
         }
         for (i, _) in text.match_indices("Command::new(") {
             let rest = &text[i + "Command::new(".len()..];
             let arg = &rest[..rest.find(')').unwrap()];
             // The program is a literal, never built from input, and no shell.
-            assert!(arg.starts_with('"') && arg.ends_with('"'), "{name}: Command::new({arg}) is not a literal");
+            assert!(
+                arg.starts_with('"') && arg.ends_with('"'),
+                "{name}: Command::new({arg}) is not a literal"
+            );
             let program = arg.trim_matches('"');
             let base = program.rsplit('/').next().unwrap();
             assert!(!shells.contains(&base), "{name} runs a shell: {program}");
-            spawns.push(format!("{}: {program}", f.strip_prefix(env!("CARGO_MANIFEST_DIR")).unwrap().display()));
+            spawns.push(format!(
+                "{}: {program}",
+                f.strip_prefix(env!("CARGO_MANIFEST_DIR"))
+                    .unwrap()
+                    .display()
+            ));
         }
     }
-    println!("security: {} source files, no shell; processes started: {spawns:?}", files.len());
+    println!(
+        "security: {} source files, no shell; processes started: {spawns:?}",
+        files.len()
+    );
 }

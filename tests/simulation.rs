@@ -62,14 +62,20 @@ struct Case {
 
 impl Case {
     fn label(&self) -> String {
-        format!("n={} pre={:?} refuse={} policy={:?}", self.n, self.pre, self.refuse, self.policy)
+        format!(
+            "n={} pre={:?} refuse={} policy={:?}",
+            self.n, self.pre, self.refuse, self.policy
+        )
     }
 
     /// A refusal needs a content-changing redefine to refuse.
     fn makes_sense(&self) -> bool {
         let target = linear_chain(self.n, 2).validate().unwrap().defs();
         let p = ckptstore::plan::plan(&pre_state(self.pre, &target), &target);
-        !self.refuse || p.steps.iter().any(|s| matches!(s, ckptstore::plan::Step::Redefine { forced: false, .. }))
+        !self.refuse
+            || p.steps
+                .iter()
+                .any(|s| matches!(s, ckptstore::plan::Step::Redefine { forced: false, .. }))
     }
 
     /// A fresh world: fake libvirt in the pre-state, the fault armed.
@@ -84,7 +90,9 @@ impl Case {
             // libvirt refuses the plan's last content-changing redefine.
             let p = ckptstore::plan::plan(&before, &target);
             let victim = p.steps.iter().rev().find_map(|s| match s {
-                ckptstore::plan::Step::Redefine { def, forced: false, .. } => Some(def.clone()),
+                ckptstore::plan::Step::Redefine {
+                    def, forced: false, ..
+                } => Some(def.clone()),
                 _ => None,
             });
             fake.refuse_def(DOMAIN, &victim.expect("a refusal case has a redefine"));
@@ -103,7 +111,12 @@ fn every_crash_point() {
         for pre in PRES {
             for refuse in [false, true] {
                 for policy in [Policy::Resume, Policy::Rollback] {
-                    let case = Case { n, pre, refuse, policy };
+                    let case = Case {
+                        n,
+                        pre,
+                        refuse,
+                        policy,
+                    };
                     if !case.makes_sense() {
                         continue;
                     }
@@ -115,7 +128,11 @@ fn every_crash_point() {
                     let res = store.sync(&fake, chain.clone());
                     assert_eq!(res.is_ok(), !refuse, "{}: {res:?}", case.label());
                     let expect = if refuse { &before } else { &target };
-                    assert!(same_content(&fake_list(&fake), expect), "{}: no-crash run", case.label());
+                    assert!(
+                        same_content(&fake_list(&fake), expect),
+                        "{}: no-crash run",
+                        case.label()
+                    );
                     let total = points.count();
                     drop(store);
                     for k in 1..=total {
@@ -124,7 +141,11 @@ fn every_crash_point() {
                         let j = TempJournal::new();
                         let crashed = j.store_crashing_at(100, k);
                         let r = run_crashing(|| crashed.sync(&fake, chain.clone()));
-                        assert!(r.is_none(), "{}: sync did not reach point {k}", case.label());
+                        assert!(
+                            r.is_none(),
+                            "{}: sync did not reach point {k}",
+                            case.label()
+                        );
                         drop(crashed);
                         first_crashes += 1;
                         // Count the points of the recovery that follows.
@@ -145,12 +166,17 @@ fn every_crash_point() {
                             drop(crashed);
                             let rec = j.store_crashing_at(200, r2);
                             let r = run_crashing(|| rec.recover(&fake, case.policy, None));
-                            assert!(r.is_none(), "{}: recovery did not reach point {r2}", case.label());
+                            assert!(
+                                r.is_none(),
+                                "{}: recovery did not reach point {r2}",
+                                case.label()
+                            );
                             drop(rec);
                             second_crashes += 1;
                             let fin = j.store(300);
                             let out = fin.recover(&fake, case.policy, None);
-                            let o = check_invariant(&case.label(), &j, &fake, &target, &before, out);
+                            let o =
+                                check_invariant(&case.label(), &j, &fake, &target, &before, out);
                             *outcomes.entry(o).or_default() += 1;
                             scenarios += 1;
                         }
@@ -182,18 +208,35 @@ fn check_invariant(
     let at_target = same_content(&now, target);
     let at_before = same_content(&now, before);
     match out {
-        Ok(_) | Err(ckptstore::Error::Refused { rolled_back: true, .. }) => {}
+        Ok(_)
+        | Err(ckptstore::Error::Refused {
+            rolled_back: true, ..
+        }) => {}
         Err(e) => panic!("{label}: recovery failed: {e}"),
     }
-    assert!(status.incomplete.is_empty(), "{label}: still incomplete: {:?}", status.incomplete);
-    assert!(at_target || at_before, "{label}: libvirt is neither target nor before-image: {now:#?}");
+    assert!(
+        status.incomplete.is_empty(),
+        "{label}: still incomplete: {:?}",
+        status.incomplete
+    );
+    assert!(
+        at_target || at_before,
+        "{label}: libvirt is neither target nor before-image: {now:#?}"
+    );
     assert_eq!(store.journal().integrity_check().unwrap(), "ok", "{label}");
     if at_target {
         // The committed chain is the target, and a backup's next checkpoint
         // would hang off the leaf.
         let committed = store.committed(DOMAIN).unwrap().expect("committed chain");
-        assert!(same_content(&committed.defs, target), "{label}: journal's committed chain differs");
-        assert_eq!(fake.current(DOMAIN).as_deref(), Some(target.last().unwrap().name.as_str()), "{label}: current");
+        assert!(
+            same_content(&committed.defs, target),
+            "{label}: journal's committed chain differs"
+        );
+        assert_eq!(
+            fake.current(DOMAIN).as_deref(),
+            Some(target.last().unwrap().name.as_str()),
+            "{label}: current"
+        );
         "committed"
     } else {
         "rolled_back"
@@ -203,8 +246,13 @@ fn check_invariant(
 #[test]
 fn seeded_random_simulation() {
     let seed = seed_from_env();
-    let rounds: u64 = std::env::var("CKPTSTORE_SIM_ROUNDS").ok().and_then(|s| s.parse().ok()).unwrap_or(300);
-    println!("random simulation: seed {seed} (replay with CKPTSTORE_SIM_SEED={seed}), {rounds} rounds");
+    let rounds: u64 = std::env::var("CKPTSTORE_SIM_ROUNDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(300);
+    println!(
+        "random simulation: seed {seed} (replay with CKPTSTORE_SIM_SEED={seed}), {rounds} rounds"
+    );
     let stats = random_simulation(seed, rounds);
     println!("random simulation: {stats}");
 }
@@ -238,9 +286,14 @@ fn tree_syncs_leave_the_leaf_current() {
             // Checkpoints 0..n/2 are closed under parents (a parent has a
             // smaller index): the half synced before.
             let half = tree_chain(&parents[..n / 2], 1);
-            let half_leaf = ckptstore::chain::leaf_of(&half.clone().validate().unwrap().defs()).map(|d| d.name.clone());
+            let half_leaf = ckptstore::chain::leaf_of(&half.clone().validate().unwrap().defs())
+                .map(|d| d.name.clone());
             let mut path = vec![leaf.clone()];
-            while let Some(p) = target.iter().find(|d| Some(&d.name) == path.last()).and_then(|d| d.parent.clone()) {
+            while let Some(p) = target
+                .iter()
+                .find(|d| Some(&d.name) == path.last())
+                .and_then(|d| d.parent.clone())
+            {
                 path.push(p);
             }
             for from_half in [false, true] {
@@ -260,7 +313,11 @@ fn tree_syncs_leave_the_leaf_current() {
                 let (fake, j) = world();
                 let (store, points) = j.store_counting(2);
                 store.sync(&fake, chain.clone()).unwrap();
-                assert_eq!(fake.current(DOMAIN).as_deref(), Some(leaf.as_str()), "{label}: current");
+                assert_eq!(
+                    fake.current(DOMAIN).as_deref(),
+                    Some(leaf.as_str()),
+                    "{label}: current"
+                );
                 cases += 1;
                 for k in 1..=points.count() {
                     let (fake, j) = world();
@@ -268,8 +325,15 @@ fn tree_syncs_leave_the_leaf_current() {
                     assert!(run_crashing(|| crashed.sync(&fake, chain.clone())).is_none());
                     drop(crashed);
                     j.store(4).recover(&fake, Policy::Resume, None).unwrap();
-                    assert!(same_content(&fake_list(&fake), &target), "{label} crash {k}: not at target");
-                    assert_eq!(fake.current(DOMAIN).as_deref(), Some(leaf.as_str()), "{label} crash {k}: current");
+                    assert!(
+                        same_content(&fake_list(&fake), &target),
+                        "{label} crash {k}: not at target"
+                    );
+                    assert_eq!(
+                        fake.current(DOMAIN).as_deref(),
+                        Some(leaf.as_str()),
+                        "{label} crash {k}: current"
+                    );
                     cases += 1;
                 }
             }

@@ -19,7 +19,9 @@ use std::time::{Duration, Instant};
 
 use chrono::DateTime;
 use ckptstore::xml::render_checkpoint;
-use ckptstore::{validate, Backend, Chain, Checkpoint, FindingKind as K, LibvirtBackend, Report, Store};
+use ckptstore::{
+    validate, Backend, Chain, Checkpoint, FindingKind as K, LibvirtBackend, Report, Store,
+};
 use qemu::{info, info_bitmaps, qemu_img};
 use support::TestDomain;
 use uuid::Uuid;
@@ -42,7 +44,11 @@ impl Fixture {
         let backend = LibvirtBackend::connect(support::SYSTEM_URI).unwrap();
         let journal = tempfile::tempdir().unwrap();
         let store = Store::open(journal.path().join("journal.db")).unwrap();
-        let disk_ids: BTreeMap<Uuid, String> = dom.targets.iter().map(|t| (Uuid::new_v4(), t.clone())).collect();
+        let disk_ids: BTreeMap<Uuid, String> = dom
+            .targets
+            .iter()
+            .map(|t| (Uuid::new_v4(), t.clone()))
+            .collect();
         let mut cps: Vec<Checkpoint> = Vec::new();
         for i in 0..checkpoints {
             cps.push(Checkpoint {
@@ -54,8 +60,20 @@ impl Fixture {
             });
         }
         let names = cps.iter().map(|c| c.id.to_string()).collect();
-        let chain = Chain { vm_id: Uuid::new_v4(), domain: Some(dom.name.clone()), disks: disk_ids, checkpoints: cps };
-        Fixture { dom, backend, store, chain, names, _journal: journal }
+        let chain = Chain {
+            vm_id: Uuid::new_v4(),
+            domain: Some(dom.name.clone()),
+            disks: disk_ids,
+            checkpoints: cps,
+        };
+        Fixture {
+            dom,
+            backend,
+            store,
+            chain,
+            names,
+            _journal: journal,
+        }
     }
 
     /// Every checkpoint's bitmap on every disk.
@@ -76,7 +94,11 @@ impl Fixture {
         // The JSON the CLI prints carries the kinds in snake case.
         let json = serde_json::to_value(&report).unwrap();
         assert_eq!(json["ok"], report.ok);
-        for (f, j) in report.findings.iter().zip(json["findings"].as_array().unwrap()) {
+        for (f, j) in report
+            .findings
+            .iter()
+            .zip(json["findings"].as_array().unwrap())
+        {
             assert_eq!(j["kind"], f.kind.as_str());
         }
         report
@@ -93,7 +115,10 @@ impl Fixture {
 
 /// (kind, checkpoint, disk) of every finding, in order.
 fn found(r: &Report) -> Vec<(K, Option<&str>, Option<&str>)> {
-    r.findings.iter().map(|f| (f.kind, f.checkpoint.as_deref(), f.disk.as_deref())).collect()
+    r.findings
+        .iter()
+        .map(|f| (f.kind, f.checkpoint.as_deref(), f.disk.as_deref()))
+        .collect()
 }
 
 fn bitmap_op(op: &str, image: &Path, name: &str) {
@@ -111,7 +136,10 @@ fn clean_domain_is_ok_with_the_leaf_usable() {
     assert_eq!(r.usable.as_deref(), Some(f.name(2)));
     assert_eq!(r.leaf.as_deref(), Some(f.name(2)));
     assert!(!r.running);
-    assert_eq!((r.checkpoints, r.images_read, r.libvirt_validations), (3, 2, 0));
+    assert_eq!(
+        (r.checkpoints, r.images_read, r.libvirt_validations),
+        (3, 2, 0)
+    );
     assert!(r.journal_txn.is_some());
 }
 
@@ -142,8 +170,14 @@ fn in_use_bitmap_after_a_killed_writer_is_inconsistent() {
     let mut writer = KillOnDrop(child);
     let deadline = Instant::now() + Duration::from_secs(20);
     while !info_bitmaps(&info(img)).iter().any(|b| b.2) {
-        assert!(Instant::now() < deadline, "qemu-io never marked the bitmap in use");
-        assert!(writer.0.try_wait().unwrap().is_none(), "qemu-io exited early");
+        assert!(
+            Instant::now() < deadline,
+            "qemu-io never marked the bitmap in use"
+        );
+        assert!(
+            writer.0.try_wait().unwrap().is_none(),
+            "qemu-io exited early"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
     writer.0.kill().unwrap();
@@ -153,8 +187,16 @@ fn in_use_bitmap_after_a_killed_writer_is_inconsistent() {
     f.sync();
 
     let r = f.validate();
-    assert_eq!(found(&r), [(K::InconsistentBitmap, Some(f.name(1)), Some("vda"))], "{r:#?}");
-    assert!(r.findings[0].detail.contains("in use on a stopped domain"), "{}", r.findings[0].detail);
+    assert_eq!(
+        found(&r),
+        [(K::InconsistentBitmap, Some(f.name(1)), Some("vda"))],
+        "{r:#?}"
+    );
+    assert!(
+        r.findings[0].detail.contains("in use on a stopped domain"),
+        "{}",
+        r.findings[0].detail
+    );
     assert_eq!(r.findings[0].image.as_deref(), Some(img));
     // Every bitmap records on its own: a backup from the root still works.
     assert_eq!(r.usable.as_deref(), Some(f.name(0)));
@@ -167,7 +209,11 @@ fn removed_bitmap_is_missing() {
     bitmap_op("--remove", f.image(1), f.name(1));
     f.sync();
     let r = f.validate();
-    assert_eq!(found(&r), [(K::MissingBitmap, Some(f.name(1)), Some("vdb"))], "{r:#?}");
+    assert_eq!(
+        found(&r),
+        [(K::MissingBitmap, Some(f.name(1)), Some("vdb"))],
+        "{r:#?}"
+    );
     assert_eq!(r.findings[0].image.as_deref(), Some(f.image(1)));
     assert_eq!(r.usable.as_deref(), Some(f.name(2)));
     // The leaf's bitmap gone too: the newest usable one is the root.
@@ -175,7 +221,10 @@ fn removed_bitmap_is_missing() {
     let r = f.validate();
     assert_eq!(
         found(&r),
-        [(K::MissingBitmap, Some(f.name(2)), Some("vda")), (K::MissingBitmap, Some(f.name(1)), Some("vdb"))]
+        [
+            (K::MissingBitmap, Some(f.name(2)), Some("vda")),
+            (K::MissingBitmap, Some(f.name(1)), Some("vdb"))
+        ]
     );
     assert_eq!(r.usable.as_deref(), Some(f.name(0)));
 }
@@ -187,7 +236,11 @@ fn disabled_bitmap_is_reported() {
     bitmap_op("--disable", f.image(0), f.name(1));
     f.sync();
     let r = f.validate();
-    assert_eq!(found(&r), [(K::DisabledBitmap, Some(f.name(1)), Some("vda"))], "{r:#?}");
+    assert_eq!(
+        found(&r),
+        [(K::DisabledBitmap, Some(f.name(1)), Some("vda"))],
+        "{r:#?}"
+    );
     assert_eq!(r.usable.as_deref(), Some(f.name(0)));
 }
 
@@ -198,7 +251,11 @@ fn bitmap_added_by_hand_is_an_orphan() {
     bitmap_op("--add", f.image(1), "by-hand");
     f.sync();
     let r = f.validate();
-    assert_eq!(found(&r), [(K::OrphanBitmap, Some("by-hand"), Some("vdb"))], "{r:#?}");
+    assert_eq!(
+        found(&r),
+        [(K::OrphanBitmap, Some("by-hand"), Some("vdb"))],
+        "{r:#?}"
+    );
     assert_eq!(r.findings[0].image.as_deref(), Some(f.image(1)));
     // An orphan takes nothing away from the checkpoints.
     assert_eq!(r.usable.as_deref(), Some(f.name(1)));
@@ -213,7 +270,11 @@ fn checkpoint_deleted_from_libvirt_is_missing_in_libvirt() {
     // names it, so it is no orphan).
     f.backend.delete(&f.dom.name, f.name(2)).unwrap();
     let r = f.validate();
-    assert_eq!(found(&r), [(K::MissingInLibvirt, Some(f.name(2)), None)], "{r:#?}");
+    assert_eq!(
+        found(&r),
+        [(K::MissingInLibvirt, Some(f.name(2)), None)],
+        "{r:#?}"
+    );
     assert_eq!(r.leaf.as_deref(), Some(f.name(1)));
     assert_eq!(r.usable.as_deref(), Some(f.name(1)));
 }
@@ -229,9 +290,15 @@ fn checkpoint_added_to_libvirt_only_is_unexpected() {
     extra.creation_time += 60;
     extra.disks = [("vda".to_string(), "extra".to_string())].into();
     f.dom.add_bitmap(0, "extra");
-    f.backend.redefine(&f.dom.name, &render_checkpoint(&extra), false).unwrap();
+    f.backend
+        .redefine(&f.dom.name, &render_checkpoint(&extra), false)
+        .unwrap();
     let r = f.validate();
-    assert_eq!(found(&r), [(K::UnexpectedInLibvirt, Some("extra"), None)], "{r:#?}");
+    assert_eq!(
+        found(&r),
+        [(K::UnexpectedInLibvirt, Some("extra"), None)],
+        "{r:#?}"
+    );
     assert_eq!(r.usable.as_deref(), Some("extra"));
 }
 
@@ -242,10 +309,14 @@ fn checkpoint_redefined_with_another_time_is_a_mismatch() {
     f.sync();
     let mut changed = f.backend.list(&f.dom.name).unwrap().remove(0);
     changed.creation_time += 3600;
-    f.backend.redefine(&f.dom.name, &render_checkpoint(&changed), false).unwrap();
+    f.backend
+        .redefine(&f.dom.name, &render_checkpoint(&changed), false)
+        .unwrap();
     let r = f.validate();
     assert_eq!(found(&r), [(K::Mismatch, Some(f.name(0)), None)], "{r:#?}");
-    assert!(r.findings[0].detail.contains("creationTime: journal 1700000000, libvirt 1700003600"));
+    assert!(r.findings[0]
+        .detail
+        .contains("creationTime: journal 1700000000, libvirt 1700003600"));
 }
 
 #[test]
@@ -253,7 +324,11 @@ fn cleared_autoclear_bit_makes_every_bitmap_inconsistent() {
     let f = Fixture::new("v-autoclear", 2, 2);
     f.add_bitmaps();
     // Autoclear features: u64 at 88, big-endian; bit 0 is in byte 95.
-    let file = OpenOptions::new().read(true).write(true).open(f.image(0)).unwrap();
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(f.image(0))
+        .unwrap();
     let mut byte = [0u8; 1];
     file.read_exact_at(&mut byte, 95).unwrap();
     assert_eq!(byte[0] & 1, 1);
@@ -263,10 +338,17 @@ fn cleared_autoclear_bit_makes_every_bitmap_inconsistent() {
     let r = f.validate();
     assert_eq!(
         found(&r),
-        [(K::InconsistentBitmap, Some(f.name(0)), Some("vda")), (K::InconsistentBitmap, Some(f.name(1)), Some("vda"))],
+        [
+            (K::InconsistentBitmap, Some(f.name(0)), Some("vda")),
+            (K::InconsistentBitmap, Some(f.name(1)), Some("vda"))
+        ],
         "{r:#?}"
     );
-    assert!(r.findings[0].detail.contains("autoclear bit 0"), "{}", r.findings[0].detail);
+    assert!(
+        r.findings[0].detail.contains("autoclear bit 0"),
+        "{}",
+        r.findings[0].detail
+    );
     assert_eq!(r.usable, None);
 }
 
@@ -276,7 +358,17 @@ fn overlay(f: &Fixture, disk: usize) -> std::path::PathBuf {
     let top = f.image(disk);
     let base = f.dom.dir().join("base.qcow2");
     std::fs::rename(top, &base).unwrap();
-    qemu_img(&["create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", top.to_str().unwrap()]);
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        "base.qcow2",
+        "-F",
+        "qcow2",
+        top.to_str().unwrap(),
+    ]);
     base
 }
 
@@ -289,9 +381,17 @@ fn bitmap_in_the_base_but_not_the_overlay_is_a_broken_chain() {
     f.dom.add_bitmap(0, f.name(1));
     f.sync();
     let r = f.validate();
-    assert_eq!(found(&r), [(K::BrokenChain, Some(f.name(0)), Some("vda"))], "{r:#?}");
+    assert_eq!(
+        found(&r),
+        [(K::BrokenChain, Some(f.name(0)), Some("vda"))],
+        "{r:#?}"
+    );
     assert_eq!(r.findings[0].image.as_deref(), Some(f.image(0)));
-    assert!(r.findings[0].detail.contains(&base.display().to_string()), "{}", r.findings[0].detail);
+    assert!(
+        r.findings[0].detail.contains(&base.display().to_string()),
+        "{}",
+        r.findings[0].detail
+    );
     assert_eq!(r.images_read, 2);
     assert_eq!(r.usable.as_deref(), Some(f.name(1)));
 }
@@ -304,7 +404,11 @@ fn missing_backing_file_is_an_unreadable_image() {
     std::fs::remove_file(&base).unwrap();
     f.sync();
     let r = f.validate();
-    assert_eq!(found(&r), [(K::UnreadableImage, None, Some("vdb"))], "{r:#?}");
+    assert_eq!(
+        found(&r),
+        [(K::UnreadableImage, None, Some("vdb"))],
+        "{r:#?}"
+    );
     assert_eq!(r.findings[0].image.as_deref(), Some(base.as_path()));
     // vdb's bitmaps are unknown: nothing is usable on every disk.
     assert_eq!(r.usable, None);
@@ -321,9 +425,19 @@ fn running_domain_is_checked_by_libvirt_and_keeps_its_current_checkpoint() {
 
     let r = f.validate();
     assert!(r.running);
-    assert_eq!(found(&r), [(K::MissingBitmap, Some(f.name(1)), Some("vda"))], "{r:#?}");
+    assert_eq!(
+        found(&r),
+        [(K::MissingBitmap, Some(f.name(1)), Some("vda"))],
+        "{r:#?}"
+    );
     let detail = &r.findings[0].detail;
-    assert!(detail.contains(&format!("missing or broken bitmap '{}' for disk 'vda'", f.name(1))), "{detail}");
+    assert!(
+        detail.contains(&format!(
+            "missing or broken bitmap '{}' for disk 'vda'",
+            f.name(1)
+        )),
+        "{detail}"
+    );
     assert_eq!(r.libvirt_validations, 3);
     // The leaf's bitmap records on its own: still usable.
     assert_eq!(r.usable.as_deref(), Some(f.name(2)));
@@ -332,19 +446,32 @@ fn running_domain_is_checked_by_libvirt_and_keeps_its_current_checkpoint() {
     // gets the leaf as its parent.
     let listed = f.backend.list(&f.dom.name).unwrap();
     assert_eq!(listed.len(), 3);
-    let real =
-        f.backend.create_checkpoint(&f.dom.name, "<domaincheckpoint><name>real</name></domaincheckpoint>").unwrap();
+    let real = f
+        .backend
+        .create_checkpoint(
+            &f.dom.name,
+            "<domaincheckpoint><name>real</name></domaincheckpoint>",
+        )
+        .unwrap();
     assert_eq!(real.parent.as_deref(), Some(f.name(2)));
 
     // The real checkpoint validates; it is libvirt's only, so unexpected.
     let r = f.validate();
     assert_eq!(
         found(&r),
-        [(K::UnexpectedInLibvirt, Some("real"), None), (K::MissingBitmap, Some(f.name(1)), Some("vda"))],
+        [
+            (K::UnexpectedInLibvirt, Some("real"), None),
+            (K::MissingBitmap, Some(f.name(1)), Some("vda"))
+        ],
         "{r:#?}"
     );
     assert_eq!(r.usable.as_deref(), Some("real"));
-    let again =
-        f.backend.create_checkpoint(&f.dom.name, "<domaincheckpoint><name>again</name></domaincheckpoint>").unwrap();
+    let again = f
+        .backend
+        .create_checkpoint(
+            &f.dom.name,
+            "<domaincheckpoint><name>again</name></domaincheckpoint>",
+        )
+        .unwrap();
     assert_eq!(again.parent.as_deref(), Some("real"));
 }

@@ -117,7 +117,10 @@ struct FakeDomain {
 impl FakeDomain {
     /// Link a checkpoint under its parent, in front of its siblings.
     fn link(&mut self, name: &str, parent: Option<String>) {
-        self.children.entry(parent).or_default().insert(0, name.to_string());
+        self.children
+            .entry(parent)
+            .or_default()
+            .insert(0, name.to_string());
     }
 
     fn unlink(&mut self, name: &str, parent: Option<String>) {
@@ -153,7 +156,10 @@ impl FakeDomain {
         self.children.clear();
         let names: BTreeSet<String> = defs.iter().map(|d| d.name.clone()).collect();
         for d in defs.into_iter().rev() {
-            let parent = d.parent.clone().filter(|p| names.contains(p) && *p != d.name);
+            let parent = d
+                .parent
+                .clone()
+                .filter(|p| names.contains(p) && *p != d.name);
             let name = d.name.clone();
             if self.checkpoints.insert(name.clone(), d).is_none() {
                 self.link(&name, parent);
@@ -165,7 +171,10 @@ impl FakeDomain {
         if self.name == domain {
             return true;
         }
-        match (uuid::Uuid::parse_str(domain), uuid::Uuid::parse_str(&self.uuid)) {
+        match (
+            uuid::Uuid::parse_str(domain),
+            uuid::Uuid::parse_str(&self.uuid),
+        ) {
             (Ok(a), Ok(b)) => a == b,
             _ => false,
         }
@@ -209,7 +218,10 @@ impl FakeBackend {
                     backing: Vec::new(),
                 })
                 .collect(),
-            bitmaps: targets.iter().map(|t| ((*t).to_string(), BTreeSet::new())).collect(),
+            bitmaps: targets
+                .iter()
+                .map(|t| ((*t).to_string(), BTreeSet::new()))
+                .collect(),
             ..FakeDomain::default()
         });
     }
@@ -230,7 +242,10 @@ impl FakeBackend {
     pub fn add_bitmap(&self, domain: &str, target: &str, bitmap: &str) {
         let mut st = self.lock();
         if let Some(d) = st.domains.iter_mut().find(|d| d.is(domain)) {
-            d.bitmaps.entry(target.into()).or_default().insert(bitmap.into());
+            d.bitmaps
+                .entry(target.into())
+                .or_default()
+                .insert(bitmap.into());
         }
     }
 
@@ -243,7 +258,12 @@ impl FakeBackend {
     /// `NoDomain`; `Unsupported` when the domain is not running (like
     /// libvirt: "cannot create checkpoint for inactive domain");
     /// `InvalidArgument` for a bad name; `Other` for a taken one.
-    pub fn create(&self, domain: &str, name: &str, creation_time: i64) -> Result<Option<String>, BackendError> {
+    pub fn create(
+        &self,
+        domain: &str,
+        name: &str,
+        creation_time: i64,
+    ) -> Result<Option<String>, BackendError> {
         let mut st = self.lock();
         let d = find(&mut st, domain)?;
         if !d.running {
@@ -264,13 +284,23 @@ impl FakeBackend {
             ));
         }
         let parent = d.current.clone();
-        let disks: BTreeMap<String, String> = d.disks.iter().map(|k| (k.target.clone(), name.to_string())).collect();
+        let disks: BTreeMap<String, String> = d
+            .disks
+            .iter()
+            .map(|k| (k.target.clone(), name.to_string()))
+            .collect();
         for t in disks.keys() {
             d.bitmaps.entry(t.clone()).or_default().insert(name.into());
         }
         d.checkpoints.insert(
             name.into(),
-            CheckpointDef { name: name.into(), parent: parent.clone(), creation_time, description: None, disks },
+            CheckpointDef {
+                name: name.into(),
+                parent: parent.clone(),
+                creation_time,
+                description: None,
+                disks,
+            },
         );
         d.link(name, parent.clone());
         d.current = Some(name.into());
@@ -280,7 +310,11 @@ impl FakeBackend {
     /// The hidden current checkpoint (no libvirt API reads it; tests of the
     /// fake may).
     pub fn current(&self, domain: &str) -> Option<String> {
-        self.lock().domains.iter().find(|d| d.is(domain)).and_then(|d| d.current.clone())
+        self.lock()
+            .domains
+            .iter()
+            .find(|d| d.is(domain))
+            .and_then(|d| d.current.clone())
     }
 
     /// Forget the current checkpoint and recompute it as a daemon restart
@@ -305,7 +339,12 @@ impl FakeBackend {
     /// The domain's checkpoints, parents first, read without counting a
     /// call or striking a fault (for test assertions).
     pub fn peek(&self, domain: &str) -> Vec<CheckpointDef> {
-        self.lock().domains.iter().find(|d| d.is(domain)).map(FakeDomain::listing).unwrap_or_default()
+        self.lock()
+            .domains
+            .iter()
+            .find(|d| d.is(domain))
+            .map(FakeDomain::listing)
+            .unwrap_or_default()
     }
 
     /// Inject a fault; faults are checked in the order they were added.
@@ -357,7 +396,11 @@ impl FakeBackend {
         None
     }
 
-    fn call<T>(&self, op: Op, f: impl FnOnce(&mut State) -> Result<T, BackendError>) -> Result<T, BackendError> {
+    fn call<T>(
+        &self,
+        op: Op,
+        f: impl FnOnce(&mut State) -> Result<T, BackendError>,
+    ) -> Result<T, BackendError> {
         let mut st = self.lock();
         match Self::enter(&mut st, op) {
             None => f(&mut st),
@@ -443,8 +486,9 @@ fn is_disk_name(s: &str) -> bool {
     }
     let s = s.strip_prefix("ioemu:").unwrap_or(s);
     ["fd", "hd", "sd", "vd", "xvd", "ubd"].iter().any(|p| {
-        s.strip_prefix(p)
-            .is_some_and(|rest| !rest.is_empty() && rest.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_'))
+        s.strip_prefix(p).is_some_and(|rest| {
+            !rest.is_empty() && rest.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+        })
     })
 }
 
@@ -452,10 +496,18 @@ fn is_disk_name(s: &str) -> bool {
 /// domain's checkpoints: well-formed XML (code 27), then the schema of
 /// `domaincheckpoint.rng` (code 92), then a `creationTime` (code 1).
 fn check_redefine_xml(xml: &str) -> Result<(), BackendError> {
-    let not_well_formed =
-        |e: String| BackendError::with_code(K::InvalidArgument, code::XML_DETAIL, format!("at line 1: {e}"));
+    let not_well_formed = |e: String| {
+        BackendError::with_code(
+            K::InvalidArgument,
+            code::XML_DETAIL,
+            format!("at line 1: {e}"),
+        )
+    };
     if let Some(c) = xml.chars().find(|&c| !is_xml_char(c)) {
-        return Err(not_well_formed(format!("character U+{:04X} is not allowed in XML", c as u32)));
+        return Err(not_well_formed(format!(
+            "character U+{:04X} is not allowed in XML",
+            c as u32
+        )));
     }
     let mut r = Reader::from_str(xml);
     let mut path: Vec<Vec<u8>> = Vec::new();
@@ -472,7 +524,9 @@ fn check_redefine_xml(xml: &str) -> Result<(), BackendError> {
         let mut extra_ok = true;
         for a in e.attributes() {
             let Ok(a) = a else { return false };
-            let Ok(v) = a.unescape_value() else { return false };
+            let Ok(v) = a.unescape_value() else {
+                return false;
+            };
             match a.key.as_ref() {
                 b"name" => name = Some(v.into_owned()),
                 b"checkpoint" => kind = Some(v.into_owned()),
@@ -483,7 +537,10 @@ fn check_redefine_xml(xml: &str) -> Result<(), BackendError> {
         }
         let kind_ok = match kind.as_deref() {
             None | Some("bitmap") => true,
-            Some("no") => e.attributes().flatten().all(|a| !matches!(a.key.as_ref(), b"bitmap" | b"size")),
+            Some("no") => e
+                .attributes()
+                .flatten()
+                .all(|a| !matches!(a.key.as_ref(), b"bitmap" | b"size")),
             Some(_) => false,
         };
         name.is_some_and(|n| is_disk_name(&n)) && kind_ok && extra_ok
@@ -500,10 +557,18 @@ fn check_redefine_xml(xml: &str) -> Result<(), BackendError> {
                         schema_ok &= n == b"domaincheckpoint";
                     }
                     1 => {
-                        let known = [&b"name"[..], b"description", b"creationTime", b"disks", b"domain", b"parent"];
+                        let known = [
+                            &b"name"[..],
+                            b"description",
+                            b"creationTime",
+                            b"disks",
+                            b"domain",
+                            b"parent",
+                        ];
                         schema_ok &= known.contains(&n.as_slice()) && seen.insert(n.clone());
-                        schema_ok &=
-                            !(empty && [&b"name"[..], b"creationTime", b"disks", b"parent"].contains(&n.as_slice()));
+                        schema_ok &= !(empty
+                            && [&b"name"[..], b"creationTime", b"disks", b"parent"]
+                                .contains(&n.as_slice()));
                         has_time |= n == b"creationTime";
                     }
                     2 if path[1] == b"disks" => {
@@ -524,7 +589,8 @@ fn check_redefine_xml(xml: &str) -> Result<(), BackendError> {
             }
             Event::Text(t) => {
                 let s = t.decode().map_err(|e| not_well_formed(e.to_string()))?;
-                let s = quick_xml::escape::unescape(&s).map_err(|e| not_well_formed(e.to_string()))?;
+                let s =
+                    quick_xml::escape::unescape(&s).map_err(|e| not_well_formed(e.to_string()))?;
                 if path.len() == 1 && !s.trim().is_empty() {
                     schema_ok = false;
                 }
@@ -533,13 +599,17 @@ fn check_redefine_xml(xml: &str) -> Result<(), BackendError> {
             Event::GeneralRef(g) => {
                 let name = g.decode().map_err(|e| not_well_formed(e.to_string()))?;
                 let entity = format!("&{name};");
-                let s = quick_xml::escape::unescape(&entity).map_err(|e| not_well_formed(e.to_string()))?;
+                let s = quick_xml::escape::unescape(&entity)
+                    .map_err(|e| not_well_formed(e.to_string()))?;
                 text.push_str(&s);
             }
             Event::CData(c) => text.push_str(&String::from_utf8_lossy(&c.into_inner())),
             Event::End(_) => {
-                let at = |p: &[&[u8]]| path.len() == p.len() && path.iter().zip(p).all(|(a, b)| a == b);
-                if at(&[b"domaincheckpoint", b"name"]) || at(&[b"domaincheckpoint", b"parent", b"name"]) {
+                let at =
+                    |p: &[&[u8]]| path.len() == p.len() && path.iter().zip(p).all(|(a, b)| a == b);
+                if at(&[b"domaincheckpoint", b"name"])
+                    || at(&[b"domaincheckpoint", b"parent", b"name"])
+                {
                     schema_ok &= is_valid_checkpoint_name(&text);
                 } else if at(&[b"domaincheckpoint", b"creationTime"]) {
                     schema_ok &= is_unsigned_long(&text);
@@ -556,7 +626,9 @@ fn check_redefine_xml(xml: &str) -> Result<(), BackendError> {
         }
     }
     if !root_seen || !path.is_empty() {
-        return Err(not_well_formed("document is empty or ends inside an element".into()));
+        return Err(not_well_formed(
+            "document is empty or ends inside an element".into(),
+        ));
     }
     if !schema_ok {
         return Err(schema_error());
@@ -693,7 +765,12 @@ impl Backend for FakeBackend {
     fn domain_info(&self, domain: &str) -> Result<DomainInfo, BackendError> {
         self.call(Op::DomainInfo, |st| {
             let d = find(st, domain)?;
-            Ok(DomainInfo { name: d.name.clone(), uuid: d.uuid.clone(), running: d.running, disks: d.disks.clone() })
+            Ok(DomainInfo {
+                name: d.name.clone(),
+                uuid: d.uuid.clone(),
+                running: d.running,
+                disks: d.disks.clone(),
+            })
         })
     }
 
@@ -723,10 +800,28 @@ mod tests {
             fake.current("r")
         };
         assert_eq!(after(vec![]), None);
-        assert_eq!(after(vec![d("a", None, 1), d("b", Some("a"), 2), d("c", Some("b"), 3)]).as_deref(), Some("c"));
+        assert_eq!(
+            after(vec![
+                d("a", None, 1),
+                d("b", Some("a"), 2),
+                d("c", Some("b"), 3)
+            ])
+            .as_deref(),
+            Some("c")
+        );
         // A branch anywhere, or a second root: none, whatever the times.
-        assert_eq!(after(vec![d("a", None, 1), d("b", Some("a"), 2), d("c", Some("a"), 3)]), None);
-        assert_eq!(after(vec![d("a", None, 1), d("b", Some("a"), 2), d("x", None, 3)]), None);
+        assert_eq!(
+            after(vec![
+                d("a", None, 1),
+                d("b", Some("a"), 2),
+                d("c", Some("a"), 3)
+            ]),
+            None
+        );
+        assert_eq!(
+            after(vec![d("a", None, 1), d("b", Some("a"), 2), d("x", None, 3)]),
+            None
+        );
     }
 
     #[test]
@@ -735,17 +830,38 @@ mod tests {
                   <disks><disk name='vda' checkpoint='bitmap' bitmap='c1'/></disks></domaincheckpoint>";
         assert_eq!(check_redefine_xml(ok), Ok(()));
         let code_of = |xml: &str| check_redefine_xml(xml).unwrap_err().code;
-        assert_eq!(code_of(&ok.replace("<name>c1</name>", "<name>.c1</name>")), code::XML_INVALID_SCHEMA);
-        assert_eq!(code_of(&ok.replace(">1<", ">-1<")), code::XML_INVALID_SCHEMA);
-        assert_eq!(code_of(&ok.replace("vda", "disk0")), code::XML_INVALID_SCHEMA);
-        assert_eq!(code_of(&ok.replace("checkpoint='bitmap'", "checkpoint='maybe'")), code::XML_INVALID_SCHEMA);
+        assert_eq!(
+            code_of(&ok.replace("<name>c1</name>", "<name>.c1</name>")),
+            code::XML_INVALID_SCHEMA
+        );
+        assert_eq!(
+            code_of(&ok.replace(">1<", ">-1<")),
+            code::XML_INVALID_SCHEMA
+        );
+        assert_eq!(
+            code_of(&ok.replace("vda", "disk0")),
+            code::XML_INVALID_SCHEMA
+        );
+        assert_eq!(
+            code_of(&ok.replace("checkpoint='bitmap'", "checkpoint='maybe'")),
+            code::XML_INVALID_SCHEMA
+        );
         assert_eq!(
             code_of(&ok.replace("<disk name='vda' checkpoint='bitmap' bitmap='c1'/>", "")),
             code::XML_INVALID_SCHEMA
         );
-        assert_eq!(code_of(&ok.replace("<name>c1</name>", "<name>c1</name><foo/>")), code::XML_INVALID_SCHEMA);
-        assert_eq!(code_of(&ok.replace("<creationTime>1</creationTime>", "")), code::INTERNAL_ERROR);
-        assert_eq!(code_of("<domaincheckpoint><name>c1</name>"), code::XML_DETAIL);
+        assert_eq!(
+            code_of(&ok.replace("<name>c1</name>", "<name>c1</name><foo/>")),
+            code::XML_INVALID_SCHEMA
+        );
+        assert_eq!(
+            code_of(&ok.replace("<creationTime>1</creationTime>", "")),
+            code::INTERNAL_ERROR
+        );
+        assert_eq!(
+            code_of("<domaincheckpoint><name>c1</name>"),
+            code::XML_DETAIL
+        );
         assert_eq!(code_of("<domain/>"), code::XML_INVALID_SCHEMA);
         assert!(is_disk_name("sda") && is_disk_name("vdz") && is_disk_name("/img/a.qcow2"));
         assert!(!is_disk_name("vd") && !is_disk_name("nvme0n1") && !is_disk_name("vd-a"));

@@ -49,7 +49,10 @@ impl LibvirtBackend {
         // libvirt's default error handler prints every error to stderr; the
         // store reports errors itself.
         virt::error::clear_error_callback();
-        LibvirtBackend { uri: uri.to_string(), conn: Mutex::new(None) }
+        LibvirtBackend {
+            uri: uri.to_string(),
+            conn: Mutex::new(None),
+        }
     }
 
     /// A backend for `uri`, connected now.
@@ -75,8 +78,14 @@ impl LibvirtBackend {
     /// when the domain is not running ("cannot create checkpoint for
     /// inactive domain"), [`BackendErrorKind::InvalidArgument`](super::BackendErrorKind::InvalidArgument)
     /// for XML libvirt refuses, connection errors.
-    pub fn create_checkpoint(&self, domain: &str, xml: &str) -> Result<CheckpointDef, BackendError> {
-        let xml = self.on_domain(domain, |dom| ffi::create_xml(dom, xml, 0)?.xml_desc(ffi::XML_NO_DOMAIN))?;
+    pub fn create_checkpoint(
+        &self,
+        domain: &str,
+        xml: &str,
+    ) -> Result<CheckpointDef, BackendError> {
+        let xml = self.on_domain(domain, |dom| {
+            ffi::create_xml(dom, xml, 0)?.xml_desc(ffi::XML_NO_DOMAIN)
+        })?;
         parse(&xml)
     }
 
@@ -88,7 +97,9 @@ impl LibvirtBackend {
     /// when there is none of that name, [`BackendErrorKind::NoDomain`](super::BackendErrorKind::NoDomain),
     /// connection errors.
     pub fn checkpoint(&self, domain: &str, name: &str) -> Result<CheckpointDef, BackendError> {
-        let xml = self.on_domain(domain, |dom| ffi::lookup_by_name(dom, name)?.xml_desc(ffi::XML_NO_DOMAIN))?;
+        let xml = self.on_domain(domain, |dom| {
+            ffi::lookup_by_name(dom, name)?.xml_desc(ffi::XML_NO_DOMAIN)
+        })?;
         parse(&xml)
     }
 
@@ -109,7 +120,11 @@ impl LibvirtBackend {
         let c = Connect::open(Some(&self.uri)).map_err(|e| {
             let mut err = error(&e);
             err.kind = K::Unreachable;
-            err.message = format!("cannot connect to {}: {}", redact_uri(&self.uri), scrub(&err.message, &self.uri));
+            err.message = format!(
+                "cannot connect to {}: {}",
+                redact_uri(&self.uri),
+                scrub(&err.message, &self.uri)
+            );
             err
         })?;
         *slot = Some(c.clone());
@@ -158,14 +173,22 @@ fn lookup_domain(conn: &Connect, domain: &str) -> Result<Domain, virt::error::Er
 }
 
 fn parse(xml: &str) -> Result<CheckpointDef, BackendError> {
-    parse_checkpoint(xml)
-        .map_err(|e| BackendError::new(K::Other, format!("libvirt returned unreadable checkpoint XML: {e}")))
+    parse_checkpoint(xml).map_err(|e| {
+        BackendError::new(
+            K::Other,
+            format!("libvirt returned unreadable checkpoint XML: {e}"),
+        )
+    })
 }
 
 fn error(e: &virt::error::Error) -> BackendError {
     let code = e.code().to_raw() as i32;
     let from = e.domain().to_raw() as i32;
-    BackendError { kind: classify(code, from, e.message()), code, message: e.message().to_string() }
+    BackendError {
+        kind: classify(code, from, e.message()),
+        code,
+        message: e.message().to_string(),
+    }
 }
 
 /// The kind of a libvirt error, from its code (`virErrorNumber`), the
@@ -177,8 +200,12 @@ pub fn classify(code: i32, from: i32, message: &str) -> K {
     let rpc = from == sys::VIR_FROM_RPC || from == sys::VIR_FROM_REMOTE;
     match code {
         sys::VIR_ERR_NO_CONNECT | sys::VIR_ERR_INVALID_CONN => K::ConnectionLost,
-        sys::VIR_ERR_SYSTEM_ERROR | sys::VIR_ERR_INTERNAL_ERROR | sys::VIR_ERR_RPC if rpc => K::ConnectionLost,
-        sys::VIR_ERR_SYSTEM_ERROR if message.contains("End of file while reading data") => K::ConnectionLost,
+        sys::VIR_ERR_SYSTEM_ERROR | sys::VIR_ERR_INTERNAL_ERROR | sys::VIR_ERR_RPC if rpc => {
+            K::ConnectionLost
+        }
+        sys::VIR_ERR_SYSTEM_ERROR if message.contains("End of file while reading data") => {
+            K::ConnectionLost
+        }
         // virCheckFlags: a driver that lacks a flag (the test driver and
         // REDEFINE_VALIDATE) says so with VIR_ERR_INVALID_ARG.
         sys::VIR_ERR_INVALID_ARG if message.starts_with("unsupported flags") => K::Unsupported,
@@ -191,9 +218,9 @@ pub fn classify(code: i32, from: i32, message: &str) -> K {
         sys::VIR_ERR_NO_DOMAIN => K::NoDomain,
         sys::VIR_ERR_OPERATION_INVALID => K::NotRunning,
         sys::VIR_ERR_CHECKPOINT_INCONSISTENT => K::Inconsistent,
-        sys::VIR_ERR_NO_SUPPORT | sys::VIR_ERR_ARGUMENT_UNSUPPORTED | sys::VIR_ERR_OPERATION_UNSUPPORTED => {
-            K::Unsupported
-        }
+        sys::VIR_ERR_NO_SUPPORT
+        | sys::VIR_ERR_ARGUMENT_UNSUPPORTED
+        | sys::VIR_ERR_OPERATION_UNSUPPORTED => K::Unsupported,
         _ => K::Other,
     }
 }
@@ -217,7 +244,10 @@ pub fn redact_uri(uri: &str) -> String {
         None => head.to_string(),
     };
     if let Some(q) = query {
-        let kept: Vec<&str> = q.split('&').filter(|p| !p.is_empty() && !secret_param(p)).collect();
+        let kept: Vec<&str> = q
+            .split('&')
+            .filter(|p| !p.is_empty() && !secret_param(p))
+            .collect();
         if !kept.is_empty() {
             out.push('?');
             out.push_str(&kept.join("&"));
@@ -240,9 +270,17 @@ pub fn scrub(message: &str, uri: &str) -> String {
             secrets.push(value);
         }
     }
-    if let Some((userinfo, _)) = head.split_once("://").and_then(|(_, rest)| rest.split('/').next()?.rsplit_once('@')) {
+    if let Some((userinfo, _)) = head
+        .split_once("://")
+        .and_then(|(_, rest)| rest.split('/').next()?.rsplit_once('@'))
+    {
         out = out.replace(&format!("{userinfo}@"), "");
-        secrets.extend(userinfo.split_once(':').map(|(_, password)| password).filter(|p| !p.is_empty()));
+        secrets.extend(
+            userinfo
+                .split_once(':')
+                .map(|(_, password)| password)
+                .filter(|p| !p.is_empty()),
+        );
     }
     // Anywhere else (decoded, quoted...): a value long enough not to mangle
     // the rest of the message.
@@ -254,13 +292,20 @@ pub fn scrub(message: &str, uri: &str) -> String {
 
 fn secret_param(param: &str) -> bool {
     let key = param.split('=').next().unwrap_or("").to_ascii_lowercase();
-    ["pass", "pwd", "auth", "key", "token", "secret", "cred", "cert", "user"].iter().any(|s| key.contains(s))
+    [
+        "pass", "pwd", "auth", "key", "token", "secret", "cred", "cert", "user",
+    ]
+    .iter()
+    .any(|s| key.contains(s))
 }
 
 impl Backend for LibvirtBackend {
     fn list(&self, domain: &str) -> Result<Vec<CheckpointDef>, BackendError> {
         let xmls: Vec<String> = self.on_domain(domain, |dom| {
-            ffi::list_all(dom, ffi::LIST_TOPOLOGICAL)?.iter().map(|c| c.xml_desc(ffi::XML_NO_DOMAIN)).collect()
+            ffi::list_all(dom, ffi::LIST_TOPOLOGICAL)?
+                .iter()
+                .map(|c| c.xml_desc(ffi::XML_NO_DOMAIN))
+                .collect()
         })?;
         xmls.iter().map(|x| parse(x)).collect()
     }
@@ -274,13 +319,20 @@ impl Backend for LibvirtBackend {
     }
 
     fn delete(&self, domain: &str, name: &str) -> Result<(), BackendError> {
-        self.on_domain(domain, |dom| ffi::lookup_by_name(dom, name)?.delete(ffi::DELETE_METADATA_ONLY))
+        self.on_domain(domain, |dom| {
+            ffi::lookup_by_name(dom, name)?.delete(ffi::DELETE_METADATA_ONLY)
+        })
     }
 
     fn domain_info(&self, domain: &str) -> Result<DomainInfo, BackendError> {
-        let (xml, running) = self.on_domain(domain, |dom| Ok((dom.xml_desc(0)?, dom.is_active()?)))?;
-        parse_domain(&xml, running)
-            .map_err(|e| BackendError::new(K::Other, format!("libvirt returned unreadable domain XML: {e}")))
+        let (xml, running) =
+            self.on_domain(domain, |dom| Ok((dom.xml_desc(0)?, dom.is_active()?)))?;
+        parse_domain(&xml, running).map_err(|e| {
+            BackendError::new(
+                K::Other,
+                format!("libvirt returned unreadable domain XML: {e}"),
+            )
+        })
     }
 
     fn describe(&self) -> String {
@@ -296,24 +348,69 @@ mod tests {
     fn classifies_the_codes_the_engine_branches_on() {
         let c = |code: u32, from: u32, msg: &str| classify(code as i32, from as i32, msg);
         let conf = sys::VIR_FROM_DOMAIN_CHECKPOINT;
-        assert_eq!(c(8, conf, "invalid argument: parent c1 for moment c2 not found"), K::InvalidArgument);
-        assert_eq!(c(sys::VIR_ERR_XML_ERROR, sys::VIR_FROM_XML, ""), K::InvalidArgument);
-        assert_eq!(c(sys::VIR_ERR_XML_INVALID_SCHEMA, sys::VIR_FROM_XML, ""), K::InvalidArgument);
+        assert_eq!(
+            c(
+                8,
+                conf,
+                "invalid argument: parent c1 for moment c2 not found"
+            ),
+            K::InvalidArgument
+        );
+        assert_eq!(
+            c(sys::VIR_ERR_XML_ERROR, sys::VIR_FROM_XML, ""),
+            K::InvalidArgument
+        );
+        assert_eq!(
+            c(sys::VIR_ERR_XML_INVALID_SCHEMA, sys::VIR_FROM_XML, ""),
+            K::InvalidArgument
+        );
         assert_eq!(c(103, sys::VIR_FROM_QEMU, ""), K::NoCheckpoint);
         assert_eq!(c(42, sys::VIR_FROM_QEMU, ""), K::NoDomain);
-        assert_eq!(c(55, sys::VIR_FROM_QEMU, "domain is not running"), K::NotRunning);
+        assert_eq!(
+            c(55, sys::VIR_FROM_QEMU, "domain is not running"),
+            K::NotRunning
+        );
         assert_eq!(c(109, sys::VIR_FROM_QEMU, ""), K::Inconsistent);
-        assert_eq!(c(sys::VIR_ERR_NO_SUPPORT, sys::VIR_FROM_TEST, ""), K::Unsupported);
-        assert_eq!(c(sys::VIR_ERR_ARGUMENT_UNSUPPORTED, sys::VIR_FROM_TEST, ""), K::Unsupported);
+        assert_eq!(
+            c(sys::VIR_ERR_NO_SUPPORT, sys::VIR_FROM_TEST, ""),
+            K::Unsupported
+        );
+        assert_eq!(
+            c(sys::VIR_ERR_ARGUMENT_UNSUPPORTED, sys::VIR_FROM_TEST, ""),
+            K::Unsupported
+        );
         let flags = "unsupported flags (0x4) in function testDomainCheckpointCreateXML";
-        assert_eq!(c(sys::VIR_ERR_INVALID_ARG, sys::VIR_FROM_TEST, flags), K::Unsupported);
-        assert_eq!(c(38, sys::VIR_FROM_RPC, "End of file while reading data: Input/output error"), K::ConnectionLost);
-        assert_eq!(c(1, sys::VIR_FROM_RPC, "internal error: client socket is closed"), K::ConnectionLost);
-        assert_eq!(c(38, sys::VIR_FROM_NONE, "End of file while reading data"), K::ConnectionLost);
+        assert_eq!(
+            c(sys::VIR_ERR_INVALID_ARG, sys::VIR_FROM_TEST, flags),
+            K::Unsupported
+        );
+        assert_eq!(
+            c(
+                38,
+                sys::VIR_FROM_RPC,
+                "End of file while reading data: Input/output error"
+            ),
+            K::ConnectionLost
+        );
+        assert_eq!(
+            c(
+                1,
+                sys::VIR_FROM_RPC,
+                "internal error: client socket is closed"
+            ),
+            K::ConnectionLost
+        );
+        assert_eq!(
+            c(38, sys::VIR_FROM_NONE, "End of file while reading data"),
+            K::ConnectionLost
+        );
         // A system error inside the daemon (say, writing a metadata file) is
         // not a lost connection.
         assert_eq!(c(38, sys::VIR_FROM_QEMU, "cannot write file"), K::Other);
-        assert_eq!(c(sys::VIR_ERR_OPERATION_FAILED, sys::VIR_FROM_QEMU, ""), K::Other);
+        assert_eq!(
+            c(sys::VIR_ERR_OPERATION_FAILED, sys::VIR_FROM_QEMU, ""),
+            K::Other
+        );
     }
 
     #[test]
@@ -328,8 +425,13 @@ mod tests {
             redact_uri("qemu+tcp://admin@10.0.0.1/system?no_verify=1&authfile=/x&password=s3cret&keyfile=/k"),
             "qemu+tcp://10.0.0.1/system?no_verify=1"
         );
-        assert_eq!(redact_uri("esx://u:p@h/?transport=https&passwd=x"), "esx://h/?transport=https");
-        assert!(!LibvirtBackend::new("qemu+ssh://u:hunter2@h/system?auth=x").describe().contains("hunter2"));
+        assert_eq!(
+            redact_uri("esx://u:p@h/?transport=https&passwd=x"),
+            "esx://h/?transport=https"
+        );
+        assert!(!LibvirtBackend::new("qemu+ssh://u:hunter2@h/system?auth=x")
+            .describe()
+            .contains("hunter2"));
     }
 
     #[test]
@@ -337,27 +439,44 @@ mod tests {
         // libvirt 11.3 quotes the URI's query in this one.
         let uri = "xyz://admin:hunter2@h/?password=s3cret&no_verify=1";
         let msg = "no connection driver available for xyz://h/?password=s3cret&no_verify=1";
-        assert_eq!(scrub(msg, uri), "no connection driver available for xyz://h/?password=***&no_verify=1");
+        assert_eq!(
+            scrub(msg, uri),
+            "no connection driver available for xyz://h/?password=***&no_verify=1"
+        );
         let msg = format!("cannot open {uri}: admin:hunter2@h refused; token s3cret; hunter2");
         let s = scrub(&msg, uri);
         assert!(!s.contains("hunter2") && !s.contains("s3cret"), "{s}");
-        assert!(s.starts_with("cannot open xyz://h/?no_verify=1: h refused"), "{s}");
+        assert!(
+            s.starts_with("cannot open xyz://h/?no_verify=1: h refused"),
+            "{s}"
+        );
         // Nothing to take out: the message is left alone.
-        assert_eq!(scrub("Connection refused", "qemu:///system"), "Connection refused");
+        assert_eq!(
+            scrub("Connection refused", "qemu:///system"),
+            "Connection refused"
+        );
         // A short value is taken out where it is a parameter, not elsewhere.
-        assert_eq!(scrub("bad key=ab in abc", "x:///?key=ab"), "bad key=*** in abc");
+        assert_eq!(
+            scrub("bad key=ab in abc", "x:///?key=ab"),
+            "bad key=*** in abc"
+        );
     }
 
     #[test]
     fn connect_errors_carry_no_credentials() {
         let e = LibvirtBackend::connect("xyz://admin:hunter2@/?password=s3cret").unwrap_err();
         assert_eq!(e.kind, K::Unreachable);
-        assert!(!e.message.contains("hunter2") && !e.message.contains("s3cret"), "{}", e.message);
+        assert!(
+            !e.message.contains("hunter2") && !e.message.contains("s3cret"),
+            "{}",
+            e.message
+        );
     }
 
     #[test]
     fn unreachable_when_nothing_listens() {
-        let e = LibvirtBackend::connect("qemu+unix:///system?socket=/nonexistent/ckptstore.sock").unwrap_err();
+        let e = LibvirtBackend::connect("qemu+unix:///system?socket=/nonexistent/ckptstore.sock")
+            .unwrap_err();
         assert_eq!(e.kind, K::Unreachable);
         assert_ne!(e.code, 0);
     }

@@ -58,12 +58,20 @@ pub struct BackendError {
 impl BackendError {
     /// Build an error of a kind with a message.
     pub fn new(kind: BackendErrorKind, message: impl Into<String>) -> Self {
-        BackendError { kind, code: 0, message: message.into() }
+        BackendError {
+            kind,
+            code: 0,
+            message: message.into(),
+        }
     }
 
     /// Build an error of a kind carrying libvirt's error code.
     pub fn with_code(kind: BackendErrorKind, code: i32, message: impl Into<String>) -> Self {
-        BackendError { kind, code, message: message.into() }
+        BackendError {
+            kind,
+            code,
+            message: message.into(),
+        }
     }
 
     /// The call may or may not have taken effect.
@@ -73,7 +81,10 @@ impl BackendError {
 
     /// libvirt could not be reached, or the domain does not exist.
     pub fn is_unreachable(&self) -> bool {
-        matches!(self.kind, BackendErrorKind::Unreachable | BackendErrorKind::NoDomain)
+        matches!(
+            self.kind,
+            BackendErrorKind::Unreachable | BackendErrorKind::NoDomain
+        )
     }
 }
 

@@ -37,11 +37,17 @@ const CRASH_AFTER: u32 = 4;
 struct AgentKilled;
 
 pub fn run(out: &Out) -> anyhow::Result<()> {
-    let dir = tempfile::Builder::new().prefix("ckptstore-demo-").tempdir()?;
+    let dir = tempfile::Builder::new()
+        .prefix("ckptstore-demo-")
+        .tempdir()?;
     let journal = dir.path().join("journal.db");
     virt::error::clear_error_callback();
     let conn = Connect::open(Some(URI)).map_err(|e| {
-        Fail::new(LIBVIRT, format!("cannot open libvirt's test driver {URI}: {e}"), "install libvirt's client library")
+        Fail::new(
+            LIBVIRT,
+            format!("cannot open libvirt's test driver {URI}: {e}"),
+            "install libvirt's client library",
+        )
     })?;
     let vm = DemoDomain::start(&conn)?;
     let backend = LibvirtBackend::connect(URI)?;
@@ -58,11 +64,17 @@ pub fn run(out: &Out) -> anyhow::Result<()> {
          a chain of {CHECKPOINTS} checkpoints in its own database (each one's parent is the one above it):"
     ))?;
     for c in &chain.checkpoints {
-        out.say(format!("     {}  {}", c.id, c.created.format("%Y-%m-%d %H:%M")))?;
+        out.say(format!(
+            "     {}  {}",
+            c.id,
+            c.created.format("%Y-%m-%d %H:%M")
+        ))?;
     }
 
     let store = Store::open(&journal)?;
-    out.say("\n2. Put the chain into libvirt, all or nothing.\n   $ ckptstore sync --chain chain.json")?;
+    out.say(
+        "\n2. Put the chain into libvirt, all or nothing.\n   $ ckptstore sync --chain chain.json",
+    )?;
     let first = store.sync(&backend, chain.clone())?;
     out.say(indent(&output::sync_text(&first)))?;
 
@@ -87,7 +99,11 @@ pub fn run(out: &Out) -> anyhow::Result<()> {
     out.say(format!(
         "   ... and is killed after its {CRASH_AFTER}th redefine (an injected crash: {}).\n   \
          libvirt now has {half} of the {CHECKPOINTS} checkpoints: a half-done redefine loop.\n",
-        if crashed { "the agent died there" } else { "it did not happen" }
+        if crashed {
+            "the agent died there"
+        } else {
+            "it did not happen"
+        }
     ))?;
 
     out.say("6. What the journal knows.\n   $ ckptstore status")?;
@@ -142,14 +158,25 @@ pub fn run(out: &Out) -> anyhow::Result<()> {
 
 /// Run `sync --domain` as the agent `owner`, dying after the
 /// [`CRASH_AFTER`]th recorded step. True when it died there.
-fn crash_in_the_middle(journal: &std::path::Path, owner: Owner, backend: &LibvirtBackend) -> anyhow::Result<bool> {
+fn crash_in_the_middle(
+    journal: &std::path::Path,
+    owner: Owner,
+    backend: &LibvirtBackend,
+) -> anyhow::Result<bool> {
     let recorded = Arc::new(AtomicU32::new(0));
     let hook: Hook = Arc::new(move |point| {
         if point == "step.recorded" && recorded.fetch_add(1, Ordering::SeqCst) + 1 == CRASH_AFTER {
             std::panic::panic_any(AgentKilled);
         }
     });
-    let agent = Store::open_with(journal, StoreOptions { owner: Some(owner), hook: Some(hook), ..Default::default() })?;
+    let agent = Store::open_with(
+        journal,
+        StoreOptions {
+            owner: Some(owner),
+            hook: Some(hook),
+            ..Default::default()
+        },
+    )?;
     let previous = std::panic::take_hook();
     std::panic::set_hook(Box::new(|info| {
         if info.payload().downcast_ref::<AgentKilled>().is_none() {
@@ -168,8 +195,15 @@ fn crash_in_the_middle(journal: &std::path::Path, owner: Owner, backend: &Libvir
 /// An agent process that is gone: the pid of a child that has exited, in
 /// this boot, with a start time no process has.
 fn dead_agent() -> Owner {
-    let pid = std::process::Command::new("true").spawn().and_then(|mut c| c.wait().map(|_| c.id())).unwrap_or(999_999);
-    Owner { pid, start: 0, ..Owner::current() }
+    let pid = std::process::Command::new("true")
+        .spawn()
+        .and_then(|mut c| c.wait().map(|_| c.id()))
+        .unwrap_or(999_999);
+    Owner {
+        pid,
+        start: 0,
+        ..Owner::current()
+    }
 }
 
 /// The chain: a line of nightly checkpoints over both disks.
@@ -184,7 +218,8 @@ fn demo_chain() -> Chain {
             .map(|i| Checkpoint {
                 id: id(i),
                 parent: (i > 1).then(|| id(i - 1)),
-                created: DateTime::from_timestamp(1_714_528_800 + (i as i64 - 1) * 86_400, 0).unwrap_or_default(),
+                created: DateTime::from_timestamp(1_714_528_800 + (i as i64 - 1) * 86_400, 0)
+                    .unwrap_or_default(),
                 description: Some(format!("nightly backup {i}")),
                 disks: disks.to_vec(),
             })
@@ -220,7 +255,11 @@ impl DemoDomain {
 
     fn start(conn: &Connect) -> anyhow::Result<DemoDomain> {
         conn.create_domain_xml(&Self::xml(), 0).map_err(|e| {
-            Fail::new(LIBVIRT, format!("cannot start the demo domain: {e}"), "check libvirt's test driver")
+            Fail::new(
+                LIBVIRT,
+                format!("cannot start the demo domain: {e}"),
+                "check libvirt's test driver",
+            )
         })?;
         Ok(DemoDomain { conn: conn.clone() })
     }
@@ -230,7 +269,11 @@ impl DemoDomain {
     fn restart(&self, conn: &Connect) -> anyhow::Result<()> {
         self.destroy();
         conn.create_domain_xml(&Self::xml(), 0).map_err(|e| {
-            Fail::new(LIBVIRT, format!("cannot restart the demo domain: {e}"), "check libvirt's test driver")
+            Fail::new(
+                LIBVIRT,
+                format!("cannot restart the demo domain: {e}"),
+                "check libvirt's test driver",
+            )
         })?;
         Ok(())
     }

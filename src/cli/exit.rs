@@ -52,12 +52,20 @@ impl Fail {
 
     /// The journal cannot be used.
     pub fn journal(what: String, todo: &str) -> Fail {
-        Fail { code: JOURNAL, what, todo: todo.into() }
+        Fail {
+            code: JOURNAL,
+            what,
+            todo: todo.into(),
+        }
     }
 
     /// Any other failure with an explicit code.
     pub fn new(code: u8, what: String, todo: &str) -> Fail {
-        Fail { code, what, todo: todo.into() }
+        Fail {
+            code,
+            what,
+            todo: todo.into(),
+        }
     }
 }
 
@@ -97,7 +105,10 @@ pub fn usage(e: clap::Error) -> ExitCode {
                 }
                 line.push_str(part);
             }
-            eprintln!("ckptstore: {line} — run `{}` for usage; nothing was changed", help_command());
+            eprintln!(
+                "ckptstore: {line} — run `{}` for usage; nothing was changed",
+                help_command()
+            );
             ExitCode::from(BAD_INPUT)
         }
     }
@@ -107,7 +118,10 @@ pub fn usage(e: clap::Error) -> ExitCode {
 fn help_command() -> String {
     use clap::CommandFactory;
     let cli = super::Cli::command();
-    let names: Vec<String> = cli.get_subcommands().map(|c| c.get_name().to_string()).collect();
+    let names: Vec<String> = cli
+        .get_subcommands()
+        .map(|c| c.get_name().to_string())
+        .collect();
     match std::env::args().skip(1).find(|a| names.contains(a)) {
         Some(cmd) => format!("ckptstore {cmd} --help"),
         None => "ckptstore --help".into(),
@@ -129,7 +143,11 @@ pub fn fail(e: &anyhow::Error, inv: &Invocation, out: &Out) -> ExitCode {
 fn classify(e: &anyhow::Error, inv: &Invocation) -> Fail {
     for cause in e.chain() {
         if let Some(f) = cause.downcast_ref::<Fail>() {
-            return Fail { code: f.code, what: f.what.clone(), todo: f.todo.clone() };
+            return Fail {
+                code: f.code,
+                what: f.what.clone(),
+                todo: f.todo.clone(),
+            };
         }
         if let Some(err) = cause.downcast_ref::<Error>() {
             return store_error(err, inv);
@@ -138,7 +156,11 @@ fn classify(e: &anyhow::Error, inv: &Invocation) -> Fail {
             return backend_error(err, None, inv);
         }
     }
-    Fail::new(ROLLED_BACK, format!("{e:#}"), "see the message above; run with -v for details")
+    Fail::new(
+        ROLLED_BACK,
+        format!("{e:#}"),
+        "see the message above; run with -v for details",
+    )
 }
 
 fn store_error(e: &Error, inv: &Invocation) -> Fail {
@@ -201,12 +223,20 @@ fn backend_error(e: &BackendError, txn: Option<uuid::Uuid>, inv: &Invocation) ->
         }
         _ => "nothing was changed; check libvirt's log, then retry".to_string(),
     };
-    Fail { code: LIBVIRT, what: e.to_string(), todo }
+    Fail {
+        code: LIBVIRT,
+        what: e.to_string(),
+        todo,
+    }
 }
 
 fn journal_error(e: &JournalError, inv: &Invocation) -> Fail {
     let msg = e.to_string();
-    let what = format!("journal {} {}", inv.db.display(), msg.strip_prefix("journal ").unwrap_or(&msg));
+    let what = format!(
+        "journal {} {}",
+        inv.db.display(),
+        msg.strip_prefix("journal ").unwrap_or(&msg)
+    );
     let todo = match e {
         JournalError::Corrupt { .. } | JournalError::Decode { .. } => {
             "move it aside (keep it for a post-mortem) and run `ckptstore import --domain D` for each domain to rebuild it"

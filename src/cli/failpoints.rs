@@ -25,10 +25,15 @@ pub fn arm() -> fail::FailScenario<'static> {
     let default = std::panic::take_hook();
     std::panic::set_hook(Box::new(move |info| {
         let payload = info.payload();
-        let msg =
-            payload.downcast_ref::<String>().map(String::as_str).or_else(|| payload.downcast_ref::<&str>().copied());
+        let msg = payload
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| payload.downcast_ref::<&str>().copied());
         // The fail crate's message for a `panic` action without argument.
-        match msg.and_then(|m| m.strip_prefix("failpoint ")).and_then(|m| m.strip_suffix(" panic")) {
+        match msg
+            .and_then(|m| m.strip_prefix("failpoint "))
+            .and_then(|m| m.strip_suffix(" panic"))
+        {
             Some(point) => {
                 eprintln!("ckptstore: killed at crash point {point}");
                 std::process::abort();

@@ -252,7 +252,10 @@ pub fn main() -> ExitCode {
         Err(e) => return exit::usage(e),
     };
     init_logs(cli.verbose);
-    let inv = Invocation { db: cli.db.clone(), uri: redact_uri(&cli.connect) };
+    let inv = Invocation {
+        db: cli.db.clone(),
+        uri: redact_uri(&cli.connect),
+    };
     let out = Out::new(cli.json);
     match run(cli, &out) {
         Ok(()) => ExitCode::SUCCESS,
@@ -285,11 +288,15 @@ fn run(cli: Cli, out: &Out) -> anyhow::Result<()> {
                 (Some(file), _) => {
                     let chain = read_chain(&file)?;
                     let store = open_store(&cli.db)?;
-                    store.sync(&backend(), chain).map_err(|e| out.note_sync_error(&store, e))?
+                    store
+                        .sync(&backend(), chain)
+                        .map_err(|e| out.note_sync_error(&store, e))?
                 }
                 (None, Some(domain)) => {
                     let store = open_store(&cli.db)?;
-                    store.resync(&backend(), &domain).map_err(|e| out.note_sync_error(&store, e))?
+                    store
+                        .resync(&backend(), &domain)
+                        .map_err(|e| out.note_sync_error(&store, e))?
                 }
                 (None, None) => unreachable!("clap requires --chain or --domain"),
             };
@@ -302,7 +309,11 @@ fn run(cli: Cli, out: &Out) -> anyhow::Result<()> {
         }
         Command::Recover(args) => {
             let store = open_store(&cli.db)?;
-            let policy = if args.rollback { Policy::Rollback } else { Policy::Resume };
+            let policy = if args.rollback {
+                Policy::Rollback
+            } else {
+                Policy::Resume
+            };
             let recovered = store.recover(&backend(), policy, args.domain.as_deref())?;
             let left = store.status(args.domain.as_deref())?.incomplete;
             out.recover(&recovered, &left)
@@ -343,9 +354,9 @@ fn run(cli: Cli, out: &Out) -> anyhow::Result<()> {
 fn read_chain(file: &Path) -> anyhow::Result<Chain> {
     let (name, text) = if file == Path::new("-") {
         let mut text = String::new();
-        std::io::stdin()
-            .read_to_string(&mut text)
-            .map_err(|e| Fail::bad_input(format!("cannot read the chain from standard input: {e}")))?;
+        std::io::stdin().read_to_string(&mut text).map_err(|e| {
+            Fail::bad_input(format!("cannot read the chain from standard input: {e}"))
+        })?;
         ("from standard input".to_string(), text)
     } else {
         let text = std::fs::read_to_string(file).map_err(|e| {
@@ -357,20 +368,31 @@ fn read_chain(file: &Path) -> anyhow::Result<Chain> {
         })?;
         (format!("in {}", file.display()), text)
     };
-    serde_json::from_str(&text).map_err(|e| Fail::bad_input(format!("the chain {name} is not valid: {e}")).into())
+    serde_json::from_str(&text)
+        .map_err(|e| Fail::bad_input(format!("the chain {name} is not valid: {e}")).into())
 }
 
 /// Open the journal, creating its folder (mode 0700) when it is missing,
 /// with a progress bar on stderr when stderr is a terminal.
 fn open_store(db: &Path) -> anyhow::Result<Store> {
-    if let Some(dir) = db.parent().filter(|d| !d.as_os_str().is_empty() && !d.exists()) {
-        DirBuilder::new().recursive(true).mode(0o700).create(dir).map_err(|e| {
-            Fail::journal(
-                format!("cannot create the journal's folder {}: {e}", dir.display()),
-                "create it (mode 0700) or pass --db PATH",
-            )
-        })?;
+    if let Some(dir) = db
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty() && !d.exists())
+    {
+        DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(|e| {
+                Fail::journal(
+                    format!("cannot create the journal's folder {}: {e}", dir.display()),
+                    "create it (mode 0700) or pass --db PATH",
+                )
+            })?;
     }
-    let opts = StoreOptions { progress: progress::bar(), ..StoreOptions::default() };
+    let opts = StoreOptions {
+        progress: progress::bar(),
+        ..StoreOptions::default()
+    };
     Ok(Store::open_with(db, opts)?)
 }

@@ -24,7 +24,10 @@ pub struct Out {
 
 impl Out {
     pub fn new(json: bool) -> Out {
-        Out { json, failure_doc: RefCell::new(None) }
+        Out {
+            json,
+            failure_doc: RefCell::new(None),
+        }
     }
 
     pub fn json(&self) -> bool {
@@ -55,8 +58,19 @@ impl Out {
     /// Keep the `sync` document of a transaction libvirt refused and that
     /// was rolled back, so JSON mode still reports `outcome: rolled_back`.
     pub fn note_sync_error(&self, store: &Store, e: Error) -> anyhow::Error {
-        if let Error::Refused { domain, txn, checkpoint, rolled_back: true, .. } = &e {
-            let calls = store.journal().txn(*txn).map(|t| t.libvirt_calls).unwrap_or(0);
+        if let Error::Refused {
+            domain,
+            txn,
+            checkpoint,
+            rolled_back: true,
+            ..
+        } = &e
+        {
+            let calls = store
+                .journal()
+                .txn(*txn)
+                .map(|t| t.libvirt_calls)
+                .unwrap_or(0);
             let doc = json!({
                 "txn": txn,
                 "domain": domain,
@@ -123,8 +137,14 @@ impl Out {
             .steps
             .iter()
             .map(|s| match s {
-                Step::Delete { before } => json!({"op": "delete", "checkpoint": before.name, "parent": before.parent}),
-                Step::Redefine { def, before, forced } => json!({
+                Step::Delete { before } => {
+                    json!({"op": "delete", "checkpoint": before.name, "parent": before.parent})
+                }
+                Step::Redefine {
+                    def,
+                    before,
+                    forced,
+                } => json!({
                     "op": "redefine",
                     "checkpoint": def.name,
                     "parent": def.parent,
@@ -141,16 +161,35 @@ impl Out {
         });
         self.emit(&doc, || {
             let n = r.plan.steps.len() as u64;
-            let mut s = format!("domain {}: {n} step{}, {} unchanged", r.domain, plural(n), r.plan.unchanged.len());
+            let mut s = format!(
+                "domain {}: {n} step{}, {} unchanged",
+                r.domain,
+                plural(n),
+                r.plan.unchanged.len()
+            );
             s.push_str(if n == 0 { " (nothing to do)\n" } else { "\n" });
             for step in &r.plan.steps {
                 let _ = match step {
                     Step::Delete { before } => writeln!(s, "  delete    {}", before.name),
-                    Step::Redefine { def, forced: true, .. } => {
-                        writeln!(s, "  redefine  {}  (same content: moves libvirt's current checkpoint)", def.name)
+                    Step::Redefine {
+                        def, forced: true, ..
+                    } => {
+                        writeln!(
+                            s,
+                            "  redefine  {}  (same content: moves libvirt's current checkpoint)",
+                            def.name
+                        )
                     }
-                    Step::Redefine { def, before: Some(_), .. } => {
-                        writeln!(s, "  redefine  {}  (replaces a different definition)", def.name)
+                    Step::Redefine {
+                        def,
+                        before: Some(_),
+                        ..
+                    } => {
+                        writeln!(
+                            s,
+                            "  redefine  {}  (replaces a different definition)",
+                            def.name
+                        )
                     }
                     Step::Redefine { def, .. } => writeln!(s, "  redefine  {}", def.name),
                 };
@@ -219,10 +258,19 @@ impl Out {
 
 /// The human form of a sync or resync report.
 pub fn validate_text(r: &ckptstore::validate::Report) -> String {
-    let state = if r.running { "running: checked by libvirt" } else { "shut off: images read directly" };
+    let state = if r.running {
+        "running: checked by libvirt"
+    } else {
+        "shut off: images read directly"
+    };
     let mut s = match r.findings.len() {
         0 => {
-            format!("domain {}: ok, {} checkpoint{} ({state})\n", r.domain, r.checkpoints, plural(r.checkpoints as u64))
+            format!(
+                "domain {}: ok, {} checkpoint{} ({state})\n",
+                r.domain,
+                r.checkpoints,
+                plural(r.checkpoints as u64)
+            )
         }
         n => format!(
             "domain {}: {n} finding{} in {} checkpoint{} ({state})\n",
@@ -246,10 +294,16 @@ pub fn validate_text(r: &ckptstore::validate::Report) -> String {
         s.push_str(&format!(": {}\n", f.detail));
     }
     match (&r.usable, &r.leaf) {
-        (Some(u), Some(l)) if u == l => s.push_str(&format!("usable for an incremental backup: {u} (the leaf)\n")),
-        (Some(u), Some(l)) => s.push_str(&format!("usable for an incremental backup: {u} (the leaf {l} is not)\n")),
+        (Some(u), Some(l)) if u == l => s.push_str(&format!(
+            "usable for an incremental backup: {u} (the leaf)\n"
+        )),
+        (Some(u), Some(l)) => s.push_str(&format!(
+            "usable for an incremental backup: {u} (the leaf {l} is not)\n"
+        )),
         (Some(u), None) => s.push_str(&format!("usable for an incremental backup: {u}\n")),
-        (None, _) if r.checkpoints > 0 => s.push_str("usable for an incremental backup: none; take a full backup\n"),
+        (None, _) if r.checkpoints > 0 => {
+            s.push_str("usable for an incremental backup: none; take a full backup\n")
+        }
         (None, _) => {}
     }
     for n in &r.notes {
@@ -259,7 +313,12 @@ pub fn validate_text(r: &ckptstore::validate::Report) -> String {
 }
 
 pub fn sync_text(r: &SyncReport) -> String {
-    let mut s = format!("domain {}: {} (transaction {})\n", r.domain, words(&r.outcome), r.txn);
+    let mut s = format!(
+        "domain {}: {} (transaction {})\n",
+        r.domain,
+        words(&r.outcome),
+        r.txn
+    );
     let _ = writeln!(
         s,
         "  {} redefined, {} deleted, {} unchanged; {} libvirt call{}",

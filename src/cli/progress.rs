@@ -24,7 +24,9 @@ pub fn bar() -> Option<ProgressFn> {
         if p.done == 0 || round.is_none() {
             *round = Some((Instant::now(), ProgressBar::hidden()));
         }
-        let Some((started, bar)) = round.as_ref() else { return };
+        let Some((started, bar)) = round.as_ref() else {
+            return;
+        };
         bar.set_length(p.total);
         bar.set_position(p.done);
         if bar.is_hidden() && p.done < p.total && started.elapsed() >= SHOW_AFTER {
@@ -32,9 +34,11 @@ pub fn bar() -> Option<ProgressFn> {
                 StepPhase::Apply => "syncing",
                 StepPhase::Rollback => "rolling back",
             };
-            let style = ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} libvirt calls, {eta} left")
-                .unwrap_or_else(|_| ProgressStyle::default_bar())
-                .progress_chars("=> ");
+            let style = ProgressStyle::with_template(
+                "{msg} [{bar:30}] {pos}/{len} libvirt calls, {eta} left",
+            )
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> ");
             bar.set_style(style);
             bar.set_message(format!("{what} {}", p.domain));
             bar.set_draw_target(ProgressDrawTarget::stderr());

@@ -19,8 +19,14 @@ pub struct Migration {
 /// Every migration, in order; schema version N is reached by applying the
 /// first N.
 pub const MIGRATIONS: &[Migration] = &[
-    Migration { name: "0001_initial.sql", sql: include_str!("../../migrations/0001_initial.sql") },
-    Migration { name: "0002_progress.sql", sql: include_str!("../../migrations/0002_progress.sql") },
+    Migration {
+        name: "0001_initial.sql",
+        sql: include_str!("../../migrations/0001_initial.sql"),
+    },
+    Migration {
+        name: "0002_progress.sql",
+        sql: include_str!("../../migrations/0002_progress.sql"),
+    },
 ];
 
 /// The schema version this build writes.
@@ -36,7 +42,10 @@ pub(super) fn user_version(conn: &Connection) -> Result<u32, JournalError> {
 pub(super) fn check_not_newer(conn: &Connection) -> Result<u32, JournalError> {
     let found = user_version(conn)?;
     if found > SCHEMA_VERSION {
-        return Err(JournalError::NewerSchema { found, supported: SCHEMA_VERSION });
+        return Err(JournalError::NewerSchema {
+            found,
+            supported: SCHEMA_VERSION,
+        });
     }
     Ok(found)
 }
@@ -44,15 +53,22 @@ pub(super) fn check_not_newer(conn: &Connection) -> Result<u32, JournalError> {
 /// Apply every pending migration and bump `user_version`, all in one
 /// transaction. Returns the number applied.
 pub(super) fn migrate(conn: &mut Connection) -> Result<usize, JournalError> {
-    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(JournalError::from_sqlite)?;
+    let tx = conn
+        .transaction_with_behavior(TransactionBehavior::Immediate)
+        .map_err(JournalError::from_sqlite)?;
     // Read again inside the write lock: another process may have migrated.
     let found = check_not_newer(&tx)?;
     let pending = &MIGRATIONS[found as usize..];
     for m in pending {
-        tx.execute_batch(m.sql).map_err(|e| JournalError::Migration { name: m.name, detail: e.to_string() })?;
+        tx.execute_batch(m.sql)
+            .map_err(|e| JournalError::Migration {
+                name: m.name,
+                detail: e.to_string(),
+            })?;
     }
     if !pending.is_empty() {
-        tx.pragma_update(None, "user_version", SCHEMA_VERSION).map_err(JournalError::from_sqlite)?;
+        tx.pragma_update(None, "user_version", SCHEMA_VERSION)
+            .map_err(JournalError::from_sqlite)?;
     }
     tx.commit().map_err(JournalError::from_sqlite)?;
     Ok(pending.len())

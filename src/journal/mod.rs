@@ -37,7 +37,9 @@ pub enum JournalError {
         detail: String,
     },
     /// The file was written by a newer ckptstore; it was left untouched.
-    #[error("journal has schema version {found}, newer than the {supported} this ckptstore understands")]
+    #[error(
+        "journal has schema version {found}, newer than the {supported} this ckptstore understands"
+    )]
     NewerSchema {
         /// Version in the file.
         found: u32,
@@ -104,19 +106,25 @@ impl JournalError {
     pub(crate) fn from_sqlite(e: rusqlite::Error) -> JournalError {
         let detail = e.to_string();
         match e.sqlite_error_code() {
-            Some(ErrorCode::NotADatabase | ErrorCode::DatabaseCorrupt) => JournalError::Corrupt { detail },
+            Some(ErrorCode::NotADatabase | ErrorCode::DatabaseCorrupt) => {
+                JournalError::Corrupt { detail }
+            }
             Some(ErrorCode::ReadOnly) => JournalError::ReadOnly { detail },
             Some(ErrorCode::DiskFull) => JournalError::Full { detail },
-            Some(ErrorCode::DatabaseBusy | ErrorCode::DatabaseLocked) => JournalError::Locked { detail },
-            Some(ErrorCode::CannotOpen | ErrorCode::SystemIoFailure | ErrorCode::PermissionDenied) => {
-                JournalError::Io { detail }
+            Some(ErrorCode::DatabaseBusy | ErrorCode::DatabaseLocked) => {
+                JournalError::Locked { detail }
             }
+            Some(
+                ErrorCode::CannotOpen | ErrorCode::SystemIoFailure | ErrorCode::PermissionDenied,
+            ) => JournalError::Io { detail },
             _ => JournalError::Sqlite { detail },
         }
     }
 
     fn decode(what: &str, e: impl std::fmt::Display) -> JournalError {
-        JournalError::Decode { detail: format!("{what}: {e}") }
+        JournalError::Decode {
+            detail: format!("{what}: {e}"),
+        }
     }
 }
 
@@ -391,7 +399,10 @@ pub struct JournalOptions {
 
 impl Default for JournalOptions {
     fn default() -> Self {
-        JournalOptions { busy_timeout: Duration::from_secs(10), max_page_count: None }
+        JournalOptions {
+            busy_timeout: Duration::from_secs(10),
+            max_page_count: None,
+        }
     }
 }
 
@@ -454,38 +465,68 @@ impl Journal {
         if !path.exists() {
             // Create the file ourselves so it is 0600 from its first byte;
             // SQLite gives the -wal and -shm files the same mode.
-            match OpenOptions::new().write(true).create_new(true).mode(0o600).open(path) {
+            match OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(path)
+            {
                 Ok(_) => {}
                 Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
                 Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
-                    return Err(JournalError::ReadOnly { detail: format!("{}: {e}", path.display()) })
+                    return Err(JournalError::ReadOnly {
+                        detail: format!("{}: {e}", path.display()),
+                    })
                 }
-                Err(e) => return Err(JournalError::Io { detail: format!("{}: {e}", path.display()) }),
+                Err(e) => {
+                    return Err(JournalError::Io {
+                        detail: format!("{}: {e}", path.display()),
+                    })
+                }
             }
         } else if fs::metadata(path).map(|m| m.is_dir()).unwrap_or(false) {
-            return Err(JournalError::Io { detail: format!("{} is a directory", path.display()) });
+            return Err(JournalError::Io {
+                detail: format!("{} is a directory", path.display()),
+            });
         }
         let mut conn = Connection::open(path).map_err(JournalError::from_sqlite)?;
-        conn.busy_timeout(opts.busy_timeout).map_err(JournalError::from_sqlite)?;
+        conn.busy_timeout(opts.busy_timeout)
+            .map_err(JournalError::from_sqlite)?;
         // Refuse a newer schema before changing anything in the file.
         migrate::check_not_newer(&conn)?;
-        let mode: String =
-            conn.query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0)).map_err(JournalError::from_sqlite)?;
+        let mode: String = conn
+            .query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0))
+            .map_err(JournalError::from_sqlite)?;
         expect("journal_mode", "wal", &mode.to_lowercase())?;
-        conn.pragma_update(None, "synchronous", "FULL").map_err(JournalError::from_sqlite)?;
-        conn.pragma_update(None, "foreign_keys", "ON").map_err(JournalError::from_sqlite)?;
+        conn.pragma_update(None, "synchronous", "FULL")
+            .map_err(JournalError::from_sqlite)?;
+        conn.pragma_update(None, "foreign_keys", "ON")
+            .map_err(JournalError::from_sqlite)?;
         if let Some(max) = opts.max_page_count {
             conn.query_row(&format!("PRAGMA max_page_count={max}"), [], |_| Ok(()))
                 .map_err(JournalError::from_sqlite)?;
         }
-        let sync: i64 = conn.query_row("PRAGMA synchronous", [], |r| r.get(0)).map_err(JournalError::from_sqlite)?;
+        let sync: i64 = conn
+            .query_row("PRAGMA synchronous", [], |r| r.get(0))
+            .map_err(JournalError::from_sqlite)?;
         expect("synchronous", "2", &sync.to_string())?;
-        let fk: i64 = conn.query_row("PRAGMA foreign_keys", [], |r| r.get(0)).map_err(JournalError::from_sqlite)?;
+        let fk: i64 = conn
+            .query_row("PRAGMA foreign_keys", [], |r| r.get(0))
+            .map_err(JournalError::from_sqlite)?;
         expect("foreign_keys", "1", &fk.to_string())?;
-        let bt: i64 = conn.query_row("PRAGMA busy_timeout", [], |r| r.get(0)).map_err(JournalError::from_sqlite)?;
-        expect("busy_timeout", &opts.busy_timeout.as_millis().to_string(), &bt.to_string())?;
+        let bt: i64 = conn
+            .query_row("PRAGMA busy_timeout", [], |r| r.get(0))
+            .map_err(JournalError::from_sqlite)?;
+        expect(
+            "busy_timeout",
+            &opts.busy_timeout.as_millis().to_string(),
+            &bt.to_string(),
+        )?;
         migrate::migrate(&mut conn)?;
-        Ok(Journal { path: path.to_path_buf(), conn: Mutex::new(conn) })
+        Ok(Journal {
+            path: path.to_path_buf(),
+            conn: Mutex::new(conn),
+        })
     }
 
     /// The journal's file.
@@ -506,7 +547,9 @@ impl Journal {
     /// SQLite errors.
     pub fn integrity_check(&self) -> Result<String> {
         let conn = self.conn();
-        let mut stmt = conn.prepare("PRAGMA integrity_check").map_err(JournalError::from_sqlite)?;
+        let mut stmt = conn
+            .prepare("PRAGMA integrity_check")
+            .map_err(JournalError::from_sqlite)?;
         let rows: Vec<String> = stmt
             .query_map([], |r| r.get(0))
             .map_err(JournalError::from_sqlite)?
@@ -524,7 +567,9 @@ impl Journal {
     /// SQLite errors.
     pub fn begin(&self, t: NewTxn<'_>) -> Result<Begin> {
         let mut conn = self.conn();
-        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(JournalError::from_sqlite)?;
+        let tx = conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(JournalError::from_sqlite)?;
         if let Some(open) = open_txn(&tx, t.domain)? {
             return Ok(Begin::Open(Box::new(open)));
         }
@@ -542,7 +587,9 @@ impl Journal {
     /// SQLite errors; [`Begin::Open`] semantics as [`Journal::begin`].
     pub fn record_unchanged(&self, t: NewTxn<'_>, keep: usize) -> Result<Begin> {
         let mut conn = self.conn();
-        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(JournalError::from_sqlite)?;
+        let tx = conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(JournalError::from_sqlite)?;
         if let Some(open) = open_txn(&tx, t.domain)? {
             return Ok(Begin::Open(Box::new(open)));
         }
@@ -570,8 +617,9 @@ impl Journal {
     pub fn step_done(&self, txn: Uuid, phase: StepPhase, seq: u32) -> Result<()> {
         let mut conn = self.conn();
         without_fsync(&mut conn, |conn| {
-            let tx =
-                conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(JournalError::from_sqlite)?;
+            let tx = conn
+                .transaction_with_behavior(TransactionBehavior::Immediate)
+                .map_err(JournalError::from_sqlite)?;
             tx.execute(
                 "UPDATE steps SET state = 'done' WHERE txn_id = ?1 AND phase = ?2 AND seq = ?3",
                 params![txn.to_string(), phase.as_str(), seq],
@@ -592,13 +640,18 @@ impl Journal {
             return Ok(());
         }
         let mut conn = self.conn();
-        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(JournalError::from_sqlite)?;
+        let tx = conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(JournalError::from_sqlite)?;
         {
             let mut stmt = tx
-                .prepare_cached("UPDATE steps SET state = 'done' WHERE txn_id = ?1 AND phase = ?2 AND seq = ?3")
+                .prepare_cached(
+                    "UPDATE steps SET state = 'done' WHERE txn_id = ?1 AND phase = ?2 AND seq = ?3",
+                )
                 .map_err(JournalError::from_sqlite)?;
             for seq in seqs {
-                stmt.execute(params![txn.to_string(), phase.as_str(), seq]).map_err(JournalError::from_sqlite)?;
+                stmt.execute(params![txn.to_string(), phase.as_str(), seq])
+                    .map_err(JournalError::from_sqlite)?;
             }
         }
         tx.commit().map_err(JournalError::from_sqlite)
@@ -622,7 +675,9 @@ impl Journal {
     /// SQLite errors.
     pub fn add_steps(&self, txn: Uuid, phase: StepPhase, steps: &[NewStep]) -> Result<Vec<u32>> {
         let mut conn = self.conn();
-        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(JournalError::from_sqlite)?;
+        let tx = conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(JournalError::from_sqlite)?;
         let next: u32 = tx
             .query_row(
                 "SELECT COALESCE(MAX(seq) + 1, 0) FROM steps WHERE txn_id = ?1 AND phase = ?2",
@@ -643,10 +698,15 @@ impl Journal {
     /// stored state; SQLite errors.
     pub fn transition(&self, txn: Uuid, event: TxnEvent, error: Option<&str>) -> Result<TxnState> {
         let mut conn = self.conn();
-        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(JournalError::from_sqlite)?;
+        let tx = conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(JournalError::from_sqlite)?;
         let state = txn_state(&tx, txn)?;
         let next = state.next(event).ok_or_else(|| {
-            JournalError::decode("transition", format!("{event:?} is not allowed in state {}", state.as_str()))
+            JournalError::decode(
+                "transition",
+                format!("{event:?} is not allowed in state {}", state.as_str()),
+            )
         })?;
         tx.execute(
             "UPDATE txns SET state = ?2, updated_at = ?3, error = COALESCE(?4, error) WHERE id = ?1",
@@ -666,10 +726,15 @@ impl Journal {
     /// As [`Journal::transition`].
     pub fn finish(&self, txn: Uuid, event: TxnEvent, keep: usize) -> Result<TxnState> {
         let mut conn = self.conn();
-        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(JournalError::from_sqlite)?;
+        let tx = conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(JournalError::from_sqlite)?;
         let state = txn_state(&tx, txn)?;
         let next = state.next(event).filter(|s| !s.is_open()).ok_or_else(|| {
-            JournalError::decode("finish", format!("{event:?} is not allowed in state {}", state.as_str()))
+            JournalError::decode(
+                "finish",
+                format!("{event:?} is not allowed in state {}", state.as_str()),
+            )
         })?;
         let ts = now();
         tx.execute(
@@ -681,7 +746,11 @@ impl Journal {
             commit_target(&tx, txn, &ts)?;
         }
         let domain: String = tx
-            .query_row("SELECT domain FROM txns WHERE id = ?1", params![txn.to_string()], |r| r.get(0))
+            .query_row(
+                "SELECT domain FROM txns WHERE id = ?1",
+                params![txn.to_string()],
+                |r| r.get(0),
+            )
             .map_err(JournalError::from_sqlite)?;
         prune(&tx, &domain, keep)?;
         tx.commit().map_err(JournalError::from_sqlite)?;
@@ -752,14 +821,27 @@ impl Journal {
             .map_err(JournalError::from_sqlite)?;
         let mut out = Vec::new();
         for row in rows {
-            let (seq, op, checkpoint, xml, before, state) = row.map_err(JournalError::from_sqlite)?;
+            let (seq, op, checkpoint, xml, before, state) =
+                row.map_err(JournalError::from_sqlite)?;
             let op = match op.as_str() {
                 "delete" => StepOp::Delete,
                 "redefine" => StepOp::Redefine,
                 other => return Err(JournalError::decode("step op", other)),
             };
-            let before = before.map(|b| from_json("step before-image", &b)).transpose()?;
-            out.push(StepRecord { phase, seq, step: NewStep { op, checkpoint, xml, before }, done: state == "done" });
+            let before = before
+                .map(|b| from_json("step before-image", &b))
+                .transpose()?;
+            out.push(StepRecord {
+                phase,
+                seq,
+                step: NewStep {
+                    op,
+                    checkpoint,
+                    xml,
+                    before,
+                },
+                done: state == "done",
+            });
         }
         Ok(out)
     }
@@ -777,8 +859,11 @@ impl Journal {
                  AND (?1 IS NULL OR domain = ?1) ORDER BY rowid"
             ))
             .map_err(JournalError::from_sqlite)?;
-        let rows = stmt.query_map(params![domain], read_txn_row).map_err(JournalError::from_sqlite)?;
-        rows.map(|r| r.map_err(JournalError::from_sqlite).and_then(decode_txn)).collect()
+        let rows = stmt
+            .query_map(params![domain], read_txn_row)
+            .map_err(JournalError::from_sqlite)?;
+        rows.map(|r| r.map_err(JournalError::from_sqlite).and_then(decode_txn))
+            .collect()
     }
 
     /// Summaries with progress of the open transactions.
@@ -787,7 +872,11 @@ impl Journal {
     ///
     /// SQLite errors.
     pub fn incomplete_summaries(&self, domain: Option<&str>) -> Result<Vec<TxnSummary>> {
-        self.summaries("state IN ('applying', 'rolling_back') AND (?1 IS NULL OR domain = ?1)", domain, None)
+        self.summaries(
+            "state IN ('applying', 'rolling_back') AND (?1 IS NULL OR domain = ?1)",
+            domain,
+            None,
+        )
     }
 
     /// A domain's transactions, newest first, at most `limit`.
@@ -799,7 +888,12 @@ impl Journal {
         self.summaries("domain = ?1", Some(domain), Some(limit))
     }
 
-    fn summaries(&self, filter: &str, domain: Option<&str>, limit: Option<usize>) -> Result<Vec<TxnSummary>> {
+    fn summaries(
+        &self,
+        filter: &str,
+        domain: Option<&str>,
+        limit: Option<usize>,
+    ) -> Result<Vec<TxnSummary>> {
         let conn = self.conn();
         let (order, lim) = match limit {
             Some(n) => ("rowid DESC", format!("LIMIT {n}")),
@@ -816,7 +910,9 @@ impl Journal {
              t.libvirt_calls + COALESCE((SELECT p.calls FROM txn_progress p WHERE p.txn_id = t.id), 0) \
              FROM txns t WHERE {filter} ORDER BY {order} {lim}"
         );
-        let mut stmt = conn.prepare_cached(&sql).map_err(JournalError::from_sqlite)?;
+        let mut stmt = conn
+            .prepare_cached(&sql)
+            .map_err(JournalError::from_sqlite)?;
         let rows = stmt
             .query_map(params![domain], |r| {
                 Ok((
@@ -824,7 +920,11 @@ impl Journal {
                     r.get::<_, String>(1)?,
                     r.get::<_, String>(2)?,
                     r.get::<_, String>(3)?,
-                    Owner { pid: r.get(4)?, boot_id: r.get(5)?, start: r.get::<_, i64>(6)? as u64 },
+                    Owner {
+                        pid: r.get(4)?,
+                        boot_id: r.get(5)?,
+                        start: r.get::<_, i64>(6)? as u64,
+                    },
                     r.get::<_, i64>(7)? as u64,
                     r.get::<_, i64>(8)? as u64,
                     r.get::<_, i64>(9)? as u64,
@@ -837,8 +937,20 @@ impl Journal {
             .map_err(JournalError::from_sqlite)?;
         let mut out = Vec::new();
         for row in rows {
-            let (id, domain, kind, state, owner, done, total, target_len, started_at, finished_at, error, calls) =
-                row.map_err(JournalError::from_sqlite)?;
+            let (
+                id,
+                domain,
+                kind,
+                state,
+                owner,
+                done,
+                total,
+                target_len,
+                started_at,
+                finished_at,
+                error,
+                calls,
+            ) = row.map_err(JournalError::from_sqlite)?;
             out.push(TxnSummary {
                 id: Uuid::parse_str(&id).map_err(|e| JournalError::decode("transaction id", e))?,
                 domain,
@@ -885,8 +997,14 @@ impl Journal {
         let mut stmt = conn
             .prepare_cached("SELECT domain, chain_json, defs_json, txn_id, committed_at FROM domains ORDER BY domain")
             .map_err(JournalError::from_sqlite)?;
-        let rows = stmt.query_map([], read_committed_row).map_err(JournalError::from_sqlite)?;
-        rows.map(|r| r.map_err(JournalError::from_sqlite).and_then(decode_committed)).collect()
+        let rows = stmt
+            .query_map([], read_committed_row)
+            .map_err(JournalError::from_sqlite)?;
+        rows.map(|r| {
+            r.map_err(JournalError::from_sqlite)
+                .and_then(decode_committed)
+        })
+        .collect()
     }
 }
 
@@ -895,10 +1013,15 @@ impl Journal {
 /// not synced, and the next `FULL` commit (or checkpoint) syncs it along.
 /// `FULL` is set back before the connection's lock is released, whatever
 /// `f` returned, so every other commit stays durable.
-fn without_fsync<T>(conn: &mut Connection, f: impl FnOnce(&mut Connection) -> Result<T>) -> Result<T> {
-    conn.pragma_update(None, "synchronous", "NORMAL").map_err(JournalError::from_sqlite)?;
+fn without_fsync<T>(
+    conn: &mut Connection,
+    f: impl FnOnce(&mut Connection) -> Result<T>,
+) -> Result<T> {
+    conn.pragma_update(None, "synchronous", "NORMAL")
+        .map_err(JournalError::from_sqlite)?;
     let result = f(conn);
-    conn.pragma_update(None, "synchronous", "FULL").map_err(JournalError::from_sqlite)?;
+    conn.pragma_update(None, "synchronous", "FULL")
+        .map_err(JournalError::from_sqlite)?;
     result
 }
 
@@ -906,7 +1029,11 @@ fn expect(name: &'static str, expected: &str, found: &str) -> Result<()> {
     if expected == found {
         Ok(())
     } else {
-        Err(JournalError::Setting { name, expected: expected.into(), found: found.into() })
+        Err(JournalError::Setting {
+            name,
+            expected: expected.into(),
+            found: found.into(),
+        })
     }
 }
 
@@ -994,7 +1121,11 @@ fn decode_txn(row: TxnRow) -> Result<TxnRecord> {
         chain: chain.map(|c| from_json("chain", &c)).transpose()?,
         target: from_json("target", &target)?,
         before: from_json("before-image", &before)?,
-        owner: Owner { pid, boot_id, start: start as u64 },
+        owner: Owner {
+            pid,
+            boot_id,
+            start: start as u64,
+        },
         started_at,
         updated_at,
         finished_at,
@@ -1005,23 +1136,37 @@ fn decode_txn(row: TxnRow) -> Result<TxnRecord> {
 
 fn get_txn(conn: &Connection, id: Uuid) -> Result<TxnRecord> {
     let row = conn
-        .query_row(&format!("SELECT {TXN_COLS} FROM txns WHERE id = ?1"), params![id.to_string()], read_txn_row)
+        .query_row(
+            &format!("SELECT {TXN_COLS} FROM txns WHERE id = ?1"),
+            params![id.to_string()],
+            read_txn_row,
+        )
         .optional()
         .map_err(JournalError::from_sqlite)?;
     match row {
         Some(r) => decode_txn(r),
-        None => Err(JournalError::decode("transaction", format!("{id} does not exist"))),
+        None => Err(JournalError::decode(
+            "transaction",
+            format!("{id} does not exist"),
+        )),
     }
 }
 
 fn txn_state(conn: &Connection, id: Uuid) -> Result<TxnState> {
     let s: Option<String> = conn
-        .query_row("SELECT state FROM txns WHERE id = ?1", params![id.to_string()], |r| r.get(0))
+        .query_row(
+            "SELECT state FROM txns WHERE id = ?1",
+            params![id.to_string()],
+            |r| r.get(0),
+        )
         .optional()
         .map_err(JournalError::from_sqlite)?;
     match s {
         Some(s) => TxnState::parse(&s),
-        None => Err(JournalError::decode("transaction", format!("{id} does not exist"))),
+        None => Err(JournalError::decode(
+            "transaction",
+            format!("{id} does not exist"),
+        )),
     }
 }
 
@@ -1050,7 +1195,8 @@ fn insert_txn(conn: &Connection, t: &NewTxn<'_>, state: TxnState, ts: &str) -> R
     // what is bound: each document is bound as soon as it is made and
     // dropped at once, so no two of ours are alive next to SQLite's copies.
     let bind = |stmt: &mut rusqlite::Statement<'_>, i: usize, v: &dyn rusqlite::ToSql| {
-        stmt.raw_bind_parameter(i, v).map_err(JournalError::from_sqlite)
+        stmt.raw_bind_parameter(i, v)
+            .map_err(JournalError::from_sqlite)
     };
     bind(&mut stmt, 1, &t.id.to_string())?;
     bind(&mut stmt, 2, &t.domain)?;
@@ -1064,10 +1210,18 @@ fn insert_txn(conn: &Connection, t: &NewTxn<'_>, state: TxnState, ts: &str) -> R
     bind(&mut stmt, 10, &(t.owner.start as i64))?;
     bind(&mut stmt, 11, &ts)?;
     bind(&mut stmt, 12, &(!state.is_open()).then_some(ts))?;
-    stmt.raw_execute().map(|_| ()).map_err(JournalError::from_sqlite)
+    stmt.raw_execute()
+        .map(|_| ())
+        .map_err(JournalError::from_sqlite)
 }
 
-fn insert_steps(conn: &Connection, txn: Uuid, phase: StepPhase, first: u32, steps: &[NewStep]) -> Result<Vec<u32>> {
+fn insert_steps(
+    conn: &Connection,
+    txn: Uuid,
+    phase: StepPhase,
+    first: u32,
+    steps: &[NewStep],
+) -> Result<Vec<u32>> {
     let mut stmt = conn
         .prepare_cached(
             "INSERT INTO steps (txn_id, phase, seq, op, checkpoint, xml, before_json, state) \
@@ -1133,7 +1287,9 @@ fn decode_committed(row: CommittedRow) -> Result<Committed> {
     let (domain, chain, defs, txn, committed_at) = row;
     Ok(Committed {
         domain,
-        chain: chain.map(|c| from_json("committed chain", &c)).transpose()?,
+        chain: chain
+            .map(|c| from_json("committed chain", &c))
+            .transpose()?,
         defs: from_json("committed definitions", &defs)?,
         txn: Uuid::parse_str(&txn).map_err(|e| JournalError::decode("transaction id", e))?,
         committed_at,
@@ -1179,22 +1335,47 @@ mod tests {
             rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_FULL),
             Some("database or disk is full".into()),
         );
-        assert!(matches!(JournalError::from_sqlite(e), JournalError::Full { .. }));
-        let e = rusqlite::Error::SqliteFailure(rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_NOTADB), None);
-        assert!(matches!(JournalError::from_sqlite(e), JournalError::Corrupt { .. }));
-        let e = rusqlite::Error::SqliteFailure(rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_READONLY), None);
-        assert!(matches!(JournalError::from_sqlite(e), JournalError::ReadOnly { .. }));
+        assert!(matches!(
+            JournalError::from_sqlite(e),
+            JournalError::Full { .. }
+        ));
+        let e = rusqlite::Error::SqliteFailure(
+            rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_NOTADB),
+            None,
+        );
+        assert!(matches!(
+            JournalError::from_sqlite(e),
+            JournalError::Corrupt { .. }
+        ));
+        let e = rusqlite::Error::SqliteFailure(
+            rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_READONLY),
+            None,
+        );
+        assert!(matches!(
+            JournalError::from_sqlite(e),
+            JournalError::ReadOnly { .. }
+        ));
     }
 
     fn synchronous(conn: &Connection) -> i64 {
-        conn.query_row("PRAGMA synchronous", [], |r| r.get(0)).unwrap()
+        conn.query_row("PRAGMA synchronous", [], |r| r.get(0))
+            .unwrap()
     }
 
     /// A journal holding one open transaction of two steps.
     fn journal_with_txn(dir: &Path) -> (Journal, Uuid) {
         let j = Journal::open(&dir.join("journal.db")).unwrap();
-        let owner = Owner { pid: 1, boot_id: "test".into(), start: 1 };
-        let step = NewStep { op: StepOp::Delete, checkpoint: "c".into(), xml: None, before: None };
+        let owner = Owner {
+            pid: 1,
+            boot_id: "test".into(),
+            start: 1,
+        };
+        let step = NewStep {
+            op: StepOp::Delete,
+            checkpoint: "c".into(),
+            xml: None,
+            before: None,
+        };
         let id = Uuid::new_v4();
         let new = NewTxn {
             id,
@@ -1219,7 +1400,9 @@ mod tests {
         let mut conn = j.conn();
         let r: Result<()> = without_fsync(&mut conn, |c| {
             assert_eq!(synchronous(c), 1, "NORMAL inside");
-            Err(JournalError::Io { detail: "failed inside".into() })
+            Err(JournalError::Io {
+                detail: "failed inside".into(),
+            })
         });
         assert!(matches!(r, Err(JournalError::Io { .. })));
         assert_eq!(synchronous(&conn), 2, "FULL after a failed commit");
@@ -1231,9 +1414,11 @@ mod tests {
         let (j, txn) = journal_with_txn(dir.path());
         let row = |j: &Journal| -> (i64, String) {
             j.conn()
-                .query_row("SELECT libvirt_calls, updated_at FROM txns WHERE id = ?1", params![txn.to_string()], |r| {
-                    Ok((r.get(0)?, r.get(1)?))
-                })
+                .query_row(
+                    "SELECT libvirt_calls, updated_at FROM txns WHERE id = ?1",
+                    params![txn.to_string()],
+                    |r| Ok((r.get(0)?, r.get(1)?)),
+                )
                 .unwrap()
         };
         let before = row(&j);
@@ -1249,7 +1434,10 @@ mod tests {
         assert_eq!(j.incomplete_summaries(None).unwrap()[0].done, 2);
         // A finished transaction keeps its count; pruning takes its progress along.
         j.finish(txn, TxnEvent::Commit, 0).unwrap();
-        let n: i64 = j.conn().query_row("SELECT COUNT(*) FROM txn_progress", [], |r| r.get(0)).unwrap();
+        let n: i64 = j
+            .conn()
+            .query_row("SELECT COUNT(*) FROM txn_progress", [], |r| r.get(0))
+            .unwrap();
         assert_eq!(n, 0);
     }
 }

@@ -37,7 +37,11 @@ pub fn chain(domain: &str, n: usize, targets: &[&str]) -> Chain {
     Chain {
         vm_id: Uuid::parse_str(VM_UUID).unwrap(),
         domain: Some(domain.to_string()),
-        disks: targets.iter().enumerate().map(|(i, t)| (disk_id(i), t.to_string())).collect(),
+        disks: targets
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (disk_id(i), t.to_string()))
+            .collect(),
         checkpoints: (0..n)
             .map(|i| Checkpoint {
                 id: ckpt_id(i),
@@ -98,13 +102,21 @@ pub fn pre_state(pre: Pre, target: &[CheckpointDef]) -> Vec<CheckpointDef> {
             let extras = (n / 10).max(2);
             for i in 0..extras {
                 let name = format!("extra-{i}");
-                let parent = if i == 0 { fork.clone() } else { format!("extra-{}", i - 1) };
+                let parent = if i == 0 {
+                    fork.clone()
+                } else {
+                    format!("extra-{}", i - 1)
+                };
                 let mut d = v[0].clone();
                 d.name = name.clone();
                 d.parent = Some(parent);
                 d.creation_time = 1_800_000_000 + i as i64;
                 d.description = None;
-                d.disks = d.disks.keys().map(|t| (t.clone(), name.clone())).collect::<BTreeMap<_, _>>();
+                d.disks = d
+                    .disks
+                    .keys()
+                    .map(|t| (t.clone(), name.clone()))
+                    .collect::<BTreeMap<_, _>>();
                 v.push(d);
             }
             v
@@ -120,8 +132,10 @@ pub fn retry<T>(what: &str, mut f: impl FnMut() -> Result<T, ckptstore::BackendE
         match f() {
             Ok(v) => return v,
             Err(e)
-                if matches!(e.kind, BackendErrorKind::Unreachable | BackendErrorKind::ConnectionLost)
-                    && start.elapsed() < Duration::from_secs(60) =>
+                if matches!(
+                    e.kind,
+                    BackendErrorKind::Unreachable | BackendErrorKind::ConnectionLost
+                ) && start.elapsed() < Duration::from_secs(60) =>
             {
                 std::thread::sleep(Duration::from_millis(200));
             }
@@ -143,17 +157,22 @@ pub fn reset(backend: &LibvirtBackend, domain: &str, pre: &[CheckpointDef]) -> u
     let p = plan(&current, pre);
     for step in &p.steps {
         match step {
-            Step::Delete { before } => retry("delete", || match backend.delete(domain, &before.name) {
-                Err(e) if e.kind == BackendErrorKind::NoCheckpoint => Ok(()),
-                r => r,
-            }),
-            Step::Redefine { def, .. } => {
-                retry("redefine", || backend.redefine(domain, &render_checkpoint(def), false))
+            Step::Delete { before } => {
+                retry("delete", || match backend.delete(domain, &before.name) {
+                    Err(e) if e.kind == BackendErrorKind::NoCheckpoint => Ok(()),
+                    r => r,
+                })
             }
+            Step::Redefine { def, .. } => retry("redefine", || {
+                backend.redefine(domain, &render_checkpoint(def), false)
+            }),
         }
     }
     let now = list(backend, domain);
-    assert!(same_content(&now, pre), "reset of {domain} failed: {now:#?}");
+    assert!(
+        same_content(&now, pre),
+        "reset of {domain} failed: {now:#?}"
+    );
     p.steps.len()
 }
 
@@ -180,8 +199,12 @@ impl Out {
 
     /// stdout as the one JSON document of `--json`.
     pub fn json(&self) -> serde_json::Value {
-        serde_json::from_str(&self.stdout)
-            .unwrap_or_else(|e| panic!("stdout is not JSON ({e}):\n{}\nstderr:\n{}", self.stdout, self.stderr))
+        serde_json::from_str(&self.stdout).unwrap_or_else(|e| {
+            panic!(
+                "stdout is not JSON ({e}):\n{}\nstderr:\n{}",
+                self.stdout, self.stderr
+            )
+        })
     }
 
     /// The exit code, or a panic with the whole output when it is not `want`.
@@ -194,18 +217,33 @@ impl Out {
 /// `ckptstore --db DB --connect qemu:///system ARGS...`, not yet started.
 pub fn command(db: &Path, args: &[&str]) -> Command {
     let mut cmd = Command::new(BIN);
-    cmd.arg("--db").arg(db).args(["--connect", SYSTEM_URI]).args(args);
-    cmd.env_remove("FAILPOINTS").env_remove("RUST_LOG").env_remove("CKPTSTORE_DB").env_remove("LIBVIRT_DEFAULT_URI");
+    cmd.arg("--db")
+        .arg(db)
+        .args(["--connect", SYSTEM_URI])
+        .args(args);
+    cmd.env_remove("FAILPOINTS")
+        .env_remove("RUST_LOG")
+        .env_remove("CKPTSTORE_DB")
+        .env_remove("LIBVIRT_DEFAULT_URI");
     // An abort (failpoints builds) may leave a core file: not in the tree.
-    cmd.current_dir(db.ancestors().skip(1).find(|d| d.is_dir()).unwrap_or(Path::new("/")));
-    cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+    cmd.current_dir(
+        db.ancestors()
+            .skip(1)
+            .find(|d| d.is_dir())
+            .unwrap_or(Path::new("/")),
+    );
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
     cmd
 }
 
 /// Run `cmd` to its end.
 pub fn run_cmd(mut cmd: Command) -> Out {
     let start = Instant::now();
-    let mut child = cmd.spawn().unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    let mut child = cmd
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
     finish(&mut child, start)
 }
 
@@ -223,7 +261,9 @@ pub struct Running {
 impl Running {
     pub fn spawn(mut cmd: Command) -> Running {
         let started = Instant::now();
-        let child = cmd.spawn().unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+        let child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
         Running { child, started }
     }
 
@@ -254,7 +294,9 @@ impl Running {
         let pid = self.child.id();
         // A zombie has ended too.
         match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-            Ok(stat) => stat.rsplit_once(')').is_some_and(|(_, rest)| rest.trim_start().starts_with('Z')),
+            Ok(stat) => stat
+                .rsplit_once(')')
+                .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z')),
             Err(_) => true,
         }
     }
@@ -287,15 +329,25 @@ fn finish(child: &mut Child, start: Instant) -> Out {
     if let Some(mut e) = child.stderr.take() {
         e.read_to_string(&mut stderr).unwrap();
     }
-    Out { status, stdout, stderr, elapsed }
+    Out {
+        status,
+        stdout,
+        stderr,
+        elapsed,
+    }
 }
 
 /// `PRAGMA integrity_check` of the journal, from a connection of its own.
 pub fn integrity(db: &Path) -> String {
     let c = rusqlite::Connection::open(db).unwrap();
     c.busy_timeout(Duration::from_secs(30)).unwrap();
-    let rows: Vec<String> =
-        c.prepare("PRAGMA integrity_check").unwrap().query_map([], |r| r.get(0)).unwrap().map(Result::unwrap).collect();
+    let rows: Vec<String> = c
+        .prepare("PRAGMA integrity_check")
+        .unwrap()
+        .query_map([], |r| r.get(0))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
     rows.join("; ")
 }
 
@@ -333,24 +385,41 @@ pub fn check_invariant(
             before.len()
         );
     };
-    let status = run(db, &["status", "--domain", domain, "--json"]).expect(0, ctx).json();
-    assert_eq!(status["incomplete"], serde_json::json!([]), "{ctx}: status shows an incomplete transaction");
+    let status = run(db, &["status", "--domain", domain, "--json"])
+        .expect(0, ctx)
+        .json();
+    assert_eq!(
+        status["incomplete"],
+        serde_json::json!([]),
+        "{ctx}: status shows an incomplete transaction"
+    );
     assert_eq!(integrity(db), "ok", "{ctx}: journal integrity");
     landed
 }
 
 /// The newest transaction of `domain` in the journal, from `history --json`.
 pub fn last_txn(db: &Path, domain: &str) -> Option<serde_json::Value> {
-    let h = run(db, &["history", "--domain", domain, "--limit", "1", "--json"]).expect(0, "history").json();
-    h["transactions"].as_array().and_then(|t| t.first().cloned())
+    let h = run(
+        db,
+        &["history", "--domain", domain, "--limit", "1", "--json"],
+    )
+    .expect(0, "history")
+    .json();
+    h["transactions"]
+        .as_array()
+        .and_then(|t| t.first().cloned())
 }
 
 /// The seed of a seeded test: `$var`, or a fresh one from the clock.
 pub fn seed(var: &str) -> u64 {
     match std::env::var(var) {
-        Ok(s) => s.parse().unwrap_or_else(|_| panic!("{var} must be an integer, not {s:?}")),
+        Ok(s) => s
+            .parse()
+            .unwrap_or_else(|_| panic!("{var} must be an integer, not {s:?}")),
         Err(_) => {
-            let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap();
+            let t = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap();
             (t.as_nanos() as u64) ^ (u64::from(std::process::id()) << 32)
         }
     }

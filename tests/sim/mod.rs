@@ -64,7 +64,9 @@ pub fn tree_chain(parents: &[Option<usize>], disks: usize) -> Chain {
     Chain {
         vm_id: Uuid::parse_str(VM_UUID).unwrap(),
         domain: Some(DOMAIN.into()),
-        disks: (0..disks).map(|i| (disk_id(i), targets[i].to_string())).collect(),
+        disks: (0..disks)
+            .map(|i| (disk_id(i), targets[i].to_string()))
+            .collect(),
         checkpoints: parents
             .iter()
             .enumerate()
@@ -117,7 +119,11 @@ impl Default for TempJournal {
 impl TempJournal {
     pub fn new() -> TempJournal {
         let shm = std::path::Path::new("/dev/shm");
-        let dir = if shm.is_dir() { tempfile::tempdir_in(shm) } else { tempfile::tempdir() };
+        let dir = if shm.is_dir() {
+            tempfile::tempdir_in(shm)
+        } else {
+            tempfile::tempdir()
+        };
         TempJournal { dir: dir.unwrap() }
     }
 
@@ -127,7 +133,11 @@ impl TempJournal {
 
     fn options(owner: u32, hook: Option<ckptstore::engine::Hook>) -> StoreOptions {
         StoreOptions {
-            owner: Some(Owner { pid: owner, boot_id: "simulation".into(), start: owner as u64 }),
+            owner: Some(Owner {
+                pid: owner,
+                boot_id: "simulation".into(),
+                start: owner as u64,
+            }),
             // Every simulated process other than the caller is dead.
             liveness: Some(Arc::new(|_| false)),
             hook,
@@ -149,7 +159,10 @@ impl TempJournal {
         let hook: ckptstore::engine::Hook = Arc::new(move |_| {
             c2.0.fetch_add(1, Ordering::SeqCst);
         });
-        (Store::open_with(self.path(), Self::options(owner, Some(hook))).unwrap(), c)
+        (
+            Store::open_with(self.path(), Self::options(owner, Some(hook))).unwrap(),
+            c,
+        )
     }
 
     /// A store whose process dies at its `k`-th crash point (1-based).
@@ -193,7 +206,10 @@ impl Rng {
 pub fn seed_from_env() -> u64 {
     match std::env::var("CKPTSTORE_SIM_SEED") {
         Ok(s) => s.parse().expect("CKPTSTORE_SIM_SEED must be a number"),
-        Err(_) => std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64,
+        Err(_) => std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos() as u64,
     }
 }
 
@@ -218,7 +234,10 @@ pub fn random_simulation(seed: u64, rounds: u64) -> String {
         // some of it stale, plus random extras.
         let mut before: Vec<CheckpointDef> = Vec::new();
         for d in &target {
-            let parent_in = d.parent.as_ref().is_none_or(|p| before.iter().any(|b| &b.name == p));
+            let parent_in = d
+                .parent
+                .as_ref()
+                .is_none_or(|p| before.iter().any(|b| &b.name == p));
             if parent_in && rng.chance(60) {
                 let mut d = d.clone();
                 if rng.chance(20) {
@@ -233,7 +252,11 @@ pub fn random_simulation(seed: u64, rounds: u64) -> String {
             } else {
                 Some(before[rng.below(before.len() as u64) as usize].name.clone())
             };
-            before.push(extra_def(&format!("x{x}"), parent.as_deref(), 9_000 + x as i64));
+            before.push(extra_def(
+                &format!("x{x}"),
+                parent.as_deref(),
+                9_000 + x as i64,
+            ));
         }
         let fake = FakeBackend::new();
         fake.define_domain(DOMAIN, VM_UUID, &["sda", "sdb", "sdc"], false);
@@ -247,14 +270,22 @@ pub fn random_simulation(seed: u64, rounds: u64) -> String {
             fake.inject(Fault {
                 op: None,
                 nth: 1 + rng.below(12),
-                phase: if rng.chance(50) { Phase::AfterEffect } else { Phase::BeforeEffect },
+                phase: if rng.chance(50) {
+                    Phase::AfterEffect
+                } else {
+                    Phase::BeforeEffect
+                },
                 kind: BackendErrorKind::ConnectionLost,
                 forever: rng.chance(20),
             });
             *stats.entry("connection_faults").or_default() += 1;
         }
         let j = TempJournal::new();
-        let crash_at = if rng.chance(60) { Some(1 + rng.below(40)) } else { None };
+        let crash_at = if rng.chance(60) {
+            Some(1 + rng.below(40))
+        } else {
+            None
+        };
         let s1 = match crash_at {
             Some(k) => j.store_crashing_at(1, k),
             None => j.store(1),
@@ -265,15 +296,25 @@ pub fn random_simulation(seed: u64, rounds: u64) -> String {
             None => *stats.entry("crashed").or_default() += 1,
             Some(Ok(_)) => {
                 *stats.entry("committed_directly").or_default() += 1;
-                assert!(same_content(&fake_list(&fake), &target), "{label}: sync returned Ok but libvirt differs");
+                assert!(
+                    same_content(&fake_list(&fake), &target),
+                    "{label}: sync returned Ok but libvirt differs"
+                );
             }
             Some(Err(e)) if e.is_rolled_back() => {
                 *stats.entry("rolled_back_directly").or_default() += 1;
-                assert!(same_content(&fake_list(&fake), &before), "{label}: rolled back but libvirt differs");
+                assert!(
+                    same_content(&fake_list(&fake), &before),
+                    "{label}: rolled back but libvirt differs"
+                );
             }
             Some(Err(_)) => *stats.entry("left_open").or_default() += 1,
         }
-        let policy = if rng.chance(50) { Policy::Resume } else { Policy::Rollback };
+        let policy = if rng.chance(50) {
+            Policy::Resume
+        } else {
+            Policy::Rollback
+        };
         if rng.chance(40) {
             let s2 = j.store_crashing_at(2, 1 + rng.below(30));
             let r = run_crashing(|| s2.recover(&fake, policy, None));
@@ -285,15 +326,30 @@ pub fn random_simulation(seed: u64, rounds: u64) -> String {
         fake.clear_faults();
         let s3 = j.store(3);
         match s3.recover(&fake, policy, None) {
-            Ok(_) | Err(ckptstore::Error::Refused { rolled_back: true, .. }) => {}
+            Ok(_)
+            | Err(ckptstore::Error::Refused {
+                rolled_back: true, ..
+            }) => {}
             Err(e) => panic!("{label}: final recovery failed: {e}"),
         }
         let now = fake_list(&fake);
         let at_target = same_content(&now, &target);
-        assert!(at_target || same_content(&now, &before), "{label}: neither target nor before-image: {now:#?}");
-        assert!(s3.status(None).unwrap().incomplete.is_empty(), "{label}: still incomplete");
+        assert!(
+            at_target || same_content(&now, &before),
+            "{label}: neither target nor before-image: {now:#?}"
+        );
+        assert!(
+            s3.status(None).unwrap().incomplete.is_empty(),
+            "{label}: still incomplete"
+        );
         assert_eq!(s3.journal().integrity_check().unwrap(), "ok", "{label}");
-        *stats.entry(if at_target { "ended_at_target" } else { "ended_at_before_image" }).or_default() += 1;
+        *stats
+            .entry(if at_target {
+                "ended_at_target"
+            } else {
+                "ended_at_before_image"
+            })
+            .or_default() += 1;
     }
     format!("{rounds} rounds, {stats:?}")
 }

@@ -30,7 +30,8 @@ pub struct Run {
 impl Run {
     /// stdout parsed as the one JSON document of `--json`.
     pub fn json(&self) -> serde_json::Value {
-        serde_json::from_str(&self.stdout).unwrap_or_else(|e| panic!("stdout is not JSON ({e}):\n{}", self.stdout))
+        serde_json::from_str(&self.stdout)
+            .unwrap_or_else(|e| panic!("stdout is not JSON ({e}):\n{}", self.stdout))
     }
 }
 
@@ -45,8 +46,16 @@ pub struct Snap {
 
 impl Snap {
     pub fn new(name: &str) -> Snap {
-        let dir = tempfile::Builder::new().prefix("ckptstore-cli-").tempdir().expect("temp dir");
-        let mut snap = Snap { name: name.to_string(), dir, redactions: Vec::new(), record: String::new() };
+        let dir = tempfile::Builder::new()
+            .prefix("ckptstore-cli-")
+            .tempdir()
+            .expect("temp dir");
+        let mut snap = Snap {
+            name: name.to_string(),
+            dir,
+            redactions: Vec::new(),
+            record: String::new(),
+        };
         let tmp = snap.dir.path().display().to_string();
         snap.redact(&tmp, "[TMP]");
         snap
@@ -64,7 +73,8 @@ impl Snap {
 
     /// Replace `text` by `placeholder` in the record.
     pub fn redact(&mut self, text: &str, placeholder: &str) {
-        self.redactions.push((text.to_string(), placeholder.to_string()));
+        self.redactions
+            .push((text.to_string(), placeholder.to_string()));
     }
 
     /// Write a file in the temporary folder; returns its path.
@@ -94,9 +104,11 @@ impl Snap {
             stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
         };
         let shown: Vec<String> = full.iter().map(|a| quote(a)).collect();
-        self.record.push_str(&format!("$ ckptstore {}", shown.join(" ")));
+        self.record
+            .push_str(&format!("$ ckptstore {}", shown.join(" ")));
         if let Some(input) = stdin {
-            self.record.push_str(&format!(" <<'EOF'\n{}EOF", with_newline(input)));
+            self.record
+                .push_str(&format!(" <<'EOF'\n{}EOF", with_newline(input)));
         }
         self.record.push_str(&format!(
             "\n[exit {}]\n--- stdout\n{}--- stderr\n{}\n",
@@ -111,7 +123,9 @@ impl Snap {
     /// `CKPTSTORE_UPDATE_SNAPSHOTS=1`).
     pub fn check(self) {
         let actual = redact(&self.record, &self.redactions);
-        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/snapshots").join(format!("{}.txt", self.name));
+        let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/snapshots")
+            .join(format!("{}.txt", self.name));
         if std::env::var("CKPTSTORE_UPDATE_SNAPSHOTS").is_ok_and(|v| v == "1") {
             std::fs::create_dir_all(path.parent().unwrap()).unwrap();
             std::fs::write(&path, &actual).unwrap();
@@ -140,12 +154,21 @@ pub fn run_binary(args: &[&str], stdin: Option<&str>) -> Output {
         .env_remove("CKPTSTORE_DB")
         .env_remove("LIBVIRT_DEFAULT_URI")
         .env_remove("RUST_LOG")
-        .stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
+        .stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
     let mut child = cmd.spawn().expect("run ckptstore");
     if let Some(input) = stdin {
-        child.stdin.take().unwrap().write_all(input.as_bytes()).unwrap();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(input.as_bytes())
+            .unwrap();
     }
     child.wait_with_output().expect("wait for ckptstore")
 }
@@ -159,7 +182,11 @@ fn with_newline(s: &str) -> String {
 }
 
 fn quote(arg: &str) -> String {
-    if !arg.is_empty() && arg.chars().all(|c| c.is_ascii_alphanumeric() || "-_./:=@+".contains(c)) {
+    if !arg.is_empty()
+        && arg
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_./:=@+".contains(c))
+    {
         arg.to_string()
     } else {
         format!("'{}'", arg.replace('\'', r"'\''"))
@@ -176,7 +203,10 @@ pub fn redact(text: &str, fixed: &[(String, String)]) -> String {
         s = s.replace(from.as_str(), to);
     }
     for (pattern, placeholder) in [
-        (r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?(Z|[+-]\d\d:\d\d)", "[TIME]"),
+        (
+            r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?(Z|[+-]\d\d:\d\d)",
+            "[TIME]",
+        ),
         (r"\S*/ckptstore-demo-[A-Za-z0-9]+", "[DEMO-TMP]"),
         (r"pid \d+", "pid [PID]"),
         (r"boot [0-9a-f]+", "boot [BOOT]"),
@@ -186,9 +216,13 @@ pub fn redact(text: &str, fixed: &[(String, String)]) -> String {
         (r#""start": \d+"#, r#""start": "[START]""#),
         (r"ms=[0-9.e-]+", "ms=[MS]"),
     ] {
-        s = Regex::new(pattern).unwrap().replace_all(&s, placeholder).into_owned();
+        s = Regex::new(pattern)
+            .unwrap()
+            .replace_all(&s, placeholder)
+            .into_owned();
     }
-    let uuid = Regex::new(r"[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}").unwrap();
+    let uuid =
+        Regex::new(r"[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}").unwrap();
     let mut seen: HashMap<String, usize> = HashMap::new();
     s = uuid
         .replace_all(&s, |c: &regex::Captures| {
@@ -204,9 +238,18 @@ pub fn redact(text: &str, fixed: &[(String, String)]) -> String {
 fn diff(expected: &str, actual: &str) -> String {
     let e: Vec<&str> = expected.lines().collect();
     let a: Vec<&str> = actual.lines().collect();
-    let first = e.iter().zip(&a).position(|(x, y)| x != y).unwrap_or(e.len().min(a.len()));
+    let first = e
+        .iter()
+        .zip(&a)
+        .position(|(x, y)| x != y)
+        .unwrap_or(e.len().min(a.len()));
     let from = first.saturating_sub(3);
-    let mut out = format!("first difference at line {} (expected {} lines, got {}):\n", first + 1, e.len(), a.len());
+    let mut out = format!(
+        "first difference at line {} (expected {} lines, got {}):\n",
+        first + 1,
+        e.len(),
+        a.len()
+    );
     for (i, line) in e.iter().enumerate().skip(from).take(8) {
         out.push_str(&format!("- {:4} {line}\n", i + 1));
     }

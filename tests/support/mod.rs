@@ -25,7 +25,12 @@ static COUNTER: AtomicUsize = AtomicUsize::new(0);
 /// A domain name no other test (in this or another process) uses:
 /// `ckpt-test-<pid>-<counter>-<tag>`.
 pub fn unique_name(tag: &str) -> String {
-    format!("ckpt-test-{}-{}-{}", std::process::id(), COUNTER.fetch_add(1, Ordering::Relaxed), tag)
+    format!(
+        "ckpt-test-{}-{}-{}",
+        std::process::id(),
+        COUNTER.fetch_add(1, Ordering::Relaxed),
+        tag
+    )
 }
 
 /// A connection to `qemu:///system`.
@@ -50,23 +55,37 @@ pub fn test_driver() -> Connect {
 }
 
 fn run(cmd: &mut Command) {
-    let out = cmd.output().unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
-    assert!(out.status.success(), "{cmd:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 /// `qemu-img create -f qcow2 <path> 64M`.
 pub fn create_image(path: &Path) {
-    run(Command::new("qemu-img").args(["create", "-q", "-f", "qcow2"]).arg(path).arg("64M"));
+    run(Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2"])
+        .arg(path)
+        .arg("64M"));
 }
 
 /// `qemu-img bitmap --add <path> <name>` (persistent, enabled).
 pub fn add_bitmap(path: &Path, name: &str) {
-    run(Command::new("qemu-img").args(["bitmap", "--add"]).arg(path).arg(name));
+    run(Command::new("qemu-img")
+        .args(["bitmap", "--add"])
+        .arg(path)
+        .arg(name));
 }
 
 /// Disk target names: `vda`, `vdb`, ...
 pub fn targets(n: usize) -> Vec<String> {
-    (0..n).map(|i| format!("vd{}", (b'a' + i as u8) as char)).collect()
+    (0..n)
+        .map(|i| format!("vd{}", (b'a' + i as u8) as char))
+        .collect()
 }
 
 /// A minimal TCG domain: 64 MiB, one qcow2 virtio disk per image.
@@ -111,8 +130,14 @@ impl TestDomain {
     /// Define a shut-off domain with `disks` fresh qcow2 images.
     pub fn define(conn: &Connect, tag: &str, disks: usize) -> TestDomain {
         let name = unique_name(tag);
-        let dir = tempfile::Builder::new().prefix(&format!("{name}-")).tempdir().expect("temp dir");
-        let images: Vec<PathBuf> = targets(disks).iter().map(|t| dir.path().join(format!("{t}.qcow2"))).collect();
+        let dir = tempfile::Builder::new()
+            .prefix(&format!("{name}-"))
+            .tempdir()
+            .expect("temp dir");
+        let images: Vec<PathBuf> = targets(disks)
+            .iter()
+            .map(|t| dir.path().join(format!("{t}.qcow2")))
+            .collect();
         for image in &images {
             create_image(image);
         }
@@ -121,7 +146,15 @@ impl TestDomain {
             .unwrap_or_else(|e| panic!("cannot define domain {name}: {e}"));
         let uuid = dom.uuid_string().expect("uuid");
         let uri = conn.uri().expect("connection URI");
-        TestDomain { conn: conn.clone(), uri, name, uuid, targets: targets(disks), images, dir }
+        TestDomain {
+            conn: conn.clone(),
+            uri,
+            name,
+            uuid,
+            targets: targets(disks),
+            images,
+            dir,
+        }
     }
 
     /// Add a bitmap to the image of disk `index` (shut-off domains only:
@@ -139,12 +172,16 @@ impl TestDomain {
 
     /// Start the domain (TCG; it sits in firmware).
     pub fn start(&self) {
-        self.domain().create().unwrap_or_else(|e| panic!("cannot start domain {}: {e}", self.name));
+        self.domain()
+            .create()
+            .unwrap_or_else(|e| panic!("cannot start domain {}: {e}", self.name));
     }
 
     /// The libvirt handle.
     pub fn domain(&self) -> Domain {
-        self.conn.lookup_domain_by_name(&self.name).expect("test domain exists")
+        self.conn
+            .lookup_domain_by_name(&self.name)
+            .expect("test domain exists")
     }
 
     /// Folder holding the images.
@@ -159,7 +196,9 @@ impl Drop for TestDomain {
         let dom = match self.conn.lookup_domain_by_name(&self.name) {
             Ok(dom) => dom,
             Err(e) if e.code().to_raw() == sys::VIR_ERR_NO_DOMAIN => return,
-            Err(_) => match Connect::open(Some(&self.uri)).and_then(|c| c.lookup_domain_by_name(&self.name)) {
+            Err(_) => match Connect::open(Some(&self.uri))
+                .and_then(|c| c.lookup_domain_by_name(&self.name))
+            {
                 Ok(dom) => dom,
                 Err(e) => {
                     eprintln!("cannot find test domain {} to remove it: {e}", self.name);
@@ -171,13 +210,15 @@ impl Drop for TestDomain {
             let _ = dom.destroy();
         }
         // The test driver knows no undefine flags (and keeps no metadata).
-        let undefined = dom.undefine_flags(sys::VIR_DOMAIN_UNDEFINE_CHECKPOINTS_METADATA).or_else(|e| {
-            if e.message().starts_with("unsupported flags") {
-                dom.undefine()
-            } else {
-                Err(e)
-            }
-        });
+        let undefined = dom
+            .undefine_flags(sys::VIR_DOMAIN_UNDEFINE_CHECKPOINTS_METADATA)
+            .or_else(|e| {
+                if e.message().starts_with("unsupported flags") {
+                    dom.undefine()
+                } else {
+                    Err(e)
+                }
+            });
         if let Err(e) = undefined {
             // Leave the failure visible without a double panic.
             eprintln!("cannot undefine test domain {}: {e}", self.name);

@@ -11,13 +11,20 @@ pub type InfoBitmap = (String, u64, bool, bool);
 
 /// Runs `qemu-img` with these arguments.
 pub fn qemu_img_output(args: &[&str]) -> Output {
-    Command::new("qemu-img").args(args).output().expect("qemu-img runs")
+    Command::new("qemu-img")
+        .args(args)
+        .output()
+        .expect("qemu-img runs")
 }
 
 /// Runs `qemu-img`, panics with its stderr when it fails, returns stdout.
 pub fn qemu_img(args: &[&str]) -> String {
     let out = qemu_img_output(args);
-    assert!(out.status.success(), "qemu-img {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "qemu-img {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     String::from_utf8(out.stdout).expect("qemu-img prints UTF-8")
 }
 
@@ -48,21 +55,40 @@ pub fn disable_bitmap(path: &Path, name: &str) {
 
 /// `qemu-img info --output=json -U PATH`, parsed.
 pub fn info(path: &Path) -> Value {
-    serde_json::from_str(&qemu_img(&["info", "--output=json", "-U", path.to_str().unwrap()])).unwrap()
+    serde_json::from_str(&qemu_img(&[
+        "info",
+        "--output=json",
+        "-U",
+        path.to_str().unwrap(),
+    ]))
+    .unwrap()
 }
 
 /// `qemu-img info --output=json --backing-chain -U PATH`, parsed, top first.
 pub fn info_chain(path: &Path) -> Vec<Value> {
-    let out = qemu_img(&["info", "--output=json", "--backing-chain", "-U", path.to_str().unwrap()]);
+    let out = qemu_img(&[
+        "info",
+        "--output=json",
+        "--backing-chain",
+        "-U",
+        path.to_str().unwrap(),
+    ]);
     serde_json::from_str(&out).unwrap()
 }
 
 /// The bitmaps of one `qemu-img info` object, in its order.
 pub fn info_bitmaps(info: &Value) -> Vec<InfoBitmap> {
-    let Some(list) = info["format-specific"]["data"]["bitmaps"].as_array() else { return Vec::new() };
+    let Some(list) = info["format-specific"]["data"]["bitmaps"].as_array() else {
+        return Vec::new();
+    };
     list.iter()
         .map(|b| {
-            let flags: Vec<&str> = b["flags"].as_array().unwrap().iter().map(|f| f.as_str().unwrap()).collect();
+            let flags: Vec<&str> = b["flags"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|f| f.as_str().unwrap())
+                .collect();
             (
                 b["name"].as_str().unwrap().to_owned(),
                 b["granularity"].as_u64().unwrap(),
