@@ -21,13 +21,14 @@
 //! `CKPTSTORE_BENCH_RUNS` (default 7), `CKPTSTORE_BENCH_ONLY` (e.g. `S1,S3`),
 //! `CKPTSTORE_BENCH_DIR` (journal folder, default `/var/tmp`).
 
+#[path = "support/qemu_img_reader.rs"]
+mod qemu_img_reader;
 #[path = "../tests/support/mod.rs"]
 mod support;
 
 use std::collections::BTreeSet;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -37,15 +38,14 @@ use ckptstore::backend::DomainInfo;
 use ckptstore::engine::Hook;
 use ckptstore::owner::Owner;
 use ckptstore::plan::same_content;
-use ckptstore::validate::{
-    validate_with, DiskChain, ImageError, ImageReader, Layer, LayerBitmap, Qcow2Reader,
-};
+use ckptstore::validate::{validate_with, DiskChain, ImageError, ImageReader, Qcow2Reader};
 use ckptstore::xml::render_checkpoint;
 use ckptstore::{
     Backend, BackendError, BackendErrorKind, Chain, Checkpoint, CheckpointDef, LibvirtBackend,
     Policy, Store,
 };
 use ckptstore::{Outcome, StoreOptions, SyncReport};
+use qemu_img_reader::QemuImgReader;
 use support::TestDomain;
 use uuid::Uuid;
 
@@ -882,66 +882,6 @@ fn s4(ctx: &Ctx) {
 }
 
 // S5 --------------------------------------------------------------------------
-
-/// Reads a disk's chain by running `qemu-img info` once per image (as
-/// `benches/validate.rs` does): the same validation, another reader.
-struct QemuImgReader;
-
-impl ImageReader for QemuImgReader {
-    fn read_chain(&self, path: &Path) -> Result<DiskChain, ImageError> {
-        let out = Command::new("qemu-img")
-            .args(["info", "--output=json", "--backing-chain", "-U"])
-            .arg(path)
-            .output()
-            .map_err(|e| ImageError::Unreadable {
-                path: path.into(),
-                reason: e.to_string(),
-            })?;
-        if !out.status.success() {
-            let reason = String::from_utf8_lossy(&out.stderr).into_owned();
-            return Err(ImageError::Unreadable {
-                path: path.into(),
-                reason,
-            });
-        }
-        let layers: Vec<serde_json::Value> =
-            serde_json::from_slice(&out.stdout).map_err(|e| ImageError::Unreadable {
-                path: path.into(),
-                reason: e.to_string(),
-            })?;
-        let layers = layers
-            .iter()
-            .take_while(|l| l["format"] == "qcow2")
-            .map(|l| Layer {
-                path: l["filename"].as_str().unwrap_or_default().into(),
-                bitmaps_consistent: true,
-                bitmaps: l["format-specific"]["data"]["bitmaps"]
-                    .as_array()
-                    .map(|list| {
-                        list.iter()
-                            .map(|b| {
-                                let flag = |f: &str| {
-                                    b["flags"]
-                                        .as_array()
-                                        .is_some_and(|fl| fl.iter().any(|x| x == f))
-                                };
-                                LayerBitmap {
-                                    name: b["name"].as_str().unwrap_or_default().into(),
-                                    in_use: flag("in-use"),
-                                    auto: flag("auto"),
-                                }
-                            })
-                            .collect()
-                    })
-                    .unwrap_or_default(),
-            })
-            .collect();
-        Ok(DiskChain {
-            layers,
-            unfollowed: None,
-        })
-    }
-}
 
 /// An [`ImageReader`] that adds up the time spent reading images.
 struct TimedReader<'a> {

@@ -6,84 +6,23 @@
 //! (`bash tests/support/libvirt.sh start`). Run with
 //! `cargo bench --bench validate`.
 
+#[path = "support/qemu_img_reader.rs"]
+mod qemu_img_reader;
 #[path = "../tests/support/mod.rs"]
 mod support;
 
-use std::path::Path;
 use std::time::Duration;
 
 use chrono::DateTime;
-use ckptstore::validate::{
-    validate_with, DiskChain, ImageError, ImageReader, Layer, LayerBitmap, Qcow2Reader,
-};
+use ckptstore::validate::{validate_with, ImageReader, Qcow2Reader};
 use ckptstore::{validate, Chain, Checkpoint, LibvirtBackend, Store};
 use criterion::{criterion_group, criterion_main, Criterion};
-use serde_json::Value;
+use qemu_img_reader::QemuImgReader;
 use support::TestDomain;
 use uuid::Uuid;
 
 const CHECKPOINTS: usize = 200;
 const DISKS: usize = 4;
-
-/// Reads a disk's chain by running `qemu-img info` once per image.
-struct QemuImgReader;
-
-impl ImageReader for QemuImgReader {
-    fn read_chain(&self, path: &Path) -> Result<DiskChain, ImageError> {
-        let out = std::process::Command::new("qemu-img")
-            .args(["info", "--output=json", "--backing-chain", "-U"])
-            .arg(path)
-            .output()
-            .map_err(|e| ImageError::Unreadable {
-                path: path.into(),
-                reason: e.to_string(),
-            })?;
-        if !out.status.success() {
-            let reason = String::from_utf8_lossy(&out.stderr).into_owned();
-            return Err(ImageError::Unreadable {
-                path: path.into(),
-                reason,
-            });
-        }
-        let layers: Vec<Value> =
-            serde_json::from_slice(&out.stdout).map_err(|e| ImageError::Unreadable {
-                path: path.into(),
-                reason: e.to_string(),
-            })?;
-        let layers = layers
-            .iter()
-            .take_while(|l| l["format"] == "qcow2")
-            .map(|l| Layer {
-                path: l["filename"].as_str().unwrap_or_default().into(),
-                // qemu-img lists no bitmaps of an inconsistent extension.
-                bitmaps_consistent: true,
-                bitmaps: l["format-specific"]["data"]["bitmaps"]
-                    .as_array()
-                    .map(|list| {
-                        list.iter()
-                            .map(|b| {
-                                let flag = |f: &str| {
-                                    b["flags"]
-                                        .as_array()
-                                        .is_some_and(|fl| fl.iter().any(|x| x == f))
-                                };
-                                LayerBitmap {
-                                    name: b["name"].as_str().unwrap_or_default().into(),
-                                    in_use: flag("in-use"),
-                                    auto: flag("auto"),
-                                }
-                            })
-                            .collect()
-                    })
-                    .unwrap_or_default(),
-            })
-            .collect();
-        Ok(DiskChain {
-            layers,
-            unfollowed: None,
-        })
-    }
-}
 
 fn run(args: &[&str]) {
     let out = std::process::Command::new("qemu-img")
