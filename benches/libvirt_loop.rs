@@ -688,7 +688,7 @@ fn s3(ctx: &Ctx, dom: &TestDomain) {
                     let store = Store::open(&journal).unwrap();
                     assert_eq!(store.journal().incomplete(None).unwrap().len(), 1);
                     let s = measure(&c, || {
-                        let r = store.recover(&c, Policy::Resume, None).unwrap();
+                        let r = store.recover(&c, Policy::Resume, None).unwrap().recovered;
                         r.len() == 1 && r[0].outcome == Outcome::Committed
                     });
                     assert!(store.journal().incomplete(None).unwrap().is_empty());

@@ -20,9 +20,10 @@ use crate::backend::{Backend, BackendError, BackendErrorKind};
 use crate::chain::{leaf_of, root_of, Chain, CheckpointDef, ValidChain};
 use crate::error::{Error, Result};
 use crate::journal::{
-    Begin, Committed, Journal, JournalOptions, NewStep, NewTxn, StepOp, StepPhase, TxnEvent,
-    TxnKind, TxnRecord, TxnState, TxnSummary,
+    Begin, Committed, Journal, JournalError, JournalOptions, NewStep, NewTxn, StepOp, StepPhase,
+    TxnEvent, TxnKind, TxnRecord, TxnState, TxnSummary,
 };
+use crate::lock::{DomainLock, Locks};
 use crate::owner::Owner;
 use crate::plan::{plan, plan_with, same_content, Plan, Step};
 use crate::xml::{parse_checkpoint, render_checkpoint};
@@ -141,6 +142,29 @@ pub struct Recovered {
     pub libvirt_calls: u64,
 }
 
+/// A transaction [`Store::recover`] could not finish; it stays open.
+#[derive(Debug)]
+pub struct RecoverFailure {
+    /// The transaction.
+    pub txn: Uuid,
+    /// The domain.
+    pub domain: String,
+    /// Why.
+    pub error: Error,
+}
+
+/// What [`Store::recover`] did, transaction by transaction.
+#[derive(Debug, Default)]
+pub struct RecoverReport {
+    /// Transactions finished (committed or rolled back).
+    pub recovered: Vec<Recovered>,
+    /// Transactions whose recovery failed; they stay open.
+    pub failed: Vec<RecoverFailure>,
+    /// Every transaction still open afterwards (a live owner's, and the
+    /// failed ones), as `status` shows it.
+    pub left_open: Vec<Incomplete>,
+}
+
 /// An open transaction as `status` shows it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Incomplete {
@@ -231,35 +255,10 @@ impl std::fmt::Debug for StoreOptions {
     }
 }
 
-/// Transactions some thread of this process is working on right now. A
-/// transaction owned by this process but not in this set was left open by
-/// an error and may be recovered.
-static ACTIVE: Mutex<BTreeSet<Uuid>> = Mutex::new(BTreeSet::new());
-
-struct Claim(Uuid);
-
-impl Claim {
-    fn take(id: Uuid) -> Option<Claim> {
-        ACTIVE
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(id)
-            .then_some(Claim(id))
-    }
-}
-
-impl Drop for Claim {
-    fn drop(&mut self) {
-        ACTIVE
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&self.0);
-    }
-}
-
 /// The store: a journal plus the engine. Share one between threads.
 pub struct Store {
     journal: Journal,
+    locks: Locks,
     opts: StoreOptions,
     owner: Owner,
 }
@@ -311,9 +310,14 @@ impl Store {
     /// [`Error::Journal`] when the journal cannot be used.
     pub fn open_with(path: impl AsRef<Path>, opts: StoreOptions) -> Result<Store> {
         let journal = Journal::open_with(path.as_ref(), &opts.journal)?;
+        // The journal exists now: its real path names the lock folder, so
+        // that every path that reaches the journal (a symlink, a relative
+        // path) reaches the same locks.
+        let real = std::fs::canonicalize(journal.path()).unwrap_or_else(|_| journal.path().into());
         let owner = opts.owner.clone().unwrap_or_else(Owner::current);
         Ok(Store {
             journal,
+            locks: Locks::beside(&real),
             opts,
             owner,
         })
@@ -350,21 +354,35 @@ impl Store {
         }
     }
 
-    /// May this process take over `t`? Its owner is dead, or it is this
-    /// store's own identity and no thread is working on it.
-    fn orphaned(&self, t: &TxnRecord) -> bool {
+    /// May the caller, holding the domain's lock, take over `t`? Its owner
+    /// is dead, or it is this store's own identity (a transaction an error
+    /// left open). A live owner in another process that holds no lock left
+    /// the transaction open after an error and may still recover it.
+    pub(crate) fn orphaned(&self, t: &TxnRecord) -> bool {
         t.owner == self.owner || !self.alive(&t.owner)
     }
 
-    /// Is `t` held by someone alive: another live process, or a thread of
-    /// this process working on it right now? (Validation reports such a
-    /// domain as busy instead of reading it mid-transaction.)
-    pub(crate) fn is_held(&self, t: &TxnRecord) -> bool {
-        let working = ACTIVE
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .contains(&t.id);
-        working || !self.orphaned(t)
+    /// Take the domain's lock, held until the returned guard is dropped.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Busy`] when another writer (thread or process) holds it;
+    /// [`Error::Journal`] when the lock folder cannot be written.
+    pub(crate) fn lock_domain(&self, domain: &str) -> Result<DomainLock> {
+        match self.locks.try_lock(domain) {
+            Ok(Some(lock)) => Ok(lock),
+            Ok(None) => {
+                let open = self.journal.incomplete(Some(domain))?.into_iter().next();
+                Err(Error::Busy {
+                    domain: domain.to_string(),
+                    txn: open.as_ref().map(|t| t.id),
+                    owner: open.map(|t| t.owner),
+                })
+            }
+            Err(e) => Err(Error::Journal(JournalError::Io {
+                detail: format!("cannot lock domain {domain} beside the journal: {e}"),
+            })),
+        }
     }
 
     /// Make the domain's libvirt checkpoints exactly `chain`, all or nothing.
@@ -464,12 +482,12 @@ impl Store {
     /// [`Error::Busy`] when a live process holds the domain;
     /// [`Error::Backend`]; [`Error::Journal`].
     pub fn import(&self, backend: &dyn Backend, domain: &str) -> Result<SyncReport> {
+        let _lock = self.lock_domain(domain)?;
         let recovered = self.recover_domain_first(backend, domain)?;
         let current = backend
             .list(domain)
             .map_err(backend_err(domain, "list", None))?;
         let id = Uuid::new_v4();
-        let _claim = Claim::take(id);
         let new = NewTxn {
             id,
             domain,
@@ -502,31 +520,45 @@ impl Store {
     /// whose owner is dead, optionally of one domain only. Transactions of
     /// live owners are left alone.
     ///
-    /// # Errors
-    ///
-    /// The first transaction that could not be finished stops the
-    /// recovery with its error; it stays open.
+    /// Every transaction is reported: those finished, those that failed
+    /// (with the error; they stay open) and every transaction still open
+    /// afterwards. One domain that cannot be recovered (gone for good,
+    /// unreachable) does not hide the others.
     ///
     /// Domains are recovered in parallel by at most
     /// [`StoreOptions::workers`] threads; each domain's calls stay
     /// sequential.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Journal`] when the journal cannot be read at all.
     pub fn recover(
         &self,
         backend: &dyn Backend,
         policy: Policy,
         domain: Option<&str>,
-    ) -> Result<Vec<Recovered>> {
+    ) -> Result<RecoverReport> {
         let open = self.journal.incomplete(domain)?;
         let results = parallel_map(open, self.opts.workers, |t| {
-            self.recover_one(backend, &t, policy)
+            (
+                t.id,
+                t.domain.clone(),
+                self.recover_one(backend, &t, policy),
+            )
         });
-        let mut out = Vec::new();
-        for r in results {
-            if let Some(r) = r? {
-                out.push(r);
+        let mut report = RecoverReport::default();
+        for (txn, domain, r) in results {
+            match r {
+                Ok(Some(r)) => report.recovered.push(r),
+                Ok(None) => {}
+                Err(error) => {
+                    warn!(%txn, %domain, %error, "recovery failed; the transaction stays open");
+                    report.failed.push(RecoverFailure { txn, domain, error });
+                }
             }
         }
-        Ok(out)
+        report.left_open = self.status(domain)?.incomplete;
+        Ok(report)
     }
 
     /// [`Store::resync`] of several domains, in parallel by at most
@@ -543,16 +575,34 @@ impl Store {
     }
 
     /// Recover one open transaction if it is orphaned; `None` when another
-    /// live process or thread holds it.
+    /// live writer holds its domain, or it finished meanwhile.
     fn recover_one(
         &self,
         backend: &dyn Backend,
         t: &TxnRecord,
         policy: Policy,
     ) -> Result<Option<Recovered>> {
-        let Some(_claim) = Claim::take(t.id) else {
-            return Ok(None);
+        let _lock = match self.lock_domain(&t.domain) {
+            Ok(lock) => lock,
+            Err(e) if e.is_busy() => return Ok(None),
+            Err(e) => return Err(e),
         };
+        // Read it again under the lock: it may have finished, or moved on,
+        // since it was listed.
+        let t = self.journal.txn(t.id)?;
+        if !t.state.is_open() {
+            return Ok(None);
+        }
+        self.recover_locked(backend, &t, policy)
+    }
+
+    /// [`Store::recover_one`] for a caller that holds the domain's lock.
+    fn recover_locked(
+        &self,
+        backend: &dyn Backend,
+        t: &TxnRecord,
+        policy: Policy,
+    ) -> Result<Option<Recovered>> {
         if !self.orphaned(t) || !self.journal.take_over(t.id, &t.owner, &self.owner)? {
             return Ok(None);
         }
@@ -640,7 +690,7 @@ impl Store {
             .incomplete_summaries(domain)?
             .into_iter()
             .map(|s| Incomplete {
-                owner_alive: self.alive(&s.owner),
+                owner_alive: self.locks.is_held(&s.domain) || self.alive(&s.owner),
                 summary: s,
             })
             .collect();
@@ -703,27 +753,27 @@ impl Store {
             Begin::Started => Ok(()),
             Begin::Open(t) => Err(Error::Busy {
                 domain: domain.to_string(),
-                txn: t.id,
-                owner: t.owner,
+                txn: Some(t.id),
+                owner: Some(t.owner),
             }),
         }
     }
 
     /// Recover an orphaned open transaction on `domain`, or fail with
-    /// `Busy` when a live process holds it.
+    /// `Busy` when a live process holds it. The caller holds the domain's
+    /// lock.
     fn recover_domain_first(&self, backend: &dyn Backend, domain: &str) -> Result<Vec<Recovered>> {
         let mut out = Vec::new();
         for t in self.journal.incomplete(Some(domain))? {
-            match self.recover_one(backend, &t, Policy::Resume) {
-                Ok(Some(r)) => out.push(r),
-                Ok(None) => {
+            match self.recover_locked(backend, &t, Policy::Resume)? {
+                Some(r) => out.push(r),
+                None => {
                     return Err(Error::Busy {
                         domain: domain.to_string(),
-                        txn: t.id,
-                        owner: t.owner,
+                        txn: Some(t.id),
+                        owner: Some(t.owner),
                     })
                 }
-                Err(e) => return Err(e),
             }
         }
         Ok(out)
@@ -740,6 +790,10 @@ impl Store {
         target: Vec<CheckpointDef>,
         mut warnings: Vec<String>,
     ) -> Result<SyncReport> {
+        // Held from before libvirt is first read until the transaction
+        // ends: no other writer can change libvirt or the journal between
+        // our listing and our intent.
+        let _lock = self.lock_domain(domain)?;
         let recovered = self.recover_domain_first(backend, domain)?;
         for r in &recovered {
             warnings.push(format!(
@@ -754,9 +808,6 @@ impl Store {
         let id = Uuid::new_v4();
         let span = info_span!("txn", txn = %id, domain);
         let _e = span.enter();
-        // Claimed before it exists, so no other thread can mistake it for
-        // an orphan.
-        let _claim = Claim::take(id);
         let steps = journal_steps(&plan);
         let new = NewTxn {
             id,
@@ -942,6 +993,12 @@ impl Store {
         self.report_progress(txn, phase, done, total);
         for (step, seq) in plan.steps.iter().zip(seqs) {
             self.point("step.before_call");
+            if !self.journal.still_owns(txn.id, &self.owner)? {
+                return Err(PhaseError::Other(Error::TakenOver {
+                    domain: domain.to_string(),
+                    txn: txn.id,
+                }));
+            }
             let started = Instant::now();
             let result = match step {
                 Step::Delete { before } => backend.delete(domain, &before.name),

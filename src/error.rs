@@ -33,15 +33,30 @@ pub enum Error {
         /// The domain.
         domain: String,
     },
-    /// A live process holds an open transaction on this domain.
-    #[error("domain {domain} is busy: transaction {txn} is held by live process {owner}")]
+    /// A live writer — another process, or another thread of this one —
+    /// works on this domain, or holds an open transaction on it.
+    #[error("domain {domain} is busy: {}", match (txn, owner) {
+        (Some(t), Some(o)) => format!("transaction {t} is held by live process {o}"),
+        _ => "another process or thread is working on it".to_string(),
+    })]
     Busy {
         /// The domain.
         domain: String,
-        /// The open transaction.
+        /// The open transaction, when there is one.
+        txn: Option<Uuid>,
+        /// Its owner, when there is an open transaction.
+        owner: Option<Owner>,
+    },
+    /// The transaction was taken over by another process while this one
+    /// drove it (its lock was not seen: a journal reached through another
+    /// lock folder, or a process of an older version). This process made
+    /// no further libvirt call.
+    #[error("transaction {txn} on domain {domain} was taken over by another process; this one stopped before its next libvirt call")]
+    TakenOver {
+        /// The domain.
+        domain: String,
+        /// The transaction.
         txn: Uuid,
-        /// Its owner.
-        owner: Owner,
     },
     /// libvirt refused a step; the transaction was rolled back to its
     /// before-image (or, if `rolled_back` is false, the rollback could not
@@ -100,7 +115,7 @@ impl Error {
 
     /// A live process holds the domain.
     pub fn is_busy(&self) -> bool {
-        matches!(self, Error::Busy { .. })
+        matches!(self, Error::Busy { .. } | Error::TakenOver { .. })
     }
 
     /// libvirt refused a step and the transaction was rolled back.
@@ -135,10 +150,10 @@ impl Error {
     /// The transaction this error left open or rolled back, if any.
     pub fn txn(&self) -> Option<Uuid> {
         match self {
-            Error::Busy { txn, .. } | Error::Refused { txn, .. } | Error::Diverged { txn, .. } => {
-                Some(*txn)
-            }
-            Error::Backend { txn, .. } => *txn,
+            Error::Refused { txn, .. }
+            | Error::Diverged { txn, .. }
+            | Error::TakenOver { txn, .. } => Some(*txn),
+            Error::Backend { txn, .. } | Error::Busy { txn, .. } => *txn,
             _ => None,
         }
     }

@@ -576,7 +576,7 @@ fn check_table(
         return invalid(format!("{name} too large ({entries} entries)"));
     }
     let bytes = entries * entry_len;
-    if (i64::MAX as u64 - bytes) < offset || offset % cluster != 0 {
+    if (i64::MAX as u64 - bytes) < offset || !offset.is_multiple_of(cluster) {
         return invalid(format!("{name} offset {offset:#x} invalid"));
     }
     Ok(())
@@ -782,7 +782,7 @@ fn check_bitmaps_ext(ext: &BitmapsExt, reserved: u32, cluster: u64) -> Result<()
     if ext.nb_bitmaps == 0 {
         return invalid("bitmaps extension with zero bitmaps");
     }
-    if ext.directory_offset % cluster != 0 {
+    if !ext.directory_offset.is_multiple_of(cluster) {
         return invalid(format!(
             "bitmap directory offset {:#x} not cluster-aligned",
             ext.directory_offset
@@ -955,7 +955,7 @@ fn parse_directory(
         if table_size == 0 || table_offset == 0 {
             return fail("has no bitmap table".into());
         }
-        if table_offset % cluster != 0 {
+        if !table_offset.is_multiple_of(cluster) {
             return fail(format!(
                 "has a bitmap table offset {table_offset:#x} not cluster-aligned"
             ));

@@ -327,14 +327,22 @@ pub fn validate_with(
         .domain_info(domain)
         .map_err(backend_err(domain, "domain lookup"))?;
     let keys = journal_keys(domain, &info);
+    // No writer may change the domain while it is read (and, when it runs,
+    // redefined in place).
+    let _locks = keys
+        .iter()
+        .map(|k| store.lock_domain(k))
+        .collect::<Result<Vec<_>>>()?;
     let mut notes = Vec::new();
     for key in &keys {
         for t in store.journal().incomplete(Some(key))? {
-            if store.is_held(&t) {
+            // The domain's lock is ours: only a live process that left the
+            // transaction open after an error may still hold it.
+            if !store.orphaned(&t) {
                 return Err(Error::Busy {
                     domain: domain.to_string(),
-                    txn: t.id,
-                    owner: t.owner,
+                    txn: Some(t.id),
+                    owner: Some(t.owner),
                 });
             }
             notes.push(format!(

@@ -475,7 +475,8 @@ fn rollback_after_a_crash_restores_the_conflict_and_the_extra() {
     let rec = store_as(&journal(&dir), 2, None);
     let recovered = rec
         .recover(&backend, Policy::Rollback, Some(&dom.name))
-        .unwrap();
+        .unwrap()
+        .recovered;
     let rollback_time = t.elapsed();
     assert_eq!(recovered.len(), 1);
     assert_eq!(recovered[0].outcome, Outcome::RolledBack);
@@ -637,7 +638,10 @@ fn kill_during_sync(test: &str, attempts: u32) {
             assert_eq!(open.len(), 1);
             assert_eq!(open[0].summary.id, txn);
             let t = Instant::now();
-            let recovered = store.recover(&backend, policy, Some(&dom.name)).unwrap();
+            let recovered = store
+                .recover(&backend, policy, Some(&dom.name))
+                .unwrap()
+                .recovered;
             let expected = if policy == Policy::Resume {
                 Outcome::Committed
             } else {
@@ -764,7 +768,8 @@ fn a_backup_after_sync_and_rollback_hangs_off_the_leaf() {
     let rec = store_as(&journal(&dir), 3, None);
     let recovered = rec
         .recover(&backend, Policy::Rollback, Some(&dom.name))
-        .unwrap();
+        .unwrap()
+        .recovered;
     assert_eq!(recovered[0].outcome, Outcome::RolledBack);
     assert_eq!(
         assert_settled(&rec, &backend, &dom.name, &target2, &before),

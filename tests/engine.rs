@@ -98,7 +98,7 @@ fn a_resume_issues_only_the_remaining_calls() {
             ),
             (k, 20)
         );
-        let out = rec.recover(&fake, Policy::Resume, None).unwrap();
+        let out = rec.recover(&fake, Policy::Resume, None).unwrap().recovered;
         assert_eq!(out.len(), 1);
         assert_eq!(out[0].outcome, Outcome::Committed);
         assert_eq!(fake.calls(Op::Redefine), 20 - k, "resume after {k} steps");
@@ -145,12 +145,13 @@ fn a_live_owner_makes_the_domain_busy_and_a_dead_one_is_recovered_first() {
     .unwrap();
     let err = other.sync(&fake, linear_chain(3, 1)).unwrap_err();
     assert!(err.is_busy(), "{err}");
-    assert!(matches!(&err, Error::Busy { owner, .. } if *owner == me));
+    assert!(matches!(&err, Error::Busy { owner: Some(owner), .. } if *owner == me));
     assert_eq!(fake.calls(Op::Redefine), 0, "busy changes nothing");
     assert!(
         other
             .recover(&fake, Policy::Resume, None)
             .unwrap()
+            .recovered
             .is_empty(),
         "a live owner is left alone"
     );
@@ -362,7 +363,7 @@ fn recovery_of_many_domains_runs_in_parallel_and_finishes_all() {
     }
     let rec = j.store(99);
     assert_eq!(rec.status(None).unwrap().incomplete.len(), 6);
-    let out = rec.recover(&fake, Policy::Resume, None).unwrap();
+    let out = rec.recover(&fake, Policy::Resume, None).unwrap().recovered;
     assert_eq!(out.len(), 6);
     assert!(out.iter().all(|r| r.outcome == Outcome::Committed));
     for n in &names {
@@ -372,4 +373,259 @@ fn recovery_of_many_domains_runs_in_parallel_and_finishes_all() {
     assert!(again
         .iter()
         .all(|r| r.as_ref().is_ok_and(|r| r.outcome == Outcome::Unchanged)));
+}
+
+/// Runs `f` on a thread and fails the test when it has not returned within
+/// `secs` seconds (a hang must fail, not stall the suite).
+fn within<T: Send + 'static>(secs: u64, what: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(f());
+    });
+    rx.recv_timeout(std::time::Duration::from_secs(secs))
+        .unwrap_or_else(|_| panic!("{what} did not return within {secs} s: a hang"))
+}
+
+/// A hook that stops the calling thread at the first `step.before_call`
+/// until the test lets it go.
+fn pause_at_first_call() -> (Hook, Arc<std::sync::Barrier>, Arc<std::sync::Barrier>) {
+    let reached = Arc::new(std::sync::Barrier::new(2));
+    let go = Arc::new(std::sync::Barrier::new(2));
+    let first = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let (r, g) = (reached.clone(), go.clone());
+    let hook: Hook = Arc::new(move |p| {
+        if p == "step.before_call" && first.swap(false, std::sync::atomic::Ordering::SeqCst) {
+            r.wait();
+            g.wait();
+        }
+    });
+    (hook, reached, go)
+}
+
+#[test]
+fn a_shared_store_answers_busy_to_recover_and_a_second_sync_while_one_thread_syncs() {
+    let fake = Arc::new(fake_with_domain());
+    let j = TempJournal::new();
+    let (hook, reached, go) = pause_at_first_call();
+    let store = Arc::new(
+        Store::open_with(
+            j.path(),
+            StoreOptions {
+                hook: Some(hook),
+                ..StoreOptions::default()
+            },
+        )
+        .unwrap(),
+    );
+    let (s1, f1) = (store.clone(), fake.clone());
+    let syncing = std::thread::spawn(move || s1.sync(&*f1, linear_chain(6, 2)));
+    reached.wait();
+    // The first thread is inside its transaction. recover() must leave it
+    // alone, and a second sync of the same domain must be Busy.
+    let (s2, f2) = (store.clone(), fake.clone());
+    let recovered = within(20, "recover beside a running sync", move || {
+        s2.recover(&*f2, Policy::Resume, None)
+    })
+    .unwrap();
+    assert!(recovered.recovered.is_empty(), "{recovered:?}");
+    let (s3, f3) = (store.clone(), fake.clone());
+    let second = within(20, "a second sync of the same domain", move || {
+        s3.sync(&*f3, linear_chain(3, 2))
+    });
+    assert!(
+        second.as_ref().is_err_and(Error::is_busy),
+        "a second sync of a domain a thread works on must be Busy: {second:?}"
+    );
+    go.wait();
+    let first = within(20, "the first sync", move || syncing.join().unwrap()).unwrap();
+    assert_eq!(first.outcome, Outcome::Committed);
+    assert!(same_content(&fake.peek(DOMAIN), &defs(6)));
+    assert!(store.status(None).unwrap().incomplete.is_empty());
+}
+
+#[test]
+fn eight_threads_recover_and_sync_overlapping_domains_on_one_store_never_hang() {
+    let fake = Arc::new(FakeBackend::new());
+    let names: Vec<String> = (0..3).map(|i| format!("ov{i}")).collect();
+    for (i, n) in names.iter().enumerate() {
+        fake.define_domain(
+            n,
+            &uuid::Uuid::from_u128(500 + i as u128).to_string(),
+            &["sda", "sdb"],
+            false,
+        );
+    }
+    let j = TempJournal::new();
+    let store = Arc::new(Store::open(j.path()).unwrap());
+    let (names2, fake2, store2) = (names.clone(), fake.clone(), store.clone());
+    let (busy, done) = within(120, "8 threads on 3 domains", move || {
+        let busy = std::sync::atomic::AtomicU64::new(0);
+        let done = std::sync::atomic::AtomicU64::new(0);
+        std::thread::scope(|s| {
+            for t in 0..8usize {
+                let (names, fake, store, busy, done) = (&names2, &fake2, &store2, &busy, &done);
+                s.spawn(move || {
+                    for round in 0..12usize {
+                        if (t + round) % 4 == 0 {
+                            let r = store.recover(&**fake, Policy::Resume, None).unwrap();
+                            assert!(r.failed.is_empty(), "{r:?}");
+                            continue;
+                        }
+                        let n = &names[(t + round) % names.len()];
+                        let chain = ckptstore::Chain {
+                            domain: Some(n.clone()),
+                            ..linear_chain(2 + (t + round) % 5, 2)
+                        };
+                        match store.sync(&**fake, chain) {
+                            Ok(_) => done.fetch_add(1, std::sync::atomic::Ordering::SeqCst),
+                            Err(e) if e.is_busy() => {
+                                busy.fetch_add(1, std::sync::atomic::Ordering::SeqCst)
+                            }
+                            Err(e) => panic!("thread {t} round {round}: {e}"),
+                        };
+                    }
+                });
+            }
+        });
+        (busy.into_inner(), done.into_inner())
+    });
+    println!("engine: 8 threads × 12 rounds on 3 domains: {done} syncs ended, {busy} busy");
+    assert!(done > 0);
+    assert!(store.status(None).unwrap().incomplete.is_empty());
+    // Every domain's committed chain is what libvirt holds.
+    for n in &names {
+        let c = store.committed(n).unwrap().expect("a committed chain");
+        assert!(same_content(&fake.peek(n), &c.defs), "domain {n}");
+    }
+}
+
+/// A backend that stops in its first armed `list` call, after reading
+/// libvirt, until the test lets it go: a writer caught between planning
+/// and committing its intent.
+struct SlowList<'a> {
+    inner: &'a FakeBackend,
+    armed: std::sync::atomic::AtomicBool,
+    reached: std::sync::Barrier,
+    go: std::sync::Barrier,
+}
+
+impl ckptstore::Backend for SlowList<'_> {
+    fn list(&self, domain: &str) -> Result<Vec<ckptstore::CheckpointDef>, ckptstore::BackendError> {
+        let r = self.inner.list(domain);
+        if self.armed.swap(false, std::sync::atomic::Ordering::SeqCst) {
+            self.reached.wait();
+            self.go.wait();
+        }
+        r
+    }
+    fn redefine(
+        &self,
+        domain: &str,
+        xml: &str,
+        validate: bool,
+    ) -> Result<(), ckptstore::BackendError> {
+        self.inner.redefine(domain, xml, validate)
+    }
+    fn delete(&self, domain: &str, name: &str) -> Result<(), ckptstore::BackendError> {
+        self.inner.delete(domain, name)
+    }
+    fn domain_info(
+        &self,
+        domain: &str,
+    ) -> Result<ckptstore::backend::DomainInfo, ckptstore::BackendError> {
+        self.inner.domain_info(domain)
+    }
+    fn describe(&self) -> String {
+        "slow list".into()
+    }
+}
+
+#[test]
+fn no_writer_commits_between_another_writers_listing_and_its_intent() {
+    // libvirt holds chain A (5 checkpoints), committed. Writer 1 re-syncs
+    // A and is caught right after listing libvirt (nothing to do, it
+    // thinks); writer 2 syncs chain B (8 checkpoints) meanwhile. Whatever
+    // the outcome, the journal's committed chain must be what libvirt holds.
+    {
+        let fake = fake_with_domain();
+        let j = TempJournal::new();
+        let store = Store::open(j.path()).unwrap();
+        store.sync(&fake, linear_chain(5, 2)).unwrap();
+        let slow = SlowList {
+            inner: &fake,
+            armed: std::sync::atomic::AtomicBool::new(true),
+            reached: std::sync::Barrier::new(2),
+            go: std::sync::Barrier::new(2),
+        };
+        std::thread::scope(|s| {
+            let w1 = s.spawn(|| store.sync(&slow, linear_chain(5, 2)));
+            slow.reached.wait();
+            let w2 = store.sync(&fake, linear_chain(8, 2));
+            slow.go.wait();
+            let w1 = w1.join().unwrap();
+            assert!(
+                w1.is_ok() || w2.is_ok(),
+                "one of the writers must proceed: {w1:?} {w2:?}"
+            );
+            assert!(
+                w2.as_ref().is_ok() || w2.as_ref().is_err_and(Error::is_busy),
+                "{w2:?}"
+            );
+        });
+        let committed = store.committed(DOMAIN).unwrap().unwrap();
+        assert!(
+            same_content(&fake.peek(DOMAIN), &committed.defs),
+            "the journal's committed chain ({} checkpoints) is not what libvirt holds ({})",
+            committed.defs.len(),
+            fake.peek(DOMAIN).len()
+        );
+    }
+}
+
+#[test]
+fn an_owner_whose_transaction_was_taken_over_stops_before_its_next_call() {
+    let fake = fake_with_domain();
+    let j = TempJournal::new();
+    let (hook, reached, go) = pause_at_first_call();
+    let me = Owner {
+        pid: 41,
+        boot_id: "a".into(),
+        start: 41,
+    };
+    let holder = Store::open_with(
+        j.path(),
+        StoreOptions {
+            owner: Some(me.clone()),
+            hook: Some(hook),
+            ..StoreOptions::default()
+        },
+    )
+    .unwrap();
+    std::thread::scope(|s| {
+        let run = s.spawn(|| holder.sync(&fake, linear_chain(4, 2)));
+        reached.wait();
+        // Someone who did not see the lock (an older version, another lock
+        // folder) takes the transaction over.
+        let other = j.store(42);
+        let open = other.status(None).unwrap().incomplete;
+        assert_eq!(open.len(), 1);
+        let taker = Owner {
+            pid: 42,
+            boot_id: "simulation".into(),
+            start: 42,
+        };
+        assert!(other
+            .journal()
+            .take_over(open[0].summary.id, &me, &taker)
+            .unwrap());
+        go.wait();
+        let err = run.join().unwrap().unwrap_err();
+        assert!(matches!(err, Error::TakenOver { .. }), "{err}");
+        assert!(err.is_busy());
+    });
+    assert_eq!(
+        fake.calls(Op::Redefine) + fake.calls(Op::Delete),
+        0,
+        "no libvirt call after the takeover"
+    );
 }

@@ -200,7 +200,7 @@ fn check_invariant(
     fake: &FakeBackend,
     target: &[ckptstore::CheckpointDef],
     before: &[ckptstore::CheckpointDef],
-    out: ckptstore::Result<Vec<ckptstore::Recovered>>,
+    out: ckptstore::Result<ckptstore::engine::RecoverReport>,
 ) -> &'static str {
     let store = j.store(900);
     let status = store.status(None).unwrap();
@@ -208,10 +208,8 @@ fn check_invariant(
     let at_target = same_content(&now, target);
     let at_before = same_content(&now, before);
     match out {
-        Ok(_)
-        | Err(ckptstore::Error::Refused {
-            rolled_back: true, ..
-        }) => {}
+        Ok(r) if r.failed.is_empty() => {}
+        Ok(r) => panic!("{label}: recovery failed: {:?}", r.failed),
         Err(e) => panic!("{label}: recovery failed: {e}"),
     }
     assert!(

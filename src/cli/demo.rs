@@ -117,6 +117,7 @@ pub fn run(out: &Out) -> anyhow::Result<()> {
     out.say("7. Recover: finish every transaction whose owner died.\n   $ ckptstore recover")?;
     let recovered = store.recover(&backend, Policy::Resume, None)?;
     out.say(indent(&output::recover_text(&recovered, &[])))?;
+    let recovered = recovered.recovered;
     out.say(
         "   libvirt was listed and compared by content first, so only the missing checkpoints\n   \
          were redefined. (`recover --rollback` would have restored the state before instead.)\n",

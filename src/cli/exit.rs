@@ -163,6 +163,17 @@ fn classify(e: &anyhow::Error, inv: &Invocation) -> Fail {
     )
 }
 
+/// The exit code and the JSON `error` object of a library error, as a
+/// failing command would report it.
+pub fn error_doc(e: &Error, inv: &Invocation) -> (u8, serde_json::Value) {
+    let f = store_error(e, inv);
+    let what = f.what.replace('\n', " ");
+    (
+        f.code,
+        json!({"exit_code": f.code, "message": what, "hint": f.todo}),
+    )
+}
+
 fn store_error(e: &Error, inv: &Invocation) -> Fail {
     let what = e.to_string();
     match e {
@@ -180,7 +191,7 @@ fn store_error(e: &Error, inv: &Invocation) -> Fail {
             ),
         ),
         e if e.is_bad_input() => Fail::bad_input(what),
-        Error::Busy { .. } => {
+        Error::Busy { .. } | Error::TakenOver { .. } => {
             Fail::new(BUSY, what, "wait for that process to finish (see `ckptstore status`), then retry")
         }
         Error::Diverged { domain, .. } => Fail::new(

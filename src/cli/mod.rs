@@ -257,7 +257,7 @@ pub fn main() -> ExitCode {
         uri: redact_uri(&cli.connect),
     };
     let out = Out::new(cli.json);
-    match run(cli, &out) {
+    match run(cli, &out, &inv) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => exit::fail(&e, &inv, &out),
     }
@@ -280,7 +280,7 @@ fn init_logs(verbose: u8) {
         .init();
 }
 
-fn run(cli: Cli, out: &Out) -> anyhow::Result<()> {
+fn run(cli: Cli, out: &Out, inv: &Invocation) -> anyhow::Result<()> {
     let backend = || LibvirtBackend::new(&cli.connect);
     match cli.command {
         Command::Sync(args) => {
@@ -314,9 +314,31 @@ fn run(cli: Cli, out: &Out) -> anyhow::Result<()> {
             } else {
                 Policy::Resume
             };
-            let recovered = store.recover(&backend(), policy, args.domain.as_deref())?;
-            let left = store.status(args.domain.as_deref())?.incomplete;
-            out.recover(&recovered, &left)
+            let report = store.recover(&backend(), policy, args.domain.as_deref())?;
+            let failed: Vec<_> = report
+                .failed
+                .iter()
+                .map(|f| exit::error_doc(&f.error, inv))
+                .collect();
+            let docs: Vec<_> = failed.iter().map(|(_, d)| d.clone()).collect();
+            out.recover(&report, &docs)?;
+            // The exit code is the worst of the failures.
+            match failed.iter().max_by_key(|(code, _)| *code) {
+                None => Ok(()),
+                Some((code, doc)) => Err(Fail::new(
+                    *code,
+                    format!(
+                        "recover: {} of {} transaction{} failed and stay{} open: {}",
+                        failed.len(),
+                        report.recovered.len() + failed.len(),
+                        output::plural((report.recovered.len() + failed.len()) as u64),
+                        if failed.len() == 1 { "s" } else { "" },
+                        doc["message"].as_str().unwrap_or_default()
+                    ),
+                    doc["hint"].as_str().unwrap_or_default(),
+                )
+                .into()),
+            }
         }
         Command::Status(args) => {
             let store = open_store(&cli.db)?;

@@ -6,10 +6,11 @@ use std::cell::RefCell;
 use std::fmt::Write as _;
 use std::io::Write as _;
 
+use ckptstore::engine::RecoverReport;
 use ckptstore::engine::{Incomplete, PlanReport};
 use ckptstore::journal::TxnSummary;
 use ckptstore::plan::Step;
-use ckptstore::{Error, Recovered, Status, Store, SyncReport};
+use ckptstore::{Error, Status, Store, SyncReport};
 use serde::Serialize;
 use serde_json::{json, Map, Value};
 
@@ -199,10 +200,25 @@ impl Out {
         })
     }
 
-    pub fn recover(&self, recovered: &[Recovered], left: &[Incomplete]) -> anyhow::Result<()> {
-        let left_doc: Vec<Value> = left.iter().map(incomplete_doc).collect();
-        let doc = json!({"recovered": recovered, "left_open": left_doc});
-        self.emit(&doc, || recover_text(recovered, left))
+    /// The `recover` document; `failed` holds each failure's `error`
+    /// object. With failures, in JSON mode it becomes the failure document
+    /// (the error line is added to it).
+    pub fn recover(&self, r: &RecoverReport, failed: &[Value]) -> anyhow::Result<()> {
+        let left_doc: Vec<Value> = r.left_open.iter().map(incomplete_doc).collect();
+        let failed_doc: Vec<Value> = r
+            .failed
+            .iter()
+            .zip(failed)
+            .map(|(f, e)| json!({"txn": f.txn, "domain": f.domain, "error": e}))
+            .collect();
+        let doc = json!({"recovered": r.recovered, "failed": failed_doc, "left_open": left_doc});
+        if self.json && !r.failed.is_empty() {
+            if let Value::Object(map) = doc {
+                *self.failure_doc.borrow_mut() = Some(map);
+            }
+            return Ok(());
+        }
+        self.emit(&doc, || recover_text(r, failed))
     }
 
     pub fn status(&self, st: &Status) -> anyhow::Result<()> {
@@ -332,13 +348,14 @@ pub fn sync_text(r: &SyncReport) -> String {
     s
 }
 
-/// The human form of `recover`.
-pub fn recover_text(recovered: &[Recovered], left: &[Incomplete]) -> String {
+/// The human form of `recover`; `failed` holds each failure's `error`
+/// object (`message`, `hint`).
+pub fn recover_text(r: &RecoverReport, failed: &[Value]) -> String {
     let mut s = String::new();
-    if recovered.is_empty() && left.is_empty() {
+    if r.recovered.is_empty() && r.left_open.is_empty() && r.failed.is_empty() {
         s.push_str("nothing to recover\n");
     }
-    for r in recovered {
+    for r in &r.recovered {
         let _ = writeln!(
             s,
             "transaction {} on domain {}: {} ({} libvirt call{})",
@@ -349,7 +366,21 @@ pub fn recover_text(recovered: &[Recovered], left: &[Incomplete]) -> String {
             plural(r.libvirt_calls)
         );
     }
-    for t in left {
+    let failed_ids: Vec<_> = r.failed.iter().map(|f| f.txn).collect();
+    for (f, e) in r.failed.iter().zip(failed) {
+        let _ = writeln!(
+            s,
+            "transaction {} on domain {}: failed, still open: {}",
+            f.txn,
+            f.domain,
+            e["message"].as_str().unwrap_or_default()
+        );
+    }
+    for t in r
+        .left_open
+        .iter()
+        .filter(|t| !failed_ids.contains(&t.summary.id))
+    {
         let u = &t.summary;
         let pid = u.owner.pid;
         let what = if t.owner_alive {

@@ -785,6 +785,31 @@ impl Journal {
         Ok(n == 1)
     }
 
+    /// Does `owner` still own open transaction `txn`? (A cheap read: the
+    /// engine asks before every libvirt call, so that an owner whose
+    /// transaction was taken over stops.)
+    ///
+    /// # Errors
+    ///
+    /// SQLite errors.
+    pub fn still_owns(&self, txn: Uuid, owner: &Owner) -> Result<bool> {
+        self.conn()
+            .query_row(
+                "SELECT owner_pid = ?2 AND owner_boot_id = ?3 AND owner_start = ?4 \
+                 AND state IN ('applying', 'rolling_back') FROM txns WHERE id = ?1",
+                params![
+                    txn.to_string(),
+                    owner.pid,
+                    owner.boot_id,
+                    owner.start as i64
+                ],
+                |r| r.get(0),
+            )
+            .optional()
+            .map(|v| v.unwrap_or(false))
+            .map_err(JournalError::from_sqlite)
+    }
+
     /// One transaction.
     ///
     /// # Errors

@@ -326,10 +326,8 @@ pub fn random_simulation(seed: u64, rounds: u64) -> String {
         fake.clear_faults();
         let s3 = j.store(3);
         match s3.recover(&fake, policy, None) {
-            Ok(_)
-            | Err(ckptstore::Error::Refused {
-                rolled_back: true, ..
-            }) => {}
+            Ok(r) if r.failed.is_empty() => {}
+            Ok(r) => panic!("{label}: final recovery failed: {:?}", r.failed),
             Err(e) => panic!("{label}: final recovery failed: {e}"),
         }
         let now = fake_list(&fake);
