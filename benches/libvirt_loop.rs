@@ -23,8 +23,7 @@
 
 #[path = "support/qemu_img_reader.rs"]
 mod qemu_img_reader;
-#[path = "../tests/support/mod.rs"]
-mod support;
+use testkit::support;
 
 use std::collections::BTreeSet;
 use std::panic::{catch_unwind, AssertUnwindSafe};

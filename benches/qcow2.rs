@@ -2,8 +2,7 @@
 //! 200 bitmaps each (64 KiB, 512 B and 2 MiB clusters, and a compressed
 //! copy). Run with `cargo bench --bench qcow2`.
 
-#[path = "../tests/support/qemu.rs"]
-mod qemu;
+use testkit::qemu;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;

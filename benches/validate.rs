@@ -8,8 +8,7 @@
 
 #[path = "support/qemu_img_reader.rs"]
 mod qemu_img_reader;
-#[path = "../tests/support/mod.rs"]
-mod support;
+use testkit::support;
 
 use std::time::Duration;
 

@@ -9,7 +9,7 @@
 //! fake and libvirt fails the fake's test or libvirt's: every such
 //! difference is a bug in the fake.
 
-mod support;
+use testkit::support;
 
 use std::collections::BTreeMap;
 

@@ -24,8 +24,8 @@
 //! binary wait), keep the outage short, and restart it from a guard even
 //! when they fail.
 
-mod sim;
-mod support;
+use testkit::sim;
+use testkit::support;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;

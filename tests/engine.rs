@@ -1,7 +1,7 @@
 //! The engine's promises on the fake backend: economy (calls counted),
 //! one writer per domain, import and re-sync, history, threads.
 
-mod sim;
+use testkit::sim;
 
 use std::sync::Arc;
 

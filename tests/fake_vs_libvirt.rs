@@ -7,7 +7,7 @@
 //! `CKPTSTORE_DIFF_SEEDS=n` runs more seeds; a failure prints its seed and
 //! step, and `CKPTSTORE_DIFF_SEED=s` replays one seed.
 
-mod support;
+use testkit::support;
 
 use std::collections::BTreeSet;
 

@@ -2,7 +2,7 @@
 //! and leaves libvirt (the fake) and the journal as they were. Plus bounded
 //! fuzzing of the chain parser and the libvirt XML parsers.
 
-mod sim;
+use testkit::sim;
 
 use std::collections::BTreeMap;
 

@@ -2,7 +2,7 @@
 //! migrations that never change once released, and files it must refuse
 //! without touching them.
 
-mod sim;
+use testkit::sim;
 
 use std::os::unix::fs::PermissionsExt;
 

@@ -2,7 +2,7 @@
 //! shared daemon keeps running): the call that finds out reports
 //! `ConnectionLost` (outcome unknown) and the next call reconnects.
 
-mod support;
+use testkit::support;
 
 use std::process::Command;
 

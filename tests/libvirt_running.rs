@@ -2,7 +2,7 @@
 //! checkpoint validates, one whose bitmap is missing is inconsistent, and a
 //! shut-off domain cannot validate at all.
 
-mod support;
+use testkit::support;
 
 use ckptstore::xml::render_checkpoint;
 use ckptstore::{Backend, BackendErrorKind as K, CheckpointDef, LibvirtBackend};

@@ -1,8 +1,7 @@
 //! The qcow2 reader against images made by `qemu-img`, cross-checked with
 //! `qemu-img info --output=json`.
 
-#[path = "support/qemu.rs"]
-mod qemu;
+use testkit::qemu;
 
 use std::fs;
 use std::path::{Path, PathBuf};

@@ -8,8 +8,7 @@
 //! 12 s in a debug build); `CKPTSTORE_FUZZ_SEED` replays a seed printed by
 //! an earlier run.
 
-#[path = "support/qemu.rs"]
-mod qemu;
+use testkit::qemu;
 
 use std::collections::BTreeMap;
 use std::fs;

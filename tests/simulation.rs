@@ -12,7 +12,7 @@
 //! `seeded_random_simulation` runs random chains, trees, pre-states, faults
 //! and crashes from a printed seed; `CKPTSTORE_SIM_SEED=N` replays one.
 
-mod sim;
+use testkit::sim;
 
 use std::collections::BTreeMap;
 

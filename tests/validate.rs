@@ -6,9 +6,8 @@
 //! the base's bitmap, a deleted backing file; and a running TCG domain
 //! checked by libvirt's REDEFINE_VALIDATE.
 
-#[path = "support/qemu.rs"]
-mod qemu;
-mod support;
+use testkit::qemu;
+use testkit::support;
 
 use std::collections::BTreeMap;
 use std::fs::OpenOptions;

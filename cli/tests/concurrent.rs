@@ -12,7 +12,7 @@
 //!   is left alone until it dies.
 
 mod rel;
-mod support;
+use testkit::support;
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::Path;

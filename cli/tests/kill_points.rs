@@ -26,7 +26,7 @@
 //! Run: `cargo test --features failpoints --test kill_points -- --nocapture`.
 
 mod rel;
-mod support;
+use testkit::support;
 
 use std::collections::BTreeMap;
 use std::path::Path;

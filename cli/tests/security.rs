@@ -9,7 +9,7 @@
 //!   passes no `-c`, and calls no `system`/`popen`/`exec`.
 
 mod rel;
-mod support;
+use testkit::support;
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};

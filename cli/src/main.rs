@@ -1,5 +1,7 @@
-//! The command line: arguments (clap), one function per command, and the
-//! way out (exit code and one line on stderr, see [`exit`]).
+//! The `ckptstore` command: arguments (clap), one function per command, and
+//! the way out (exit code and one line on stderr, see [`exit`]). A thin
+//! layer over the library, in its own package so that the library never
+//! compiles the command's dependencies.
 //!
 //! Every command is a call into the library followed by rendering
 //! ([`output`]); nothing here decides anything about chains, libvirt or
@@ -244,7 +246,7 @@ pub struct Invocation {
 
 /// Parse the arguments, run the command, and turn the result into an exit
 /// code with one line on stderr when it failed.
-pub fn main() -> ExitCode {
+fn main() -> ExitCode {
     #[cfg(feature = "failpoints")]
     let _armed = failpoints::arm();
     let cli = match Cli::try_parse() {

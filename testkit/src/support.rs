@@ -4,7 +4,6 @@
 //!
 //! Tests that need the real daemon call [`system`], which panics with the
 //! command that starts it: such a test fails, it never skips.
-#![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
 use std::process::Command;

@@ -17,7 +17,7 @@
 //! stays down longer than the command waits for it).
 
 mod rel;
-mod support;
+use testkit::support;
 
 use std::collections::BTreeMap;
 use std::path::Path;

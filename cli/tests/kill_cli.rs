@@ -16,7 +16,7 @@
 //! really killed (a sync that ends before its kill is a round too).
 
 mod rel;
-mod support;
+use testkit::support;
 
 use std::collections::BTreeMap;
 use std::path::Path;

@@ -12,8 +12,7 @@
 //!
 //! Run with `cargo bench --bench peak_rss`.
 
-#[path = "../tests/support/mod.rs"]
-mod support;
+use testkit::support;
 
 use std::path::Path;
 use std::process::Command;

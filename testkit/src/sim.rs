@@ -1,7 +1,6 @@
 //! Shared pieces of the crash simulations: chains, journals in a temporary
 //! folder, stores that crash (panic) at the N-th crash point, a seeded
 //! random simulation.
-#![allow(dead_code)]
 
 use std::collections::BTreeMap;
 use std::panic::{catch_unwind, AssertUnwindSafe};

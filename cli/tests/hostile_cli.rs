@@ -11,7 +11,7 @@
 //! through the binary (`CKPTSTORE_FUZZ_CASES`, `CKPTSTORE_FUZZ_SEED`).
 
 mod rel;
-mod support;
+use testkit::support;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};

@@ -7,7 +7,7 @@
 //! is not running. `CKPTSTORE_UPDATE_SNAPSHOTS=1` rewrites the snapshots.
 
 mod snap;
-mod support;
+use testkit::support;
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::Path;

@@ -1,5 +1,4 @@
 //! `qemu-img` helpers shared by the qcow2 tests, the fuzz test and the bench.
-#![allow(dead_code)]
 
 use std::path::Path;
 use std::process::{Command, Output};

@@ -1,0 +1,15 @@
+//! ckptstore's test helpers, in one place for every test binary and bench
+//! of the workspace:
+//!
+//! - [`support`]: throw-away libvirt domains with unique names and qcow2
+//!   images with bitmaps, removed when dropped; connections to the real
+//!   daemon (`qemu:///system`, which panics with the command that starts it)
+//!   and to the test driver;
+//! - [`sim`]: the simulated world of the crash tests on the fake backend —
+//!   chains, journals in a temporary folder, stores that crash at the N-th
+//!   crash point, the seeded random simulation and its generator;
+//! - [`qemu`]: `qemu-img` helpers to make and inspect images.
+
+pub mod qemu;
+pub mod sim;
+pub mod support;
