@@ -5,7 +5,7 @@
 # embedded test driver (no daemon needed).
 demo:
 	bash tests/support/libvirt.sh install
-	cargo build --release --locked
+	cargo build --release --locked -p ckptstore-cli
 	./target/release/ckptstore demo
 
 # Install libvirt and QEMU, start a private libvirtd, run every check and

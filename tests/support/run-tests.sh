@@ -22,18 +22,18 @@ export CARGO_TERM_COLOR=${CARGO_TERM_COLOR:-never}
 lv_version=$(virsh -c qemu:///system version --daemon | awk '/daemon/ {print $NF}')
 echo "== cargo fmt --check" >&2
 cargo fmt --all -- --check
-echo "== cargo clippy --all-targets -- -D warnings" >&2
-cargo clippy --all-targets --locked -- -D warnings
-echo "== cargo test (libvirt $lv_version)" >&2
-cargo test --locked --tests -- --nocapture 2>&1 | tee target/test-output.txt
+echo "== cargo clippy --workspace --all-targets -- -D warnings" >&2
+cargo clippy --workspace --all-targets --locked -- -D warnings
+echo "== cargo test --workspace (libvirt $lv_version)" >&2
+cargo test --workspace --locked --lib --bins --tests -- --nocapture 2>&1 | tee target/test-output.txt
 # The real binary killed at every named crash point needs the failpoints
 # build (never a release build); it replaces target/debug/ckptstore.
-echo "== cargo clippy --all-targets --features failpoints -- -D warnings" >&2
-cargo clippy --all-targets --locked --features failpoints -- -D warnings
-echo "== cargo test --features failpoints --test kill_points (libvirt $lv_version)" >&2
-cargo test --locked --features failpoints --test kill_points -- --nocapture 2>&1 | tee -a target/test-output.txt
+echo "== cargo clippy --workspace --all-targets --features failpoints -- -D warnings" >&2
+cargo clippy --workspace --all-targets --locked --features ckptstore-cli/failpoints -- -D warnings
+echo "== cargo test -p ckptstore-cli --features failpoints --test kill_points (libvirt $lv_version)" >&2
+cargo test --locked -p ckptstore-cli --features failpoints --test kill_points -- --nocapture 2>&1 | tee -a target/test-output.txt
 echo "== cargo test --doc" >&2
-cargo test --locked --doc
+cargo test --workspace --locked --doc
 # The tests of libvirt's checkpoint API, of ckptstore on it and of daemon
 # deaths, again against libvirt 9.0 (Debian 12's own): its daemon, client
 # library and virsh, in a private mount namespace with its own
