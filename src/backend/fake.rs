@@ -6,9 +6,15 @@
 //! suite, `tests/conformance.rs`, that also runs against real libvirt), with
 //! libvirt's error codes and messages:
 //! - the redefine XML is checked first as libvirt's schema does (names,
-//!   disk targets, a non-empty `<disks>`, an unsigned `creationTime`):
-//!   `InvalidArgument`, code 92; XML that is not well-formed is code 35; a
-//!   missing `creationTime` is `Other`, code 1;
+//!   disk targets, a non-empty `<disks>` when there is one, an unsigned
+//!   `creationTime`): `InvalidArgument`, code 92; XML that is not
+//!   well-formed is code 35; then a missing `<name>` is `InvalidArgument`,
+//!   code 27, and a missing `creationTime` `Other`, code 1;
+//! - a checkpoint with no `<disks>` is accepted and has no disks;
+//! - a `<domain>` inside the XML must carry the domain's UUID
+//!   (`InvalidArgument`, checked after the parent); libvirt's alignment of
+//!   the checkpoint's disks to that embedded domain is not modelled (the
+//!   store never sends one);
 //! - redefine needs the parent to exist: `InvalidArgument`, "parent P for
 //!   moment N not found"; a self-parent or a cycle is `InvalidArgument` too,
 //!   the cycle message naming the ancestor whose parent is N;
@@ -493,9 +499,10 @@ fn is_disk_name(s: &str) -> bool {
 }
 
 /// Check a redefine document as libvirt does before it looks at the
-/// domain's checkpoints: well-formed XML (code 27), then the schema of
-/// `domaincheckpoint.rng` (code 92), then a `creationTime` (code 1).
-fn check_redefine_xml(xml: &str) -> Result<(), BackendError> {
+/// domain's checkpoints: well-formed XML (code 35), then the schema of
+/// `domaincheckpoint.rng` (code 92), then a `<name>` (code 27), then a
+/// `creationTime` (code 1). Returns the UUID of an embedded `<domain>`.
+fn check_redefine_xml(xml: &str) -> Result<Option<String>, BackendError> {
     let not_well_formed = |e: String| {
         BackendError::with_code(
             K::InvalidArgument,
@@ -515,6 +522,8 @@ fn check_redefine_xml(xml: &str) -> Result<(), BackendError> {
     let mut text = String::new();
     let mut disks = 0usize;
     let mut has_time = false;
+    let mut has_name = false;
+    let mut domain_uuid = None;
     let mut schema_ok = true;
     let mut root_seen = false;
     let mut parent_named = false;
@@ -607,9 +616,13 @@ fn check_redefine_xml(xml: &str) -> Result<(), BackendError> {
             Event::End(_) => {
                 let at =
                     |p: &[&[u8]]| path.len() == p.len() && path.iter().zip(p).all(|(a, b)| a == b);
+                if at(&[b"domaincheckpoint", b"domain", b"uuid"]) {
+                    domain_uuid = Some(text.trim().to_string());
+                }
                 if at(&[b"domaincheckpoint", b"name"])
                     || at(&[b"domaincheckpoint", b"parent", b"name"])
                 {
+                    has_name |= path.len() == 2;
                     schema_ok &= is_valid_checkpoint_name(&text);
                 } else if at(&[b"domaincheckpoint", b"creationTime"]) {
                     schema_ok &= is_unsigned_long(&text);
@@ -633,6 +646,13 @@ fn check_redefine_xml(xml: &str) -> Result<(), BackendError> {
     if !schema_ok {
         return Err(schema_error());
     }
+    if !has_name {
+        return Err(BackendError::with_code(
+            K::InvalidArgument,
+            code::XML_ERROR,
+            "XML error: a redefined checkpoint must have a name",
+        ));
+    }
     if !has_time {
         return Err(BackendError::with_code(
             K::Other,
@@ -640,7 +660,7 @@ fn check_redefine_xml(xml: &str) -> Result<(), BackendError> {
             "internal error: missing creationTime from existing checkpoint",
         ));
     }
-    Ok(())
+    Ok(domain_uuid)
 }
 
 /// XML 1.0's `Char` production.
@@ -667,7 +687,7 @@ impl Backend for FakeBackend {
         self.call(Op::Redefine, |st| {
             let d = find(st, domain)?;
             let xml = normalise_line_ends(xml);
-            check_redefine_xml(&xml)?;
+            let embedded_uuid = check_redefine_xml(&xml)?;
             let mut def = parse_checkpoint(&xml)
                 .map_err(|e| BackendError::with_code(K::InvalidArgument, code::XML_ERROR, format!("XML error: {e}")))?;
             // libvirt reads an empty description as none.
@@ -696,6 +716,18 @@ impl Backend for FakeBackend {
                         Some(o) => other = o,
                         None => break,
                     }
+                }
+            }
+            if let Some(u) = embedded_uuid {
+                let same = matches!(
+                    (uuid::Uuid::parse_str(&u), uuid::Uuid::parse_str(&d.uuid)),
+                    (Ok(a), Ok(b)) if a == b
+                );
+                if !same {
+                    return Err(invalid(format!(
+                        "invalid argument: definition for checkpoint {} must use uuid {}",
+                        def.name, d.uuid
+                    )));
                 }
             }
             if validate {
@@ -828,7 +860,7 @@ mod tests {
     fn schema_checks_refuse_what_libvirts_schema_refuses() {
         let ok = "<domaincheckpoint><name>c1</name><creationTime>1</creationTime>\
                   <disks><disk name='vda' checkpoint='bitmap' bitmap='c1'/></disks></domaincheckpoint>";
-        assert_eq!(check_redefine_xml(ok), Ok(()));
+        assert_eq!(check_redefine_xml(ok), Ok(None));
         let code_of = |xml: &str| check_redefine_xml(xml).unwrap_err().code;
         assert_eq!(
             code_of(&ok.replace("<name>c1</name>", "<name>.c1</name>")),
@@ -861,6 +893,23 @@ mod tests {
         assert_eq!(
             code_of("<domaincheckpoint><name>c1</name>"),
             code::XML_DETAIL
+        );
+        // No name: refused before the missing creationTime is noticed.
+        assert_eq!(code_of("<domaincheckpoint/>"), code::XML_ERROR);
+        assert_eq!(
+            code_of(
+                &ok.replace("<name>c1</name>", "")
+                    .replace("<creationTime>1</creationTime>", "")
+            ),
+            code::XML_ERROR
+        );
+        // No <disks> at all is fine; an empty one is not.
+        let bare =
+            "<domaincheckpoint><name>c1</name><creationTime>1</creationTime></domaincheckpoint>";
+        assert_eq!(check_redefine_xml(bare), Ok(None));
+        assert_eq!(
+            code_of(&bare.replace("<creationTime>", "<disks></disks><creationTime>")),
+            code::XML_INVALID_SCHEMA
         );
         assert_eq!(code_of("<domain/>"), code::XML_INVALID_SCHEMA);
         assert!(is_disk_name("sda") && is_disk_name("vdz") && is_disk_name("/img/a.qcow2"));
