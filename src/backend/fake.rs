@@ -38,7 +38,15 @@
 //!   the checkpoint (`Inconsistent`); disks the domain lacks are skipped;
 //! - listing is libvirt's topological order: depth first from the roots,
 //!   siblings most recently (re)defined first; a delete moves the children
-//!   to the front of their new parent's list, in their order.
+//!   to the front of their new parent's list, in their order;
+//! - crash leftovers ([`FakeBackend::plant_leftover`], `NAME.xml.new`, as a
+//!   daemon killed while rewriting a checkpoint's metadata leaves them):
+//!   a restart loads every readable one — a checkpoint libvirt no longer
+//!   has comes back, one it has gets the leftover's definition (the worse
+//!   of the two orders libvirt's directory may give) — and keeps the file;
+//!   a delete leaves it; a redefine of its checkpoint consumes it. The
+//!   fake reads its leftovers like a local daemon's
+//!   ([`Backend::leftovers`]), and removes only stale ones.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Mutex;
@@ -46,7 +54,9 @@ use std::sync::Mutex;
 use quick_xml::events::{BytesStart, Event};
 use quick_xml::Reader;
 
-use super::{Backend, BackendError, BackendErrorKind as K, DomainDisk, DomainInfo};
+use super::{
+    Backend, BackendError, BackendErrorKind as K, DomainDisk, DomainInfo, Leftover, LeftoverScan,
+};
 use crate::chain::{is_valid_checkpoint_name, CheckpointDef};
 use crate::xml::parse_checkpoint;
 
@@ -118,6 +128,9 @@ struct FakeDomain {
     current: Option<String>,
     /// Definitions libvirt will refuse to redefine (a simulated refusal).
     refused: Vec<CheckpointDef>,
+    /// Crash leftovers by checkpoint name: what libvirt would load from
+    /// each (`None`: cut short), and whether it is stale.
+    leftovers: BTreeMap<String, (Option<CheckpointDef>, bool)>,
 }
 
 impl FakeDomain {
@@ -323,13 +336,47 @@ impl FakeBackend {
             .and_then(|d| d.current.clone())
     }
 
-    /// Forget the current checkpoint and recompute it as a daemon restart
-    /// does: the leaf of a single line, or none.
+    /// Restart the daemon: load every readable crash leftover (which
+    /// stays, now older than the daemon), then recompute the current
+    /// checkpoint as libvirt does: the leaf of a single line, or none.
     pub fn restart(&self) {
         let mut st = self.lock();
         for d in &mut st.domains {
+            let loaded: Vec<CheckpointDef> = d
+                .leftovers
+                .values()
+                .filter_map(|(c, _)| c.clone())
+                .collect();
+            for def in loaded {
+                let name = def.name.clone();
+                let parent = def.parent.clone().filter(|p| d.checkpoints.contains_key(p));
+                if let Some(old) = d.checkpoints.insert(name.clone(), def) {
+                    d.unlink(&name, old.parent);
+                }
+                d.link(&name, parent);
+            }
+            for l in d.leftovers.values_mut() {
+                l.1 = true;
+            }
             let defs: Vec<CheckpointDef> = d.checkpoints.values().cloned().collect();
             d.current = current_after_restart(&defs);
+        }
+    }
+
+    /// Leave a crash leftover for checkpoint `name`, as a daemon killed
+    /// while rewriting its metadata does: `content` is what a restart
+    /// would load (`None`: the file was cut short); `stale`: it is older
+    /// than the running daemon (otherwise it may be being written now).
+    pub fn plant_leftover(
+        &self,
+        domain: &str,
+        name: &str,
+        content: Option<CheckpointDef>,
+        stale: bool,
+    ) {
+        let mut st = self.lock();
+        if let Some(d) = st.domains.iter_mut().find(|d| d.is(domain)) {
+            d.leftovers.insert(name.to_string(), (content, stale));
         }
     }
 
@@ -756,6 +803,8 @@ impl Backend for FakeBackend {
             }
             let becomes_current = d.current.is_none() || def.parent.is_some() && def.parent == d.current;
             let name = def.name.clone();
+            // libvirt's rewrite of NAME.xml goes through NAME.xml.new.
+            d.leftovers.remove(&name);
             let parent = def.parent.clone();
             if let Some(old) = d.checkpoints.insert(name.clone(), def) {
                 d.unlink(&name, old.parent);
@@ -809,6 +858,54 @@ impl Backend for FakeBackend {
     fn describe(&self) -> String {
         "fake".into()
     }
+
+    fn leftovers(&self, domain: &str) -> Result<LeftoverScan, BackendError> {
+        let mut st = self.lock();
+        let d = find(&mut st, domain)?;
+        Ok(LeftoverScan::Checked(
+            d.leftovers
+                .iter()
+                .map(|(name, (content, stale))| Leftover {
+                    checkpoint: name.clone(),
+                    path: leftover_path(&d.name, name),
+                    content: content.clone(),
+                    modified: std::time::SystemTime::UNIX_EPOCH,
+                    stale: *stale,
+                })
+                .collect(),
+        ))
+    }
+
+    fn remove_leftover(&self, domain: &str, leftover: &Leftover) -> Result<(), BackendError> {
+        let mut st = self.lock();
+        let d = find(&mut st, domain)?;
+        let name = &leftover.checkpoint;
+        let refuse = |why: &str| {
+            Err(BackendError::new(
+                K::Other,
+                format!("{}: {why}", leftover.path.display()),
+            ))
+        };
+        if leftover.path != leftover_path(&d.name, name) {
+            return refuse("not a leftover of this domain");
+        }
+        if d.checkpoints.contains_key(name) {
+            return refuse("libvirt lists its checkpoint: redefine it instead");
+        }
+        match d.leftovers.get(name) {
+            None => Ok(()),
+            Some((_, false)) => refuse("may be being written now: left alone"),
+            Some(_) => {
+                d.leftovers.remove(name);
+                Ok(())
+            }
+        }
+    }
+}
+
+/// Where the fake says a leftover lives.
+fn leftover_path(domain: &str, name: &str) -> std::path::PathBuf {
+    format!("/fake/{domain}/checkpoint/{name}.xml.new").into()
 }
 
 #[cfg(test)]

@@ -348,6 +348,7 @@ pub fn recover_text(recovered: &[Recovered], left: &[Incomplete]) -> String {
             r.libvirt_calls,
             plural(r.libvirt_calls)
         );
+        warnings(&mut s, &r.warnings);
     }
     for t in left {
         let u = &t.summary;
