@@ -44,9 +44,11 @@
 //!   a restart loads every readable one — a checkpoint libvirt no longer
 //!   has comes back, one it has gets the leftover's definition (the worse
 //!   of the two orders libvirt's directory may give) — and keeps the file;
-//!   a delete leaves it; a redefine of its checkpoint consumes it. The
-//!   fake reads its leftovers like a local daemon's
-//!   ([`Backend::leftovers`]), and removes only stale ones.
+//!   a delete leaves it; a redefine of its checkpoint consumes it (libvirt's
+//!   rewrites of the checkpoint that stops or starts being current, which
+//!   consume that one's leftover too, are not modelled). The fake reads its
+//!   leftovers like a local daemon's ([`Backend::leftovers`]), and removes
+//!   only stale ones.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Mutex;
