@@ -57,6 +57,21 @@ fn daemon_pid() -> Option<u32> {
         .flatten()
 }
 
+/// Once the test domain is gone (dropped after it), removes what a failed
+/// run left in its metadata folder: leftover files, then the folder.
+struct Sweep(Option<PathBuf>);
+
+impl Drop for Sweep {
+    fn drop(&mut self) {
+        if let Some(dir) = &self.0 {
+            for f in leftover_files(dir) {
+                let _ = std::fs::remove_file(dir.join(f));
+            }
+            let _ = std::fs::remove_dir(dir);
+        }
+    }
+}
+
 /// Restarts the daemon when dropped, if it is not running.
 struct Restart;
 
@@ -311,9 +326,12 @@ fn leftovers_of_a_killed_libvirtd_are_repaired_and_nothing_comes_back() {
     );
     let mut rng = Rng::new(seed);
     let conn = support::system();
+    // Declared before the domain, so dropped after it.
+    let mut sweep = Sweep(None);
     let dom = TestDomain::define(&conn, "leftovers", 1);
     drop(conn);
     let name = dom.name.clone();
+    sweep.0 = Some(Path::new(CHECKPOINT_DIR).join(&name));
     let dir = tempfile::Builder::new()
         .prefix("ckptstore-leftovers-")
         .tempdir()

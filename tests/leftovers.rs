@@ -311,14 +311,30 @@ fn where_the_files_cannot_be_read_nothing_is_guessed() {
 
 const CHECKPOINT_DIR: &str = "/var/lib/libvirt/qemu/checkpoint";
 
-fn plant(dom: &str, name: &str, content: &str, age: Duration) -> PathBuf {
-    let path = Path::new(CHECKPOINT_DIR)
-        .join(dom)
-        .join(format!("{name}.xml.new"));
-    std::fs::write(&path, content).unwrap();
-    let f = std::fs::File::options().write(true).open(&path).unwrap();
-    f.set_modified(SystemTime::now() - age).unwrap();
-    path
+/// Plants leftovers in the daemon's folder of a test domain, and removes
+/// what is left of them when dropped (a failed test leaves none behind).
+#[derive(Default)]
+struct Planted(std::cell::RefCell<Vec<PathBuf>>);
+
+impl Planted {
+    fn plant(&self, dom: &str, name: &str, content: &str, age: Duration) -> PathBuf {
+        let path = Path::new(CHECKPOINT_DIR)
+            .join(dom)
+            .join(format!("{name}.xml.new"));
+        self.0.borrow_mut().push(path.clone());
+        std::fs::write(&path, content).unwrap();
+        let f = std::fs::File::options().write(true).open(&path).unwrap();
+        f.set_modified(SystemTime::now() - age).unwrap();
+        path
+    }
+}
+
+impl Drop for Planted {
+    fn drop(&mut self) {
+        for p in self.0.borrow().iter() {
+            let _ = std::fs::remove_file(p);
+        }
+    }
 }
 
 #[test]
@@ -335,6 +351,10 @@ fn planted_leftovers_on_qemu_are_found_and_repaired() {
     let dir = Path::new(CHECKPOINT_DIR).join(&dom.name);
     let file_of = |name: &str| std::fs::read_to_string(dir.join(format!("{name}.xml"))).unwrap();
     let hour = Duration::from_secs(3600);
+    let planted = Planted::default();
+    let plant = |dom: &str, name: &str, content: &str, age: Duration| {
+        planted.plant(dom, name, content, age)
+    };
     // Listed, another definition (as libvirt wrote it, comment and all).
     let c1 = &all[1].name;
     let older = file_of(c1).replace(
