@@ -7,8 +7,8 @@
 //! test domain (no restart here: `tests/daemon_leftovers.rs` kills and
 //! restarts the daemon).
 
-mod sim;
-mod support;
+use testkit::sim;
+use testkit::support;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};

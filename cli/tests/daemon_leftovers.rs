@@ -20,7 +20,7 @@
 //! `CKPTSTORE_LEFTOVER_ROUNDS` sets the number of syncs (default 8).
 
 mod rel;
-mod support;
+use testkit::support;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
