@@ -9,7 +9,7 @@ use std::hint::black_box;
 use std::time::Duration;
 
 use chrono::DateTime;
-use ckptstore::xml::render_checkpoint;
+use ckptstore::testing::render_checkpoint;
 use ckptstore::{Chain, Checkpoint};
 use criterion::{criterion_group, criterion_main, BatchSize, BenchmarkId, Criterion};
 use uuid::Uuid;

@@ -18,9 +18,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chrono::DateTime;
-use ckptstore::backend::fake::FakeBackend;
-use ckptstore::journal::{Begin, Journal, NewStep, NewTxn, StepOp, StepPhase, TxnKind};
-use ckptstore::owner::Owner;
+use ckptstore::testing::{Begin, Journal, NewStep, NewTxn, StepOp, StepPhase, TxnKind};
+use ckptstore::FakeBackend;
+use ckptstore::Owner;
 use ckptstore::{Chain, Checkpoint, CheckpointDef, Store, StoreOptions};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
 use uuid::Uuid;
@@ -61,7 +61,7 @@ fn begin(journal: &Journal, domain: &str) -> Uuid {
         .map(|d| NewStep {
             op: StepOp::Redefine,
             checkpoint: d.name.clone(),
-            xml: Some(ckptstore::xml::render_checkpoint(d)),
+            xml: Some(ckptstore::testing::render_checkpoint(d)),
             before: None,
         })
         .collect();
@@ -169,11 +169,14 @@ fn journal_with_history(dir: &Path, per_domain: usize) -> Store {
         started.elapsed()
     );
     drop(store);
-    let dead: ckptstore::engine::Liveness = Arc::new(|_| false);
+    let dead: ckptstore::testing::Liveness = Arc::new(|_| false);
     Store::open_with(
         &path,
         StoreOptions {
-            liveness: Some(dead),
+            seams: ckptstore::testing::Seams {
+                liveness: Some(dead),
+                ..Default::default()
+            },
             ..opts
         },
     )
@@ -195,7 +198,10 @@ fn incomplete_query(c: &mut Criterion) {
         .measurement_time(Duration::from_secs(3));
     for (n, store) in &stores {
         assert_eq!(store.journal().incomplete(None).unwrap().len(), 1);
-        assert_eq!(store.history("vm000", n + 1).unwrap().len(), n / 100);
+        assert_eq!(
+            store.history("vm000", n + 1).unwrap().transactions.len(),
+            n / 100
+        );
         let label = format!("{n} finished");
         group.bench_with_input(
             BenchmarkId::new("Journal::incomplete(None)", &label),

@@ -33,12 +33,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chrono::DateTime;
-use ckptstore::backend::DomainInfo;
-use ckptstore::engine::Hook;
-use ckptstore::owner::Owner;
-use ckptstore::plan::same_content;
-use ckptstore::validate::{validate_with, DiskChain, ImageError, ImageReader, Qcow2Reader};
-use ckptstore::xml::render_checkpoint;
+use ckptstore::testing::render_checkpoint;
+use ckptstore::testing::same_content;
+use ckptstore::testing::Hook;
+use ckptstore::testing::{validate_with, DiskChain, ImageError, ImageReader, Qcow2Reader};
+use ckptstore::DomainInfo;
+use ckptstore::Owner;
 use ckptstore::{
     Backend, BackendError, BackendErrorKind, Chain, Checkpoint, CheckpointDef, LibvirtBackend,
     Policy, Store,
@@ -517,8 +517,11 @@ fn store_crashing_after(path: &Path, k: u64) -> Store {
         }
     });
     let opts = StoreOptions {
-        owner: Some(dead_owner()),
-        hook: Some(hook),
+        seams: ckptstore::testing::Seams {
+            owner: Some(dead_owner()),
+            hook: Some(hook),
+            ..Default::default()
+        },
         ..StoreOptions::default()
     };
     Store::open_with(path, opts).unwrap()

@@ -7,7 +7,7 @@ use testkit::qemu;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use ckptstore::qcow2::read_image;
+use ckptstore::testing::qcow2::read_image;
 use criterion::{criterion_group, criterion_main, Criterion};
 use qemu::{add_bitmap, create, disable_bitmap, qemu_img, qemu_img_output};
 

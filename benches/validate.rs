@@ -13,7 +13,7 @@ use testkit::support;
 use std::time::Duration;
 
 use chrono::DateTime;
-use ckptstore::validate::{validate_with, ImageReader, Qcow2Reader};
+use ckptstore::testing::{validate_with, ImageReader, Qcow2Reader};
 use ckptstore::{validate, Chain, Checkpoint, LibvirtBackend, Store};
 use criterion::{criterion_group, criterion_main, Criterion};
 use qemu_img_reader::QemuImgReader;

@@ -2,10 +2,12 @@
 //! context a caller needs (domain, transaction, checkpoint) and predicates
 //! to branch on kinds rather than on message text.
 
+use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use crate::backend::{BackendError, BackendErrorKind};
 use crate::chain::ChainError;
+use crate::engine::SyncReport;
 use crate::journal::JournalError;
 use crate::owner::Owner;
 
@@ -74,6 +76,18 @@ pub enum Error {
         source: BackendError,
         /// Whether libvirt is back at the before-image.
         rolled_back: bool,
+        /// The rolled-back transaction's report (`outcome: rolled_back`),
+        /// when a sync or re-apply was refused and rolled back.
+        report: Option<Box<SyncReport>>,
+    },
+    /// The caller's progress callback asked to stop: the transaction stays
+    /// open, exactly as if the caller had been killed there, for `recover`.
+    #[error("transaction {txn} on domain {domain} was stopped by the caller's progress callback; left open for recover")]
+    Aborted {
+        /// The domain.
+        domain: String,
+        /// The transaction.
+        txn: Uuid,
     },
     /// A backend call failed in a way that is not a refusal of a step: the
     /// domain does not exist, libvirt is unreachable, or the connection was
@@ -104,47 +118,140 @@ pub enum Error {
     Journal(#[from] JournalError),
 }
 
+/// What kind of failure an [`Error`] is: what the caller should do next,
+/// and the command's exit code. Every error has exactly one kind
+/// ([`Error::kind`]); callers branch on it, never on message text.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorKind {
+    /// libvirt refused a step and the transaction was rolled back: libvirt
+    /// is as it was. Exit code 1.
+    RolledBack,
+    /// Bad input: nothing was changed anywhere. Exit code 2.
+    BadInput,
+    /// A live process or thread works on the domain, or holds its open
+    /// transaction (or another tool kept changing its checkpoints). Exit
+    /// code 3.
+    Busy,
+    /// libvirt cannot be reached or the domain does not exist, or a failure
+    /// left a transaction open for `recover` (a lost connection that did
+    /// not come back, a rollback libvirt refused, a stop asked by the
+    /// progress callback). Exit code 4.
+    Unreachable,
+    /// The journal cannot be used. Exit code 5.
+    Journal,
+    /// `validate` found problems: not an [`Error`] (the report says what),
+    /// but the `error` of the `validate` document and its exit code 1.
+    Findings,
+}
+
+impl ErrorKind {
+    /// The command's exit code for this kind (the one table of them).
+    pub const fn exit_code(self) -> u8 {
+        match self {
+            ErrorKind::RolledBack => 1,
+            ErrorKind::BadInput => 2,
+            ErrorKind::Busy => 3,
+            ErrorKind::Unreachable => 4,
+            ErrorKind::Journal => 5,
+            ErrorKind::Findings => 1,
+        }
+    }
+}
+
 impl Error {
-    /// Bad input: nothing was changed anywhere.
-    pub fn is_bad_input(&self) -> bool {
-        matches!(
-            self,
-            Error::Chain(_) | Error::UnknownTarget { .. } | Error::NoCommittedChain { .. }
-        )
+    /// The kind of this error.
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            Error::Chain(_) | Error::UnknownTarget { .. } | Error::NoCommittedChain { .. } => {
+                ErrorKind::BadInput
+            }
+            Error::Busy { .. } | Error::TakenOver { .. } | Error::Diverged { .. } => {
+                ErrorKind::Busy
+            }
+            Error::Refused {
+                rolled_back: true, ..
+            } => ErrorKind::RolledBack,
+            Error::Refused {
+                rolled_back: false, ..
+            }
+            | Error::Backend { .. }
+            | Error::Aborted { .. } => ErrorKind::Unreachable,
+            Error::Journal(_) => ErrorKind::Journal,
+        }
     }
 
-    /// A live process holds the domain.
+    /// What to do about it, in one sentence (the text after the dash of the
+    /// command's error line, and the `hint` of the JSON error document).
+    pub fn hint(&self) -> String {
+        match self {
+            Error::Chain(_) => {
+                "fix the chain (its form: `ckptstore sync --help`); nothing was changed".into()
+            }
+            Error::UnknownTarget { .. } => {
+                "update the chain's disk map to the domain's current disk targets; nothing was changed".into()
+            }
+            Error::NoCommittedChain { domain } => format!(
+                "run `ckptstore sync --chain FILE` or `ckptstore import --domain {domain}` first; nothing was changed"
+            ),
+            Error::Busy { .. } | Error::TakenOver { .. } => {
+                "wait for that process to finish (see `ckptstore status`), then retry".into()
+            }
+            Error::Diverged { domain, .. } => format!(
+                "another tool is changing these checkpoints: stop it, then run `ckptstore recover --domain {domain}`"
+            ),
+            Error::Refused {
+                rolled_back: true, ..
+            } => "libvirt's checkpoints are as they were before; fix the cause and retry".into(),
+            Error::Refused { domain, .. } => format!(
+                "run `ckptstore recover --domain {domain}` once libvirt accepts the calls again"
+            ),
+            Error::Aborted { domain, .. } => format!(
+                "run `ckptstore recover --domain {domain}` to finish or undo it"
+            ),
+            Error::Backend {
+                source, txn: None, ..
+            } => match source.kind {
+                BackendErrorKind::NoDomain => {
+                    "check the domain's name or UUID (`virsh list --all`) and the libvirt URI".into()
+                }
+                BackendErrorKind::Unreachable | BackendErrorKind::ConnectionLost => {
+                    "check that libvirtd runs and answers there (choose it with --connect or LIBVIRT_DEFAULT_URI), then retry"
+                        .into()
+                }
+                _ => "nothing was changed; check libvirt's log, then retry".into(),
+            },
+            Error::Backend { .. } => {
+                "the transaction is left open: run `ckptstore recover` once libvirt answers again".into()
+            }
+            Error::Journal(j) => j.hint().into(),
+        }
+    }
+
+    /// Bad input: nothing was changed anywhere.
+    pub fn is_bad_input(&self) -> bool {
+        self.kind() == ErrorKind::BadInput
+    }
+
+    /// A live process or thread holds the domain.
     pub fn is_busy(&self) -> bool {
-        matches!(self, Error::Busy { .. } | Error::TakenOver { .. })
+        self.kind() == ErrorKind::Busy
     }
 
     /// libvirt refused a step and the transaction was rolled back.
     pub fn is_rolled_back(&self) -> bool {
-        matches!(
-            self,
-            Error::Refused {
-                rolled_back: true,
-                ..
-            }
-        )
+        self.kind() == ErrorKind::RolledBack
     }
 
-    /// libvirt cannot be reached, or the domain does not exist.
+    /// libvirt cannot be reached, the domain does not exist, or a failure
+    /// left a transaction open.
     pub fn is_unreachable(&self) -> bool {
-        match self {
-            Error::Backend { source, .. } => matches!(
-                source.kind,
-                BackendErrorKind::Unreachable
-                    | BackendErrorKind::NoDomain
-                    | BackendErrorKind::ConnectionLost
-            ),
-            _ => false,
-        }
+        self.kind() == ErrorKind::Unreachable
     }
 
     /// The journal is corrupt, from a newer schema, read-only, full or locked.
     pub fn is_journal(&self) -> bool {
-        matches!(self, Error::Journal(_))
+        self.kind() == ErrorKind::Journal
     }
 
     /// The transaction this error left open or rolled back, if any.
@@ -152,10 +259,57 @@ impl Error {
         match self {
             Error::Refused { txn, .. }
             | Error::Diverged { txn, .. }
-            | Error::TakenOver { txn, .. } => Some(*txn),
+            | Error::TakenOver { txn, .. }
+            | Error::Aborted { txn, .. } => Some(*txn),
             Error::Backend { txn, .. } | Error::Busy { txn, .. } => *txn,
+            Error::Chain(_)
+            | Error::UnknownTarget { .. }
+            | Error::NoCommittedChain { .. }
+            | Error::Journal(_) => None,
+        }
+    }
+
+    /// The rolled-back report of a refused sync or re-apply.
+    pub fn report(&self) -> Option<&SyncReport> {
+        match self {
+            Error::Refused { report, .. } => report.as_deref(),
             _ => None,
         }
+    }
+}
+
+/// An error as the JSON documents carry it (`error`): its kind, the exit
+/// code, the message and what to do. The command prints it, the Python
+/// module raises it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ErrorDoc {
+    /// The kind.
+    pub kind: ErrorKind,
+    /// The command's exit code for it.
+    pub exit_code: u8,
+    /// What happened, on one line.
+    pub message: String,
+    /// What to do.
+    pub hint: String,
+}
+
+impl ErrorDoc {
+    /// A document of a kind with a message and a hint (for failures found
+    /// outside the library, such as an unreadable chain file).
+    pub fn new(kind: ErrorKind, message: impl Into<String>, hint: impl Into<String>) -> ErrorDoc {
+        ErrorDoc {
+            kind,
+            exit_code: kind.exit_code(),
+            message: message.into().replace('\n', " "),
+            hint: hint.into(),
+        }
+    }
+}
+
+impl From<&Error> for ErrorDoc {
+    fn from(e: &Error) -> ErrorDoc {
+        ErrorDoc::new(e.kind(), e.to_string(), e.hint())
     }
 }
 

@@ -2,23 +2,43 @@
 #![deny(missing_docs)]
 #![deny(unsafe_code)]
 
-pub mod backend;
-pub mod chain;
-pub mod qcow2;
-pub mod xml;
-
-pub use backend::libvirt::LibvirtBackend;
-pub use backend::{Backend, BackendError, BackendErrorKind};
-pub use chain::{Chain, ChainError, Checkpoint, CheckpointDef, ValidChain};
-pub mod engine;
-pub mod error;
-pub mod journal;
+// Every module is private: the public face is the list below, and nothing
+// else is reachable from outside. ARCHITECTURE.md has the code map.
+mod backend;
+mod chain;
+mod engine;
+mod error;
+mod journal;
 mod leftovers;
 mod lock;
-pub mod owner;
-pub mod plan;
-pub mod validate;
+mod owner;
+mod plan;
+mod qcow2;
+mod validate;
+mod xml;
 
-pub use engine::{Outcome, Policy, Recovered, Status, Store, StoreOptions, SyncReport};
-pub use error::{Error, Result};
+#[cfg(feature = "testing")]
+pub mod testing;
+
+pub use backend::fake::FakeBackend;
+pub use backend::libvirt::{redact_uri, LibvirtBackend};
+pub use backend::{
+    Backend, BackendError, BackendErrorKind, DomainDisk, DomainInfo, Leftover, LeftoverScan,
+};
+pub use chain::{
+    Chain, ChainError, Checkpoint, CheckpointDef, DetachedDisk, ValidChain, MAX_CHECKPOINTS,
+};
+pub use engine::{
+    DomainStatus, History, HistoryEntry, Incomplete, Outcome, PlanReport, PlanStep, Policy,
+    Progress, ProgressFn, RecoverFailure, RecoverReport, Recovered, Status, Store, StoreOptions,
+    SyncReport, CRASH_POINTS,
+};
+pub use error::{Error, ErrorDoc, ErrorKind, Result};
+pub use journal::{Committed, JournalError, JournalOptions, StepPhase, TxnKind, TxnState};
+pub use owner::Owner;
+pub use qcow2::{
+    read_chain as read_qcow2_chain, read_image as read_qcow2, Backing as Qcow2Backing,
+    BackingChain as Qcow2Chain, Bitmap as Qcow2Bitmap, ChainEnd as Qcow2ChainEnd,
+    Image as Qcow2Image, Qcow2Error, MAX_CHAIN_DEPTH,
+};
 pub use validate::{validate, Finding, FindingKind, Report};

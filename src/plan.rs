@@ -82,19 +82,6 @@ impl Plan {
             .map(|s| s.checkpoint().to_string())
             .collect()
     }
-
-    /// Names of the forced (same-content) redefines.
-    pub fn forced(&self) -> BTreeSet<String> {
-        self.steps
-            .iter()
-            .filter_map(|s| match s {
-                Step::Redefine {
-                    def, forced: true, ..
-                } => Some(def.name.clone()),
-                _ => None,
-            })
-            .collect()
-    }
 }
 
 /// Do two sets of definitions hold the same checkpoints with the same

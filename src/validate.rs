@@ -1359,12 +1359,15 @@ mod tests {
         );
         // Owned by a live process that is not this one: busy.
         let other = StoreOptions {
-            owner: Some(crate::owner::Owner {
-                pid: 1,
-                boot_id: "x".into(),
-                start: 1,
-            }),
-            liveness: Some(std::sync::Arc::new(|_: &crate::owner::Owner| true)),
+            seams: crate::engine::Seams {
+                owner: Some(crate::owner::Owner {
+                    pid: 1,
+                    boot_id: "x".into(),
+                    start: 1,
+                }),
+                liveness: Some(std::sync::Arc::new(|_: &crate::owner::Owner| true)),
+                ..Default::default()
+            },
             ..StoreOptions::default()
         };
         let store2 = Store::open_with(s._dir.path().join("k.db"), other).unwrap();

@@ -13,9 +13,9 @@ use testkit::support;
 
 use std::collections::BTreeMap;
 
-use ckptstore::backend::fake::FakeBackend;
-use ckptstore::chain::xml_safe_text;
-use ckptstore::xml::render_checkpoint;
+use ckptstore::testing::render_checkpoint;
+use ckptstore::testing::xml_safe_text;
+use ckptstore::FakeBackend;
 use ckptstore::{Backend, BackendError, BackendErrorKind as K, CheckpointDef, LibvirtBackend};
 use support::TestDomain;
 
@@ -817,7 +817,7 @@ fn libvirts_own_checkpoint_files(h: &dyn Harness) {
         }
         // Whatever the file, what the store renders from what it reads is
         // accepted where the name is one libvirt takes, and lists the same.
-        if let Some(want) = want.filter(|w| ckptstore::chain::is_valid_checkpoint_name(&w.name)) {
+        if let Some(want) = want.filter(|w| ckptstore::testing::is_valid_checkpoint_name(&w.name)) {
             put(h, &dom, &want).unwrap_or_else(|e| panic!("{ctx}, rendered: {e:?}"));
             assert_eq!(listed(&want.name), want, "{ctx}, rendered");
         }
@@ -942,12 +942,12 @@ fn libvirts_checkpoint_files_parse_and_round_trip() {
     named.sort();
     assert_eq!(present, named);
     for (file, want) in expected {
-        let got = ckptstore::xml::parse_checkpoint(&libvirt_file(file));
+        let got = ckptstore::testing::parse_checkpoint(&libvirt_file(file));
         match want {
             Some(want) => {
                 let got = got.unwrap_or_else(|e| panic!("{file}: {e}"));
                 assert_eq!(got, want, "{file}");
-                let again = ckptstore::xml::parse_checkpoint(&render_checkpoint(&got)).unwrap();
+                let again = ckptstore::testing::parse_checkpoint(&render_checkpoint(&got)).unwrap();
                 assert_eq!(again, got, "{file}: render then parse");
             }
             None => assert!(got.is_err(), "{file} must be refused: {got:?}"),

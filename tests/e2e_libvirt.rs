@@ -35,11 +35,12 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use chrono::DateTime;
-use ckptstore::backend::fake::FakeBackend;
-use ckptstore::engine::Hook;
-use ckptstore::owner::Owner;
-use ckptstore::plan::{same_content, Step};
-use ckptstore::xml::render_checkpoint;
+use ckptstore::testing::render_checkpoint;
+use ckptstore::testing::same_content;
+use ckptstore::testing::Hook;
+use ckptstore::FakeBackend;
+use ckptstore::Owner;
+use ckptstore::PlanStep;
 use ckptstore::{
     Backend, BackendErrorKind as K, Chain, Checkpoint, CheckpointDef, Error, LibvirtBackend,
     Outcome, Policy, Store, StoreOptions,
@@ -234,13 +235,15 @@ fn journal(dir: &tempfile::TempDir) -> PathBuf {
 /// A store acting as simulated process `owner`; every other owner is dead.
 fn store_as(path: &Path, owner: u32, hook: Option<Hook>) -> Store {
     let opts = StoreOptions {
-        owner: Some(Owner {
-            pid: owner,
-            boot_id: "e2e".into(),
-            start: u64::from(owner),
-        }),
-        liveness: Some(Arc::new(|_| false)),
-        hook,
+        seams: ckptstore::testing::Seams {
+            owner: Some(Owner {
+                pid: owner,
+                boot_id: "e2e".into(),
+                start: u64::from(owner),
+            }),
+            liveness: Some(Arc::new(|_| false)),
+            hook,
+        },
         ..StoreOptions::default()
     };
     Store::open_with(path, opts).unwrap()
@@ -257,24 +260,28 @@ fn at_point(point: &'static str, nth: u64, f: impl Fn() + Send + Sync + 'static)
 }
 
 /// The 1-based position of the step on `checkpoint` in the plan.
-fn step_number(steps: &[Step], checkpoint: &str) -> u64 {
+fn step_number(steps: &[PlanStep], checkpoint: &str) -> u64 {
     1 + steps
         .iter()
         .position(|s| s.checkpoint() == checkpoint)
         .expect("the plan has the step") as u64
 }
 
-fn ops(steps: &[Step], names: &dyn Fn(&str) -> String) -> Vec<String> {
+fn ops(steps: &[PlanStep], names: &dyn Fn(&str) -> String) -> Vec<String> {
     steps
         .iter()
         .map(|s| match s {
-            Step::Delete { before } => format!("-{}", names(&before.name)),
-            Step::Redefine {
-                def, forced: false, ..
-            } => format!("+{}", names(&def.name)),
-            Step::Redefine {
-                def, forced: true, ..
-            } => format!("={}", names(&def.name)),
+            PlanStep::Delete { checkpoint, .. } => format!("-{}", names(checkpoint)),
+            PlanStep::Redefine {
+                checkpoint,
+                forced: false,
+                ..
+            } => format!("+{}", names(checkpoint)),
+            PlanStep::Redefine {
+                checkpoint,
+                forced: true,
+                ..
+            } => format!("={}", names(checkpoint)),
         })
         .collect()
 }
@@ -321,13 +328,7 @@ fn assert_settled(
 }
 
 fn seed(test: &str) -> u64 {
-    let seed = match std::env::var("CKPTSTORE_E2E_SEED") {
-        Ok(s) => s.parse().expect("CKPTSTORE_E2E_SEED must be a number"),
-        Err(_) => std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_nanos() as u64,
-    };
+    let seed = testkit::rng::seed("CKPTSTORE_E2E_SEED");
     println!("{test}: seed {seed} (replay with CKPTSTORE_E2E_SEED={seed})");
     seed
 }
@@ -446,8 +447,7 @@ fn rollback_after_a_crash_restores_the_conflict_and_the_extra() {
     let dir = journal_dir();
     let plan = store_as(&journal(&dir), 1, None)
         .plan(&backend, chain.clone())
-        .unwrap()
-        .plan;
+        .unwrap();
     assert_eq!(ops(&plan.steps, &short), CONFLICT_PLAN);
 
     // The process dies just before the last call: x is deleted and c5
@@ -506,8 +506,7 @@ fn a_step_libvirt_refuses_rolls_back_the_conflict_and_the_extra() {
     let dir = journal_dir();
     let plan = store_as(&journal(&dir), 1, None)
         .plan(&backend, chain.clone())
-        .unwrap()
-        .plan;
+        .unwrap();
     assert_eq!(ops(&plan.steps, &short), CONFLICT_PLAN);
 
     // Just before c11 is redefined another client deletes its parent c10:
@@ -548,7 +547,7 @@ fn a_step_libvirt_refuses_rolls_back_the_conflict_and_the_extra() {
         assert_settled(&store, &backend, &dom.name, &target, &before),
         Outcome::RolledBack
     );
-    let history = store.history(&dom.name, 1).unwrap();
+    let history = store.history(&dom.name, 1).unwrap().transactions;
     assert!(
         history[0]
             .error
@@ -593,7 +592,10 @@ fn kill_during_sync(test: &str, attempts: u32) {
     });
     let dir = journal_dir();
     let opts = StoreOptions {
-        hook: Some(hook),
+        seams: ckptstore::testing::Seams {
+            hook: Some(hook),
+            ..Default::default()
+        },
         reconnect_attempts: attempts,
         reconnect_delay: Duration::from_millis(100),
         ..StoreOptions::default()
@@ -636,7 +638,7 @@ fn kill_during_sync(test: &str, attempts: u32) {
             let txn = e.txn().expect("the transaction is left open");
             let open = store.status(Some(&dom.name)).unwrap().incomplete;
             assert_eq!(open.len(), 1);
-            assert_eq!(open[0].summary.id, txn);
+            assert_eq!(open[0].txn, txn);
             let t = Instant::now();
             let recovered = store
                 .recover(&backend, policy, Some(&dom.name))
@@ -725,7 +727,7 @@ fn a_backup_after_sync_and_rollback_hangs_off_the_leaf() {
     let dir = journal_dir();
     let store = store_as(&journal(&dir), 1, None);
     let chain1 = chain(&dom, &line(6));
-    let plan = store.plan(&backend, chain1.clone()).unwrap().plan;
+    let plan = store.plan(&backend, chain1.clone()).unwrap();
     assert_eq!(
         ops(&plan.steps, &short),
         ["-x2", "-x1", "=c2", "=c3", "+c4", "+c5"]
@@ -750,7 +752,7 @@ fn a_backup_after_sync_and_rollback_hangs_off_the_leaf() {
     let mut chain2 = chain(&dom, &line(8));
     chain2.checkpoints[3].description = Some("edited".into());
     let target2 = defs(&chain2);
-    let plan = store.plan(&backend, chain2.clone()).unwrap().plan;
+    let plan = store.plan(&backend, chain2.clone()).unwrap();
     assert_eq!(
         ops(&plan.steps, &short),
         ["-y", "+c3", "=c4", "=c5", "+c6", "+c7"]

@@ -5,10 +5,10 @@ use testkit::sim;
 
 use std::sync::Arc;
 
-use ckptstore::backend::fake::{FakeBackend, Op};
-use ckptstore::engine::Hook;
-use ckptstore::owner::Owner;
-use ckptstore::plan::same_content;
+use ckptstore::testing::same_content;
+use ckptstore::testing::Hook;
+use ckptstore::testing::{FakeBackend, Op};
+use ckptstore::Owner;
 use ckptstore::{Error, Outcome, Policy, Store, StoreOptions};
 use sim::*;
 
@@ -74,13 +74,15 @@ fn a_resume_issues_only_the_remaining_calls() {
         let crashed = Store::open_with(
             j.path(),
             StoreOptions {
-                owner: Some(Owner {
-                    pid: 1,
-                    boot_id: "gone".into(),
-                    start: 1,
-                }),
-                liveness: Some(Arc::new(|_| false)),
-                hook: Some(hook),
+                seams: ckptstore::testing::Seams {
+                    owner: Some(Owner {
+                        pid: 1,
+                        boot_id: "gone".into(),
+                        start: 1,
+                    }),
+                    liveness: Some(Arc::new(|_| false)),
+                    hook: Some(hook),
+                },
                 ..StoreOptions::default()
             },
         )
@@ -92,10 +94,7 @@ fn a_resume_issues_only_the_remaining_calls() {
         let status = rec.status(None).unwrap();
         assert_eq!(status.incomplete.len(), 1);
         assert_eq!(
-            (
-                status.incomplete[0].summary.done,
-                status.incomplete[0].summary.total
-            ),
+            (status.incomplete[0].done, status.incomplete[0].total),
             (k, 20)
         );
         let out = rec.recover(&fake, Policy::Resume, None).unwrap().recovered;
@@ -122,8 +121,11 @@ fn a_live_owner_makes_the_domain_busy_and_a_dead_one_is_recovered_first() {
     let holder = Store::open_with(
         j.path(),
         StoreOptions {
-            owner: Some(me.clone()),
-            hook: Some(hook),
+            seams: ckptstore::testing::Seams {
+                owner: Some(me.clone()),
+                hook: Some(hook),
+                ..Default::default()
+            },
             ..Default::default()
         },
     )
@@ -134,11 +136,14 @@ fn a_live_owner_makes_the_domain_busy_and_a_dead_one_is_recovered_first() {
     let other = Store::open_with(
         j.path(),
         StoreOptions {
-            owner: Some(Owner {
-                pid: 2,
-                boot_id: "x".into(),
-                start: 2,
-            }),
+            seams: ckptstore::testing::Seams {
+                owner: Some(Owner {
+                    pid: 2,
+                    boot_id: "x".into(),
+                    start: 2,
+                }),
+                ..Default::default()
+            },
             ..Default::default()
         },
     )
@@ -160,12 +165,15 @@ fn a_live_owner_makes_the_domain_busy_and_a_dead_one_is_recovered_first() {
     let later = Store::open_with(
         j.path(),
         StoreOptions {
-            owner: Some(Owner {
-                pid: 3,
-                boot_id: "y".into(),
-                start: 3,
-            }),
-            liveness: Some(Arc::new(|_| false)),
+            seams: ckptstore::testing::Seams {
+                owner: Some(Owner {
+                    pid: 3,
+                    boot_id: "y".into(),
+                    start: 3,
+                }),
+                liveness: Some(Arc::new(|_| false)),
+                ..Default::default()
+            },
             ..Default::default()
         },
     )
@@ -197,8 +205,8 @@ fn a_refused_step_rolls_back_to_the_exact_before_image() {
         "the error names the checkpoint: {err}"
     );
     assert!(same_content(&fake.peek(DOMAIN), &before));
-    let h = store.history(DOMAIN, 10).unwrap();
-    assert_eq!(h[0].state, ckptstore::journal::TxnState::RolledBack);
+    let h = store.history(DOMAIN, 10).unwrap().transactions;
+    assert_eq!(h[0].state, ckptstore::testing::TxnState::RolledBack);
     assert!(
         store.committed(DOMAIN).unwrap().is_none(),
         "a rolled-back sync commits no chain"
@@ -222,7 +230,7 @@ fn bad_input_changes_nothing() {
     chain.checkpoints[0].parent = Some(ckpt_id(2));
     assert!(store.sync(&fake, chain).unwrap_err().is_bad_input());
     assert_eq!(fake.calls(Op::Redefine) + fake.calls(Op::Delete), 0);
-    assert!(store.history(DOMAIN, 10).unwrap().is_empty());
+    assert!(store.history(DOMAIN, 10).unwrap().transactions.is_empty());
     let err = store
         .sync(
             &fake,
@@ -286,13 +294,16 @@ fn history_is_pruned_but_open_transactions_never_are() {
     let store = Store::open_with(
         j.path(),
         StoreOptions {
+            seams: ckptstore::testing::Seams {
+                owner: Some(Owner {
+                    pid: 1,
+                    boot_id: "h".into(),
+                    start: 1,
+                }),
+                liveness: Some(Arc::new(|_| true)),
+                ..Default::default()
+            },
             history: 3,
-            owner: Some(Owner {
-                pid: 1,
-                boot_id: "h".into(),
-                start: 1,
-            }),
-            liveness: Some(Arc::new(|_| true)),
             ..Default::default()
         },
     )
@@ -300,9 +311,9 @@ fn history_is_pruned_but_open_transactions_never_are() {
     for n in 1..=6 {
         store.sync(&fake, linear_chain(n, 1)).unwrap();
     }
-    let h = store.history(DOMAIN, 100).unwrap();
+    let h = store.history(DOMAIN, 100).unwrap().transactions;
     assert_eq!(h.len(), 3);
-    assert_eq!(h[0].target_len, 6, "newest first");
+    assert_eq!(h[0].checkpoints, 6, "newest first");
 }
 
 #[test]
@@ -336,7 +347,7 @@ fn eight_threads_sync_eight_domains_on_one_store() {
     });
     for n in &names {
         assert_eq!(fake.peek(n).len(), 4);
-        assert_eq!(store.history(n, 10).unwrap().len(), 3);
+        assert_eq!(store.history(n, 10).unwrap().transactions.len(), 3);
     }
     assert_eq!(store.journal().integrity_check().unwrap(), "ok");
     assert!(store.status(None).unwrap().incomplete.is_empty());
@@ -411,7 +422,10 @@ fn a_shared_store_answers_busy_to_recover_and_a_second_sync_while_one_thread_syn
         Store::open_with(
             j.path(),
             StoreOptions {
-                hook: Some(hook),
+                seams: ckptstore::testing::Seams {
+                    hook: Some(hook),
+                    ..Default::default()
+                },
                 ..StoreOptions::default()
             },
         )
@@ -529,10 +543,7 @@ impl ckptstore::Backend for SlowList<'_> {
     fn delete(&self, domain: &str, name: &str) -> Result<(), ckptstore::BackendError> {
         self.inner.delete(domain, name)
     }
-    fn domain_info(
-        &self,
-        domain: &str,
-    ) -> Result<ckptstore::backend::DomainInfo, ckptstore::BackendError> {
+    fn domain_info(&self, domain: &str) -> Result<ckptstore::DomainInfo, ckptstore::BackendError> {
         self.inner.domain_info(domain)
     }
     fn describe(&self) -> String {
@@ -595,8 +606,11 @@ fn an_owner_whose_transaction_was_taken_over_stops_before_its_next_call() {
     let holder = Store::open_with(
         j.path(),
         StoreOptions {
-            owner: Some(me.clone()),
-            hook: Some(hook),
+            seams: ckptstore::testing::Seams {
+                owner: Some(me.clone()),
+                hook: Some(hook),
+                ..Default::default()
+            },
             ..StoreOptions::default()
         },
     )
@@ -614,10 +628,7 @@ fn an_owner_whose_transaction_was_taken_over_stops_before_its_next_call() {
             boot_id: "simulation".into(),
             start: 42,
         };
-        assert!(other
-            .journal()
-            .take_over(open[0].summary.id, &me, &taker)
-            .unwrap());
+        assert!(other.journal().take_over(open[0].txn, &me, &taker).unwrap());
         go.wait();
         let err = run.join().unwrap().unwrap_err();
         assert!(matches!(err, Error::TakenOver { .. }), "{err}");
@@ -628,4 +639,45 @@ fn an_owner_whose_transaction_was_taken_over_stops_before_its_next_call() {
         0,
         "no libvirt call after the takeover"
     );
+}
+
+#[test]
+fn a_progress_callback_that_stops_leaves_the_transaction_open_for_recover() {
+    for stop_at in [0u64, 1, 5, 8] {
+        let fake = fake_with_domain();
+        let j = TempJournal::new();
+        let stopping = Store::open_with(
+            j.path(),
+            StoreOptions {
+                progress: Some(Arc::new(move |p: &ckptstore::Progress| {
+                    if p.done == stop_at {
+                        std::ops::ControlFlow::Break(())
+                    } else {
+                        std::ops::ControlFlow::Continue(())
+                    }
+                })),
+                ..StoreOptions::default()
+            },
+        )
+        .unwrap();
+        let err = stopping.sync(&fake, linear_chain(8, 2)).unwrap_err();
+        assert!(matches!(err, Error::Aborted { .. }), "{err}");
+        assert_eq!(err.kind(), ckptstore::ErrorKind::Unreachable);
+        assert_eq!(err.kind().exit_code(), 4);
+        // No call after the stop: exactly the calls reported done.
+        assert_eq!(fake.calls(Op::Redefine), stop_at, "stopped at {stop_at}");
+        let open = stopping.status(None).unwrap().incomplete;
+        assert_eq!((open.len(), open[0].done), (1, stop_at));
+        // The same process finishes it (no lock is held any more).
+        let store = Store::open(j.path()).unwrap();
+        let r = store.recover(&fake, Policy::Resume, None).unwrap();
+        assert_eq!(r.recovered.len(), 1, "{r:?}");
+        assert_eq!(r.recovered[0].libvirt_calls, 8 - stop_at);
+        assert!(same_content(&fake.peek(DOMAIN), &defs(8)));
+        let again = store.sync(&fake, linear_chain(8, 2)).unwrap();
+        assert_eq!(
+            (again.outcome, again.libvirt_calls),
+            (Outcome::Unchanged, 0)
+        );
+    }
 }

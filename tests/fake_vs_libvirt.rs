@@ -11,25 +11,12 @@ use testkit::support;
 
 use std::collections::BTreeSet;
 
-use ckptstore::backend::fake::FakeBackend;
-use ckptstore::xml::render_checkpoint;
+use ckptstore::testing::render_checkpoint;
+use ckptstore::FakeBackend;
 use ckptstore::{Backend, BackendError, CheckpointDef, LibvirtBackend};
 use support::TestDomain;
 
-/// xorshift64*: small, seedable, good enough to pick operations.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
-    }
-}
+use testkit::rng::Rng;
 
 const NAMES: [&str; 7] = ["a", "b", "c", "d", "e", "f", "g"];
 const STEPS: usize = 30;
@@ -43,7 +30,7 @@ fn outcome<T: std::fmt::Debug>(r: Result<T, BackendError>) -> String {
 }
 
 fn run_seed(seed: u64) {
-    let mut rng = Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1);
+    let mut rng = Rng::new(seed);
     let conn = support::test_driver();
     let dom = TestDomain::define(&conn, "diff", 2);
     dom.start();
@@ -68,17 +55,17 @@ fn run_seed(seed: u64) {
             .into_iter()
             .map(|d| d.name)
             .collect();
-        let (what, r_fake, r_real) = match rng.below(10) {
+        let (what, r_fake, r_real) = match rng.index(10) {
             0..=5 => {
-                let name = NAMES[rng.below(NAMES.len())].to_string();
-                let parent = match rng.below(6) {
+                let name = NAMES[rng.index(NAMES.len())].to_string();
+                let parent = match rng.index(6) {
                     0 => None,
                     1 => Some("missing".to_string()),
                     2 => Some(name.clone()),
                     _ if existing.is_empty() => None,
-                    _ => Some(existing[rng.below(existing.len())].clone()),
+                    _ => Some(existing[rng.index(existing.len())].clone()),
                 };
-                let disks = match rng.below(3) {
+                let disks = match rng.index(3) {
                     0 => vec!["vda"],
                     1 => vec!["vdb"],
                     _ => vec!["vda", "vdb"],
@@ -86,8 +73,8 @@ fn run_seed(seed: u64) {
                 let def = CheckpointDef {
                     name: name.clone(),
                     parent,
-                    creation_time: 1_000 + rng.below(100) as i64,
-                    description: (rng.below(3) == 0).then(|| format!("step {step}")),
+                    creation_time: 1_000 + rng.index(100) as i64,
+                    description: (rng.index(3) == 0).then(|| format!("step {step}")),
                     disks: disks
                         .iter()
                         .map(|d| (d.to_string(), name.clone()))
@@ -101,10 +88,10 @@ fn run_seed(seed: u64) {
                 )
             }
             6..=7 => {
-                let name = if existing.is_empty() || rng.below(5) == 0 {
+                let name = if existing.is_empty() || rng.index(5) == 0 {
                     "missing".to_string()
                 } else {
-                    existing[rng.below(existing.len())].clone()
+                    existing[rng.index(existing.len())].clone()
                 };
                 (
                     format!("delete {name}"),

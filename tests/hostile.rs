@@ -6,10 +6,10 @@ use testkit::sim;
 
 use std::collections::BTreeMap;
 
-use ckptstore::backend::fake::{FakeBackend, Op};
-use ckptstore::chain::MAX_CHECKPOINTS;
-use ckptstore::journal::JournalOptions;
-use ckptstore::xml::{parse_checkpoint, parse_domain, render_checkpoint};
+use ckptstore::testing::JournalOptions;
+use ckptstore::testing::{parse_checkpoint, parse_domain, render_checkpoint};
+use ckptstore::testing::{FakeBackend, Op};
+use ckptstore::MAX_CHECKPOINTS;
 use ckptstore::{Chain, ChainError, Error, Store, StoreOptions};
 use proptest::prelude::*;
 use proptest::test_runner::{Config, RngAlgorithm, TestRng, TestRunner};
@@ -29,7 +29,7 @@ fn assert_untouched(f: &FakeBackend, store: &Store) {
         "libvirt was changed"
     );
     assert!(
-        store.history(DOMAIN, 10).unwrap().is_empty(),
+        store.history(DOMAIN, 10).unwrap().transactions.is_empty(),
         "the journal was written"
     );
     assert!(store.status(None).unwrap().domains.is_empty());

@@ -6,7 +6,7 @@ use testkit::sim;
 
 use std::os::unix::fs::PermissionsExt;
 
-use ckptstore::journal::{Journal, JournalError, MIGRATIONS, SCHEMA_VERSION};
+use ckptstore::testing::{Journal, JournalError, MIGRATIONS, SCHEMA_VERSION};
 use sha2::{Digest, Sha256};
 use sim::TempJournal;
 

@@ -16,10 +16,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use ckptstore::backend::fake::{FakeBackend, Fault, Op, Phase};
-use ckptstore::backend::LeftoverScan;
-use ckptstore::engine::Hook;
-use ckptstore::plan::same_content;
+use ckptstore::testing::same_content;
+use ckptstore::testing::Hook;
+use ckptstore::testing::{FakeBackend, Fault, Op, Phase};
+use ckptstore::LeftoverScan;
 use ckptstore::{
     validate, Backend, BackendErrorKind, CheckpointDef, FindingKind, LibvirtBackend, Outcome,
     Policy, Store,
@@ -228,7 +228,10 @@ fn a_rollback_does_not_leave_a_leftover_behind() {
     let store = Store::open_with(
         j.path(),
         ckptstore::StoreOptions {
-            hook: Some(hook),
+            seams: ckptstore::testing::Seams {
+                hook: Some(hook),
+                ..Default::default()
+            },
             ..ckptstore::StoreOptions::default()
         },
     )
@@ -289,10 +292,7 @@ fn where_the_files_cannot_be_read_nothing_is_guessed() {
         fn delete(&self, d: &str, n: &str) -> Result<(), ckptstore::BackendError> {
             self.0.delete(d, n)
         }
-        fn domain_info(
-            &self,
-            d: &str,
-        ) -> Result<ckptstore::backend::DomainInfo, ckptstore::BackendError> {
+        fn domain_info(&self, d: &str) -> Result<ckptstore::DomainInfo, ckptstore::BackendError> {
             self.0.domain_info(d)
         }
         fn describe(&self) -> String {
@@ -413,7 +413,7 @@ fn planted_leftovers_on_qemu_are_found_and_repaired() {
     assert_eq!(report.of_kind(FindingKind::LibvirtLeftover).count(), 0);
     assert!(report.notes.is_empty(), "{:?}", report.notes);
     // A leftover that is not this domain's is never removed.
-    let outside = ckptstore::backend::Leftover {
+    let outside = ckptstore::Leftover {
         checkpoint: "x".into(),
         path: "/etc/hostname".into(),
         content: None,

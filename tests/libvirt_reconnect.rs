@@ -6,7 +6,7 @@ use testkit::support;
 
 use std::process::Command;
 
-use ckptstore::xml::render_checkpoint;
+use ckptstore::testing::render_checkpoint;
 use ckptstore::{Backend, BackendErrorKind as K, CheckpointDef, LibvirtBackend};
 use support::TestDomain;
 

@@ -4,7 +4,7 @@
 
 use testkit::support;
 
-use ckptstore::xml::render_checkpoint;
+use ckptstore::testing::render_checkpoint;
 use ckptstore::{Backend, BackendErrorKind as K, CheckpointDef, LibvirtBackend};
 use support::TestDomain;
 

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use ckptstore::qcow2::{
+use ckptstore::testing::qcow2::{
     read_chain, read_image, Backing, BackingChain, ChainEnd, Image, Qcow2Error,
 };
 use qemu::{
@@ -844,7 +844,7 @@ fn chain_depth_is_limited() {
     );
     let bytes = fs::read(&template).unwrap();
     let at = bytes.windows(11).position(|w| w == b"l9999.qcow2").unwrap();
-    let limit = ckptstore::qcow2::MAX_CHAIN_DEPTH;
+    let limit = ckptstore::testing::qcow2::MAX_CHAIN_DEPTH;
     for i in 0..limit {
         let mut copy = bytes.clone();
         put(&mut copy, at, format!("l{:04}.qcow2", i + 1).as_bytes());

@@ -17,7 +17,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
-use ckptstore::qcow2::{read_chain, read_image, Image};
+use ckptstore::testing::qcow2::{read_chain, read_image, Image};
 use proptest::prelude::*;
 use proptest::test_runner::{Config, RngAlgorithm, TestCaseError, TestRng, TestRunner};
 use qemu::{add_bitmap, create, disable_bitmap};
@@ -226,7 +226,7 @@ fn check_limits(image: &Image) -> Result<(), TestCaseError> {
     Ok(())
 }
 
-fn outcome<T>(r: &Result<T, ckptstore::qcow2::Qcow2Error>) -> &'static str {
+fn outcome<T>(r: &Result<T, ckptstore::testing::qcow2::Qcow2Error>) -> &'static str {
     match r {
         Ok(_) => "ok",
         Err(e) if e.is_not_qcow2() => "not qcow2",

@@ -16,8 +16,8 @@ use testkit::sim;
 
 use std::collections::BTreeMap;
 
-use ckptstore::backend::fake::FakeBackend;
-use ckptstore::plan::same_content;
+use ckptstore::testing::same_content;
+use ckptstore::FakeBackend;
 use ckptstore::Policy;
 use sim::*;
 
@@ -71,11 +71,11 @@ impl Case {
     /// A refusal needs a content-changing redefine to refuse.
     fn makes_sense(&self) -> bool {
         let target = linear_chain(self.n, 2).validate().unwrap().defs();
-        let p = ckptstore::plan::plan(&pre_state(self.pre, &target), &target);
+        let p = ckptstore::testing::plan(&pre_state(self.pre, &target), &target);
         !self.refuse
             || p.steps
                 .iter()
-                .any(|s| matches!(s, ckptstore::plan::Step::Redefine { forced: false, .. }))
+                .any(|s| matches!(s, ckptstore::testing::Step::Redefine { forced: false, .. }))
     }
 
     /// A fresh world: fake libvirt in the pre-state, the fault armed.
@@ -88,9 +88,9 @@ impl Case {
         fake.set_checkpoints(DOMAIN, before.clone());
         if self.refuse {
             // libvirt refuses the plan's last content-changing redefine.
-            let p = ckptstore::plan::plan(&before, &target);
+            let p = ckptstore::testing::plan(&before, &target);
             let victim = p.steps.iter().rev().find_map(|s| match s {
-                ckptstore::plan::Step::Redefine {
+                ckptstore::testing::Step::Redefine {
                     def, forced: false, ..
                 } => Some(def.clone()),
                 _ => None,
@@ -200,7 +200,7 @@ fn check_invariant(
     fake: &FakeBackend,
     target: &[ckptstore::CheckpointDef],
     before: &[ckptstore::CheckpointDef],
-    out: ckptstore::Result<ckptstore::engine::RecoverReport>,
+    out: ckptstore::Result<ckptstore::RecoverReport>,
 ) -> &'static str {
     let store = j.store(900);
     let status = store.status(None).unwrap();
@@ -280,11 +280,11 @@ fn tree_syncs_leave_the_leaf_current() {
                 .collect();
             let chain = tree_chain(&parents, 1);
             let target = chain.clone().validate().unwrap().defs();
-            let leaf = ckptstore::chain::leaf_of(&target).unwrap().name.clone();
+            let leaf = ckptstore::testing::leaf_of(&target).unwrap().name.clone();
             // Checkpoints 0..n/2 are closed under parents (a parent has a
             // smaller index): the half synced before.
             let half = tree_chain(&parents[..n / 2], 1);
-            let half_leaf = ckptstore::chain::leaf_of(&half.clone().validate().unwrap().defs())
+            let half_leaf = ckptstore::testing::leaf_of(&half.clone().validate().unwrap().defs())
                 .map(|d| d.name.clone());
             let mut path = vec![leaf.clone()];
             while let Some(p) = target

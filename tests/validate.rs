@@ -17,7 +17,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use chrono::DateTime;
-use ckptstore::xml::render_checkpoint;
+use ckptstore::testing::render_checkpoint;
 use ckptstore::{
     validate, Backend, Chain, Checkpoint, FindingKind as K, LibvirtBackend, Report, Store,
 };

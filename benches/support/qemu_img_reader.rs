@@ -4,7 +4,7 @@
 
 use std::path::Path;
 
-use ckptstore::validate::{DiskChain, ImageError, ImageReader, Layer, LayerBitmap};
+use ckptstore::testing::{DiskChain, ImageError, ImageReader, Layer, LayerBitmap};
 use serde_json::Value;
 
 /// Reads a disk's chain by running `qemu-img info` once per image.

@@ -19,7 +19,7 @@ use std::process::Command;
 use std::time::Instant;
 
 use chrono::DateTime;
-use ckptstore::backend::fake::FakeBackend;
+use ckptstore::FakeBackend;
 use ckptstore::{Chain, Checkpoint, Store};
 use uuid::Uuid;
 

@@ -4,21 +4,19 @@
 //! metadata, start putting it back and "die" half-way, look at `status`,
 //! `recover`, and check the result.
 //!
-//! The crash is injected: a second store acts as an agent process that no
-//! longer exists (a synthetic, dead owner) and its crash-point hook panics
-//! after the fourth recorded step; the panic is caught here. Everything
-//! else is the library's ordinary API.
+//! The crash is the library's own: the agent's progress callback asks to
+//! stop after the fourth redefine, and the transaction stays open exactly
+//! as if the agent had been killed there. Everything is the library's
+//! ordinary API.
 
 use std::collections::BTreeMap;
-use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::ops::ControlFlow;
 use std::sync::Arc;
 
 use chrono::DateTime;
-use ckptstore::engine::Hook;
-use ckptstore::owner::Owner;
-use ckptstore::plan::same_content;
-use ckptstore::{Backend, Chain, Checkpoint, LibvirtBackend, Policy, Store, StoreOptions};
+use ckptstore::{
+    Backend, Chain, Checkpoint, Error, LibvirtBackend, Policy, Progress, Store, StoreOptions,
+};
 use serde_json::json;
 use uuid::Uuid;
 use virt::connect::Connect;
@@ -31,10 +29,7 @@ const DOMAIN: &str = "demo-vm";
 const VM_UUID: &str = "5ca1ab1e-0000-4000-8000-00000000d3e0";
 const CHECKPOINTS: usize = 8;
 /// The injected crash: after this many redefines of the second sync.
-const CRASH_AFTER: u32 = 4;
-
-/// The payload of the injected crash.
-struct AgentKilled;
+const CRASH_AFTER: u64 = 4;
 
 pub fn run(out: &Out) -> anyhow::Result<()> {
     let dir = tempfile::Builder::new()
@@ -89,18 +84,17 @@ pub fn run(out: &Out) -> anyhow::Result<()> {
         backend.list(DOMAIN)?.len()
     ))?;
 
-    let agent = dead_agent();
     out.say(format!(
-        "5. The host agent (pid {}) puts the last committed chain back ...\n   $ ckptstore sync --domain {DOMAIN}",
-        agent.pid
+        "5. The host agent (this process, pid {}) puts the last committed chain back ...\n   $ ckptstore sync --domain {DOMAIN}",
+        std::process::id()
     ))?;
-    let crashed = crash_in_the_middle(&journal, agent.clone(), &backend)?;
+    let crashed = crash_in_the_middle(&journal, &backend)?;
     let half = backend.list(DOMAIN)?.len();
     out.say(format!(
-        "   ... and is killed after its {CRASH_AFTER}th redefine (an injected crash: {}).\n   \
+        "   ... and stops dead after its {CRASH_AFTER}th redefine, as if killed ({}).\n   \
          libvirt now has {half} of the {CHECKPOINTS} checkpoints: a half-done redefine loop.\n",
         if crashed {
-            "the agent died there"
+            "its progress callback asked to stop: no further call, nothing cleaned up"
         } else {
             "it did not happen"
         }
@@ -110,14 +104,15 @@ pub fn run(out: &Out) -> anyhow::Result<()> {
     let after_crash = store.status(None)?;
     out.say(indent(&output::status_text(&after_crash)))?;
     out.say(
-        "   The intent was journaled before the first libvirt call, and its owner is dead, so\n   \
-         the transaction can be finished (a live owner would make `sync` answer busy, exit 3).\n",
+        "   The intent was journaled before the first libvirt call. Its owner is this process,\n   \
+         which holds no lock on the domain any more, so it can finish the transaction itself\n   \
+         (after a real crash the owner shows dead, and any process may; while a process works\n   \
+         on the domain, `sync` answers busy, exit 3).\n",
     )?;
 
-    out.say("7. Recover: finish every transaction whose owner died.\n   $ ckptstore recover")?;
+    out.say("7. Recover: finish every transaction nobody is working on.\n   $ ckptstore recover")?;
     let recovered = store.recover(&backend, Policy::Resume, None)?;
-    out.say(indent(&output::recover_text(&recovered, &[])))?;
-    let recovered = recovered.recovered;
+    out.say(indent(&output::recover_text(&recovered)))?;
     out.say(
         "   libvirt was listed and compared by content first, so only the missing checkpoints\n   \
          were redefined. (`recover --rollback` would have restored the state before instead.)\n",
@@ -127,7 +122,7 @@ pub fn run(out: &Out) -> anyhow::Result<()> {
     let end = store.status(None)?;
     out.say(indent(&output::status_text(&end)))?;
     let now = backend.list(DOMAIN)?;
-    let equal = same_content(&now, &target);
+    let equal = same_content(now.clone(), target.clone());
     out.say(format!(
         "   libvirt has {} checkpoints for {DOMAIN}, equal to the chain: {}.\n",
         now.len(),
@@ -143,9 +138,9 @@ pub fn run(out: &Out) -> anyhow::Result<()> {
             "second_sync": second,
             "crashed_after": if crashed { Some(CRASH_AFTER) } else { None },
             "libvirt_after_crash": half,
-            "status_after_crash": output::status_doc(&after_crash),
-            "recovered": recovered,
-            "status": output::status_doc(&end),
+            "status_after_crash": after_crash,
+            "recovered": recovered.recovered,
+            "status": end,
             "libvirt_equals_chain": equal,
         });
         out.emit(&doc, String::new)?;
@@ -157,54 +152,42 @@ pub fn run(out: &Out) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Run `sync --domain` as the agent `owner`, dying after the
-/// [`CRASH_AFTER`]th recorded step. True when it died there.
+/// Run `sync --domain` as the agent, stopping dead after the
+/// [`CRASH_AFTER`]th redefine through the progress callback. True when it
+/// stopped there.
 fn crash_in_the_middle(
     journal: &std::path::Path,
-    owner: Owner,
     backend: &LibvirtBackend,
 ) -> anyhow::Result<bool> {
-    let recorded = Arc::new(AtomicU32::new(0));
-    let hook: Hook = Arc::new(move |point| {
-        if point == "step.recorded" && recorded.fetch_add(1, Ordering::SeqCst) + 1 == CRASH_AFTER {
-            std::panic::panic_any(AgentKilled);
-        }
-    });
     let agent = Store::open_with(
         journal,
         StoreOptions {
-            owner: Some(owner),
-            hook: Some(hook),
-            ..Default::default()
+            progress: Some(Arc::new(|p: &Progress| {
+                if p.done == CRASH_AFTER {
+                    ControlFlow::Break(())
+                } else {
+                    ControlFlow::Continue(())
+                }
+            })),
+            ..StoreOptions::default()
         },
     )?;
-    let previous = std::panic::take_hook();
-    std::panic::set_hook(Box::new(|info| {
-        if info.payload().downcast_ref::<AgentKilled>().is_none() {
-            eprintln!("{info}");
-        }
-    }));
-    let result = catch_unwind(AssertUnwindSafe(|| agent.resync(backend, DOMAIN)));
-    std::panic::set_hook(previous);
-    match result {
-        Err(payload) if payload.downcast_ref::<AgentKilled>().is_some() => Ok(true),
-        Err(payload) => std::panic::resume_unwind(payload),
-        Ok(r) => r.map(|_| false).map_err(Into::into),
+    match agent.resync(backend, DOMAIN) {
+        Err(Error::Aborted { .. }) => Ok(true),
+        Err(e) => Err(e.into()),
+        Ok(_) => Ok(false),
     }
 }
 
-/// An agent process that is gone: the pid of a child that has exited, in
-/// this boot, with a start time no process has.
-fn dead_agent() -> Owner {
-    let pid = std::process::Command::new("true")
-        .spawn()
-        .and_then(|mut c| c.wait().map(|_| c.id()))
-        .unwrap_or(999_999);
-    Owner {
-        pid,
-        start: 0,
-        ..Owner::current()
-    }
+/// Do two lists hold the same checkpoints with the same content, in any
+/// order?
+fn same_content(
+    mut a: Vec<ckptstore::CheckpointDef>,
+    mut b: Vec<ckptstore::CheckpointDef>,
+) -> bool {
+    a.sort_by(|x, y| x.name.cmp(&y.name));
+    b.sort_by(|x, y| x.name.cmp(&y.name));
+    a == b
 }
 
 /// The chain: a line of nightly checkpoints over both disks.

@@ -10,62 +10,85 @@
 //! | 4 | libvirt unreachable, or domain not found (and other libvirt failures) |
 //! | 5 | journal unusable |
 //!
-//! The code is chosen from the library's error predicates
-//! (`is_bad_input`, `is_busy`, ...), never from message text.
+//! The code is the library's: `ErrorKind::exit_code` of the error's kind,
+//! one table for the command and the Python module, never a guess from
+//! message text.
 
 use std::fmt;
 use std::process::ExitCode;
 
-use ckptstore::journal::JournalError;
-use ckptstore::{BackendError, BackendErrorKind, Error};
-use serde_json::json;
+use ckptstore::{BackendError, BackendErrorKind, Error, ErrorDoc, ErrorKind};
+use serde_json::Value;
 
 use super::output::Out;
 use super::Invocation;
 
-pub const ROLLED_BACK: u8 = 1;
 /// `validate` found problems (the same code as a rolled-back operation).
-pub const FINDINGS: u8 = 1;
-pub const BAD_INPUT: u8 = 2;
-pub const BUSY: u8 = 3;
-pub const LIBVIRT: u8 = 4;
-pub const JOURNAL: u8 = 5;
+pub const FINDINGS: u8 = ErrorKind::Findings.exit_code();
+pub const BAD_INPUT: u8 = ErrorKind::BadInput.exit_code();
+pub const LIBVIRT: u8 = ErrorKind::Unreachable.exit_code();
 
-/// A failure the command line itself detects, with its exit code and what
+/// A failure the command line itself detects (or a library failure with
+/// the report that comes with it), with its kind, what happened and what
 /// the user should do.
 #[derive(Debug)]
 pub struct Fail {
-    code: u8,
+    kind: ErrorKind,
     what: String,
     todo: String,
+    /// The command's report, printed with the error in JSON mode.
+    report: Option<Value>,
 }
 
 impl Fail {
     /// Input that cannot be used: nothing was changed.
     pub fn bad_input(what: String) -> Fail {
-        Fail {
-            code: BAD_INPUT,
+        Fail::of(
+            ErrorKind::BadInput,
             what,
-            todo: "fix the chain (its form: `ckptstore sync --help`); nothing was changed".into(),
-        }
+            "fix the chain (its form: `ckptstore sync --help`); nothing was changed",
+        )
     }
 
     /// The journal cannot be used.
     pub fn journal(what: String, todo: &str) -> Fail {
+        Fail::of(ErrorKind::Journal, what, todo)
+    }
+
+    /// A failure of a kind.
+    pub fn of(kind: ErrorKind, what: String, todo: &str) -> Fail {
         Fail {
-            code: JOURNAL,
+            kind,
             what,
             todo: todo.into(),
+            report: None,
         }
     }
 
-    /// Any other failure with an explicit code.
+    /// A failure with an explicit exit code (one of the kinds' codes).
     pub fn new(code: u8, what: String, todo: &str) -> Fail {
-        Fail {
-            code,
-            what,
-            todo: todo.into(),
-        }
+        let kind = [
+            ErrorKind::Findings,
+            ErrorKind::BadInput,
+            ErrorKind::Busy,
+            ErrorKind::Unreachable,
+            ErrorKind::Journal,
+        ]
+        .into_iter()
+        .find(|k| k.exit_code() == code)
+        .unwrap_or(ErrorKind::Unreachable);
+        Fail::of(kind, what, todo)
+    }
+
+    /// The command's report goes with the error (JSON mode prints both).
+    pub fn with_report(mut self, report: &impl serde::Serialize) -> Fail {
+        self.report = serde_json::to_value(report).ok();
+        self
+    }
+
+    /// A failure from a recover report's error document.
+    pub fn from_doc(doc: &ErrorDoc, what: String) -> Fail {
+        Fail::of(doc.kind, what, &doc.hint)
     }
 }
 
@@ -132,135 +155,77 @@ fn help_command() -> String {
 /// on stdout in JSON mode, and the exit code.
 pub fn fail(e: &anyhow::Error, inv: &Invocation, out: &Out) -> ExitCode {
     let f = classify(e, inv);
-    let what = f.what.replace('\n', " ");
+    let doc = ErrorDoc::new(f.kind, f.what, f.todo);
     if out.json() {
-        let _ = out.failure(json!({"exit_code": f.code, "message": what, "hint": f.todo}));
+        let _ = out.failure(f.report, &doc);
     }
-    eprintln!("ckptstore: {what} — {}", f.todo);
-    ExitCode::from(f.code)
+    eprintln!("ckptstore: {} — {}", doc.message, doc.hint);
+    ExitCode::from(doc.exit_code)
 }
 
 fn classify(e: &anyhow::Error, inv: &Invocation) -> Fail {
     for cause in e.chain() {
         if let Some(f) = cause.downcast_ref::<Fail>() {
             return Fail {
-                code: f.code,
+                kind: f.kind,
                 what: f.what.clone(),
                 todo: f.todo.clone(),
+                report: f.report.clone(),
             };
         }
         if let Some(err) = cause.downcast_ref::<Error>() {
             return store_error(err, inv);
         }
         if let Some(err) = cause.downcast_ref::<BackendError>() {
-            return backend_error(err, None, inv);
+            return Fail::of(
+                ErrorKind::Unreachable,
+                err.to_string(),
+                "check libvirt's log, then retry",
+            );
         }
     }
-    Fail::new(
-        ROLLED_BACK,
+    Fail::of(
+        ErrorKind::Unreachable,
         format!("{e:#}"),
         "see the message above; run with -v for details",
     )
 }
 
-/// The exit code and the JSON `error` object of a library error, as a
-/// failing command would report it.
-pub fn error_doc(e: &Error, inv: &Invocation) -> (u8, serde_json::Value) {
-    let f = store_error(e, inv);
-    let what = f.what.replace('\n', " ");
-    (
-        f.code,
-        json!({"exit_code": f.code, "message": what, "hint": f.todo}),
-    )
-}
-
+/// A library error as the command reports it: the library's kind and hint,
+/// with the journal's path and the URI in the message where they help.
 fn store_error(e: &Error, inv: &Invocation) -> Fail {
-    let what = e.to_string();
+    let mut f = Fail::of(e.kind(), e.to_string(), &e.hint());
     match e {
-        Error::Journal(j) => journal_error(j, inv),
-        Error::UnknownTarget { .. } => Fail::new(
-            BAD_INPUT,
-            what,
-            "update the chain's disk map to the domain's current disk targets; nothing was changed",
-        ),
-        Error::NoCommittedChain { domain } => Fail::new(
-            BAD_INPUT,
-            what,
-            &format!(
-                "run `ckptstore sync --chain FILE` or `ckptstore import --domain {domain}` first; nothing was changed"
-            ),
-        ),
-        e if e.is_bad_input() => Fail::bad_input(what),
-        Error::Busy { .. } | Error::TakenOver { .. } => {
-            Fail::new(BUSY, what, "wait for that process to finish (see `ckptstore status`), then retry")
+        Error::Journal(j) => {
+            let msg = j.to_string();
+            f.what = format!(
+                "journal {} {}",
+                inv.db.display(),
+                msg.strip_prefix("journal ").unwrap_or(&msg)
+            );
         }
-        Error::Diverged { domain, .. } => Fail::new(
-            BUSY,
-            what,
-            &format!(
-                "another tool is changing these checkpoints: stop it, then run `ckptstore recover --domain {domain}`"
-            ),
-        ),
-        e if e.is_rolled_back() => {
-            Fail::new(ROLLED_BACK, what, "libvirt's checkpoints are as they were before; fix the cause and retry")
-        }
-        Error::Refused { domain, .. } => Fail::new(
-            LIBVIRT,
-            what,
-            &format!("run `ckptstore recover --domain {domain}` once libvirt accepts the calls again"),
-        ),
-        Error::Backend { source, txn, domain, .. } => {
-            let mut f = backend_error(source, *txn, inv);
-            match (source.kind, txn) {
-                (BackendErrorKind::NoDomain, None) => f.what = format!("libvirt at {} has no domain {domain}", inv.uri),
-                (BackendErrorKind::Unreachable, None) => {}
-                _ => f.what = what,
+        Error::Backend {
+            source,
+            txn: None,
+            domain,
+            ..
+        } => match source.kind {
+            BackendErrorKind::NoDomain => {
+                f.what = format!("libvirt at {} has no domain {domain}", inv.uri);
+                f.todo = format!(
+                    "check the domain's name or UUID (`virsh -c {} list --all`) and --connect",
+                    inv.uri
+                );
             }
-            f
+            BackendErrorKind::Unreachable => f.what = source.to_string(),
+            _ => {}
+        },
+        Error::Refused { .. } => {
+            if let Some(r) = e.report() {
+                f = f.with_report(r);
+            }
         }
-        _ => Fail::new(ROLLED_BACK, what, "run with -v for details"),
+        _ => {}
     }
-}
-
-fn backend_error(e: &BackendError, txn: Option<uuid::Uuid>, inv: &Invocation) -> Fail {
-    let todo = match (e.kind, txn) {
-        (_, Some(_)) => "the transaction is left open: run `ckptstore recover` once libvirt answers again".to_string(),
-        (BackendErrorKind::NoDomain, None) => {
-            format!("check the domain's name or UUID (`virsh -c {} list --all`) and --connect", inv.uri)
-        }
-        (BackendErrorKind::Unreachable | BackendErrorKind::ConnectionLost, None) => {
-            "check that libvirtd runs and answers there (choose it with --connect or LIBVIRT_DEFAULT_URI), then retry"
-                .to_string()
-        }
-        _ => "nothing was changed; check libvirt's log, then retry".to_string(),
-    };
-    Fail {
-        code: LIBVIRT,
-        what: e.to_string(),
-        todo,
-    }
-}
-
-fn journal_error(e: &JournalError, inv: &Invocation) -> Fail {
-    let msg = e.to_string();
-    let what = format!(
-        "journal {} {}",
-        inv.db.display(),
-        msg.strip_prefix("journal ").unwrap_or(&msg)
-    );
-    let todo = match e {
-        JournalError::Corrupt { .. } | JournalError::Decode { .. } => {
-            "move it aside (keep it for a post-mortem) and run `ckptstore import --domain D` for each domain to rebuild it"
-        }
-        JournalError::NewerSchema { .. } => {
-            "use the newer ckptstore that wrote it; the file was left untouched"
-        }
-        JournalError::ReadOnly { .. } | JournalError::Io { .. } => {
-            "make the file and its folder writable by this user, or pass --db PATH"
-        }
-        JournalError::Full { .. } => "free space on the journal's file system, then retry",
-        JournalError::Locked { .. } => "another process holds the journal's lock: retry when it is done",
-        _ => "check the journal file, or pass --db PATH to use another",
-    };
-    Fail::journal(what, todo)
+    f
 }

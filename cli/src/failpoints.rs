@@ -1,7 +1,7 @@
 //! Crash tests of the real binary, compiled only with the `failpoints`
 //! cargo feature (release builds never enable it).
 //!
-//! The store passes a named crash point (`ckptstore::engine::CRASH_POINTS`)
+//! The store passes a named crash point (`ckptstore::CRASH_POINTS`)
 //! between any two journal writes or libvirt calls. In a `failpoints`
 //! build the `fail` crate's `FAILPOINTS` variable arms them, for example
 //!

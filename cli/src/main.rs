@@ -20,7 +20,7 @@ use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use ckptstore::backend::libvirt::redact_uri;
+use ckptstore::redact_uri;
 use ckptstore::{Chain, LibvirtBackend, Policy, Store, StoreOptions};
 use clap::{ArgAction, Args, Parser, Subcommand};
 
@@ -259,7 +259,7 @@ fn main() -> ExitCode {
         uri: redact_uri(&cli.connect),
     };
     let out = Out::new(cli.json);
-    match run(cli, &out, &inv) {
+    match run(cli, &out) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => exit::fail(&e, &inv, &out),
     }
@@ -282,7 +282,7 @@ fn init_logs(verbose: u8) {
         .init();
 }
 
-fn run(cli: Cli, out: &Out, inv: &Invocation) -> anyhow::Result<()> {
+fn run(cli: Cli, out: &Out) -> anyhow::Result<()> {
     let backend = || LibvirtBackend::new(&cli.connect);
     match cli.command {
         Command::Sync(args) => {
@@ -290,15 +290,11 @@ fn run(cli: Cli, out: &Out, inv: &Invocation) -> anyhow::Result<()> {
                 (Some(file), _) => {
                     let chain = read_chain(&file)?;
                     let store = open_store(&cli.db)?;
-                    store
-                        .sync(&backend(), chain)
-                        .map_err(|e| out.note_sync_error(&store, e))?
+                    store.sync(&backend(), chain)?
                 }
                 (None, Some(domain)) => {
                     let store = open_store(&cli.db)?;
-                    store
-                        .resync(&backend(), &domain)
-                        .map_err(|e| out.note_sync_error(&store, e))?
+                    store.resync(&backend(), &domain)?
                 }
                 (None, None) => unreachable!("clap requires --chain or --domain"),
             };
@@ -317,29 +313,25 @@ fn run(cli: Cli, out: &Out, inv: &Invocation) -> anyhow::Result<()> {
                 Policy::Resume
             };
             let report = store.recover(&backend(), policy, args.domain.as_deref())?;
-            let failed: Vec<_> = report
-                .failed
-                .iter()
-                .map(|f| exit::error_doc(&f.error, inv))
-                .collect();
-            let docs: Vec<_> = failed.iter().map(|(_, d)| d.clone()).collect();
-            out.recover(&report, &docs)?;
             // The exit code is the worst of the failures.
-            match failed.iter().max_by_key(|(code, _)| *code) {
-                None => Ok(()),
-                Some((code, doc)) => Err(Fail::new(
-                    *code,
-                    format!(
-                        "recover: {} of {} transaction{} failed and stay{} open: {}",
-                        failed.len(),
-                        report.recovered.len() + failed.len(),
-                        output::plural((report.recovered.len() + failed.len()) as u64),
-                        if failed.len() == 1 { "s" } else { "" },
-                        doc["message"].as_str().unwrap_or_default()
-                    ),
-                    doc["hint"].as_str().unwrap_or_default(),
-                )
-                .into()),
+            match report.worst() {
+                None => out.recover(&report),
+                Some(worst) => {
+                    if !out.json() {
+                        out.recover(&report)?;
+                    }
+                    let n = report.failed.len();
+                    let all = n + report.recovered.len();
+                    let what = format!(
+                        "recover: {n} of {all} transaction{} failed and stay{} open: {}",
+                        output::plural(all as u64),
+                        if n == 1 { "s" } else { "" },
+                        worst.error.message
+                    );
+                    Err(Fail::from_doc(&worst.error, what)
+                        .with_report(&report)
+                        .into())
+                }
             }
         }
         Command::Status(args) => {
@@ -352,7 +344,7 @@ fn run(cli: Cli, out: &Out, inv: &Invocation) -> anyhow::Result<()> {
         }
         Command::History(args) => {
             let store = open_store(&cli.db)?;
-            out.history(&args.domain, &store.history(&args.domain, args.limit)?)
+            out.history(&store.history(&args.domain, args.limit)?)
         }
         Command::Validate(args) => {
             let store = open_store(&cli.db)?;
@@ -360,13 +352,16 @@ fn run(cli: Cli, out: &Out, inv: &Invocation) -> anyhow::Result<()> {
             if report.ok {
                 return out.validate(&report);
             }
-            out.validate_findings(&report)?;
+            if !out.json() {
+                out.validate(&report)?;
+            }
             let n = report.findings.len();
             Err(Fail::new(
                 exit::FINDINGS,
                 format!("domain {}: validate found {n} problem{}", report.domain, output::plural(n as u64)),
                 "see the findings above; a backup may start from the usable checkpoint, or take a full backup",
             )
+            .with_report(&report)
             .into())
         }
         Command::Demo => demo::run(out),

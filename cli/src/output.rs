@@ -1,34 +1,27 @@
-//! Rendering: the human form (concise, stable, one fact per line) and the
-//! JSON form (one document on stdout; the keys scripts rely on are listed
-//! in `docs-cli.md`) of every command's result.
+//! Rendering: the human form (concise, stable, one fact per line) of every
+//! command's result, and the JSON form, which is the library's own type
+//! serialised as it is (the wire format is defined once, in the library:
+//! `SyncReport`, `PlanReport`, `RecoverReport`, `Status`, `History`,
+//! `Report`, `ErrorDoc`). The README lists every document.
 
-use std::cell::RefCell;
 use std::fmt::Write as _;
 use std::io::Write as _;
 
-use ckptstore::engine::RecoverReport;
-use ckptstore::engine::{Incomplete, PlanReport};
-use ckptstore::journal::TxnSummary;
-use ckptstore::plan::Step;
-use ckptstore::{Error, Status, Store, SyncReport};
+use ckptstore::{
+    ErrorDoc, History, PlanReport, PlanStep, RecoverReport, Report, Status, SyncReport,
+};
 use serde::Serialize;
-use serde_json::{json, Map, Value};
+use serde_json::{Map, Value};
 
 /// Where results go: human text or one JSON document, on stdout.
 #[derive(Debug)]
 pub struct Out {
     json: bool,
-    /// The document a failing command had begun (the `sync` document of a
-    /// rolled-back transaction); the error is added to it.
-    failure_doc: RefCell<Option<Map<String, Value>>>,
 }
 
 impl Out {
     pub fn new(json: bool) -> Out {
-        Out {
-            json,
-            failure_doc: RefCell::new(None),
-        }
+        Out { json }
     }
 
     pub fn json(&self) -> bool {
@@ -56,62 +49,21 @@ impl Out {
         write_stdout(&s)
     }
 
-    /// Keep the `sync` document of a transaction libvirt refused and that
-    /// was rolled back, so JSON mode still reports `outcome: rolled_back`.
-    pub fn note_sync_error(&self, store: &Store, e: Error) -> anyhow::Error {
-        if let Error::Refused {
-            domain,
-            txn,
-            checkpoint,
-            rolled_back: true,
-            ..
-        } = &e
-        {
-            let calls = store
-                .journal()
-                .txn(*txn)
-                .map(|t| t.libvirt_calls)
-                .unwrap_or(0);
-            let doc = json!({
-                "txn": txn,
-                "domain": domain,
-                "outcome": "rolled_back",
-                "redefined": [],
-                "deleted": [],
-                "unchanged": [],
-                "libvirt_calls": calls,
-                "refused": checkpoint,
-            });
-            if let Value::Object(map) = doc {
-                *self.failure_doc.borrow_mut() = Some(map);
-            }
-        }
-        e.into()
-    }
-
-    /// The failure document: the one a command had begun, or an empty one,
-    /// with `error` added.
-    pub fn failure(&self, error: Value) -> anyhow::Result<()> {
-        let mut doc = self.failure_doc.borrow_mut().take().unwrap_or_default();
-        doc.insert("error".into(), error);
+    /// The document of a failed command: the report it had (the rolled-back
+    /// `sync`, the `validate` with findings, the `recover` with failures), or
+    /// an empty one, with `error` added.
+    pub fn failure(&self, report: Option<Value>, error: &ErrorDoc) -> anyhow::Result<()> {
+        let mut doc = match report {
+            Some(Value::Object(map)) => map,
+            _ => Map::new(),
+        };
+        doc.insert("error".into(), serde_json::to_value(error)?);
         self.emit(&doc, String::new)
     }
 
-    /// A clean validation report.
-    pub fn validate(&self, r: &ckptstore::validate::Report) -> anyhow::Result<()> {
+    /// A validation report (its findings, if any, are the command's failure).
+    pub fn validate(&self, r: &Report) -> anyhow::Result<()> {
         self.emit(r, || validate_text(r))
-    }
-
-    /// A validation report with findings: printed now in human mode; in
-    /// JSON mode it becomes the failure document (with `error` added).
-    pub fn validate_findings(&self, r: &ckptstore::validate::Report) -> anyhow::Result<()> {
-        if self.json {
-            if let Value::Object(map) = serde_json::to_value(r)? {
-                *self.failure_doc.borrow_mut() = Some(map);
-            }
-            return Ok(());
-        }
-        write_stdout(&validate_text(r))
     }
 
     pub fn sync(&self, r: &SyncReport) -> anyhow::Result<()> {
@@ -133,147 +85,87 @@ impl Out {
     }
 
     pub fn plan(&self, r: &PlanReport) -> anyhow::Result<()> {
-        let steps: Vec<Value> = r
-            .plan
-            .steps
-            .iter()
-            .map(|s| match s {
-                Step::Delete { before } => {
-                    json!({"op": "delete", "checkpoint": before.name, "parent": before.parent})
-                }
-                Step::Redefine {
-                    def,
-                    before,
-                    forced,
-                } => json!({
-                    "op": "redefine",
-                    "checkpoint": def.name,
-                    "parent": def.parent,
-                    "replaces": before.is_some(),
-                    "forced": forced,
-                }),
-            })
-            .collect();
-        let doc = json!({
-            "domain": r.domain,
-            "steps": steps,
-            "unchanged": r.plan.unchanged,
-            "warnings": r.warnings,
-        });
-        self.emit(&doc, || {
-            let n = r.plan.steps.len() as u64;
-            let mut s = format!(
-                "domain {}: {n} step{}, {} unchanged",
-                r.domain,
-                plural(n),
-                r.plan.unchanged.len()
-            );
-            s.push_str(if n == 0 { " (nothing to do)\n" } else { "\n" });
-            for step in &r.plan.steps {
-                let _ = match step {
-                    Step::Delete { before } => writeln!(s, "  delete    {}", before.name),
-                    Step::Redefine {
-                        def, forced: true, ..
-                    } => {
-                        writeln!(
-                            s,
-                            "  redefine  {}  (same content: moves libvirt's current checkpoint)",
-                            def.name
-                        )
-                    }
-                    Step::Redefine {
-                        def,
-                        before: Some(_),
-                        ..
-                    } => {
-                        writeln!(
-                            s,
-                            "  redefine  {}  (replaces a different definition)",
-                            def.name
-                        )
-                    }
-                    Step::Redefine { def, .. } => writeln!(s, "  redefine  {}", def.name),
-                };
-            }
-            warnings(&mut s, &r.warnings);
-            s
-        })
+        self.emit(r, || plan_text(r))
     }
 
-    /// The `recover` document; `failed` holds each failure's `error`
-    /// object. With failures, in JSON mode it becomes the failure document
-    /// (the error line is added to it).
-    pub fn recover(&self, r: &RecoverReport, failed: &[Value]) -> anyhow::Result<()> {
-        let left_doc: Vec<Value> = r.left_open.iter().map(incomplete_doc).collect();
-        let failed_doc: Vec<Value> = r
-            .failed
-            .iter()
-            .zip(failed)
-            .map(|(f, e)| json!({"txn": f.txn, "domain": f.domain, "error": e}))
-            .collect();
-        let doc = json!({"recovered": r.recovered, "failed": failed_doc, "left_open": left_doc});
-        if self.json && !r.failed.is_empty() {
-            if let Value::Object(map) = doc {
-                *self.failure_doc.borrow_mut() = Some(map);
-            }
-            return Ok(());
-        }
-        self.emit(&doc, || recover_text(r, failed))
+    pub fn recover(&self, r: &RecoverReport) -> anyhow::Result<()> {
+        self.emit(r, || recover_text(r))
     }
 
     pub fn status(&self, st: &Status) -> anyhow::Result<()> {
-        self.emit(&status_doc(st), || status_text(st))
+        self.emit(st, || status_text(st))
     }
 
-    pub fn history(&self, domain: &str, txns: &[TxnSummary]) -> anyhow::Result<()> {
-        let list: Vec<Value> = txns
-            .iter()
-            .map(|t| {
-                json!({
-                    "txn": t.id,
-                    "kind": t.kind,
-                    "state": t.state,
-                    "started_at": t.started_at,
-                    "finished_at": t.finished_at,
-                    "checkpoints": t.target_len,
-                    "done": t.done,
-                    "total": t.total,
-                    "libvirt_calls": t.libvirt_calls,
-                    "error": t.error,
-                })
-            })
-            .collect();
-        let doc = json!({"domain": domain, "transactions": list});
-        self.emit(&doc, || {
-            if txns.is_empty() {
-                return format!("no transactions for domain {domain}\n");
-            }
-            let mut s = String::new();
-            for t in txns {
-                let _ = write!(
-                    s,
-                    "{}  {}  {:<6}  {:<12}  {} checkpoint{}  {} libvirt call{}",
-                    t.id,
-                    t.started_at,
-                    name(&t.kind),
-                    name(&t.state),
-                    t.target_len,
-                    plural(t.target_len),
-                    t.libvirt_calls,
-                    plural(t.libvirt_calls)
-                );
-                if let Some(e) = &t.error {
-                    let _ = write!(s, "  ({e})");
-                }
-                s.push('\n');
-            }
-            s
-        })
+    pub fn history(&self, h: &History) -> anyhow::Result<()> {
+        self.emit(h, || history_text(h))
     }
 }
 
-/// The human form of a sync or resync report.
-pub fn validate_text(r: &ckptstore::validate::Report) -> String {
+/// The human form of `plan`.
+fn plan_text(r: &PlanReport) -> String {
+    let n = r.steps.len() as u64;
+    let mut s = format!(
+        "domain {}: {n} step{}, {} unchanged",
+        r.domain,
+        plural(n),
+        r.unchanged.len()
+    );
+    s.push_str(if n == 0 { " (nothing to do)\n" } else { "\n" });
+    for step in &r.steps {
+        let _ = match step {
+            PlanStep::Delete { checkpoint, .. } => writeln!(s, "  delete    {checkpoint}"),
+            PlanStep::Redefine {
+                checkpoint,
+                forced: true,
+                ..
+            } => writeln!(
+                s,
+                "  redefine  {checkpoint}  (same content: moves libvirt's current checkpoint)"
+            ),
+            PlanStep::Redefine {
+                checkpoint,
+                replaces: true,
+                ..
+            } => writeln!(
+                s,
+                "  redefine  {checkpoint}  (replaces a different definition)"
+            ),
+            PlanStep::Redefine { checkpoint, .. } => writeln!(s, "  redefine  {checkpoint}"),
+        };
+    }
+    warnings(&mut s, &r.warnings);
+    s
+}
+
+/// The human form of `history`.
+fn history_text(h: &History) -> String {
+    if h.transactions.is_empty() {
+        return format!("no transactions for domain {}\n", h.domain);
+    }
+    let mut s = String::new();
+    for t in &h.transactions {
+        let _ = write!(
+            s,
+            "{}  {}  {:<6}  {:<12}  {} checkpoint{}  {} libvirt call{}",
+            t.txn,
+            t.started_at,
+            name(&t.kind),
+            name(&t.state),
+            t.checkpoints,
+            plural(t.checkpoints),
+            t.libvirt_calls,
+            plural(t.libvirt_calls)
+        );
+        if let Some(e) = &t.error {
+            let _ = write!(s, "  ({e})");
+        }
+        s.push('\n');
+    }
+    s
+}
+
+/// The human form of a validation report.
+pub fn validate_text(r: &Report) -> String {
     let state = if r.running {
         "running: checked by libvirt"
     } else {
@@ -297,37 +189,42 @@ pub fn validate_text(r: &ckptstore::validate::Report) -> String {
         ),
     };
     for f in &r.findings {
-        s.push_str(&format!("  {:<22}", name(&f.kind)));
+        let _ = write!(s, "  {:<22}", name(&f.kind));
         if let Some(c) = &f.checkpoint {
-            s.push_str(&format!(" checkpoint {c}"));
+            let _ = write!(s, " checkpoint {c}");
         }
         if let Some(d) = &f.disk {
-            s.push_str(&format!(" disk {d}"));
+            let _ = write!(s, " disk {d}");
         }
         if let Some(i) = &f.image {
-            s.push_str(&format!(" image {}", i.display()));
+            let _ = write!(s, " image {}", i.display());
         }
-        s.push_str(&format!(": {}\n", f.detail));
+        let _ = writeln!(s, ": {}", f.detail);
     }
-    match (&r.usable, &r.leaf) {
-        (Some(u), Some(l)) if u == l => s.push_str(&format!(
-            "usable for an incremental backup: {u} (the leaf)\n"
-        )),
-        (Some(u), Some(l)) => s.push_str(&format!(
-            "usable for an incremental backup: {u} (the leaf {l} is not)\n"
-        )),
-        (Some(u), None) => s.push_str(&format!("usable for an incremental backup: {u}\n")),
+    let _ = match (&r.usable, &r.leaf) {
+        (Some(u), Some(l)) if u == l => {
+            writeln!(s, "usable for an incremental backup: {u} (the leaf)")
+        }
+        (Some(u), Some(l)) => writeln!(
+            s,
+            "usable for an incremental backup: {u} (the leaf {l} is not)"
+        ),
+        (Some(u), None) => writeln!(s, "usable for an incremental backup: {u}"),
         (None, _) if r.checkpoints > 0 => {
-            s.push_str("usable for an incremental backup: none; take a full backup\n")
+            writeln!(
+                s,
+                "usable for an incremental backup: none; take a full backup"
+            )
         }
-        (None, _) => {}
-    }
+        (None, _) => Ok(()),
+    };
     for n in &r.notes {
-        s.push_str(&format!("note: {n}\n"));
+        let _ = writeln!(s, "note: {n}");
     }
     s
 }
 
+/// The human form of a sync or resync report.
 pub fn sync_text(r: &SyncReport) -> String {
     let mut s = format!(
         "domain {}: {} (transaction {})\n",
@@ -348,9 +245,8 @@ pub fn sync_text(r: &SyncReport) -> String {
     s
 }
 
-/// The human form of `recover`; `failed` holds each failure's `error`
-/// object (`message`, `hint`).
-pub fn recover_text(r: &RecoverReport, failed: &[Value]) -> String {
+/// The human form of `recover`.
+pub fn recover_text(r: &RecoverReport) -> String {
     let mut s = String::new();
     if r.recovered.is_empty() && r.left_open.is_empty() && r.failed.is_empty() {
         s.push_str("nothing to recover\n");
@@ -367,29 +263,22 @@ pub fn recover_text(r: &RecoverReport, failed: &[Value]) -> String {
         );
         warnings(&mut s, &r.warnings);
     }
-    let failed_ids: Vec<_> = r.failed.iter().map(|f| f.txn).collect();
-    for (f, e) in r.failed.iter().zip(failed) {
+    for f in &r.failed {
         let _ = writeln!(
             s,
             "transaction {} on domain {}: failed, still open: {}",
-            f.txn,
-            f.domain,
-            e["message"].as_str().unwrap_or_default()
+            f.txn, f.domain, f.error.message
         );
     }
-    for t in r
-        .left_open
-        .iter()
-        .filter(|t| !failed_ids.contains(&t.summary.id))
-    {
-        let u = &t.summary;
-        let pid = u.owner.pid;
+    let failed = |t: &ckptstore::Incomplete| r.failed.iter().any(|f| f.txn == t.txn);
+    for t in r.left_open.iter().filter(|t| !failed(t)) {
+        let pid = t.owner.pid;
         let what = if t.owner_alive {
             format!("left alone: its owner, pid {pid}, is alive")
         } else {
             format!("still open (owner pid {pid})")
         };
-        let _ = writeln!(s, "transaction {} on domain {}: {what}", u.id, u.domain);
+        let _ = writeln!(s, "transaction {} on domain {}: {what}", t.txn, t.domain);
     }
     s
 }
@@ -402,17 +291,16 @@ pub fn status_text(st: &Status) -> String {
     } else {
         s.push_str("incomplete transactions:\n");
         for t in &st.incomplete {
-            let u = &t.summary;
             let _ = writeln!(
                 s,
                 "  {}  domain {}  {}  {}  {}/{} steps  owner pid {} {}",
-                u.id,
-                u.domain,
-                name(&u.kind),
-                name(&u.state),
-                u.done,
-                u.total,
-                u.owner.pid,
+                t.txn,
+                t.domain,
+                name(&t.kind),
+                name(&t.state),
+                t.done,
+                t.total,
+                t.owner.pid,
                 if t.owner_alive { "alive" } else { "dead" }
             );
         }
@@ -434,42 +322,6 @@ pub fn status_text(st: &Status) -> String {
         }
     }
     s
-}
-
-/// The JSON form of `status`.
-pub fn status_doc(st: &Status) -> Value {
-    let incomplete: Vec<Value> = st.incomplete.iter().map(incomplete_doc).collect();
-    let domains: Vec<Value> = st
-        .domains
-        .iter()
-        .map(|d| {
-            json!({
-                "domain": d.domain,
-                "checkpoints": d.checkpoints,
-                "root": d.root,
-                "leaf": d.leaf,
-                "txn": d.txn,
-                "committed_at": d.committed_at,
-            })
-        })
-        .collect();
-    json!({"incomplete": incomplete, "domains": domains})
-}
-
-fn incomplete_doc(t: &Incomplete) -> Value {
-    let u = &t.summary;
-    json!({
-        "txn": u.id,
-        "domain": u.domain,
-        "kind": u.kind,
-        "state": u.state,
-        "owner": u.owner,
-        "owner_alive": t.owner_alive,
-        "done": u.done,
-        "total": u.total,
-        "checkpoints": u.target_len,
-        "started_at": u.started_at,
-    })
 }
 
 fn warnings(s: &mut String, warnings: &[String]) {
@@ -504,7 +356,12 @@ pub fn plural(n: u64) -> &'static str {
 fn write_stdout(s: &str) -> anyhow::Result<()> {
     let mut stdout = std::io::stdout().lock();
     match stdout.write_all(s.as_bytes()).and_then(|()| stdout.flush()) {
-        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(e.into()),
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(crate::exit::Fail::new(
+            crate::exit::BAD_INPUT,
+            format!("cannot write the result to standard output: {e}"),
+            "check where standard output goes (a full disk, a closed file); nothing else failed",
+        )
+        .into()),
         _ => Ok(()),
     }
 }

@@ -2,11 +2,11 @@
 //! than a second (about 30 calls), drawn only when stderr is a terminal.
 
 use std::io::IsTerminal;
+use std::ops::ControlFlow;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use ckptstore::engine::{Progress, ProgressFn};
-use ckptstore::journal::StepPhase;
+use ckptstore::{Progress, ProgressFn, StepPhase};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 /// Show the bar only for rounds that last longer than this.
@@ -25,7 +25,7 @@ pub fn bar() -> Option<ProgressFn> {
             *round = Some((Instant::now(), ProgressBar::hidden()));
         }
         let Some((started, bar)) = round.as_ref() else {
-            return;
+            return ControlFlow::Continue(());
         };
         bar.set_length(p.total);
         bar.set_position(p.done);
@@ -47,5 +47,6 @@ pub fn bar() -> Option<ProgressFn> {
             bar.finish_and_clear();
             *round = None;
         }
+        ControlFlow::Continue(())
     }))
 }

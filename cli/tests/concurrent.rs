@@ -20,8 +20,8 @@ use std::process::{Child, Command};
 use std::sync::{Arc, Mutex, Once};
 use std::time::{Duration, Instant};
 
-use ckptstore::engine::Hook;
-use ckptstore::owner::Owner;
+use ckptstore::testing::Hook;
+use ckptstore::Owner;
 use ckptstore::{LibvirtBackend, Outcome, Store, StoreOptions};
 use rel::Running;
 use support::{TestDomain, SYSTEM_URI};
@@ -249,11 +249,11 @@ fn eight_threads_and_four_processes_on_one_journal_on_qemu() {
     for d in lib_doms.iter().chain(&cli_doms) {
         let target = rel::defs(&rel::chain(&d.name, sizes[2], &["vda"]));
         assert!(
-            ckptstore::plan::same_content(&rel::list(&backend, &d.name), &target),
+            ckptstore::testing::same_content(&rel::list(&backend, &d.name), &target),
             "{}",
             d.name
         );
-        let h = st.history(&d.name, 10).unwrap();
+        let h = st.history(&d.name, 10).unwrap().transactions;
         assert_eq!(
             h.len(),
             sizes.len(),
@@ -262,7 +262,7 @@ fn eight_threads_and_four_processes_on_one_journal_on_qemu() {
         );
         assert!(
             h.iter()
-                .all(|t| t.state == ckptstore::journal::TxnState::Committed),
+                .all(|t| t.state == ckptstore::testing::TxnState::Committed),
             "{}",
             d.name
         );
@@ -300,8 +300,11 @@ fn leave_open(db: &Path, owner: Owner, backend: &LibvirtBackend, dom: &TestDomai
     let store = Store::open_with(
         db,
         StoreOptions {
-            owner: Some(owner),
-            hook: Some(hook),
+            seams: ckptstore::testing::Seams {
+                owner: Some(owner),
+                hook: Some(hook),
+                ..Default::default()
+            },
             ..StoreOptions::default()
         },
     )

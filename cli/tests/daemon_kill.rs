@@ -24,10 +24,11 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use ckptstore::plan::plan;
+use ckptstore::testing::plan;
 use ckptstore::LibvirtBackend;
-use rel::{Landed, Pre, Rng, Running};
+use rel::{Landed, Pre, Running};
 use support::{TestDomain, SYSTEM_URI};
+use testkit::rng::Rng;
 
 const CHECKPOINTS: usize = 60;
 const SCRIPT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/support/libvirt.sh");
@@ -162,7 +163,7 @@ fn libvirtd_killed_during_sync_and_recover_on_qemu() {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(8);
-    let seed = rel::seed("CKPTSTORE_DAEMON_SEED");
+    let seed = testkit::rng::seed("CKPTSTORE_DAEMON_SEED");
     println!("daemon kills: seed {seed} (CKPTSTORE_DAEMON_SEED={seed} replays), {rounds} kills of libvirtd");
     let mut rng = Rng::new(seed);
     let conn = support::system();
@@ -200,7 +201,7 @@ fn libvirtd_killed_during_sync_and_recover_on_qemu() {
         let calls = plan(&before, &target).steps.len() as u64;
         // Recover meets the dying daemon resuming and rolling back in turn.
         let rollback = if during_sync {
-            rng.chance(0.5)
+            rng.probability(0.5)
         } else {
             r % 4 == 3
         };

@@ -27,11 +27,11 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use chrono::DateTime;
-use ckptstore::plan::same_content;
-use ckptstore::xml::render_checkpoint;
+use ckptstore::testing::render_checkpoint;
+use ckptstore::testing::same_content;
 use ckptstore::{Backend, Chain, Checkpoint, CheckpointDef, LibvirtBackend};
-use rel::Rng;
 use support::{TestDomain, SYSTEM_URI};
+use testkit::rng::Rng;
 
 const SCRIPT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/support/libvirt.sh");
 const CHECKPOINT_DIR: &str = "/var/lib/libvirt/qemu/checkpoint";
@@ -320,7 +320,7 @@ fn leftovers_of_a_killed_libvirtd_are_repaired_and_nothing_comes_back() {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(8);
-    let seed = rel::seed("CKPTSTORE_LEFTOVER_SEED");
+    let seed = testkit::rng::seed("CKPTSTORE_LEFTOVER_SEED");
     println!(
         "daemon leftovers: seed {seed} (CKPTSTORE_LEFTOVER_SEED={seed} replays), {rounds} syncs"
     );
@@ -367,7 +367,7 @@ fn leftovers_of_a_killed_libvirtd_are_repaired_and_nothing_comes_back() {
         // for the old current checkpoint) in half the rounds and in every
         // rollback round, otherwise after a seeded number of calls (half
         // are deletes, half redefines).
-        let last = rollback || rng.chance(0.5);
+        let last = rollback || rng.probability(0.5);
         let k = if last {
             calls - 1
         } else {
@@ -377,7 +377,7 @@ fn leftovers_of_a_killed_libvirtd_are_repaired_and_nothing_comes_back() {
         // is loaded at the restart, so nothing redefines that checkpoint
         // again (a rewrite of an existing checkpoint is repeated by the
         // resumed transaction, which replaces its file).
-        let first_write = last || rng.chance(0.75);
+        let first_write = last || rng.probability(0.75);
         let ctx = format!(
             "round {r} (sync to chain {}{})",
             ["A", "B"][to],

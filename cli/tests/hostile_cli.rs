@@ -17,8 +17,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
 use ckptstore::{CheckpointDef, LibvirtBackend};
-use rel::{Out, Rng};
+use rel::Out;
 use support::{TestDomain, SYSTEM_URI};
+use testkit::rng::Rng;
 
 /// A domain with a committed 3-checkpoint chain and its journal.
 struct World {
@@ -389,7 +390,7 @@ fn descriptions_with_markup_come_back_exactly_on_qemu() {
             "{xml}"
         );
         assert_eq!(xml.matches("<disk ").count(), 2, "{xml}");
-        assert_eq!(ckptstore::xml::parse_checkpoint(&xml).unwrap(), def);
+        assert_eq!(ckptstore::testing::parse_checkpoint(&xml).unwrap(), def);
     }
     // Same content: a second sync makes no call.
     let again = rel::run(&w.db, &["sync", "--chain", &f, "--json"])
@@ -427,7 +428,7 @@ fn unusable_journals_change_nothing_on_qemu() {
 
     // Corrupt: random bytes, and a real journal with its pages scribbled on.
     let mut rng = Rng::new(7);
-    let noise: Vec<u8> = (0..16384).map(|_| rng.next() as u8).collect();
+    let noise: Vec<u8> = (0..16384).map(|_| rng.next_u64() as u8).collect();
     let p = w.dir.path().join("noise.db");
     std::fs::write(&p, &noise).unwrap();
     refused(&w, &p, &sync, None, 5, "is corrupt");
@@ -436,7 +437,7 @@ fn unusable_journals_change_nothing_on_qemu() {
     let mut bytes = std::fs::read(&p).unwrap();
     let len = bytes.len();
     for b in &mut bytes[4096..len] {
-        *b = rng.next() as u8;
+        *b = rng.next_u64() as u8;
     }
     std::fs::write(&p, &bytes).unwrap();
     refused(&w, &p, &sync, None, 5, "is corrupt");
@@ -457,7 +458,7 @@ fn unusable_journals_change_nothing_on_qemu() {
     }
     // From a newer schema: the real journal, one version ahead.
     let p = copy("newer.db");
-    let newer = ckptstore::journal::SCHEMA_VERSION + 1;
+    let newer = ckptstore::testing::SCHEMA_VERSION + 1;
     {
         let c = rusqlite::Connection::open(&p).unwrap();
         c.execute_batch(&format!("PRAGMA user_version = {newer}"))
@@ -652,7 +653,7 @@ fn fuzz_the_chain_input_through_the_binary_on_qemu() {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(300);
-    let seed = rel::seed("CKPTSTORE_FUZZ_SEED");
+    let seed = testkit::rng::seed("CKPTSTORE_FUZZ_SEED");
     println!(
         "cli fuzz: seed {seed} (CKPTSTORE_FUZZ_SEED={seed} replays), {cases} executions of `plan --chain -` (half \
          byte mutations of the JSON, half structural mutations of the chain)"
@@ -706,7 +707,7 @@ fn mutate_bytes(base: &[u8], rng: &mut Rng) -> Vec<u8> {
         }
         let at = rng.below(input.len() as u64) as usize;
         match rng.below(5) {
-            0 => input[at] = rng.next() as u8,
+            0 => input[at] = rng.next_u64() as u8,
             1 => {
                 let bytes = b"{}[]\":,0-e.\\u";
                 input.insert(at, bytes[rng.below(bytes.len() as u64) as usize]);

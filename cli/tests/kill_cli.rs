@@ -23,10 +23,11 @@ use std::path::Path;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use ckptstore::plan::plan;
+use ckptstore::testing::plan;
 use ckptstore::{CheckpointDef, LibvirtBackend};
-use rel::{Landed, Pre, Rng, Running, PRES};
+use rel::{Landed, Pre, Running, PRES};
 use support::{TestDomain, SYSTEM_URI};
+use testkit::rng::Rng;
 
 const CHECKPOINTS: usize = 100;
 /// The budget of one libvirt call when guessing how long a run takes.
@@ -63,7 +64,7 @@ fn sigkill_sync_and_recover_on_qemu() {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(52);
-    let seed = rel::seed("CKPTSTORE_KILL_SEED");
+    let seed = testkit::rng::seed("CKPTSTORE_KILL_SEED");
     println!(
         "kill rounds: seed {seed} (CKPTSTORE_KILL_SEED={seed} replays), until {kills} syncs are killed, \
          {CHECKPOINTS}-checkpoint chain"
@@ -161,17 +162,17 @@ fn round(
     let name = s.dom.name.as_str();
     rel::reset(backend, name, &s.before);
     let prev = rel::last_txn(db, name).map(|t| t["txn"].clone());
-    let rollback = rng.chance(0.5);
-    let kill_recover = rng.chance(0.4);
+    let rollback = rng.probability(0.5);
+    let kill_recover = rng.probability(0.4);
     // Kill early: now and then while the process starts and plans, mostly
     // somewhere in the first 60% of its calls.
     let window = 80 + s.calls * CALL_MS;
-    let delay = if rng.chance(0.15) {
+    let delay = if rng.probability(0.15) {
         rng.millis(0, 80)
     } else {
         rng.millis(80, window * 6 / 10)
     };
-    let recover_at = rng.next();
+    let recover_at = rng.next_u64();
 
     let (out, killed) =
         Running::spawn(rel::command(db, &["sync", "--chain", &s.file])).kill_at(delay);

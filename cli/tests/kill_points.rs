@@ -31,7 +31,7 @@ use testkit::support;
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use ckptstore::engine::CRASH_POINTS;
+use ckptstore::CRASH_POINTS;
 use ckptstore::{CheckpointDef, LibvirtBackend};
 use rel::{Landed, Out, Pre};
 use support::{TestDomain, SYSTEM_URI};
@@ -155,7 +155,7 @@ fn world(conn: &virt::connect::Connect) -> World {
 fn every_crash_point_of_sync_and_recover_on_qemu() {
     assert!(CRASH_POINTS.len() >= 8);
     let w = world(&support::system());
-    let plan = ckptstore::plan::plan(&w.before, &w.target);
+    let plan = ckptstore::testing::plan(&w.before, &w.target);
     println!(
         "kill points: {} named points; the sync makes {} libvirt calls ({} deletes, {} redefines)",
         CRASH_POINTS.len(),

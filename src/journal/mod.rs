@@ -21,6 +21,7 @@ use rusqlite::{params, Connection, ErrorCode, OptionalExtension, TransactionBeha
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
+#[cfg(feature = "testing")]
 pub use migrate::{Migration, MIGRATIONS, SCHEMA_VERSION};
 
 use crate::chain::{Chain, CheckpointDef};
@@ -118,6 +119,28 @@ impl JournalError {
                 ErrorCode::CannotOpen | ErrorCode::SystemIoFailure | ErrorCode::PermissionDenied,
             ) => JournalError::Io { detail },
             _ => JournalError::Sqlite { detail },
+        }
+    }
+
+    /// What to do about it, in one sentence.
+    pub fn hint(&self) -> &'static str {
+        match self {
+            JournalError::Corrupt { .. } | JournalError::Decode { .. } => {
+                "move it aside (keep it for a post-mortem) and run `ckptstore import --domain D` for each domain to rebuild it"
+            }
+            JournalError::NewerSchema { .. } => {
+                "use the newer ckptstore that wrote it; the file was left untouched"
+            }
+            JournalError::ReadOnly { .. } | JournalError::Io { .. } => {
+                "make the file and its folder writable by this user, or pass --db PATH"
+            }
+            JournalError::Full { .. } => "free space on the journal's file system, then retry",
+            JournalError::Locked { .. } => {
+                "another process holds the journal's lock: retry when it is done"
+            }
+            JournalError::Setting { .. }
+            | JournalError::Migration { .. }
+            | JournalError::Sqlite { .. } => "check the journal file, or pass --db PATH to use another",
         }
     }
 
@@ -436,6 +459,7 @@ impl Journal {
     ///
     /// [`JournalError::NewerSchema`] (file untouched), `Corrupt`, `ReadOnly`,
     /// `Io`, `Setting` when a durability setting did not take effect.
+    #[cfg(any(test, feature = "testing"))]
     pub fn open(path: &Path) -> Result<Journal> {
         Journal::open_with(path, &JournalOptions::default())
     }
@@ -545,6 +569,7 @@ impl Journal {
     /// # Errors
     ///
     /// SQLite errors.
+    #[cfg(any(test, feature = "testing"))]
     pub fn integrity_check(&self) -> Result<String> {
         let conn = self.conn();
         let mut stmt = conn

@@ -8,8 +8,10 @@
 //! - [`sim`]: the simulated world of the crash tests on the fake backend —
 //!   chains, journals in a temporary folder, stores that crash at the N-th
 //!   crash point, the seeded random simulation and its generator;
-//! - [`qemu`]: `qemu-img` helpers to make and inspect images.
+//! - [`qemu`]: `qemu-img` helpers to make and inspect images;
+//! - [`rng`]: the one seeded generator, and how a test gets its seed.
 
 pub mod qemu;
+pub mod rng;
 pub mod sim;
 pub mod support;

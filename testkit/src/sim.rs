@@ -9,9 +9,9 @@ use std::sync::{Arc, Once};
 use std::time::Duration;
 
 use chrono::DateTime;
-use ckptstore::backend::fake::{FakeBackend, Fault, Phase};
-use ckptstore::owner::Owner;
-use ckptstore::plan::same_content;
+use ckptstore::testing::same_content;
+use ckptstore::testing::{FakeBackend, Fault, Phase};
+use ckptstore::Owner;
 use ckptstore::{BackendErrorKind, Chain, Checkpoint, CheckpointDef, Policy, Store, StoreOptions};
 use uuid::Uuid;
 
@@ -130,16 +130,18 @@ impl TempJournal {
         self.dir.path().join("journal.db")
     }
 
-    fn options(owner: u32, hook: Option<ckptstore::engine::Hook>) -> StoreOptions {
+    fn options(owner: u32, hook: Option<ckptstore::testing::Hook>) -> StoreOptions {
         StoreOptions {
-            owner: Some(Owner {
-                pid: owner,
-                boot_id: "simulation".into(),
-                start: owner as u64,
-            }),
-            // Every simulated process other than the caller is dead.
-            liveness: Some(Arc::new(|_| false)),
-            hook,
+            seams: ckptstore::testing::Seams {
+                owner: Some(Owner {
+                    pid: owner,
+                    boot_id: "simulation".into(),
+                    start: owner as u64,
+                }),
+                // Every simulated process other than the caller is dead.
+                liveness: Some(Arc::new(|_| false)),
+                hook,
+            },
             reconnect_attempts: 3,
             reconnect_delay: Duration::ZERO,
             ..StoreOptions::default()
@@ -155,7 +157,7 @@ impl TempJournal {
     pub fn store_counting(&self, owner: u32) -> (Store, Counter) {
         let c = Counter::default();
         let c2 = c.clone();
-        let hook: ckptstore::engine::Hook = Arc::new(move |_| {
+        let hook: ckptstore::testing::Hook = Arc::new(move |_| {
             c2.0.fetch_add(1, Ordering::SeqCst);
         });
         (
@@ -167,7 +169,7 @@ impl TempJournal {
     /// A store whose process dies at its `k`-th crash point (1-based).
     pub fn store_crashing_at(&self, owner: u32, k: u64) -> Store {
         let seen = Arc::new(AtomicU64::new(0));
-        let hook: ckptstore::engine::Hook = Arc::new(move |_| {
+        let hook: ckptstore::testing::Hook = Arc::new(move |_| {
             if seen.fetch_add(1, Ordering::SeqCst) + 1 == k {
                 std::panic::panic_any(SimCrash);
             }
@@ -176,40 +178,11 @@ impl TempJournal {
     }
 }
 
-/// SplitMix64: a tiny deterministic generator, so a seed replays exactly.
-pub struct Rng(u64);
+pub use crate::rng::Rng;
 
-impl Rng {
-    pub fn new(seed: u64) -> Rng {
-        Rng(seed)
-    }
-
-    pub fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in `0..n` (n > 0).
-    pub fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
-    }
-
-    pub fn chance(&mut self, percent: u64) -> bool {
-        self.below(100) < percent
-    }
-}
-
+/// The seed of the random simulation: `CKPTSTORE_SIM_SEED`, or a fresh one.
 pub fn seed_from_env() -> u64 {
-    match std::env::var("CKPTSTORE_SIM_SEED") {
-        Ok(s) => s.parse().expect("CKPTSTORE_SIM_SEED must be a number"),
-        Err(_) => std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_nanos() as u64,
-    }
+    crate::rng::seed("CKPTSTORE_SIM_SEED")
 }
 
 /// Random chains (lines and trees), pre-states, faults, refusals and

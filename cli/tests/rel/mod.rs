@@ -12,8 +12,8 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use chrono::DateTime;
-use ckptstore::plan::{plan, same_content, Step};
-use ckptstore::xml::render_checkpoint;
+use ckptstore::testing::render_checkpoint;
+use ckptstore::testing::{plan, same_content, Step};
 use ckptstore::{Backend, BackendErrorKind, Chain, Checkpoint, CheckpointDef, LibvirtBackend};
 use uuid::Uuid;
 
@@ -408,52 +408,4 @@ pub fn last_txn(db: &Path, domain: &str) -> Option<serde_json::Value> {
     h["transactions"]
         .as_array()
         .and_then(|t| t.first().cloned())
-}
-
-/// The seed of a seeded test: `$var`, or a fresh one from the clock.
-pub fn seed(var: &str) -> u64 {
-    match std::env::var(var) {
-        Ok(s) => s
-            .parse()
-            .unwrap_or_else(|_| panic!("{var} must be an integer, not {s:?}")),
-        Err(_) => {
-            let t = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap();
-            (t.as_nanos() as u64) ^ (u64::from(std::process::id()) << 32)
-        }
-    }
-}
-
-/// SplitMix64: a tiny deterministic generator, so a seed replays the same
-/// choices.
-pub struct Rng(u64);
-
-impl Rng {
-    pub fn new(seed: u64) -> Rng {
-        Rng(seed)
-    }
-
-    pub fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in `0..n` (n > 0).
-    pub fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-
-    /// True with probability `p`.
-    pub fn chance(&mut self, p: f64) -> bool {
-        (self.next() >> 11) as f64 / (1u64 << 53) as f64 <= p
-    }
-
-    /// A duration uniform in `lo..hi` milliseconds.
-    pub fn millis(&mut self, lo: u64, hi: u64) -> Duration {
-        Duration::from_millis(lo + self.below(hi.saturating_sub(lo).max(1)))
-    }
 }

@@ -1,0 +1,578 @@
+//! The transaction driver: plan against libvirt, commit the intent, apply,
+//! verify, commit — or roll back to the before-image — and the recovery of
+//! a transaction whose owner died, which runs the same phases. `apply`,
+//! `roll_back` and the recovery live together: each calls the others.
+
+use std::collections::{BTreeSet, HashMap};
+use std::time::Instant;
+
+use tracing::{debug, info, info_span, warn};
+use uuid::Uuid;
+
+use super::report::{Outcome, Policy, Recovered, SyncReport};
+use super::Store;
+use crate::backend::{Backend, BackendError, BackendErrorKind};
+use crate::chain::{Chain, CheckpointDef};
+use crate::error::{Error, Result};
+use crate::journal::{NewStep, NewTxn, StepOp, StepPhase, TxnEvent, TxnKind, TxnRecord, TxnState};
+use crate::plan::{plan, plan_with, same_content, Plan, Step};
+use crate::xml::{parse_checkpoint, render_checkpoint};
+
+/// Why a phase stopped.
+pub(super) enum PhaseError {
+    /// libvirt refused a step.
+    Refused(String, BackendError),
+    /// Another error (unreachable, lost for good, journal, diverged).
+    Other(Error),
+}
+
+impl From<crate::journal::JournalError> for PhaseError {
+    fn from(e: crate::journal::JournalError) -> Self {
+        PhaseError::Other(Error::Journal(e))
+    }
+}
+
+/// A transaction being driven.
+pub(super) struct Txn<'a> {
+    pub(super) id: Uuid,
+    pub(super) domain: &'a str,
+    pub(super) calls: u64,
+    /// libvirt's crash leftovers repaired at the end of a phase.
+    pub(super) warnings: Vec<String>,
+}
+
+impl Store {
+    /// Recover an orphaned open transaction on `domain`, or fail with
+    /// `Busy` when a live process holds it. The caller holds the domain's
+    /// lock.
+    pub(super) fn recover_domain_first(
+        &self,
+        backend: &dyn Backend,
+        domain: &str,
+    ) -> Result<Vec<Recovered>> {
+        let mut out = Vec::new();
+        for t in self.journal.incomplete(Some(domain))? {
+            match self.recover_locked(backend, &t, Policy::Resume)? {
+                Some(r) => out.push(r),
+                None => {
+                    return Err(Error::Busy {
+                        domain: domain.to_string(),
+                        txn: Some(t.id),
+                        owner: Some(t.owner),
+                    })
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Recover one open transaction if it is orphaned; `None` when another
+    /// live writer holds its domain, or it finished meanwhile.
+    pub(super) fn recover_one(
+        &self,
+        backend: &dyn Backend,
+        t: &TxnRecord,
+        policy: Policy,
+    ) -> Result<Option<Recovered>> {
+        let _lock = match self.lock_domain(&t.domain) {
+            Ok(lock) => lock,
+            Err(e) if e.is_busy() => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        // Read it again under the lock: it may have finished, or moved on,
+        // since it was listed.
+        let t = self.journal.txn(t.id)?;
+        if !t.state.is_open() {
+            return Ok(None);
+        }
+        self.recover_locked(backend, &t, policy)
+    }
+
+    /// [`Store::recover_one`] for a caller that holds the domain's lock.
+    pub(super) fn recover_locked(
+        &self,
+        backend: &dyn Backend,
+        t: &TxnRecord,
+        policy: Policy,
+    ) -> Result<Option<Recovered>> {
+        if !self.orphaned(t) || !self.journal.take_over(t.id, &t.owner, &self.owner)? {
+            return Ok(None);
+        }
+        self.point("recover.taken_over");
+        let span = info_span!("recover", txn = %t.id, domain = %t.domain);
+        let _e = span.enter();
+        info!(state = t.state.as_str(), ?policy, previous_owner = %t.owner, "recovering");
+        let mut txn = Txn {
+            id: t.id,
+            domain: &t.domain,
+            calls: 0,
+            warnings: Vec::new(),
+        };
+        let outcome = match (t.state, policy) {
+            (TxnState::Applying, Policy::Resume) => {
+                match self.run_phase(backend, &mut txn, StepPhase::Apply, &t.target, None) {
+                    Ok(()) => {
+                        self.journal
+                            .finish(t.id, TxnEvent::Commit, self.opts.history)?;
+                        self.point("txn.finished");
+                        Outcome::Committed
+                    }
+                    // libvirt refuses the target: the transaction ends
+                    // rolled back, which is a recovery too.
+                    Err(PhaseError::Refused(checkpoint, source)) => {
+                        match self.roll_back(backend, &mut txn, &t.before, checkpoint, source) {
+                            e @ Error::Refused {
+                                rolled_back: true, ..
+                            } => {
+                                warn!(error = %e, "resume refused by libvirt; rolled back");
+                                Outcome::RolledBack
+                            }
+                            e => return Err(e),
+                        }
+                    }
+                    Err(PhaseError::Other(e)) => return Err(e),
+                }
+            }
+            _ => {
+                if t.state == TxnState::Applying {
+                    self.journal.transition(
+                        t.id,
+                        TxnEvent::BeginRollback,
+                        Some("rollback requested by recover"),
+                    )?;
+                    self.point("txn.rollback_begun");
+                }
+                match self.run_phase(backend, &mut txn, StepPhase::Rollback, &t.before, None) {
+                    Ok(()) => {
+                        self.journal
+                            .finish(t.id, TxnEvent::FinishRollback, self.opts.history)?;
+                        self.point("txn.finished");
+                        Outcome::RolledBack
+                    }
+                    Err(PhaseError::Refused(checkpoint, source)) => {
+                        return Err(Error::Refused {
+                            domain: t.domain.clone(),
+                            txn: t.id,
+                            checkpoint,
+                            source,
+                            rolled_back: false,
+                            report: None,
+                        })
+                    }
+                    Err(PhaseError::Other(e)) => return Err(e),
+                }
+            }
+        };
+        info!(?outcome, calls = txn.calls, "recovered");
+        Ok(Some(Recovered {
+            txn: t.id,
+            domain: t.domain.clone(),
+            outcome,
+            libvirt_calls: txn.calls,
+            warnings: txn.warnings,
+        }))
+    }
+
+    /// The transaction: plan against libvirt, commit the intent, apply,
+    /// verify, commit — or roll back when libvirt refuses a step.
+    pub(super) fn apply(
+        &self,
+        backend: &dyn Backend,
+        domain: &str,
+        kind: TxnKind,
+        chain: Option<&Chain>,
+        target: Vec<CheckpointDef>,
+        mut warnings: Vec<String>,
+    ) -> Result<SyncReport> {
+        // Held from before libvirt is first read until the transaction
+        // ends: no other writer can change libvirt or the journal between
+        // our listing and our intent.
+        let _lock = self.lock_domain(domain)?;
+        let recovered = self.recover_domain_first(backend, domain)?;
+        for r in &recovered {
+            warnings.push(format!(
+                "recovered interrupted transaction {} first ({:?})",
+                r.txn, r.outcome
+            ));
+        }
+        warnings.extend(crate::leftovers::repair(backend, domain));
+        let current = backend
+            .list(domain)
+            .map_err(backend_err(domain, "list", None))?;
+        let plan = plan(&current, &target);
+        let id = Uuid::new_v4();
+        let span = info_span!("txn", txn = %id, domain);
+        let _e = span.enter();
+        let steps = journal_steps(&plan);
+        let new = NewTxn {
+            id,
+            domain,
+            kind,
+            chain,
+            target: &target,
+            before: &current,
+            owner: &self.owner,
+            steps: &steps,
+        };
+        let mut report = SyncReport {
+            txn: id,
+            domain: domain.to_string(),
+            outcome: Outcome::Unchanged,
+            redefined: plan.redefined(),
+            deleted: plan.deleted(),
+            unchanged: plan.unchanged.clone(),
+            libvirt_calls: 0,
+            warnings,
+            recovered,
+            refused: None,
+        };
+        if plan.is_empty() {
+            self.busy_if_open(
+                domain,
+                self.journal.record_unchanged(new, self.opts.history)?,
+            )?;
+            info!("libvirt already matches: nothing to do");
+            return Ok(report);
+        }
+        self.busy_if_open(domain, self.journal.begin(new)?)?;
+        // The steps' XML is in the journal now; the plan drives the calls.
+        let planned = steps.len();
+        drop(steps);
+        self.point("txn.intent_committed");
+        info!(steps = planned, "intent committed");
+        let mut txn = Txn {
+            id,
+            domain,
+            calls: 0,
+            warnings: Vec::new(),
+        };
+        let applied = self.run_phase(backend, &mut txn, StepPhase::Apply, &target, Some(plan));
+        report.warnings.append(&mut txn.warnings);
+        match applied {
+            Ok(()) => {
+                self.journal
+                    .finish(id, TxnEvent::Commit, self.opts.history)?;
+                self.point("txn.finished");
+                report.outcome = Outcome::Committed;
+                report.libvirt_calls = txn.calls;
+                info!(calls = txn.calls, "committed");
+                Ok(report)
+            }
+            Err(PhaseError::Refused(checkpoint, source)) => {
+                let mut e = self.roll_back(backend, &mut txn, &current, checkpoint.clone(), source);
+                if let Error::Refused {
+                    rolled_back: true,
+                    report: slot,
+                    ..
+                } = &mut e
+                {
+                    // Nothing the transaction did remains.
+                    report.outcome = Outcome::RolledBack;
+                    report.redefined.clear();
+                    report.deleted.clear();
+                    report.libvirt_calls = txn.calls;
+                    report.refused = Some(checkpoint);
+                    *slot = Some(Box::new(report));
+                }
+                Err(e)
+            }
+            Err(PhaseError::Other(e)) => Err(e),
+        }
+    }
+
+    /// libvirt refused a step of the apply phase: restore the before-image
+    /// and return the error describing the refusal.
+    fn roll_back(
+        &self,
+        backend: &dyn Backend,
+        txn: &mut Txn<'_>,
+        before: &[CheckpointDef],
+        checkpoint: String,
+        source: BackendError,
+    ) -> Error {
+        warn!(%checkpoint, error = %source, "libvirt refused a step; rolling back");
+        let msg = format!("libvirt refused checkpoint {checkpoint}: {source}");
+        if let Err(e) = self
+            .journal
+            .transition(txn.id, TxnEvent::BeginRollback, Some(&msg))
+        {
+            return e.into();
+        }
+        self.point("txn.rollback_begun");
+        let rolled_back = match self.run_phase(backend, txn, StepPhase::Rollback, before, None) {
+            Ok(()) => match self
+                .journal
+                .finish(txn.id, TxnEvent::FinishRollback, self.opts.history)
+            {
+                Ok(_) => {
+                    self.point("txn.finished");
+                    true
+                }
+                Err(e) => return e.into(),
+            },
+            Err(PhaseError::Refused(..)) => false,
+            Err(PhaseError::Other(e)) => return e,
+        };
+        Error::Refused {
+            domain: txn.domain.to_string(),
+            txn: txn.id,
+            checkpoint,
+            source,
+            rolled_back,
+            report: None,
+        }
+    }
+
+    /// Drive libvirt to `goal`: execute the plan (or plan from libvirt's
+    /// state), then list and compare by content; repeat while libvirt
+    /// differs. A lost connection is waited for and reconciled by content.
+    fn run_phase(
+        &self,
+        backend: &dyn Backend,
+        txn: &mut Txn<'_>,
+        phase: StepPhase,
+        goal: &[CheckpointDef],
+        first: Option<Plan>,
+    ) -> std::result::Result<(), PhaseError> {
+        let mut plan_given = first;
+        let mut lost = 0u32;
+        let mut rounds = 0u32;
+        loop {
+            match self.round(backend, txn, phase, goal, plan_given.take()) {
+                Ok(true) => {
+                    let repaired = crate::leftovers::repair(backend, txn.domain);
+                    txn.warnings.extend(repaired);
+                    self.point("phase.verified");
+                    return Ok(());
+                }
+                Ok(false) => {
+                    rounds += 1;
+                    if rounds > 5 {
+                        return Err(PhaseError::Other(Error::Diverged {
+                            domain: txn.domain.to_string(),
+                            txn: txn.id,
+                        }));
+                    }
+                }
+                Err(PhaseError::Other(Error::Backend { source, op, .. }))
+                    if matches!(
+                        source.kind,
+                        BackendErrorKind::ConnectionLost | BackendErrorKind::Unreachable
+                    ) =>
+                {
+                    lost += 1;
+                    warn!(%source, attempt = lost, "connection to libvirt lost; the step's outcome is unknown");
+                    if lost > self.opts.reconnect_attempts {
+                        return Err(PhaseError::Other(Error::Backend {
+                            domain: txn.domain.to_string(),
+                            op,
+                            txn: Some(txn.id),
+                            source,
+                        }));
+                    }
+                    std::thread::sleep(self.opts.reconnect_delay);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// One round: execute `given` or a fresh plan, then verify. `Ok(true)`
+    /// when libvirt equals the goal.
+    fn round(
+        &self,
+        backend: &dyn Backend,
+        txn: &mut Txn<'_>,
+        phase: StepPhase,
+        goal: &[CheckpointDef],
+        given: Option<Plan>,
+    ) -> std::result::Result<bool, PhaseError> {
+        let domain = txn.domain;
+        let lost = |op| backend_err(domain, op, Some(txn.id));
+        let (plan, seqs) = match given {
+            Some(p) => {
+                let n = p.steps.len() as u32;
+                (p, (0..n).collect::<Vec<u32>>())
+            }
+            None => {
+                let current = backend
+                    .list(domain)
+                    .map_err(|e| PhaseError::Other(lost("list")(e)))?;
+                let journaled = self.journal.steps(txn.id, phase)?;
+                let force = pending_forced(&journaled);
+                let plan = plan_with(&current, goal, &force);
+                let seqs = self.match_steps(txn.id, phase, &plan, &journaled)?;
+                (plan, seqs)
+            }
+        };
+        let total = plan.steps.len() as u64;
+        let mut done = 0;
+        self.report_progress(txn, phase, done, total)
+            .map_err(PhaseError::Other)?;
+        for (step, seq) in plan.steps.iter().zip(seqs) {
+            self.point("step.before_call");
+            if !self.journal.still_owns(txn.id, &self.owner)? {
+                return Err(PhaseError::Other(Error::TakenOver {
+                    domain: domain.to_string(),
+                    txn: txn.id,
+                }));
+            }
+            let started = Instant::now();
+            let result = match step {
+                Step::Delete { before } => backend.delete(domain, &before.name),
+                Step::Redefine { def, .. } => {
+                    backend.redefine(domain, &render_checkpoint(def), false)
+                }
+            };
+            let ms = started.elapsed().as_secs_f64() * 1e3;
+            txn.calls += 1;
+            self.point("step.after_call");
+            match result {
+                Ok(()) => {
+                    debug!(
+                        op = op_name(step),
+                        checkpoint = step.checkpoint(),
+                        ms,
+                        "libvirt call"
+                    );
+                    self.journal.step_done(txn.id, phase, seq)?;
+                    self.point("step.recorded");
+                    done += 1;
+                    self.report_progress(txn, phase, done, total)
+                        .map_err(PhaseError::Other)?;
+                }
+                // Deleting what is already gone reaches the step's goal.
+                Err(e)
+                    if matches!(step, Step::Delete { .. })
+                        && e.kind == BackendErrorKind::NoCheckpoint =>
+                {
+                    debug!(
+                        op = "delete",
+                        checkpoint = step.checkpoint(),
+                        ms,
+                        "already gone"
+                    );
+                    self.journal.step_done(txn.id, phase, seq)?;
+                    self.point("step.recorded");
+                    done += 1;
+                    self.report_progress(txn, phase, done, total)
+                        .map_err(PhaseError::Other)?;
+                }
+                Err(e) => {
+                    warn!(op = op_name(step), checkpoint = step.checkpoint(), ms, error = %e, "libvirt call failed");
+                    // Best effort: the count is informative only.
+                    let _ = self.journal.count_call(txn.id);
+                    if e.is_outcome_unknown() || e.kind == BackendErrorKind::Unreachable {
+                        return Err(PhaseError::Other(lost(op_name(step))(e)));
+                    }
+                    if e.kind == BackendErrorKind::NoDomain {
+                        return Err(PhaseError::Other(lost(op_name(step))(e)));
+                    }
+                    return Err(PhaseError::Refused(step.checkpoint().to_string(), e));
+                }
+            }
+        }
+        // The plan holds a copy of every definition: let it go before
+        // libvirt's listing makes another.
+        drop(plan);
+        let after = backend
+            .list(domain)
+            .map_err(|e| PhaseError::Other(lost("list")(e)))?;
+        Ok(same_content(&after, goal))
+    }
+
+    /// Give each step of a fresh plan a journal row: reuse a pending row
+    /// with the same call, append the rest, and mark pending rows the plan
+    /// no longer needs as done (libvirt showed they are).
+    fn match_steps(
+        &self,
+        txn: Uuid,
+        phase: StepPhase,
+        plan: &Plan,
+        journaled: &[crate::journal::StepRecord],
+    ) -> std::result::Result<Vec<u32>, PhaseError> {
+        let new_steps = journal_steps(plan);
+        let mut free: HashMap<(StepOp, &str, Option<&str>), Vec<u32>> = HashMap::new();
+        for r in journaled.iter().filter(|r| !r.done) {
+            free.entry((r.step.op, r.step.checkpoint.as_str(), r.step.xml.as_deref()))
+                .or_default()
+                .push(r.seq);
+        }
+        let mut seqs = Vec::with_capacity(new_steps.len());
+        let mut to_add = Vec::new();
+        for s in &new_steps {
+            match free
+                .get_mut(&(s.op, s.checkpoint.as_str(), s.xml.as_deref()))
+                .and_then(|v| v.pop())
+            {
+                Some(seq) => seqs.push(Some(seq)),
+                None => {
+                    seqs.push(None);
+                    to_add.push(s.clone());
+                }
+            }
+        }
+        let stale: Vec<u32> = free.into_values().flatten().collect();
+        self.journal.mark_observed(txn, phase, &stale)?;
+        let mut added = self.journal.add_steps(txn, phase, &to_add)?.into_iter();
+        Ok(seqs
+            .into_iter()
+            .map(|s| s.or_else(|| added.next()).unwrap_or(u32::MAX))
+            .collect())
+    }
+}
+
+fn op_name(step: &Step) -> &'static str {
+    match step {
+        Step::Delete { .. } => "delete",
+        Step::Redefine { .. } => "redefine",
+    }
+}
+
+pub(super) fn backend_err<'a>(
+    domain: &'a str,
+    op: &'static str,
+    txn: Option<Uuid>,
+) -> impl Fn(BackendError) -> Error + 'a {
+    move |source| Error::Backend {
+        domain: domain.to_string(),
+        op,
+        txn,
+        source,
+    }
+}
+
+fn journal_steps(plan: &Plan) -> Vec<NewStep> {
+    plan.steps
+        .iter()
+        .map(|s| match s {
+            Step::Delete { before } => NewStep {
+                op: StepOp::Delete,
+                checkpoint: before.name.clone(),
+                xml: None,
+                before: Some(before.clone()),
+            },
+            Step::Redefine { def, before, .. } => NewStep {
+                op: StepOp::Redefine,
+                checkpoint: def.name.clone(),
+                xml: Some(render_checkpoint(def)),
+                before: before.clone(),
+            },
+        })
+        .collect()
+}
+
+/// Forced redefines (same content as before) not yet recorded done: they
+/// move libvirt's current checkpoint and leave no trace to compare, so a
+/// resume repeats them.
+fn pending_forced(steps: &[crate::journal::StepRecord]) -> BTreeSet<String> {
+    steps
+        .iter()
+        .filter(|r| !r.done && r.step.op == StepOp::Redefine)
+        .filter(|r| {
+            let def = r.step.xml.as_deref().and_then(|x| parse_checkpoint(x).ok());
+            def.is_some() && def.as_ref() == r.step.before.as_ref()
+        })
+        .map(|r| r.step.checkpoint.clone())
+        .collect()
+}
