@@ -109,70 +109,92 @@ fn transient_recreated_then_resynced() {
     vm.report("transient domain re-created twice, sync --domain");
 }
 
+/// Rounds of [`resync_killed_then_recovered`].
+const KILL_ROUNDS: usize = 3;
+
 /// `sync --domain` SIGKILLed (by its pid) at a seeded moment while it
-/// redefines, then `ckptstore recover` finishes it.
+/// redefines, then `ckptstore recover` finishes it; three rounds, each
+/// losing the metadata one way or the other (seeded), each followed by a
+/// backup that must hang off the leaf and an `import` of the longer chain.
 #[test]
 fn resync_killed_then_recovered() {
     let seed = rel::seed("CKPTSTORE_VNB_SEED");
-    println!("backup_client: seed {seed} (CKPTSTORE_VNB_SEED={seed} replays the kill moments)");
+    println!("backup_client: seed {seed} (CKPTSTORE_VNB_SEED={seed} replays the choices)");
     let mut rng = rel::Rng::new(seed);
-    let mut vm = Vm::start("vnb-killed", false);
+    let mut vm = Vm::start("vnb-killed", true);
     three_backups(&mut vm);
-    vm.next_backup_hangs_off(&ckpt(2));
     let db = vm.work().join("journal.db");
     import(&vm, &db);
-    let before = vm.checkpoints();
     // One whole re-apply measures how long one lasts here.
+    let before = vm.checkpoints();
     vm.delete_metadata();
     let timed = rel::run(&db, &["sync", "--domain", vm.name(), "--json"]).expect(0, "timed sync");
     assert_eq!(timed.json()["outcome"], "committed");
     assert_eq!(vm.checkpoints(), before);
     let span = timed.elapsed.max(Duration::from_millis(20));
-    // Kill at a seeded moment within it until one dies with its
-    // transaction open (not before its intent, not after its end).
-    let mut attempts = 0;
-    let (at, open) = loop {
-        attempts += 1;
-        assert!(
-            attempts <= 60,
-            "seed {seed}: no kill landed inside sync --domain in 60 attempts"
+    let mut tries = 0;
+    for round in 0..KILL_ROUNDS {
+        let before = vm.checkpoints();
+        let loss = if rng.chance(0.5) {
+            Loss::Deletes
+        } else {
+            Loss::Recreate
+        };
+        match loss {
+            Loss::Deletes => vm.delete_metadata(),
+            Loss::Recreate => vm.recreate(),
+        }
+        // Kill at a seeded moment within a whole run until one dies with
+        // its transaction open (not before its intent, not after its end);
+        // a run that got through is undone by deleting the metadata again.
+        let mut attempts = 0;
+        let (at, open) = loop {
+            attempts += 1;
+            assert!(
+                attempts <= 60,
+                "seed {seed}: no kill landed inside sync --domain in 60 attempts"
+            );
+            if !vm.names().is_empty() {
+                vm.delete_metadata();
+            }
+            let at = rng.millis(0, span.as_millis() as u64);
+            let cmd = rel::command(&db, &["sync", "--domain", vm.name(), "--json"]);
+            let (out, killed) = rel::Running::spawn(cmd).kill_at(at);
+            if !killed {
+                out.expect(0, "sync --domain that outran its kill");
+                continue;
+            }
+            let status = ckptstore(&db, &["status", "--domain", vm.name()], 0);
+            let open = status["incomplete"].as_array().unwrap().clone();
+            if open.is_empty() {
+                // Died before its intent: libvirt is untouched.
+                assert_eq!(vm.names(), Vec::<String>::new(), "seed {seed}");
+                continue;
+            }
+            break (at, open);
+        };
+        tries += attempts;
+        assert_eq!(open.len(), 1, "{open:?}");
+        assert_eq!(open[0]["owner_alive"], false, "{open:?}");
+        println!(
+            "backup_client: round {round}: metadata lost by {loss:?}; sync --domain killed at {} ms (attempt {attempts}), {}/{} steps recorded, libvirt had {} of {} checkpoints",
+            at.as_millis(),
+            open[0]["done"],
+            open[0]["total"],
+            vm.names().len(),
+            before.len()
         );
-        if !vm.names().is_empty() {
-            vm.delete_metadata();
-        }
-        let at = rng.millis(0, span.as_millis() as u64);
-        let cmd = rel::command(&db, &["sync", "--domain", vm.name(), "--json"]);
-        let (out, killed) = rel::Running::spawn(cmd).kill_at(at);
-        if !killed {
-            out.expect(0, "sync --domain that outran its kill");
-            continue;
-        }
-        let status = ckptstore(&db, &["status", "--domain", vm.name()], 0);
-        let open = status["incomplete"].as_array().unwrap().clone();
-        if open.is_empty() {
-            // Died before its intent: libvirt is untouched.
-            assert_eq!(vm.names(), Vec::<String>::new(), "seed {seed}");
-            continue;
-        }
-        break (at, open);
-    };
-    assert_eq!(open.len(), 1, "{open:?}");
-    assert_eq!(open[0]["owner_alive"], false, "{open:?}");
-    println!(
-        "backup_client: sync --domain killed at {} ms (attempt {attempts}), {}/{} steps done, libvirt had {} of {} checkpoints",
-        at.as_millis(),
-        open[0]["done"],
-        open[0]["total"],
-        vm.names().len(),
-        before.len()
-    );
-    let r = ckptstore(&db, &["recover", "--domain", vm.name()], 0);
-    assert_eq!(r["recovered"][0]["outcome"], "committed", "{r}");
-    assert_eq!(r["left_open"], serde_json::json!([]), "{r}");
-    assert_eq!(vm.checkpoints(), before, "seed {seed}: after recover");
-    vm.next_backup_hangs_off(&ckpt(3));
+        let r = ckptstore(&db, &["recover", "--domain", vm.name()], 0);
+        assert_eq!(r["recovered"][0]["outcome"], "committed", "{r}");
+        assert_eq!(r["left_open"], serde_json::json!([]), "{r}");
+        assert_eq!(vm.checkpoints(), before, "seed {seed}: after recover");
+        let leaf = before.last().unwrap().name.clone();
+        vm.next_backup_hangs_off(&leaf);
+        import(&vm, &db);
+    }
     vm.restore_and_compare();
-    vm.report("sync --domain SIGKILLed, recover");
+    println!("backup_client: {KILL_ROUNDS} syncs killed mid-transaction in {tries} attempts");
+    vm.report("sync --domain SIGKILLed, recover (3 rounds)");
 }
 
 /// A backup made after the journal's last `import`, then `sync --domain`:
