@@ -23,7 +23,7 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use ckptstore::{CheckpointDef, LibvirtBackend};
 use virt::connect::Connect;
@@ -46,6 +46,8 @@ static BACKUPS: AtomicU64 = AtomicU64::new(0);
 static RESTORES: AtomicU64 = AtomicU64::new(0);
 static COMPARED: AtomicU64 = AtomicU64::new(0);
 static MILLIS: AtomicU64 = AtomicU64::new(0);
+static DELETED: AtomicU64 = AtomicU64::new(0);
+static RECREATED: AtomicU64 = AtomicU64::new(0);
 
 /// A checkpoint name of virtnbdbackup's.
 pub fn ckpt(n: usize) -> String {
@@ -303,6 +305,10 @@ impl Vm {
             "virtnbdbackup saved no copy of {name}"
         );
         std::fs::remove_dir_all(&copies).unwrap();
+        // It ends by aborting libvirt's backup job, which ends (and removes
+        // its scratch files) a moment later; a next backup started before
+        // that would meet "an active backup operation".
+        self.wait_no_job();
         assert_eq!(
             std::fs::read_dir(&scratch).unwrap().count(),
             0,
@@ -345,6 +351,24 @@ impl Vm {
             start.elapsed().as_millis()
         );
         name
+    }
+
+    /// Wait until the domain runs no job (30 s at most).
+    fn wait_no_job(&self) {
+        let dom = self.dom.domain();
+        let start = Instant::now();
+        loop {
+            let job = dom.job_info().expect("domain job info").r#type;
+            if job == sys::VIR_DOMAIN_JOB_NONE as i32 {
+                return;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(30),
+                "{}: a job of type {job} still runs 30 s after the backup",
+                self.name()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     /// The next incremental backup must work, and libvirt must hang its
@@ -441,6 +465,7 @@ impl Vm {
                 .arg("--metadata"));
         }
         self.assert_lost(&before);
+        DELETED.fetch_add(1, Ordering::SeqCst);
     }
 
     /// Lose libvirt's checkpoint metadata the other way: destroy the
@@ -456,6 +481,7 @@ impl Vm {
             .create_domain_xml(&self.xml, 0)
             .expect("re-create the transient domain");
         self.assert_lost(&before);
+        RECREATED.fetch_add(1, Ordering::SeqCst);
     }
 
     fn assert_lost(&self, before: &[String]) {
@@ -520,7 +546,9 @@ impl Vm {
             ms as f64 / 1000.0
         );
         println!(
-            "backup_client: so far {n} scenarios, {b} backups, {r} restores, {c} disks compared (qemu-img compare identical), {:.1} s of scenarios",
+            "backup_client: so far {n} scenarios, {b} backups, {r} restores, {c} disks compared (qemu-img compare identical), metadata lost by deletes {} and by re-creating {}, {:.1} s of scenarios",
+            DELETED.load(Ordering::SeqCst),
+            RECREATED.load(Ordering::SeqCst),
             t as f64 / 1000.0
         );
     }
