@@ -8,8 +8,9 @@
 //! of the whole chain that must equal each live disk (`qemu-img compare`)
 //! and hold every write ever made.
 //!
-//! `CKPTSTORE_VNB_SEED` replays the kill moments of
-//! `resync_killed_then_recovered`.
+//! `CKPTSTORE_VNB_SEED` replays the choices of
+//! `resync_killed_then_recovered`: how the metadata is lost and when
+//! `sync --domain` is killed.
 
 mod rel;
 mod support;
@@ -46,14 +47,20 @@ enum Loss {
     Recreate,
 }
 
+impl Loss {
+    fn apply(self, vm: &Vm) {
+        match self {
+            Loss::Deletes => vm.delete_metadata(),
+            Loss::Recreate => vm.recreate(),
+        }
+    }
+}
+
 /// Lose the metadata, then `ckptstore sync --domain D` puts every
 /// checkpoint back exactly as libvirt had it, parents included.
 fn lose_and_resync(vm: &Vm, db: &std::path::Path, loss: Loss) {
     let before = vm.checkpoints();
-    match loss {
-        Loss::Deletes => vm.delete_metadata(),
-        Loss::Recreate => vm.recreate(),
-    }
+    loss.apply(vm);
     let r = ckptstore(db, &["sync", "--domain", vm.name()], 0);
     assert_eq!(r["outcome"], "committed", "{r}");
     let all: Vec<String> = before.iter().map(|d| d.name.clone()).collect();
@@ -140,10 +147,7 @@ fn resync_killed_then_recovered() {
         } else {
             Loss::Recreate
         };
-        match loss {
-            Loss::Deletes => vm.delete_metadata(),
-            Loss::Recreate => vm.recreate(),
-        }
+        loss.apply(&vm);
         // Kill at a seeded moment within a whole run until one dies with
         // its transaction open (not before its intent, not after its end);
         // a run that got through is undone by deleting the metadata again.
