@@ -556,11 +556,16 @@ impl Vm {
 
 impl Drop for Vm {
     fn drop(&mut self) {
-        // A transient domain vanishes when destroyed; TestDomain then finds
-        // nothing to undefine and removes the images.
         if self.transient {
             if let Ok(dom) = self.conn.lookup_domain_by_name(&self.dom.name) {
                 let _ = dom.destroy();
+            }
+            // A backup job writes a transient domain's configuration into
+            // libvirt's config folder (libvirt 11.3), and the next daemon
+            // start brings it back as a persistent domain. Define it, so
+            // that TestDomain's undefine removes that file.
+            if let Err(e) = self.conn.define_domain_xml(&self.xml) {
+                eprintln!("cannot define {} to undefine it: {e}", self.dom.name);
             }
         }
     }
