@@ -140,6 +140,9 @@ pub struct Recovered {
     pub outcome: Outcome,
     /// Mutating libvirt calls the recovery made.
     pub libvirt_calls: u64,
+    /// Things the caller should know (libvirt's crash leftovers repaired).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub warnings: Vec<String>,
 }
 
 /// A transaction [`Store::recover`] could not finish; it stays open.
@@ -291,6 +294,8 @@ struct Txn<'a> {
     id: Uuid,
     domain: &'a str,
     calls: u64,
+    /// libvirt's crash leftovers repaired at the end of a phase.
+    warnings: Vec<String>,
 }
 
 impl Store {
@@ -484,6 +489,7 @@ impl Store {
     pub fn import(&self, backend: &dyn Backend, domain: &str) -> Result<SyncReport> {
         let _lock = self.lock_domain(domain)?;
         let recovered = self.recover_domain_first(backend, domain)?;
+        let warnings = crate::leftovers::repair(backend, domain);
         let current = backend
             .list(domain)
             .map_err(backend_err(domain, "list", None))?;
@@ -511,7 +517,7 @@ impl Store {
             deleted: Vec::new(),
             unchanged: current.iter().map(|d| d.name.clone()).collect(),
             libvirt_calls: 0,
-            warnings: Vec::new(),
+            warnings,
             recovered,
         })
     }
@@ -614,6 +620,7 @@ impl Store {
             id: t.id,
             domain: &t.domain,
             calls: 0,
+            warnings: Vec::new(),
         };
         let outcome = match (t.state, policy) {
             (TxnState::Applying, Policy::Resume) => {
@@ -675,6 +682,7 @@ impl Store {
             domain: t.domain.clone(),
             outcome,
             libvirt_calls: txn.calls,
+            warnings: txn.warnings,
         }))
     }
 
@@ -801,6 +809,7 @@ impl Store {
                 r.txn, r.outcome
             ));
         }
+        warnings.extend(crate::leftovers::repair(backend, domain));
         let current = backend
             .list(domain)
             .map_err(backend_err(domain, "list", None))?;
@@ -848,8 +857,11 @@ impl Store {
             id,
             domain,
             calls: 0,
+            warnings: Vec::new(),
         };
-        match self.run_phase(backend, &mut txn, StepPhase::Apply, &target, Some(plan)) {
+        let applied = self.run_phase(backend, &mut txn, StepPhase::Apply, &target, Some(plan));
+        report.warnings.append(&mut txn.warnings);
+        match applied {
             Ok(()) => {
                 self.journal
                     .finish(id, TxnEvent::Commit, self.opts.history)?;
@@ -925,6 +937,8 @@ impl Store {
         loop {
             match self.round(backend, txn, phase, goal, plan_given.take()) {
                 Ok(true) => {
+                    let repaired = crate::leftovers::repair(backend, txn.domain);
+                    txn.warnings.extend(repaired);
                     self.point("phase.verified");
                     return Ok(());
                 }

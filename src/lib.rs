@@ -13,6 +13,7 @@ pub use chain::{Chain, ChainError, Checkpoint, CheckpointDef, ValidChain};
 pub mod engine;
 pub mod error;
 pub mod journal;
+mod leftovers;
 mod lock;
 pub mod owner;
 pub mod plan;

@@ -76,7 +76,9 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-use crate::backend::{Backend, BackendError, BackendErrorKind, DomainDisk, DomainInfo};
+use crate::backend::{
+    Backend, BackendError, BackendErrorKind, DomainDisk, DomainInfo, LeftoverScan,
+};
 use crate::chain::{order_defs, spine_path, CheckpointDef};
 use crate::engine::Store;
 use crate::error::{Error, Result};
@@ -109,6 +111,9 @@ pub enum FindingKind {
     OrphanBitmap,
     /// The disk's image (or one of its backing files) could not be read.
     UnreadableImage,
+    /// libvirt left `NAME.xml.new` beside the checkpoint's metadata (its
+    /// daemon died while rewriting it): the next daemon start loads it.
+    LibvirtLeftover,
 }
 
 impl FindingKind {
@@ -124,6 +129,7 @@ impl FindingKind {
             FindingKind::BrokenChain => "broken_chain",
             FindingKind::OrphanBitmap => "orphan_bitmap",
             FindingKind::UnreadableImage => "unreadable_image",
+            FindingKind::LibvirtLeftover => "libvirt_leftover",
         }
     }
 }
@@ -143,7 +149,8 @@ pub struct Finding {
     pub checkpoint: Option<String>,
     /// The disk concerned, by target name.
     pub disk: Option<String>,
-    /// The image file concerned (the layer where the problem is).
+    /// The file concerned: the image layer where the problem is, or for a
+    /// [`FindingKind::LibvirtLeftover`] the leftover metadata file.
     pub image: Option<PathBuf>,
     /// What exactly is wrong, for people.
     pub detail: String,
@@ -409,6 +416,9 @@ pub fn validate_with(
         );
     }
     findings.append(&mut check.findings);
+    // After the running domain's redefines, which consume the leftovers of
+    // the checkpoints they rewrite.
+    leftover_findings(backend, domain, &libvirt, &mut findings, &mut notes)?;
     let usable = newest_usable(&libvirt, &check.bad, &participating(&libvirt, &info));
     let index: HashMap<&str, usize> = libvirt
         .iter()
@@ -431,6 +441,36 @@ pub fn validate_with(
         libvirt_validations: validations,
         notes,
     })
+}
+
+/// libvirt's crash leftovers among the domain's checkpoint files, each a
+/// finding; where the files cannot be read, a note says so.
+fn leftover_findings(
+    backend: &dyn Backend,
+    domain: &str,
+    libvirt: &[CheckpointDef],
+    findings: &mut Vec<Finding>,
+    notes: &mut Vec<String>,
+) -> Result<()> {
+    match backend
+        .leftovers(domain)
+        .map_err(backend_err(domain, "leftovers"))?
+    {
+        LeftoverScan::CannotCheck(why) => notes.push(format!(
+            "libvirt's metadata files not checked for crash leftovers: {why}"
+        )),
+        LeftoverScan::Checked(found) => findings.extend(found.iter().map(|l| Finding {
+            kind: FindingKind::LibvirtLeftover,
+            checkpoint: Some(l.checkpoint.clone()),
+            disk: None,
+            image: Some(l.path.clone()),
+            detail: format!(
+                "{}; a sync, recover or import of the domain repairs it",
+                crate::leftovers::effect(l, libvirt.iter().find(|d| d.name == l.checkpoint))
+            ),
+        })),
+    }
+    Ok(())
 }
 
 fn backend_err<'a>(domain: &'a str, op: &'static str) -> impl Fn(BackendError) -> Error + 'a {

@@ -65,7 +65,8 @@ impl DomainInfo {
 
 /// Render the minimal redefine XML for one checkpoint. Every text and
 /// attribute value is escaped. An empty description is left out: libvirt
-/// reads `<description></description>` as no description.
+/// reads `<description></description>` as no description. So is `<disks>`
+/// when no disk has a bitmap: libvirt's schema refuses an empty one.
 pub fn render_checkpoint(def: &CheckpointDef) -> String {
     let mut w = Writer::new(Vec::with_capacity(256 + 96 * def.disks.len()));
     // Writing into a Vec cannot fail.
@@ -85,15 +86,20 @@ fn write_checkpoint(w: &mut Writer<Vec<u8>>, def: &CheckpointDef) -> std::io::Re
         w.write_event(Event::End(BytesEnd::new("parent")))?;
     }
     text_elem(w, "creationTime", &def.creation_time.to_string())?;
-    w.write_event(Event::Start(BytesStart::new("disks")))?;
-    for (target, bitmap) in &def.disks {
-        let mut e = BytesStart::new("disk");
-        e.push_attribute(("name", target.as_str()));
-        e.push_attribute(("checkpoint", "bitmap"));
-        e.push_attribute(("bitmap", bitmap.as_str()));
-        w.write_event(Event::Empty(e))?;
+    // libvirt's schema refuses an empty <disks>; a checkpoint with no
+    // bitmap on any disk (every disk `checkpoint='no'`) is written, and
+    // dumped back by libvirt, without it.
+    if !def.disks.is_empty() {
+        w.write_event(Event::Start(BytesStart::new("disks")))?;
+        for (target, bitmap) in &def.disks {
+            let mut e = BytesStart::new("disk");
+            e.push_attribute(("name", target.as_str()));
+            e.push_attribute(("checkpoint", "bitmap"));
+            e.push_attribute(("bitmap", bitmap.as_str()));
+            w.write_event(Event::Empty(e))?;
+        }
+        w.write_event(Event::End(BytesEnd::new("disks")))?;
     }
-    w.write_event(Event::End(BytesEnd::new("disks")))?;
     w.write_event(Event::End(BytesEnd::new("domaincheckpoint")))?;
     Ok(())
 }
@@ -427,6 +433,22 @@ mod tests {
         let mut def = def();
         def.description = Some(String::new());
         assert!(!render_checkpoint(&def).contains("description"));
+    }
+
+    #[test]
+    fn a_checkpoint_without_bitmaps_has_no_disks_element() {
+        // What libvirt dumps for `checkpoint-create-as D --diskspec
+        // vda,checkpoint=no` on a one-disk domain.
+        let dumped = "<domaincheckpoint>\n  <name>k1</name>\n  <creationTime>1796186400</creationTime>\n  \
+                      <disks>\n    <disk name='vda' checkpoint='no'/>\n  </disks>\n</domaincheckpoint>\n";
+        let d = parse_checkpoint(dumped).unwrap();
+        assert!(d.disks.is_empty());
+        let xml = render_checkpoint(&d);
+        assert_eq!(
+            xml,
+            "<domaincheckpoint><name>k1</name><creationTime>1796186400</creationTime></domaincheckpoint>"
+        );
+        assert_eq!(parse_checkpoint(&xml).unwrap(), d);
     }
 
     #[test]

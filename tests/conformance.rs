@@ -712,6 +712,118 @@ fn validate_checks_the_bitmaps_of_a_running_domain(h: &dyn Harness) {
     assert_eq!(tree(h, &on), t(&[("c1", None), ("c4", Some("c1"))]));
 }
 
+/// A checkpoint with no bitmap on any disk, as `checkpoint-create-as D
+/// --diskspec vda,checkpoint=no` makes on a one-disk domain: libvirt dumps
+/// it with every disk `checkpoint='no'`, which reads as no disks. The store
+/// must be able to redefine it again (a re-apply, a rollback, `validate`).
+fn a_checkpoint_without_bitmap_disks(h: &dyn Harness) {
+    let dom = h.domain("nobitmap", 1, &[]);
+    let b = h.backend();
+    let dumped = "<domaincheckpoint>\n  <name>k1</name>\n  <creationTime>100</creationTime>\n  <disks>\n    \
+                  <disk name='vda' checkpoint='no'/>\n  </disks>\n</domaincheckpoint>\n";
+    b.redefine(&dom.name, dumped, false).unwrap();
+    let listed = b.list(&dom.name).unwrap();
+    assert_eq!(listed, vec![def("k1", None, 100, &[])]);
+    // As the store renders it: accepted, and listed with the same content.
+    put_ok(h, &dom, &listed[0]);
+    assert_eq!(b.list(&dom.name).unwrap(), listed);
+    put_ok(h, &dom, &def("k2", Some("k1"), 200, &["vda"]));
+    put_ok(h, &dom, &def("k3", Some("k2"), 300, &[]));
+    assert_eq!(
+        b.list(&dom.name).unwrap(),
+        vec![
+            def("k1", None, 100, &[]),
+            def("k2", Some("k1"), 200, &["vda"]),
+            def("k3", Some("k2"), 300, &[])
+        ]
+    );
+    // What libvirt's schema refuses is an empty <disks> element.
+    assert_err(
+        b.redefine(
+            &dom.name,
+            "<domaincheckpoint><name>k4</name><creationTime>400</creationTime><disks></disks></domaincheckpoint>",
+            false,
+        ),
+        K::InvalidArgument,
+        92,
+        None,
+    );
+    assert_eq!(b.list(&dom.name).unwrap().len(), 3);
+}
+
+/// libvirt's own test files (`tests/data/libvirt-checkpoints/`, from
+/// libvirt's `tests/qemudomaincheckpointxml2xml{in,out}/`), redefined as
+/// they are and as the store renders them.
+fn libvirts_own_checkpoint_files(h: &dyn Harness) {
+    let dom = h.domain("lvfiles", 2, &[]);
+    let b = h.backend();
+    let redefine = |xml: &str| b.redefine(&dom.name, xml, false);
+    let listed = |name: &str| {
+        b.list(&dom.name)
+            .unwrap()
+            .into_iter()
+            .find(|d| d.name == name)
+            .unwrap_or_else(|| panic!("{name} is not listed"))
+    };
+    // The parent the files name.
+    put_ok(h, &dom, &def("1525111885", None, 1_525_111_885, &["vda"]));
+    for (file, want) in libvirt_files() {
+        let xml = libvirt_file(file);
+        let ctx = format!("{file} on {}", b.describe());
+        match file {
+            // Checkpoints libvirt formatted: redefined as they are.
+            "out/disk-default.xml" | "out/empty.xml" | "out/sample.xml" | "out/size.xml" => {
+                let want = want.clone().unwrap();
+                redefine(&xml).unwrap_or_else(|e| panic!("{ctx}: {e:?}"));
+                assert_eq!(listed(&want.name), want, "{ctx}");
+            }
+            // It embeds its domain, whose UUID must be this domain's.
+            "out/redefine.xml" => {
+                let want = want.clone().unwrap();
+                assert_err(
+                    redefine(&xml),
+                    K::InvalidArgument,
+                    8,
+                    Some(&format!(
+                        "invalid argument: definition for checkpoint c1 must use uuid {}",
+                        dom.uuid
+                    )),
+                );
+                redefine(&xml.replace("c7a5fdbd-edaf-9455-926a-d65c16db1809", &dom.uuid))
+                    .unwrap_or_else(|e| panic!("{ctx}: {e:?}"));
+                assert_eq!(listed("c1"), want, "{ctx}");
+            }
+            // libvirt's internal format: <active> is not in the public schema.
+            "out/internal-active-invalid.xml" | "out/internal-inactive-invalid.xml" => {
+                assert_err(redefine(&xml), K::InvalidArgument, 92, None);
+            }
+            // Creation documents: no name, no creation time, bad names.
+            "in/disk-default.xml" | "in/empty.xml" | "in/sample.xml" => assert_err(
+                redefine(&xml),
+                K::InvalidArgument,
+                27,
+                Some("XML error: a redefined checkpoint must have a name"),
+            ),
+            "in/disk-invalid.xml" | "in/name-invalid.xml" => {
+                assert_err(redefine(&xml), K::InvalidArgument, 92, None)
+            }
+            "in/size.xml" => assert_err(
+                redefine(&xml),
+                K::Other,
+                1,
+                Some("internal error: missing creationTime from existing checkpoint"),
+            ),
+            other => panic!("no expectation for {other}"),
+        }
+        // Whatever the file, what the store renders from what it reads is
+        // accepted where the name is one libvirt takes, and lists the same.
+        if let Some(want) = want.filter(|w| ckptstore::chain::is_valid_checkpoint_name(&w.name)) {
+            put(h, &dom, &want).unwrap_or_else(|e| panic!("{ctx}, rendered: {e:?}"));
+            assert_eq!(listed(&want.name), want, "{ctx}, rendered");
+        }
+    }
+}
+
 macro_rules! conformance {
     ($($behaviour:ident),* $(,)?) => {
         mod fake {
@@ -750,4 +862,95 @@ conformance!(
     the_hidden_current_checkpoint,
     creating_needs_a_running_domain,
     validate_checks_the_bitmaps_of_a_running_domain,
+    a_checkpoint_without_bitmap_disks,
+    libvirts_own_checkpoint_files,
 );
+
+// ---------------------------------------------------------------------------
+// libvirt's own checkpoint files, parsed
+
+const LIBVIRT_FILES: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/tests/data/libvirt-checkpoints"
+);
+
+fn libvirt_file(file: &str) -> String {
+    std::fs::read_to_string(format!("{LIBVIRT_FILES}/{file}"))
+        .unwrap_or_else(|e| panic!("{file}: {e}"))
+}
+
+/// Every file of `tests/data/libvirt-checkpoints/` with what the parser
+/// must make of it (`None`: refused).
+fn libvirt_files() -> Vec<(&'static str, Option<CheckpointDef>)> {
+    let described = |mut d: CheckpointDef, text: &str| {
+        d.description = Some(text.into());
+        d
+    };
+    let install = "Completion of updates after OS install";
+    let c1 = def("1525889631", Some("1525111885"), 1_525_889_631, &["vda"]);
+    vec![
+        ("out/disk-default.xml", Some(described(c1.clone(), install))),
+        (
+            "out/empty.xml",
+            Some(def("1525889631", None, 1_525_889_631, &["vda"])),
+        ),
+        (
+            "out/internal-active-invalid.xml",
+            Some(described(c1.clone(), install)),
+        ),
+        (
+            "out/internal-inactive-invalid.xml",
+            Some(described(c1.clone(), install)),
+        ),
+        (
+            "out/redefine.xml",
+            Some(def("c1", None, 1_553_647_812, &["vda", "vdb"])),
+        ),
+        ("out/sample.xml", Some(described(c1, install))),
+        (
+            "out/size.xml",
+            Some(described(
+                def("c2", Some("1525111885"), 1_553_648_510, &["vda"]),
+                "something fun",
+            )),
+        ),
+        ("in/disk-default.xml", None),
+        ("in/disk-invalid.xml", None),
+        ("in/empty.xml", None),
+        ("in/name-invalid.xml", Some(def("../escape", None, 0, &[]))),
+        ("in/sample.xml", None),
+        (
+            "in/size.xml",
+            Some(described(def("c2", None, 0, &[]), "something fun")),
+        ),
+    ]
+}
+
+#[test]
+fn libvirts_checkpoint_files_parse_and_round_trip() {
+    let expected = libvirt_files();
+    // Every file present has an expectation, and every expectation a file.
+    let mut present = Vec::new();
+    for sub in ["in", "out"] {
+        for e in std::fs::read_dir(format!("{LIBVIRT_FILES}/{sub}")).unwrap() {
+            let name = e.unwrap().file_name().into_string().unwrap();
+            present.push(format!("{sub}/{name}"));
+        }
+    }
+    present.sort();
+    let mut named: Vec<String> = expected.iter().map(|(f, _)| f.to_string()).collect();
+    named.sort();
+    assert_eq!(present, named);
+    for (file, want) in expected {
+        let got = ckptstore::xml::parse_checkpoint(&libvirt_file(file));
+        match want {
+            Some(want) => {
+                let got = got.unwrap_or_else(|e| panic!("{file}: {e}"));
+                assert_eq!(got, want, "{file}");
+                let again = ckptstore::xml::parse_checkpoint(&render_checkpoint(&got)).unwrap();
+                assert_eq!(again, got, "{file}: render then parse");
+            }
+            None => assert!(got.is_err(), "{file} must be refused: {got:?}"),
+        }
+    }
+}

@@ -86,3 +86,65 @@ fn validate_on_a_running_domain() {
         .unwrap();
     assert_eq!(backend.list(&dom.name).unwrap().len(), 3);
 }
+
+/// The real-world path: an operator skips the only disk
+/// (`virsh checkpoint-create-as D k1 --diskspec vda,checkpoint=no`), so
+/// libvirt describes k1 with every disk `checkpoint='no'`; the store
+/// imports it, and must be able to redefine it again — when the metadata
+/// is lost and the chain re-applied, and when `validate` checks the running
+/// domain (each redefined with `REDEFINE_VALIDATE`).
+#[test]
+fn a_checkpoint_without_bitmaps_is_imported_and_redefined_again() {
+    let dom = TestDomain::define(&support::system(), "nobitmap", 1);
+    let backend = LibvirtBackend::connect(support::SYSTEM_URI).unwrap();
+    dom.start();
+    let virsh = |args: &[&str]| {
+        let out = std::process::Command::new("virsh")
+            .args(["-c", support::SYSTEM_URI])
+            .args(args)
+            .output()
+            .expect("virsh");
+        assert!(
+            out.status.success(),
+            "virsh {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    virsh(&[
+        "checkpoint-create-as",
+        &dom.name,
+        "k1",
+        "--diskspec",
+        "vda,checkpoint=no",
+    ]);
+    virsh(&["checkpoint-create-as", &dom.name, "k2"]);
+    let listed = backend.list(&dom.name).unwrap();
+    assert_eq!(listed.len(), 2);
+    assert_eq!((listed[0].name.as_str(), listed[0].disks.len()), ("k1", 0));
+    assert_eq!(listed[1].parent.as_deref(), Some("k1"));
+    assert_eq!(
+        listed[1].disks,
+        [("vda".to_string(), "k2".to_string())].into()
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    let store = ckptstore::Store::open(dir.path().join("journal.db")).unwrap();
+    store.import(&backend, &dom.name).unwrap();
+    // libvirt loses the metadata (a transient domain recreated): re-apply.
+    for d in listed.iter().rev() {
+        backend.delete(&dom.name, &d.name).unwrap();
+    }
+    let r = store
+        .resync(&backend, &dom.name)
+        .unwrap_or_else(|e| panic!("re-apply: {e}"));
+    assert_eq!(r.outcome, ckptstore::Outcome::Committed);
+    assert_eq!(r.redefined, ["k1", "k2"]);
+    assert_eq!(backend.list(&dom.name).unwrap(), listed);
+
+    let report = ckptstore::validate(&store, &backend, &dom.name)
+        .unwrap_or_else(|e| panic!("validate: {e}"));
+    assert!(report.running);
+    assert_eq!(report.libvirt_validations, 2);
+    assert!(report.ok, "{report:#?}");
+    assert_eq!(report.usable.as_deref(), Some("k2"));
+}

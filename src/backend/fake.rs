@@ -6,9 +6,15 @@
 //! suite, `tests/conformance.rs`, that also runs against real libvirt), with
 //! libvirt's error codes and messages:
 //! - the redefine XML is checked first as libvirt's schema does (names,
-//!   disk targets, a non-empty `<disks>`, an unsigned `creationTime`):
-//!   `InvalidArgument`, code 92; XML that is not well-formed is code 35; a
-//!   missing `creationTime` is `Other`, code 1;
+//!   disk targets, a non-empty `<disks>` when there is one, an unsigned
+//!   `creationTime`): `InvalidArgument`, code 92; XML that is not
+//!   well-formed is code 35; then a missing `<name>` is `InvalidArgument`,
+//!   code 27, and a missing `creationTime` `Other`, code 1;
+//! - a checkpoint with no `<disks>` is accepted and has no disks;
+//! - a `<domain>` inside the XML must carry the domain's UUID
+//!   (`InvalidArgument`, checked after the parent); libvirt's alignment of
+//!   the checkpoint's disks to that embedded domain is not modelled (the
+//!   store never sends one);
 //! - redefine needs the parent to exist: `InvalidArgument`, "parent P for
 //!   moment N not found"; a self-parent or a cycle is `InvalidArgument` too,
 //!   the cycle message naming the ancestor whose parent is N;
@@ -32,7 +38,17 @@
 //!   the checkpoint (`Inconsistent`); disks the domain lacks are skipped;
 //! - listing is libvirt's topological order: depth first from the roots,
 //!   siblings most recently (re)defined first; a delete moves the children
-//!   to the front of their new parent's list, in their order.
+//!   to the front of their new parent's list, in their order;
+//! - crash leftovers ([`FakeBackend::plant_leftover`], `NAME.xml.new`, as a
+//!   daemon killed while rewriting a checkpoint's metadata leaves them):
+//!   a restart loads every readable one — a checkpoint libvirt no longer
+//!   has comes back, one it has gets the leftover's definition (the worse
+//!   of the two orders libvirt's directory may give) — and keeps the file;
+//!   a delete leaves it; a redefine of its checkpoint consumes it (libvirt's
+//!   rewrites of the checkpoint that stops or starts being current, which
+//!   consume that one's leftover too, are not modelled). The fake reads its
+//!   leftovers like a local daemon's ([`Backend::leftovers`]), and removes
+//!   only stale ones.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Mutex;
@@ -40,7 +56,9 @@ use std::sync::Mutex;
 use quick_xml::events::{BytesStart, Event};
 use quick_xml::Reader;
 
-use super::{Backend, BackendError, BackendErrorKind as K, DomainDisk, DomainInfo};
+use super::{
+    Backend, BackendError, BackendErrorKind as K, DomainDisk, DomainInfo, Leftover, LeftoverScan,
+};
 use crate::chain::{is_valid_checkpoint_name, CheckpointDef};
 use crate::xml::parse_checkpoint;
 
@@ -112,6 +130,9 @@ struct FakeDomain {
     current: Option<String>,
     /// Definitions libvirt will refuse to redefine (a simulated refusal).
     refused: Vec<CheckpointDef>,
+    /// Crash leftovers by checkpoint name: what libvirt would load from
+    /// each (`None`: cut short), and whether it is stale.
+    leftovers: BTreeMap<String, (Option<CheckpointDef>, bool)>,
 }
 
 impl FakeDomain {
@@ -317,13 +338,47 @@ impl FakeBackend {
             .and_then(|d| d.current.clone())
     }
 
-    /// Forget the current checkpoint and recompute it as a daemon restart
-    /// does: the leaf of a single line, or none.
+    /// Restart the daemon: load every readable crash leftover (which
+    /// stays, now older than the daemon), then recompute the current
+    /// checkpoint as libvirt does: the leaf of a single line, or none.
     pub fn restart(&self) {
         let mut st = self.lock();
         for d in &mut st.domains {
+            let loaded: Vec<CheckpointDef> = d
+                .leftovers
+                .values()
+                .filter_map(|(c, _)| c.clone())
+                .collect();
+            for def in loaded {
+                let name = def.name.clone();
+                let parent = def.parent.clone().filter(|p| d.checkpoints.contains_key(p));
+                if let Some(old) = d.checkpoints.insert(name.clone(), def) {
+                    d.unlink(&name, old.parent);
+                }
+                d.link(&name, parent);
+            }
+            for l in d.leftovers.values_mut() {
+                l.1 = true;
+            }
             let defs: Vec<CheckpointDef> = d.checkpoints.values().cloned().collect();
             d.current = current_after_restart(&defs);
+        }
+    }
+
+    /// Leave a crash leftover for checkpoint `name`, as a daemon killed
+    /// while rewriting its metadata does: `content` is what a restart
+    /// would load (`None`: the file was cut short); `stale`: it is older
+    /// than the running daemon (otherwise it may be being written now).
+    pub fn plant_leftover(
+        &self,
+        domain: &str,
+        name: &str,
+        content: Option<CheckpointDef>,
+        stale: bool,
+    ) {
+        let mut st = self.lock();
+        if let Some(d) = st.domains.iter_mut().find(|d| d.is(domain)) {
+            d.leftovers.insert(name.to_string(), (content, stale));
         }
     }
 
@@ -493,9 +548,10 @@ fn is_disk_name(s: &str) -> bool {
 }
 
 /// Check a redefine document as libvirt does before it looks at the
-/// domain's checkpoints: well-formed XML (code 27), then the schema of
-/// `domaincheckpoint.rng` (code 92), then a `creationTime` (code 1).
-fn check_redefine_xml(xml: &str) -> Result<(), BackendError> {
+/// domain's checkpoints: well-formed XML (code 35), then the schema of
+/// `domaincheckpoint.rng` (code 92), then a `<name>` (code 27), then a
+/// `creationTime` (code 1). Returns the UUID of an embedded `<domain>`.
+fn check_redefine_xml(xml: &str) -> Result<Option<String>, BackendError> {
     let not_well_formed = |e: String| {
         BackendError::with_code(
             K::InvalidArgument,
@@ -515,6 +571,8 @@ fn check_redefine_xml(xml: &str) -> Result<(), BackendError> {
     let mut text = String::new();
     let mut disks = 0usize;
     let mut has_time = false;
+    let mut has_name = false;
+    let mut domain_uuid = None;
     let mut schema_ok = true;
     let mut root_seen = false;
     let mut parent_named = false;
@@ -607,9 +665,13 @@ fn check_redefine_xml(xml: &str) -> Result<(), BackendError> {
             Event::End(_) => {
                 let at =
                     |p: &[&[u8]]| path.len() == p.len() && path.iter().zip(p).all(|(a, b)| a == b);
+                if at(&[b"domaincheckpoint", b"domain", b"uuid"]) {
+                    domain_uuid = Some(text.trim().to_string());
+                }
                 if at(&[b"domaincheckpoint", b"name"])
                     || at(&[b"domaincheckpoint", b"parent", b"name"])
                 {
+                    has_name |= path.len() == 2;
                     schema_ok &= is_valid_checkpoint_name(&text);
                 } else if at(&[b"domaincheckpoint", b"creationTime"]) {
                     schema_ok &= is_unsigned_long(&text);
@@ -633,6 +695,13 @@ fn check_redefine_xml(xml: &str) -> Result<(), BackendError> {
     if !schema_ok {
         return Err(schema_error());
     }
+    if !has_name {
+        return Err(BackendError::with_code(
+            K::InvalidArgument,
+            code::XML_ERROR,
+            "XML error: a redefined checkpoint must have a name",
+        ));
+    }
     if !has_time {
         return Err(BackendError::with_code(
             K::Other,
@@ -640,7 +709,7 @@ fn check_redefine_xml(xml: &str) -> Result<(), BackendError> {
             "internal error: missing creationTime from existing checkpoint",
         ));
     }
-    Ok(())
+    Ok(domain_uuid)
 }
 
 /// XML 1.0's `Char` production.
@@ -667,7 +736,7 @@ impl Backend for FakeBackend {
         self.call(Op::Redefine, |st| {
             let d = find(st, domain)?;
             let xml = normalise_line_ends(xml);
-            check_redefine_xml(&xml)?;
+            let embedded_uuid = check_redefine_xml(&xml)?;
             let mut def = parse_checkpoint(&xml)
                 .map_err(|e| BackendError::with_code(K::InvalidArgument, code::XML_ERROR, format!("XML error: {e}")))?;
             // libvirt reads an empty description as none.
@@ -698,6 +767,18 @@ impl Backend for FakeBackend {
                     }
                 }
             }
+            if let Some(u) = embedded_uuid {
+                let same = matches!(
+                    (uuid::Uuid::parse_str(&u), uuid::Uuid::parse_str(&d.uuid)),
+                    (Ok(a), Ok(b)) if a == b
+                );
+                if !same {
+                    return Err(invalid(format!(
+                        "invalid argument: definition for checkpoint {} must use uuid {}",
+                        def.name, d.uuid
+                    )));
+                }
+            }
             if validate {
                 if !d.running {
                     return Err(BackendError::with_code(
@@ -724,6 +805,8 @@ impl Backend for FakeBackend {
             }
             let becomes_current = d.current.is_none() || def.parent.is_some() && def.parent == d.current;
             let name = def.name.clone();
+            // libvirt's rewrite of NAME.xml goes through NAME.xml.new.
+            d.leftovers.remove(&name);
             let parent = def.parent.clone();
             if let Some(old) = d.checkpoints.insert(name.clone(), def) {
                 d.unlink(&name, old.parent);
@@ -777,6 +860,54 @@ impl Backend for FakeBackend {
     fn describe(&self) -> String {
         "fake".into()
     }
+
+    fn leftovers(&self, domain: &str) -> Result<LeftoverScan, BackendError> {
+        let mut st = self.lock();
+        let d = find(&mut st, domain)?;
+        Ok(LeftoverScan::Checked(
+            d.leftovers
+                .iter()
+                .map(|(name, (content, stale))| Leftover {
+                    checkpoint: name.clone(),
+                    path: leftover_path(&d.name, name),
+                    content: content.clone(),
+                    modified: std::time::SystemTime::UNIX_EPOCH,
+                    stale: *stale,
+                })
+                .collect(),
+        ))
+    }
+
+    fn remove_leftover(&self, domain: &str, leftover: &Leftover) -> Result<(), BackendError> {
+        let mut st = self.lock();
+        let d = find(&mut st, domain)?;
+        let name = &leftover.checkpoint;
+        let refuse = |why: &str| {
+            Err(BackendError::new(
+                K::Other,
+                format!("{}: {why}", leftover.path.display()),
+            ))
+        };
+        if leftover.path != leftover_path(&d.name, name) {
+            return refuse("not a leftover of this domain");
+        }
+        if d.checkpoints.contains_key(name) {
+            return refuse("libvirt lists its checkpoint: redefine it instead");
+        }
+        match d.leftovers.get(name) {
+            None => Ok(()),
+            Some((_, false)) => refuse("may be being written now: left alone"),
+            Some(_) => {
+                d.leftovers.remove(name);
+                Ok(())
+            }
+        }
+    }
+}
+
+/// Where the fake says a leftover lives.
+fn leftover_path(domain: &str, name: &str) -> std::path::PathBuf {
+    format!("/fake/{domain}/checkpoint/{name}.xml.new").into()
 }
 
 #[cfg(test)]
@@ -828,7 +959,7 @@ mod tests {
     fn schema_checks_refuse_what_libvirts_schema_refuses() {
         let ok = "<domaincheckpoint><name>c1</name><creationTime>1</creationTime>\
                   <disks><disk name='vda' checkpoint='bitmap' bitmap='c1'/></disks></domaincheckpoint>";
-        assert_eq!(check_redefine_xml(ok), Ok(()));
+        assert_eq!(check_redefine_xml(ok), Ok(None));
         let code_of = |xml: &str| check_redefine_xml(xml).unwrap_err().code;
         assert_eq!(
             code_of(&ok.replace("<name>c1</name>", "<name>.c1</name>")),
@@ -861,6 +992,23 @@ mod tests {
         assert_eq!(
             code_of("<domaincheckpoint><name>c1</name>"),
             code::XML_DETAIL
+        );
+        // No name: refused before the missing creationTime is noticed.
+        assert_eq!(code_of("<domaincheckpoint/>"), code::XML_ERROR);
+        assert_eq!(
+            code_of(
+                &ok.replace("<name>c1</name>", "")
+                    .replace("<creationTime>1</creationTime>", "")
+            ),
+            code::XML_ERROR
+        );
+        // No <disks> at all is fine; an empty one is not.
+        let bare =
+            "<domaincheckpoint><name>c1</name><creationTime>1</creationTime></domaincheckpoint>";
+        assert_eq!(check_redefine_xml(bare), Ok(None));
+        assert_eq!(
+            code_of(&bare.replace("<creationTime>", "<disks></disks><creationTime>")),
+            code::XML_INVALID_SCHEMA
         );
         assert_eq!(code_of("<domain/>"), code::XML_INVALID_SCHEMA);
         assert!(is_disk_name("sda") && is_disk_name("vdz") && is_disk_name("/img/a.qcow2"));

@@ -12,6 +12,7 @@
 
 #[allow(unsafe_code)]
 mod ffi;
+mod state;
 
 use std::sync::{Mutex, MutexGuard};
 
@@ -19,7 +20,7 @@ use virt::connect::Connect;
 use virt::domain::Domain;
 use virt::sys;
 
-use super::{Backend, BackendError, BackendErrorKind as K, DomainInfo};
+use super::{Backend, BackendError, BackendErrorKind as K, DomainInfo, Leftover, LeftoverScan};
 use crate::chain::CheckpointDef;
 use crate::xml::{parse_checkpoint, parse_domain};
 
@@ -337,6 +338,53 @@ impl Backend for LibvirtBackend {
 
     fn describe(&self) -> String {
         format!("libvirt {}", redact_uri(&self.uri))
+    }
+
+    /// Read where the local system daemon keeps the domain's checkpoint
+    /// files (`/var/lib/libvirt/qemu/checkpoint/<domain name>/`); any other
+    /// connection, or a daemon whose files cannot be told apart from
+    /// another's, is [`LeftoverScan::CannotCheck`].
+    fn leftovers(&self, domain: &str) -> Result<LeftoverScan, BackendError> {
+        let daemon = match state::local_daemon(&self.uri) {
+            Ok(d) => d,
+            Err(why) => return Ok(LeftoverScan::CannotCheck(why)),
+        };
+        let (name, listed) = self.on_domain(domain, |dom| {
+            let listed = ffi::list_all(dom, 0)?
+                .iter()
+                .map(|c| c.name())
+                .collect::<Result<Vec<_>, _>>()?;
+            Ok((dom.name()?, listed))
+        })?;
+        Ok(daemon.scan(&name, &listed))
+    }
+
+    fn remove_leftover(&self, domain: &str, leftover: &Leftover) -> Result<(), BackendError> {
+        let daemon =
+            state::local_daemon(&self.uri).map_err(|why| BackendError::new(K::Unsupported, why))?;
+        let (name, listed) = self.on_domain(domain, |dom| {
+            let listed = match ffi::lookup_by_name(dom, &leftover.checkpoint) {
+                Ok(_) => true,
+                Err(e) if e.code().to_raw() as i32 == sys::VIR_ERR_NO_DOMAIN_CHECKPOINT as i32 => {
+                    false
+                }
+                Err(e) => return Err(e),
+            };
+            Ok((dom.name()?, listed))
+        })?;
+        if listed {
+            return Err(BackendError::new(
+                K::Other,
+                format!(
+                    "libvirt lists checkpoint {}: its leftover {} is repaired by redefining it, not removed",
+                    leftover.checkpoint,
+                    leftover.path.display()
+                ),
+            ));
+        }
+        daemon
+            .remove(&name, leftover)
+            .map_err(|why| BackendError::new(K::Other, why))
     }
 }
 

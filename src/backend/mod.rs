@@ -10,10 +10,51 @@
 pub mod fake;
 pub mod libvirt;
 
+use std::path::PathBuf;
+use std::time::{Duration, SystemTime};
+
 use serde::{Deserialize, Serialize};
 
 use crate::chain::CheckpointDef;
 pub use crate::xml::{DomainDisk, DomainInfo};
+
+/// How long a leftover must have been left untouched before it is taken as
+/// not being written right now, when the daemon's start cannot settle it (a
+/// libvirt metadata write takes milliseconds).
+pub const LEFTOVER_QUIET: Duration = Duration::from_secs(10);
+
+/// A file libvirt left beside a checkpoint's metadata when its daemon died
+/// while rewriting it: libvirt writes `NAME.xml.new`, then renames it over
+/// `NAME.xml`. At its next start libvirt loads every file of the folder, so
+/// a complete leftover brings its checkpoint back (or replaces its
+/// definition) at every restart until something removes it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Leftover {
+    /// The checkpoint the file belongs to (the file name without `.xml.new`).
+    pub checkpoint: String,
+    /// The file.
+    pub path: PathBuf,
+    /// What libvirt would load from it: `None` when it is not a readable
+    /// checkpoint (cut short), which libvirt skips.
+    pub content: Option<CheckpointDef>,
+    /// Its modification time, when scanned.
+    pub modified: SystemTime,
+    /// Nobody is writing it now: it is older than the daemon's current
+    /// process, or untouched for [`LEFTOVER_QUIET`].
+    pub stale: bool,
+}
+
+/// What [`Backend::leftovers`] found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LeftoverScan {
+    /// The domain's checkpoint metadata folder was read: these leftovers
+    /// (none, usually).
+    Checked(Vec<Leftover>),
+    /// The folder could not be read, and why (a remote or non-qemu
+    /// connection, a daemon in another mount namespace, no permission).
+    /// Nothing is assumed.
+    CannotCheck(String),
+}
 
 /// What went wrong in a backend call, as a kind the engine can branch on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -127,4 +168,37 @@ pub trait Backend: Send + Sync {
 
     /// A short description for logs (never contains credentials).
     fn describe(&self) -> String;
+
+    /// libvirt's crash leftovers ([`Leftover`]) among the domain's
+    /// checkpoint metadata files. The provided implementation cannot look:
+    /// only a backend that can read the daemon's state folder can.
+    ///
+    /// # Errors
+    ///
+    /// [`BackendErrorKind::NoDomain`], connection errors.
+    fn leftovers(&self, domain: &str) -> Result<LeftoverScan, BackendError> {
+        let _ = domain;
+        Ok(LeftoverScan::CannotCheck(format!(
+            "{} cannot read the daemon's metadata files",
+            self.describe()
+        )))
+    }
+
+    /// Remove a stale leftover of a checkpoint libvirt does not list (one
+    /// libvirt lists is repaired by redefining it: libvirt's own rewrite
+    /// replaces the file). Refused when the file changed since it was
+    /// scanned, is not stale, or libvirt lists the checkpoint.
+    ///
+    /// # Errors
+    ///
+    /// [`BackendErrorKind::Unsupported`] where leftovers cannot be read
+    /// (the provided implementation); [`BackendErrorKind::Other`] when the
+    /// removal is refused or fails.
+    fn remove_leftover(&self, domain: &str, leftover: &Leftover) -> Result<(), BackendError> {
+        let _ = (domain, leftover);
+        Err(BackendError::new(
+            BackendErrorKind::Unsupported,
+            format!("{} cannot remove metadata files", self.describe()),
+        ))
+    }
 }

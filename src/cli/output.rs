@@ -365,6 +365,7 @@ pub fn recover_text(r: &RecoverReport, failed: &[Value]) -> String {
             r.libvirt_calls,
             plural(r.libvirt_calls)
         );
+        warnings(&mut s, &r.warnings);
     }
     let failed_ids: Vec<_> = r.failed.iter().map(|f| f.txn).collect();
     for (f, e) in r.failed.iter().zip(failed) {

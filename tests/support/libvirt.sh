@@ -2,6 +2,11 @@
 # Install libvirt 11.3 + QEMU 10.0.2 from bookworm-backports and run a private
 # libvirtd for the test suite.  Safe to run twice.
 #
+# A libvirt already installed at or above the supported floor (6.10, for
+# REDEFINE_VALIDATE) is kept: on a Debian 12 host with its own 9.0, only the
+# pieces missing are added, from 9.0's release, and QEMU from backports
+# (Debian 12's own qemu-system-x86 would remove qemu-utils 10.0.2).
+#
 #   tests/support/libvirt.sh install   # packages only (needs root)
 #   tests/support/libvirt.sh start     # install if needed, configure, start, wait
 #   tests/support/libvirt.sh stop      # stop the daemon this script started (by pid)
@@ -15,11 +20,16 @@ PID_FILE="$STATE_DIR/libvirtd.pid"
 CONF="$STATE_DIR/libvirtd.conf"
 LOG="$STATE_DIR/libvirtd.log"
 BPO=bookworm-backports
+# The oldest libvirt ckptstore supports (README, "Supported libvirt versions").
+FLOOR=6.10
 # pkg-config comes from bookworm itself; everything else is pinned to backports.
 PACKAGES=(libvirt-dev libvirt0 libvirt-common libvirt-clients
   libvirt-daemon libvirt-daemon-common libvirt-daemon-log
   libvirt-daemon-driver-qemu qemu-system-x86 qemu-system-common
   qemu-system-data qemu-utils seabios)
+# What the tests need of a libvirt kept as installed, and of QEMU beside it.
+LIBVIRT_PIECES=(libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients libvirt-dev)
+QEMU_PACKAGES=(qemu-system-x86 qemu-system-common qemu-system-data qemu-utils seabios)
 
 log() { echo "libvirt.sh: $*" >&2; }
 
@@ -29,16 +39,21 @@ need_install() {
   command -v qemu-system-x86_64 >/dev/null 2>&1 || return 0
   command -v qemu-img >/dev/null 2>&1 || return 0
   pkg-config --exists libvirt 2>/dev/null || return 0
-  case "$(libvirtd --version 2>/dev/null)" in *11.3.*) ;; *) return 0 ;; esac
+  [ -n "$(installed libvirt-daemon-driver-qemu)" ] || return 0
+  at_floor "$(libvirtd --version 2>/dev/null | awk '{print $NF}')" || return 0
   return 1
 }
 
-install_packages() {
-  if ! need_install; then
-    log "libvirt $(libvirtd --version | awk '{print $NF}') already installed"
-    return 0
-  fi
-  [ "$(id -u)" = 0 ] || { log "installing packages needs root"; exit 1; }
+# The installed version of a package, or nothing.
+installed() {
+  dpkg-query -W -f '${db:Status-Abbrev} ${Version}\n' "$1" 2>/dev/null | awk '$1 == "ii" {print $2}'
+}
+
+at_floor() {
+  [ -n "$1" ] && dpkg --compare-versions "$1" ge "$FLOOR"
+}
+
+add_backports() {
   local src=/etc/apt/sources.list.d/ckptstore-bookworm-backports.sources
   if ! grep -rqs "$BPO" /etc/apt/sources.list.d/ /etc/apt/sources.list; then
     cat >"$src" <<SRC
@@ -49,10 +64,30 @@ Components: main
 Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
 SRC
   fi
+}
+
+install_packages() {
+  if ! need_install; then
+    log "libvirt $(libvirtd --version | awk '{print $NF}') already installed (supported: $FLOOR or newer)"
+    return 0
+  fi
+  [ "$(id -u)" = 0 ] || { log "installing packages needs root"; exit 1; }
+  add_backports
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq >&2
-  local pinned=()
-  for p in "${PACKAGES[@]}"; do pinned+=("$p/$BPO"); done
+  local pinned=() own p
+  own=$(installed libvirt0)
+  if at_floor "$own" && [[ $own != *~bpo* ]]; then
+    # The host's own libvirt (Debian 12's 9.0): add what is missing at
+    # exactly its version, never upgrade it; QEMU from backports.
+    log "keeping the installed libvirt $own"
+    for p in "${LIBVIRT_PIECES[@]}"; do pinned+=("$p=$own"); done
+    if ! command -v qemu-system-x86_64 >/dev/null 2>&1 || ! command -v qemu-img >/dev/null 2>&1; then
+      for p in "${QEMU_PACKAGES[@]}"; do pinned+=("$p/$BPO"); done
+    fi
+  else
+    for p in "${PACKAGES[@]}"; do pinned+=("$p/$BPO"); done
+  fi
   apt-get install -y -qq --no-install-recommends \
     -o Dpkg::Options::=--force-confold pkg-config "${pinned[@]}" >&2
   log "installed $(libvirtd --version)"

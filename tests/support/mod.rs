@@ -88,7 +88,9 @@ pub fn targets(n: usize) -> Vec<String> {
         .collect()
 }
 
-/// A minimal TCG domain: 64 MiB, one qcow2 virtio disk per image.
+/// A minimal TCG domain: 64 MiB, one qcow2 virtio disk per image. It
+/// declares ACPI: without it libvirt 9.0 passes `-no-acpi`, which QEMU 10
+/// refuses.
 pub fn domain_xml(name: &str, images: &[PathBuf]) -> String {
     let disks: String = images
         .iter()
@@ -103,7 +105,7 @@ pub fn domain_xml(name: &str, images: &[PathBuf]) -> String {
         .collect();
     format!(
         "<domain type='qemu'><name>{name}</name><memory unit='MiB'>64</memory><vcpu>1</vcpu>\
-         <os><type arch='x86_64' machine='pc'>hvm</type></os>\
+         <os><type arch='x86_64' machine='pc'>hvm</type></os><features><acpi/></features>\
          <devices><emulator>/usr/bin/qemu-system-x86_64</emulator>{disks}\
          <memballoon model='none'/></devices></domain>"
     )

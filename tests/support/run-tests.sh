@@ -2,7 +2,9 @@
 # The whole test suite, with its own set-up: install libvirt and QEMU if
 # needed, start a private libvirtd for qemu:///system, check formatting and
 # lints, run every test against the real daemon, and stop the daemon again
-# if this script started it (by its pid, never by name).
+# if this script started it (by its pid, never by name). Then the libvirt
+# tests once more against libvirt 9.0, Debian 12's own, unpacked beside the
+# installed one and run in a private mount namespace (libvirt9.sh).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
@@ -19,17 +21,28 @@ trap stop EXIT
 bash tests/support/virtnbdbackup.sh install
 
 export CARGO_TERM_COLOR=${CARGO_TERM_COLOR:-never}
+# The daemon's version, printed with each part of the tests that uses it.
+lv_version=$(virsh -c qemu:///system version --daemon | awk '/daemon/ {print $NF}')
 echo "== cargo fmt --check" >&2
 cargo fmt --all -- --check
 echo "== cargo clippy --all-targets -- -D warnings" >&2
 cargo clippy --all-targets --locked -- -D warnings
-echo "== cargo test" >&2
+echo "== cargo test (libvirt $lv_version)" >&2
 cargo test --locked --tests -- --nocapture 2>&1 | tee target/test-output.txt
 # The real binary killed at every named crash point needs the failpoints
 # build (never a release build); it replaces target/debug/ckptstore.
 echo "== cargo clippy --all-targets --features failpoints -- -D warnings" >&2
 cargo clippy --all-targets --locked --features failpoints -- -D warnings
-echo "== cargo test --features failpoints --test kill_points" >&2
+echo "== cargo test --features failpoints --test kill_points (libvirt $lv_version)" >&2
 cargo test --locked --features failpoints --test kill_points -- --nocapture 2>&1 | tee -a target/test-output.txt
 echo "== cargo test --doc" >&2
 cargo test --locked --doc
+# The tests of libvirt's checkpoint API, of ckptstore on it and of daemon
+# deaths, again against libvirt 9.0 (Debian 12's own): its daemon, client
+# library and virsh, in a private mount namespace with its own
+# /run/libvirt, /var/lib/libvirt and /etc/libvirt.
+lv9=(--test conformance --test e2e_libvirt --test libvirt_running --test libvirt_reconnect)
+cargo test --locked --no-run "${lv9[@]}"
+echo "== cargo test ${lv9[*]} (libvirt $(bash tests/support/libvirt9.sh version))" >&2
+bash tests/support/libvirt9.sh run -- \
+  cargo test --locked "${lv9[@]}" -- --nocapture 2>&1 | tee -a target/test-output.txt

@@ -59,6 +59,20 @@ impl Checkpoint {
         take_string(xml)
     }
 
+    /// `virDomainCheckpointGetName`.
+    pub(crate) fn name(&self) -> Result<String, Error> {
+        // SAFETY: `ptr` is a live handle owned by `self`; libvirt returns a
+        // pointer into the handle's own data (never to be freed by the
+        // caller), or NULL on error.
+        let s = unsafe { sys::virDomainCheckpointGetName(self.ptr) };
+        if s.is_null() {
+            return Err(Error::last_error());
+        }
+        // SAFETY: `s` is non-null and NUL-terminated, and stays valid while
+        // `self` lives, which covers this copy.
+        Ok(unsafe { CStr::from_ptr(s) }.to_string_lossy().into_owned())
+    }
+
     /// `virDomainCheckpointDelete`.
     pub(crate) fn delete(&self, flags: c_uint) -> Result<(), Error> {
         // SAFETY: `ptr` is a live handle owned by `self`; deleting the
