@@ -16,6 +16,9 @@ fi
 bash "$lv" start
 stop() { if [ "$started" = 1 ]; then bash "$lv" stop; fi; }
 trap stop EXIT
+# The real backup client of tests/backup_client.rs (after libvirt: it must
+# not move the libvirt and QEMU just installed).
+bash tests/support/virtnbdbackup.sh install
 
 export CARGO_TERM_COLOR=${CARGO_TERM_COLOR:-never}
 # The daemon's version, printed with each part of the tests that uses it.
