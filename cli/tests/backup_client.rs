@@ -13,7 +13,7 @@
 //! `sync --domain` is killed.
 
 mod rel;
-mod support;
+use testkit::support;
 mod vnb;
 
 use std::time::Duration;
@@ -125,9 +125,9 @@ const KILL_ROUNDS: usize = 3;
 /// backup that must hang off the leaf and an `import` of the longer chain.
 #[test]
 fn resync_killed_then_recovered() {
-    let seed = rel::seed("CKPTSTORE_VNB_SEED");
+    let seed = testkit::rng::seed("CKPTSTORE_VNB_SEED");
     println!("backup_client: seed {seed} (CKPTSTORE_VNB_SEED={seed} replays the choices)");
-    let mut rng = rel::Rng::new(seed);
+    let mut rng = testkit::rng::Rng::new(seed);
     let mut vm = Vm::start("vnb-killed", true);
     three_backups(&mut vm);
     let db = vm.work().join("journal.db");
@@ -142,7 +142,7 @@ fn resync_killed_then_recovered() {
     let mut tries = 0;
     for round in 0..KILL_ROUNDS {
         let before = vm.checkpoints();
-        let loss = if rng.chance(0.5) {
+        let loss = if rng.probability(0.5) {
             Loss::Deletes
         } else {
             Loss::Recreate
