@@ -24,10 +24,10 @@
 //!
 //! ```no_run
 //! use std::path::Path;
-//! use ckptstore::qcow2::{read_chain, ChainEnd};
+//! use ckptstore::{read_qcow2_chain, Qcow2ChainEnd as ChainEnd};
 //!
-//! # fn main() -> Result<(), ckptstore::qcow2::Qcow2Error> {
-//! let chain = read_chain(Path::new("/var/lib/libvirt/images/vm.qcow2"))?;
+//! # fn main() -> Result<(), ckptstore::Qcow2Error> {
+//! let chain = read_qcow2_chain(Path::new("/var/lib/libvirt/images/vm.qcow2"))?;
 //! for layer in &chain.layers {
 //!     for bitmap in &layer.bitmaps {
 //!         println!("{}: {} in_use={}", layer.path.display(), bitmap.name, bitmap.in_use);

@@ -142,6 +142,7 @@ impl std::fmt::Display for FindingKind {
 
 /// One disagreement between the journal, libvirt and the images.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Finding {
     /// What kind.
     pub kind: FindingKind,
@@ -158,6 +159,7 @@ pub struct Finding {
 
 /// The answer to [`validate`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Report {
     /// The domain, as asked.
     pub domain: String,

@@ -40,7 +40,7 @@ pub struct Leftover {
     /// Its modification time, when scanned.
     pub modified: SystemTime,
     /// Nobody is writing it now: it is older than the daemon's current
-    /// process, or untouched for [`LEFTOVER_QUIET`].
+    /// process, or untouched for ten seconds (`LEFTOVER_QUIET`).
     pub stale: bool,
 }
 

@@ -411,7 +411,7 @@ pub enum Begin {
     Open(Box<TxnRecord>),
 }
 
-/// Tunables of [`Journal::open_with`].
+/// Tunables of the journal (`StoreOptions::journal`).
 #[derive(Debug, Clone)]
 pub struct JournalOptions {
     /// How long to wait for another process's write lock.
