@@ -3,8 +3,8 @@
 //! checkpoint — the parent a backup's next checkpoint gets — on the
 //! target's leaf (its newest checkpoint without children).
 //!
-//! The planner reasons with an exact model of libvirt ([`model`], the rules
-//! of `src/backend/fake.rs`): it simulates its own candidate plans and keeps
+//! The planner reasons with an exact model of libvirt (`model.rs`, the
+//! rules of `src/backend/fake.rs`): it simulates its own candidate plans and keeps
 //! the cheapest one that ends right. No API reads the current checkpoint,
 //! so the planner starts from what it knows ([`Current`]): the newest leaf
 //! of libvirt's listing (where a backup or the store's own last sync left
@@ -34,10 +34,11 @@
 //!      replaced current checkpoint stays current. This reaches the leaf
 //!      from anywhere, a new root included, for one or two calls.
 //!
-//! A plan that cannot end on the leaf from the likeliest start (only when
-//! libvirt's checkpoints would make the hop a cycle and nothing else works)
-//! says so in [`Plan::warnings`], and so does one that ends right only from
-//! the likeliest start.
+//! A plan that ends right only from the likeliest start (because covering
+//! every start would cost two calls more or beyond) says so in
+//! [`Plan::warnings`]. So would one that cannot end on the leaf at all; the
+//! hop made after every other redefine rules that out (the path up from
+//! the current checkpoint is then the target's, so the hop is no cycle).
 
 mod model;
 
