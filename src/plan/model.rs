@@ -109,7 +109,7 @@ impl<'a> Shape<'a> {
                     0 => {
                         self.childless.insert(p);
                     }
-                    1 => self.forks -= 1,
+                    1 => self.forks = self.forks.saturating_sub(1),
                     _ => {}
                 }
             }
@@ -282,7 +282,7 @@ impl<'a> Model<'a> {
             if let Some(r) = &mut self.reference {
                 match (was, now) {
                     (true, false) => r.differing += 1,
-                    (false, true) => r.differing -= 1,
+                    (false, true) => r.differing = r.differing.saturating_sub(1),
                     _ => {}
                 }
             }
@@ -328,7 +328,7 @@ impl<'a> Model<'a> {
         if let Some(shape) = &mut self.shape {
             shape.unlink(gone.parent, &self.nodes);
             if shape.kids.remove(key).unwrap_or(0) >= 2 {
-                shape.forks -= 1;
+                shape.forks = shape.forks.saturating_sub(1);
             }
             shape.childless.remove(key);
         }
@@ -457,6 +457,17 @@ impl<'a> Model<'a> {
         names.sort_unstable();
         let defs = names.iter().filter_map(|n| self.def(n)).collect();
         (defs, self.currents.clone())
+    }
+
+    /// Where a daemon restart now would put the current checkpoint, from
+    /// the shape a trusting model keeps up to date.
+    pub(crate) fn restart_point(&self) -> Option<&'a str> {
+        let shape = self.shape.as_ref()?;
+        if self.nodes.is_empty() {
+            None
+        } else {
+            shape.after_restart()
+        }
     }
 
     /// Names libvirt has.

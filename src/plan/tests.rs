@@ -404,3 +404,63 @@ fn no_shorter_sequence_of_calls_exists() {
         "{searched} searched, {robust} robust"
     );
 }
+
+/// A replay's model follows the fake call by call (content, re-parenting
+/// included), and the shape it keeps as it goes agrees with libvirt's
+/// restart rule computed afresh (the fake's, and the planner's own), after
+/// every delete and redefine of random sequences.
+#[test]
+fn a_replay_knows_where_a_restart_puts_the_current_checkpoint() {
+    use crate::backend::fake::FakeBackend;
+    use crate::backend::Backend;
+    let mut seed = 0x7e57_u64;
+    let mut next = move |n: u64| {
+        seed = seed.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = seed;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        (z ^ (z >> 31)) % n.max(1)
+    };
+    let names = ["a", "b", "c", "d", "e", "f"];
+    // Every definition a step may write: each name under each other name,
+    // or as a root.
+    let defs: Vec<CheckpointDef> = names
+        .iter()
+        .enumerate()
+        .flat_map(|(i, n)| {
+            std::iter::once(None)
+                .chain(names.iter().map(|p| Some(*p)))
+                .filter(move |p| *p != Some(*n))
+                .map(move |p| d(n, p, i as i64))
+        })
+        .collect();
+    let mut checked = 0;
+    for _ in 0..200 {
+        let fake = FakeBackend::new();
+        fake.define_domain("r", "93a5c045-6457-2c09-e56c-927cdf34e178", &["sda"], false);
+        let mut m = Model::new(&[], [None], &[]).trusting();
+        for _ in 0..12 {
+            let have = m.names();
+            if !have.is_empty() && next(3) == 0 {
+                let n = have[next(have.len() as u64) as usize];
+                m.delete(n).unwrap();
+                fake.delete("r", n).unwrap();
+            } else {
+                let def = &defs[next(defs.len() as u64) as usize];
+                let xml = crate::xml::render_checkpoint(def);
+                // A replay holds only calls libvirt accepted.
+                if fake.redefine("r", &xml, false).is_ok() {
+                    m.redefine(def, def.parent.as_deref()).unwrap();
+                }
+            }
+            let listing = fake.peek("r");
+            assert!(same_content(&m.state().0, &listing), "{listing:?}");
+            let afresh = model::after_restart(&listing);
+            assert_eq!(m.restart_point(), afresh, "{listing:?}");
+            fake.restart();
+            assert_eq!(fake.current("r").as_deref(), afresh, "{listing:?}");
+            checked += 1;
+        }
+    }
+    assert_eq!(checked, 2400);
+}
