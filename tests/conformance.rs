@@ -621,8 +621,14 @@ fn the_hidden_current_checkpoint(h: &dyn Harness) {
     put_ok(h, &dom, &def("c4", Some("c3"), 401, &["vda"]));
     cur(Some("c4"));
     assert_eq!(h.create(&dom, "y").unwrap().as_deref(), Some("c4"));
-    // Deleting the current checkpoint makes its parent current.
     h.backend().delete(&dom.name, "y").unwrap();
+    // ...also as a root: how the planner makes a new root current.
+    put_ok(h, &dom, &def("c4", None, 402, &["vda"]));
+    cur(Some("c4"));
+    assert_eq!(h.create(&dom, "y2").unwrap().as_deref(), Some("c4"));
+    put_ok(h, &dom, &def("c4", Some("c3"), 401, &["vda"]));
+    // Deleting the current checkpoint makes its parent current.
+    h.backend().delete(&dom.name, "y2").unwrap();
     cur(Some("c4"));
     assert_eq!(h.create(&dom, "z").unwrap().as_deref(), Some("c4"));
     // Deleting another checkpoint does not move it; deleting a current root

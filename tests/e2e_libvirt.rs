@@ -433,12 +433,11 @@ fn conflict_and_extra(
     (dom, backend, chain, target, before)
 }
 
-/// The plan of the conflict-and-extra sync: the extra goes first, then the
-/// path is walked again from c3 (where deleting x may leave the current
-/// checkpoint), c5 replaced on the way.
-const CONFLICT_PLAN: [&str; 9] = [
-    "-x", "=c4", "+c5", "=c6", "=c7", "=c8", "=c9", "+c10", "+c11",
-];
+/// The plan of the conflict-and-extra sync: the extra goes first (the
+/// current checkpoint, c9, stays), then the path on from c9 — which moves
+/// the current checkpoint to c11 from c9 or from none, after a restart —
+/// and c5 is replaced last.
+const CONFLICT_PLAN: [&str; 4] = ["-x", "+c10", "+c11", "+c5"];
 
 #[test]
 fn rollback_after_a_crash_restores_the_conflict_and_the_extra() {
@@ -450,9 +449,9 @@ fn rollback_after_a_crash_restores_the_conflict_and_the_extra() {
         .unwrap();
     assert_eq!(ops(&plan.steps, &short), CONFLICT_PLAN);
 
-    // The process dies just before the last call: x is deleted and c5
-    // replaced, c10 added.
-    let last = step_number(&plan.steps, &name(11));
+    // The process dies just before the last call: x is deleted, c10 and
+    // c11 added, c5 still stale.
+    let last = step_number(&plan.steps, &name(5));
     let crashing = store_as(
         &journal(&dir),
         1,
@@ -466,9 +465,11 @@ fn rollback_after_a_crash_restores_the_conflict_and_the_extra() {
     );
     drop(crashing);
     let mid = backend.list(&dom.name).unwrap();
+    let mut expected = target.clone();
+    expected[5] = before.iter().find(|d| d.name == name(5)).unwrap().clone();
     assert!(
-        same_content(&mid, &target[..11]),
-        "c0..c10 with the new c5, no x: {mid:#?}"
+        same_content(&mid, &expected),
+        "c0..c11 with the stale c5, no x: {mid:#?}"
     );
 
     let t = Instant::now();
@@ -480,7 +481,7 @@ fn rollback_after_a_crash_restores_the_conflict_and_the_extra() {
     let rollback_time = t.elapsed();
     assert_eq!(recovered.len(), 1);
     assert_eq!(recovered[0].outcome, Outcome::RolledBack);
-    // Delete c10, put back the stale c5 and x.
+    // Delete c11 and c10, put back x.
     assert_eq!(recovered[0].libvirt_calls, 3);
     assert_eq!(
         assert_settled(&rec, &backend, &dom.name, &target, &before),
@@ -703,11 +704,12 @@ fn a_backup_after_sync_and_rollback_hangs_off_the_leaf() {
     let backend = LibvirtBackend::connect(support::SYSTEM_URI).unwrap();
     let c = |i: usize| name(i);
 
-    // libvirt holds c0..c3 and an extra branch x1 <- x2 on c1, defined so
-    // that the current checkpoint ends on x2.
+    // libvirt holds c0..c3 and an extra branch x1 <- x2 on c1, made after
+    // c3 (as a backup tool makes them), so that the current checkpoint is
+    // x2, the newest leaf.
     let line6 = defs(&chain(&dom, &line(6)));
-    let x1 = extra("x1", Some(&c(1)), 1_600_000_001);
-    let x2 = extra("x2", Some("x1"), 1_600_000_002);
+    let x1 = extra("x1", Some(&c(1)), 1_800_000_001);
+    let x2 = extra("x2", Some("x1"), 1_800_000_002);
     put(
         &backend,
         &dom.name,
@@ -722,27 +724,29 @@ fn a_backup_after_sync_and_rollback_hangs_off_the_leaf() {
     );
     assert_eq!(backup_parent(&backend, &dom.name).as_deref(), Some("x2"));
 
-    // Sync to c0..c5: the branch goes (children first), the path is walked
-    // again from c1, the new ones follow. A backup hangs off c5.
+    // Sync to c0..c5: the branch goes (children first), which leaves c1
+    // current, off the path to c5; c5 hops there: first under c1 (it
+    // becomes current), then, after c4, under c4 (it stays current). A
+    // backup hangs off c5.
     let dir = journal_dir();
     let store = store_as(&journal(&dir), 1, None);
     let chain1 = chain(&dom, &line(6));
     let plan = store.plan(&backend, chain1.clone()).unwrap();
     assert_eq!(
         ops(&plan.steps, &short),
-        ["-x2", "-x1", "=c2", "=c3", "+c4", "+c5"]
+        ["-x2", "-x1", "+c5", "+c4", "+c5"]
     );
     let report = store.sync(&backend, chain1).unwrap();
     assert_eq!(
         (report.outcome, report.libvirt_calls),
-        (Outcome::Committed, 6)
+        (Outcome::Committed, 5)
     );
     assert_eq!(backend.list(&dom.name).unwrap(), line6);
     assert_eq!(backup_parent(&backend, &dom.name), Some(c(5)));
 
     // Another client adds y on c2. A sync to c0..c7 with c3 edited (and y
-    // gone) dies before its last call; recover rolls it back. A backup
-    // still hangs off c5, the before-image's leaf.
+    // gone) dies before its last call (c3); recover rolls it back. A
+    // backup still hangs off c5, the before-image's leaf.
     put(
         &backend,
         &dom.name,
@@ -753,11 +757,8 @@ fn a_backup_after_sync_and_rollback_hangs_off_the_leaf() {
     chain2.checkpoints[3].description = Some("edited".into());
     let target2 = defs(&chain2);
     let plan = store.plan(&backend, chain2.clone()).unwrap();
-    assert_eq!(
-        ops(&plan.steps, &short),
-        ["-y", "+c3", "=c4", "=c5", "+c6", "+c7"]
-    );
-    let last = step_number(&plan.steps, &c(7));
+    assert_eq!(ops(&plan.steps, &short), ["-y", "+c6", "+c7", "+c3"]);
+    let last = step_number(&plan.steps, &c(3));
     let crashing = store_as(
         &journal(&dir),
         2,
@@ -783,6 +784,50 @@ fn a_backup_after_sync_and_rollback_hangs_off_the_leaf() {
     let report = rec.sync(&backend, chain2).unwrap();
     assert_eq!(report.outcome, Outcome::Committed);
     assert_eq!(backup_parent(&backend, &dom.name), Some(c(7)));
+}
+
+/// The trees of issue 14 on the real daemon: a sync that deletes the
+/// current checkpoint's branch tip and adds the leaf on another branch, and
+/// one that adds a new root as the leaf. A backup hangs off the leaf.
+#[test]
+fn a_backup_after_a_branch_switch_or_a_new_root_hangs_off_the_leaf() {
+    let _daemon = daemon_shared();
+    let dom = TestDomain::define(&support::system(), "e2e-hop", 1);
+    dom.start();
+    let backend = LibvirtBackend::connect(support::SYSTEM_URI).unwrap();
+    let dir = journal_dir();
+    let store = store_as(&journal(&dir), 1, None);
+    // c0 <- {c1, c2 <- c3}: c3 is current.
+    let sync = |parents: &[Option<usize>], drop: &[usize]| {
+        let mut chain = chain(&dom, parents);
+        chain
+            .checkpoints
+            .retain(|c| !drop.iter().any(|i| c.id == ckpt_id(*i)));
+        let r = store.sync(&backend, chain).unwrap();
+        assert_eq!(r.outcome, Outcome::Committed);
+        assert!(r.warnings.is_empty(), "{:?}", r.warnings);
+        r.libvirt_calls
+    };
+    assert_eq!(sync(&[None, Some(0), Some(0), Some(2)], &[]), 4);
+    assert_eq!(backup_parent(&backend, &dom.name), Some(name(3)));
+    // c3 goes and c4 comes under c1: deleting c3 makes c2 current, off the
+    // path to c4. One delete, c4, and one hop.
+    let switched = [None, Some(0), Some(0), Some(2), Some(1)];
+    assert_eq!(sync(&switched, &[3]), 3);
+    assert_eq!(backup_parent(&backend, &dom.name), Some(name(4)));
+    // A new root c5 beside that tree: no redefine of a root becomes current
+    // while c4 is; c5 hops under c4, then becomes a root again.
+    let rooted = [None, Some(0), Some(0), Some(2), Some(1), None];
+    assert_eq!(sync(&rooted, &[3]), 2);
+    assert_eq!(backup_parent(&backend, &dom.name), Some(name(5)));
+    // Retention: c0 goes and libvirt makes c1 and c2 roots itself; c5 is
+    // redefined as it is, in case a daemon restart left none current (the
+    // checkpoints branch). Two calls.
+    assert_eq!(
+        sync(&[None, None, None, Some(2), Some(1), None], &[0, 3]),
+        2
+    );
+    assert_eq!(backup_parent(&backend, &dom.name), Some(name(5)));
 }
 
 #[test]

@@ -214,6 +214,36 @@ fn a_refused_step_rolls_back_to_the_exact_before_image() {
 }
 
 #[test]
+fn a_rollback_puts_libvirts_current_checkpoint_back_where_it_was() {
+    // Before: c0 <- {c1, c2, c3}, current c3 (the newest leaf). The sync
+    // drops c2 and c3 and adds c4 under c1; libvirt refuses c4.
+    let fake = fake_with_domain();
+    let before = tree_chain(&[None, Some(0), Some(0), Some(0)], 2)
+        .validate()
+        .unwrap()
+        .defs();
+    fake.set_checkpoints(DOMAIN, before.clone());
+    let c3 = ckpt_id(3).to_string();
+    assert_eq!(fake.current(DOMAIN), Some(c3.clone()));
+    let mut chain = tree_chain(&[None, Some(0), Some(0), Some(0), Some(1)], 2);
+    chain
+        .checkpoints
+        .retain(|c| c.id != ckpt_id(2) && c.id != ckpt_id(3));
+    let target = chain.clone().validate().unwrap().defs();
+    let c4 = target.iter().find(|d| d.name == ckpt_id(4).to_string());
+    fake.refuse_def(DOMAIN, c4.unwrap());
+    let store = TempJournal::new().store(1);
+    let err = store.sync(&fake, chain).unwrap_err();
+    assert!(err.is_rolled_back(), "{err}");
+    assert!(same_content(&fake.peek(DOMAIN), &before));
+    assert_eq!(
+        fake.current(DOMAIN),
+        Some(c3),
+        "a backup's next checkpoint would hang off it"
+    );
+}
+
+#[test]
 fn bad_input_changes_nothing() {
     let fake = fake_with_domain();
     let j = TempJournal::new();

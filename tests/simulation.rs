@@ -237,6 +237,13 @@ fn check_invariant(
         );
         "committed"
     } else {
+        // A rollback puts the current checkpoint back where the
+        // transaction assumed it was: the before-image's newest leaf.
+        assert_eq!(
+            fake.current(DOMAIN),
+            ckptstore::testing::leaf_of(before).map(|d| d.name.clone()),
+            "{label}: current after the rollback"
+        );
         "rolled_back"
     }
 }
@@ -255,18 +262,33 @@ fn seeded_random_simulation() {
     println!("random simulation: {stats}");
 }
 
+/// Random histories of one domain (see `sim::history`): after every sync,
+/// rollback, restart, backup and crash, libvirt's current checkpoint is
+/// where ARCHITECTURE.md says.
+#[test]
+fn seeded_random_histories() {
+    let seed = seed_from_env();
+    let histories: u64 = std::env::var("CKPTSTORE_SIM_HISTORIES")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(60);
+    println!(
+        "random histories: seed {seed} (replay with CKPTSTORE_SIM_SEED={seed}), {histories} histories"
+    );
+    let stats = sim::history::random_histories(seed, histories, 12);
+    println!("random histories: {stats}");
+}
+
 /// Every tree of up to 5 checkpoints (any checkpoint may be a root), synced
-/// from nothing and from a half synced before: libvirt's current checkpoint
-/// must end on the leaf, so that a backup's new checkpoint hangs off it —
-/// also when the sync crashed at any point and was resumed.
-///
-/// The half's leaf (where its sync left the current checkpoint) must lie on
-/// the target's path to its leaf: the planner assumes libvirt's current
-/// checkpoint is there, and no redefine can move it off a branch the
-/// target keeps.
+/// from nothing and from a half synced before (with libvirt's current
+/// checkpoint where that sync left it, or where a daemon restart puts it):
+/// libvirt's current checkpoint must end on the leaf, so that a backup's new
+/// checkpoint hangs off it — also when the sync crashed at any point and
+/// was resumed.
 #[test]
 fn tree_syncs_leave_the_leaf_current() {
     let mut cases = 0u64;
+    let mut calls_over_content = BTreeMap::<u64, u64>::new();
     for n in 1..=5usize {
         // parents[i] in {None, 0..i}: (i + 1) choices for checkpoint i.
         let shapes: usize = (1..=n).product();
@@ -284,21 +306,11 @@ fn tree_syncs_leave_the_leaf_current() {
             // Checkpoints 0..n/2 are closed under parents (a parent has a
             // smaller index): the half synced before.
             let half = tree_chain(&parents[..n / 2], 1);
-            let half_leaf = ckptstore::testing::leaf_of(&half.clone().validate().unwrap().defs())
-                .map(|d| d.name.clone());
-            let mut path = vec![leaf.clone()];
-            while let Some(p) = target
-                .iter()
-                .find(|d| Some(&d.name) == path.last())
-                .and_then(|d| d.parent.clone())
-            {
-                path.push(p);
-            }
-            for from_half in [false, true] {
-                if from_half && !half_leaf.as_ref().is_some_and(|l| path.contains(l)) {
+            for (from_half, restart) in [(false, false), (true, false), (true, true)] {
+                if !from_half && restart {
                     continue;
                 }
-                let label = format!("parents {parents:?} from_half={from_half}");
+                let label = format!("parents {parents:?} from_half={from_half} restart={restart}");
                 let world = || {
                     let fake = FakeBackend::new();
                     fake.define_domain(DOMAIN, VM_UUID, &["sda"], false);
@@ -306,16 +318,27 @@ fn tree_syncs_leave_the_leaf_current() {
                     if from_half {
                         j.store(1).sync(&fake, half.clone()).unwrap();
                     }
+                    if restart {
+                        fake.restart();
+                    }
+                    fake.reset_calls();
                     (fake, j)
                 };
                 let (fake, j) = world();
+                let before = fake_list(&fake);
                 let (store, points) = j.store_counting(2);
-                store.sync(&fake, chain.clone()).unwrap();
+                let r = store.sync(&fake, chain.clone()).unwrap();
                 assert_eq!(
                     fake.current(DOMAIN).as_deref(),
                     Some(leaf.as_str()),
                     "{label}: current"
                 );
+                assert!(r.warnings.is_empty(), "{label}: {:?}", r.warnings);
+                // Calls beyond the redefines content needs (no deletes here).
+                let content = target.iter().filter(|d| !before.contains(d)).count() as u64;
+                *calls_over_content
+                    .entry(r.libvirt_calls - content)
+                    .or_default() += 1;
                 cases += 1;
                 for k in 1..=points.count() {
                     let (fake, j) = world();
@@ -337,5 +360,8 @@ fn tree_syncs_leave_the_leaf_current() {
             }
         }
     }
-    println!("tree syncs: {cases} cases end with the leaf current");
+    println!(
+        "tree syncs: {cases} cases end with the leaf current; syncs by calls beyond the content's \
+         redefines: {calls_over_content:?}"
+    );
 }

@@ -233,11 +233,9 @@ impl Store {
         let current = backend
             .list(&domain)
             .map_err(backend_err(&domain, "list", None))?;
-        Ok(PlanReport::new(
-            domain,
-            &plan(&current, &valid.defs()),
-            warnings,
-        ))
+        let plan = plan(&current, &valid.defs());
+        warnings.extend(plan.warnings.iter().cloned());
+        Ok(PlanReport::new(domain, &plan, warnings))
     }
 
     /// Re-apply the domain's last committed chain (after a transient domain

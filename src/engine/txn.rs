@@ -3,7 +3,6 @@
 //! a transaction whose owner died, which runs the same phases. `apply`,
 //! `roll_back` and the recovery live together: each calls the others.
 
-use std::collections::{BTreeSet, HashMap};
 use std::time::Instant;
 
 use tracing::{debug, info, info_span, warn};
@@ -14,8 +13,10 @@ use super::Store;
 use crate::backend::{Backend, BackendError, BackendErrorKind};
 use crate::chain::{Chain, CheckpointDef};
 use crate::error::{Error, Result};
-use crate::journal::{NewStep, NewTxn, StepOp, StepPhase, TxnEvent, TxnKind, TxnRecord, TxnState};
-use crate::plan::{plan, plan_with, same_content, Plan, Step};
+use crate::journal::{
+    NewStep, NewTxn, StepOp, StepPhase, StepRecord, TxnEvent, TxnKind, TxnRecord, TxnState,
+};
+use crate::plan::{plan, plan_from, replay_journal, same_content, Current, Plan, Replayed, Step};
 use crate::xml::{parse_checkpoint, render_checkpoint};
 
 /// Why a phase stopped.
@@ -200,6 +201,7 @@ impl Store {
             .list(domain)
             .map_err(backend_err(domain, "list", None))?;
         let plan = plan(&current, &target);
+        warnings.extend(plan.warnings.iter().cloned());
         let id = Uuid::new_v4();
         let span = info_span!("txn", txn = %id, domain);
         let _e = span.enter();
@@ -399,9 +401,9 @@ impl Store {
                     .list(domain)
                     .map_err(|e| PhaseError::Other(lost("list")(e)))?;
                 let journaled = self.journal.steps(txn.id, phase)?;
-                let force = pending_forced(&journaled);
-                let plan = plan_with(&current, goal, &force);
-                let seqs = self.match_steps(txn.id, phase, &plan, &journaled)?;
+                let at = self.replayed(txn.id, phase, &journaled, &current)?;
+                let plan = plan_from(&current, goal, &at.current);
+                let seqs = self.match_steps(txn.id, phase, &plan, &journaled, at.made)?;
                 (plan, seqs)
             }
         };
@@ -481,44 +483,89 @@ impl Store {
         Ok(same_content(&after, goal))
     }
 
-    /// Give each step of a fresh plan a journal row: reuse a pending row
-    /// with the same call, append the rest, and mark pending rows the plan
-    /// no longer needs as done (libvirt showed they are).
+    /// Give each step of a fresh plan a journal row, so that the phase's
+    /// rows stay its calls in the order they are made (what
+    /// `plan::replay_journal` needs): the pending steps libvirt shows were
+    /// made (`made`, the call in flight when the journal stopped) are marked
+    /// done; pending rows are reused in order while the plan repeats them;
+    /// the rest of the plan is appended and the pending rows it no longer
+    /// makes are dropped.
     fn match_steps(
         &self,
         txn: Uuid,
         phase: StepPhase,
         plan: &Plan,
-        journaled: &[crate::journal::StepRecord],
+        journaled: &[StepRecord],
+        made: Option<usize>,
     ) -> std::result::Result<Vec<u32>, PhaseError> {
         let new_steps = journal_steps(plan);
-        let mut free: HashMap<(StepOp, &str, Option<&str>), Vec<u32>> = HashMap::new();
-        for r in journaled.iter().filter(|r| !r.done) {
-            free.entry((r.step.op, r.step.checkpoint.as_str(), r.step.xml.as_deref()))
-                .or_default()
-                .push(r.seq);
-        }
+        let done = journaled.iter().take_while(|r| r.done).count();
+        let made = made.unwrap_or(done).clamp(done, journaled.len());
+        let observed: Vec<u32> = journaled[done..made].iter().map(|r| r.seq).collect();
+        self.journal.mark_observed(txn, phase, &observed)?;
+        let mut pending = journaled[made..].iter().filter(|r| !r.done).peekable();
         let mut seqs = Vec::with_capacity(new_steps.len());
         let mut to_add = Vec::new();
         for s in &new_steps {
-            match free
-                .get_mut(&(s.op, s.checkpoint.as_str(), s.xml.as_deref()))
-                .and_then(|v| v.pop())
-            {
-                Some(seq) => seqs.push(Some(seq)),
-                None => {
+            let same = |r: &&StepRecord| {
+                (r.step.op, r.step.checkpoint.as_str(), r.step.xml.as_deref())
+                    == (s.op, s.checkpoint.as_str(), s.xml.as_deref())
+            };
+            match pending.peek() {
+                Some(r) if to_add.is_empty() && same(r) => {
+                    seqs.push(Some(r.seq));
+                    pending.next();
+                }
+                _ => {
                     seqs.push(None);
                     to_add.push(s.clone());
                 }
             }
         }
-        let stale: Vec<u32> = free.into_values().flatten().collect();
-        self.journal.mark_observed(txn, phase, &stale)?;
+        let stale: Vec<u32> = pending.map(|r| r.seq).collect();
+        self.journal.drop_steps(txn, phase, &stale)?;
         let mut added = self.journal.add_steps(txn, phase, &to_add)?.into_iter();
         Ok(seqs
             .into_iter()
             .map(|s| s.or_else(|| added.next()).unwrap_or(u32::MAX))
             .collect())
+    }
+
+    /// Where a transaction is before a round that plans afresh: its
+    /// journaled steps replayed from its before-image
+    /// (`plan::replay_journal`).
+    fn replayed(
+        &self,
+        txn: Uuid,
+        phase: StepPhase,
+        journaled: &[StepRecord],
+        listing: &[CheckpointDef],
+    ) -> std::result::Result<Replayed, PhaseError> {
+        let before = self.journal.txn(txn)?.before;
+        let apply = match phase {
+            StepPhase::Apply => replayable(journaled),
+            StepPhase::Rollback => replayable(&self.journal.steps(txn, StepPhase::Apply)?),
+        };
+        let rollback = match phase {
+            StepPhase::Apply => Some(Vec::new()),
+            StepPhase::Rollback => replayable(journaled),
+        };
+        let (Some(apply), Some(rollback)) = (apply, rollback) else {
+            return Ok(Replayed {
+                current: Current::assumed(listing),
+                made: None,
+            });
+        };
+        let mut phases: Vec<&[(Step, bool)]> = vec![&apply];
+        if phase == StepPhase::Rollback {
+            phases.push(&rollback);
+        }
+        Ok(replay_journal(
+            &before,
+            &Current::assumed(&before),
+            &phases,
+            listing,
+        ))
     }
 }
 
@@ -562,17 +609,25 @@ fn journal_steps(plan: &Plan) -> Vec<NewStep> {
         .collect()
 }
 
-/// Forced redefines (same content as before) not yet recorded done: they
-/// move libvirt's current checkpoint and leave no trace to compare, so a
-/// resume repeats them.
-fn pending_forced(steps: &[crate::journal::StepRecord]) -> BTreeSet<String> {
-    steps
-        .iter()
-        .filter(|r| !r.done && r.step.op == StepOp::Redefine)
-        .filter(|r| {
-            let def = r.step.xml.as_deref().and_then(|x| parse_checkpoint(x).ok());
-            def.is_some() && def.as_ref() == r.step.before.as_ref()
+/// A phase's journaled steps as the planner replays them, with their
+/// recorded-done flags; `None` when a row cannot be read back.
+fn replayable(rows: &[StepRecord]) -> Option<Vec<(Step, bool)>> {
+    rows.iter()
+        .map(|r| {
+            let step = match r.step.op {
+                StepOp::Delete => Step::Delete {
+                    before: r.step.before.clone()?,
+                },
+                StepOp::Redefine => {
+                    let def = parse_checkpoint(r.step.xml.as_deref()?).ok()?;
+                    Step::Redefine {
+                        forced: r.step.before.as_ref() == Some(&def),
+                        before: r.step.before.clone(),
+                        def,
+                    }
+                }
+            };
+            Some((step, r.done))
         })
-        .map(|r| r.step.checkpoint.clone())
         .collect()
 }

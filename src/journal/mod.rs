@@ -682,6 +682,36 @@ impl Journal {
         tx.commit().map_err(JournalError::from_sqlite)
     }
 
+    /// Remove pending steps a new plan no longer makes (they were never
+    /// called), so that the journal's steps stay the calls in the order they
+    /// are made.
+    ///
+    /// # Errors
+    ///
+    /// SQLite errors.
+    pub fn drop_steps(&self, txn: Uuid, phase: StepPhase, seqs: &[u32]) -> Result<()> {
+        if seqs.is_empty() {
+            return Ok(());
+        }
+        let mut conn = self.conn();
+        let tx = conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(JournalError::from_sqlite)?;
+        {
+            let mut stmt = tx
+                .prepare_cached(
+                    "DELETE FROM steps WHERE txn_id = ?1 AND phase = ?2 AND seq = ?3 \
+                     AND state = 'pending'",
+                )
+                .map_err(JournalError::from_sqlite)?;
+            for seq in seqs {
+                stmt.execute(params![txn.to_string(), phase.as_str(), seq])
+                    .map_err(JournalError::from_sqlite)?;
+            }
+        }
+        tx.commit().map_err(JournalError::from_sqlite)
+    }
+
     /// Count a libvirt call whose step could not be marked done (it failed
     /// or its outcome is unknown).
     ///

@@ -2,6 +2,8 @@
 //! folder, stores that crash (panic) at the N-th crash point, a seeded
 //! random simulation.
 
+pub mod history;
+
 use std::collections::BTreeMap;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -10,7 +12,7 @@ use std::time::Duration;
 
 use chrono::DateTime;
 use ckptstore::testing::same_content;
-use ckptstore::testing::{FakeBackend, Fault, Phase};
+use ckptstore::testing::{FakeBackend, Fault, Op, Phase};
 use ckptstore::Owner;
 use ckptstore::{BackendErrorKind, Chain, Checkpoint, CheckpointDef, Policy, Store, StoreOptions};
 use uuid::Uuid;
@@ -233,10 +235,22 @@ pub fn random_simulation(seed: u64, rounds: u64) -> String {
         let fake = FakeBackend::new();
         fake.define_domain(DOMAIN, VM_UUID, &["sda", "sdb", "sdc"], false);
         fake.set_checkpoints(DOMAIN, before.clone());
+        // Daemon restarts come from a generator of their own, so that the
+        // rest of a seed's choices stay what they were.
+        let mut restarts = Rng::new(seed ^ (round + 1).wrapping_mul(0x2545_F491_4F6C_DD1D));
+        if restarts.chance(20) {
+            fake.restart();
+            *stats.entry("restarts").or_default() += 1;
+        }
+        let start = fake.current(DOMAIN);
         let refuse = rng.chance(15) && !target.is_empty();
         if refuse {
+            // libvirt refuses a definition it finds invalid, never one it
+            // holds already (it accepted that one).
             let victim = &target[rng.below(target.len() as u64) as usize];
-            fake.refuse_def(DOMAIN, victim);
+            if !before.contains(victim) {
+                fake.refuse_def(DOMAIN, victim);
+            }
         }
         if rng.chance(30) {
             fake.inject(Fault {
@@ -264,6 +278,18 @@ pub fn random_simulation(seed: u64, rounds: u64) -> String {
         };
         let res = run_crashing(|| s1.sync(&fake, chain.clone()));
         drop(s1);
+        let mut restarted_after_end = None;
+        if res.is_none() && restarts.chance(30) {
+            // The host rebooted with the process: libvirt recomputes its
+            // current checkpoint (where it stays if the transaction had
+            // ended).
+            let ended = j.store(9).status(None).unwrap().incomplete.is_empty();
+            fake.restart();
+            if ended {
+                restarted_after_end = Some(fake.current(DOMAIN));
+            }
+            *stats.entry("restarts_after_crash").or_default() += 1;
+        }
         match &res {
             None => *stats.entry("crashed").or_default() += 1,
             Some(Ok(_)) => {
@@ -313,6 +339,11 @@ pub fn random_simulation(seed: u64, rounds: u64) -> String {
             "{label}: still incomplete"
         );
         assert_eq!(s3.journal().integrity_check().unwrap(), "ok", "{label}");
+        let calls = fake.calls(Op::Redefine) + fake.calls(Op::Delete);
+        let want = restarted_after_end.unwrap_or_else(|| {
+            history::expected_current(&before, &target, &start, at_target, calls)
+        });
+        assert_eq!(fake.current(DOMAIN), want, "{label}: current");
         *stats
             .entry(if at_target {
                 "ended_at_target"
