@@ -30,7 +30,7 @@ use testkit::support;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{mpsc, Arc, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::sync::{mpsc, Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -47,22 +47,12 @@ use ckptstore::{
 };
 use sim::{run_crashing, Rng, SimCrash};
 use support::TestDomain;
+use testkit::daemon::{exclusive as daemon_exclusive, shared as daemon_shared};
 use uuid::Uuid;
 
 // ---------------------------------------------------------------------------
-// The daemon: shared by most tests, stopped by a few.
-
-static DAEMON: RwLock<()> = RwLock::new(());
-
-/// For a test that needs the daemon up throughout.
-fn daemon_shared() -> RwLockReadGuard<'static, ()> {
-    DAEMON.read().unwrap_or_else(|e| e.into_inner())
-}
-
-/// For a test that stops the daemon.
-fn daemon_exclusive() -> RwLockWriteGuard<'static, ()> {
-    DAEMON.write().unwrap_or_else(|e| e.into_inner())
-}
+// The daemon: shared by most tests, stopped by a few (the lock is the
+// binary's: `libvirt_reconnect` holds it too).
 
 fn libvirt_sh(arg: &str) -> std::process::Output {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/support/libvirt.sh");

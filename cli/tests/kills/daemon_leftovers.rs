@@ -14,12 +14,12 @@
 //! checks that `validate` reports the leftover and the next `sync` repairs
 //! it, with a warning.
 //!
-//! This file holds one test, so no other test of its binary meets the dead
-//! daemon; a guard restarts the daemon whatever happens. The choices come
+//! The test holds the daemon exclusively (`testkit::daemon`), so no other
+//! test of its binary meets the dead daemon; a guard restarts the daemon whatever happens. The choices come
 //! from a printed seed (`CKPTSTORE_LEFTOVER_SEED=N` replays them);
 //! `CKPTSTORE_LEFTOVER_ROUNDS` sets the number of syncs (default 8).
 
-mod rel;
+use crate::rel;
 use testkit::support;
 
 use std::path::{Path, PathBuf};
@@ -315,6 +315,7 @@ fn leftover_warnings(doc: &serde_json::Value) -> Vec<String> {
 
 #[test]
 fn leftovers_of_a_killed_libvirtd_are_repaired_and_nothing_comes_back() {
+    let _daemon = testkit::daemon::exclusive();
     let _restart = Restart;
     let rounds: usize = std::env::var("CKPTSTORE_LEFTOVER_ROUNDS")
         .ok()

@@ -6,7 +6,7 @@
 //! (tests/support) and fail with the command that starts the daemon when it
 //! is not running. `CKPTSTORE_UPDATE_SNAPSHOTS=1` rewrites the snapshots.
 
-mod snap;
+use crate::snap;
 use testkit::support;
 
 use std::panic::{catch_unwind, AssertUnwindSafe};

@@ -8,7 +8,8 @@
 //! order of appearance, timestamps, pids, boot ids, process start times
 //! and call durations.
 //!
-//! `CKPTSTORE_UPDATE_SNAPSHOTS=1 cargo test --test cli` rewrites the files.
+//! `CKPTSTORE_UPDATE_SNAPSHOTS=1 cargo test -p ckptstore-cli --test command cli::`
+//! rewrites the files.
 #![allow(dead_code)]
 
 use std::collections::HashMap;

@@ -4,8 +4,8 @@
 //!
 //! On the fake, which models what a restart does with them; and on
 //! `qemu:///system` with leftovers planted in the daemon's folder of a
-//! test domain (no restart here: `tests/daemon_leftovers.rs` kills and
-//! restarts the daemon).
+//! test domain (no restart here: `cli/tests/kills/daemon_leftovers.rs`
+//! kills and restarts the daemon).
 
 use testkit::sim;
 use testkit::support;

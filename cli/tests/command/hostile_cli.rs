@@ -2,7 +2,7 @@
 //! case ends with the documented exit code and one line on stderr
 //! (`ckptstore: <what> — <what to do>`), leaves libvirt's checkpoints of a
 //! domain that has some exactly as they were, and leaves the journal file
-//! byte for byte as it was (library-level cases: tests/hostile.rs).
+//! byte for byte as it was (library-level cases: tests/fast/hostile.rs).
 //!
 //! Also: descriptions full of markup reach libvirt escaped and come back
 //! exactly; a journal that is corrupt, truncated, from a newer schema,
@@ -10,7 +10,7 @@
 //! system (a tiny tmpfs); and a bounded, seeded fuzz of the chain input
 //! through the binary (`CKPTSTORE_FUZZ_CASES`, `CKPTSTORE_FUZZ_SEED`).
 
-mod rel;
+use crate::rel;
 use testkit::support;
 
 use std::path::{Path, PathBuf};
@@ -507,7 +507,7 @@ fn unusable_journals_change_nothing_on_qemu() {
             println!("hostile: journal on a full tmpfs: exit 5");
         }
         None => println!(
-            "hostile: tmpfs mount not permitted here; skipped (tests/hostile.rs fills the journal with max_page_count)"
+            "hostile: tmpfs mount not permitted here; skipped (tests/fast/hostile.rs fills the journal with max_page_count)"
         ),
     }
     // The journal is usable again and still holds the first sync.
