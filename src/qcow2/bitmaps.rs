@@ -59,8 +59,12 @@ fn parse_directory(
 ) -> Result<Vec<Bitmap>, Fault> {
     let b = Bytes(dir);
     let size = dir.len() as u64;
-    // QEMU measures the disk in whole sectors.
-    let disk_len = virtual_size / 512 * 512;
+    let limits = Limits {
+        cluster,
+        // QEMU measures the disk in whole sectors.
+        disk_len: virtual_size / 512 * 512,
+        file_len,
+    };
     let mut bitmaps: Vec<Bitmap> = Vec::new();
     let mut names = HashSet::new();
     let mut at = 0u64;
@@ -73,85 +77,12 @@ fn parse_directory(
                 "more bitmaps in the directory than the {nb_bitmaps} of the extension"
             ));
         }
-        let table_offset = b.u64(at)?;
-        let table_size = b.u32(at + 8)?;
-        let flags = b.u32(at + 12)?;
-        let kind = b.u8(at + 16)?;
-        let granularity_bits = b.u8(at + 17)?;
-        let name_size = b.u16(at + 18)?;
-        let extra_size = b.u32(at + 20)?;
-        let entry_size =
-            (DIR_ENTRY_FIXED + u64::from(name_size) + u64::from(extra_size)).next_multiple_of(8);
-        if entry_size > size - at {
-            return invalid("broken bitmap directory: an entry runs past its end");
+        let (bitmap, len) = read_entry(&b, at, bitmaps.len(), &limits)?;
+        if !names.insert(bitmap.raw_name.clone()) {
+            return invalid(format!("bitmap '{}' appears twice", bitmap.name));
         }
-        if extra_size != 0 {
-            return invalid(format!(
-                "bitmap {} has extra data, which QEMU does not support",
-                bitmaps.len()
-            ));
-        }
-        let raw_name = b.slice(at + DIR_ENTRY_FIXED, name_size.into())?.to_vec();
-        let name = String::from_utf8_lossy(&raw_name).into_owned();
-        let fail = |why: String| invalid(format!("bitmap '{name}' {why}"));
-        if table_size == 0 || table_offset == 0 {
-            return fail("has no bitmap table".into());
-        }
-        if !table_offset.is_multiple_of(cluster) {
-            return fail(format!(
-                "has a bitmap table offset {table_offset:#x} not cluster-aligned"
-            ));
-        }
-        if table_size > MAX_TABLE_SIZE {
-            return fail(format!(
-                "has a bitmap table of {table_size} entries, above {MAX_TABLE_SIZE}"
-            ));
-        }
-        if !(MIN_GRANULARITY_BITS..=MAX_GRANULARITY_BITS).contains(&granularity_bits) {
-            return fail(format!(
-                "has granularity 2^{granularity_bits}, outside 2^9..2^31"
-            ));
-        }
-        if flags & !(FLAG_IN_USE | FLAG_AUTO) != 0 {
-            return fail(format!("has unknown flags {flags:#x}"));
-        }
-        if name_size > MAX_NAME_SIZE {
-            return fail(format!(
-                "has a {name_size}-byte name, above {MAX_NAME_SIZE}"
-            ));
-        }
-        if kind != TYPE_DIRTY_TRACKING {
-            return fail(format!("has type {kind}, not 1 (dirty tracking)"));
-        }
-        let phys_bytes = u64::from(table_size) * cluster;
-        if phys_bytes > MAX_PHYS_SIZE {
-            return fail(format!(
-                "has a bitmap table for {phys_bytes} bytes, above {MAX_PHYS_SIZE}"
-            ));
-        }
-        let in_use = flags & FLAG_IN_USE != 0;
-        let covered = (u128::from(phys_bytes) * 8) << granularity_bits;
-        if !in_use && u128::from(disk_len) > covered {
-            return fail(format!("is too small for the {disk_len}-byte disk"));
-        }
-        if name_size == 0 {
-            return invalid(format!("bitmap {} has an empty name", bitmaps.len()));
-        }
-        let table_end = table_offset.checked_add(u64::from(table_size) * 8);
-        if table_end.is_none_or(|end| end > file_len) {
-            return fail("has its bitmap table beyond the end of the file".into());
-        }
-        if !names.insert(raw_name.clone()) {
-            return fail("appears twice".into());
-        }
-        bitmaps.push(Bitmap {
-            name,
-            raw_name,
-            granularity: 1 << granularity_bits,
-            in_use,
-            auto: flags & FLAG_AUTO != 0,
-        });
-        at += entry_size;
+        bitmaps.push(bitmap);
+        at += len;
     }
     if bitmaps.len() as u64 != u64::from(nb_bitmaps) {
         return invalid(format!(
@@ -160,6 +91,156 @@ fn parse_directory(
         ));
     }
     Ok(bitmaps)
+}
+
+/// Reads and checks the entry at `at`, the directory's `index`th; returns
+/// its bitmap and the entry's length.
+fn read_entry(
+    b: &Bytes<'_>,
+    at: u64,
+    index: usize,
+    limits: &Limits,
+) -> Result<(Bitmap, u64), Fault> {
+    let entry = Entry::read(b, at)?;
+    if entry.size() > b.0.len() as u64 - at {
+        return invalid("broken bitmap directory: an entry runs past its end");
+    }
+    if entry.extra_size != 0 {
+        return invalid(format!(
+            "bitmap {index} has extra data, which QEMU does not support"
+        ));
+    }
+    let raw_name = b.slice(at + DIR_ENTRY_FIXED, entry.name_size.into())?;
+    let bitmap = entry_bitmap(&entry, raw_name.to_vec(), index, limits)?;
+    Ok((bitmap, entry.size()))
+}
+
+/// The fixed fields of one directory entry (its name follows them).
+struct Entry {
+    table_offset: u64,
+    table_size: u32,
+    flags: u32,
+    kind: u8,
+    granularity_bits: u8,
+    name_size: u16,
+    extra_size: u32,
+}
+
+impl Entry {
+    fn read(b: &Bytes<'_>, at: u64) -> Result<Entry, Fault> {
+        Ok(Entry {
+            table_offset: b.u64(at)?,
+            table_size: b.u32(at + 8)?,
+            flags: b.u32(at + 12)?,
+            kind: b.u8(at + 16)?,
+            granularity_bits: b.u8(at + 17)?,
+            name_size: b.u16(at + 18)?,
+            extra_size: b.u32(at + 20)?,
+        })
+    }
+
+    /// The entry's length in the directory, padded to 8 bytes.
+    fn size(&self) -> u64 {
+        (DIR_ENTRY_FIXED + u64::from(self.name_size) + u64::from(self.extra_size))
+            .next_multiple_of(8)
+    }
+
+    fn in_use(&self) -> bool {
+        self.flags & FLAG_IN_USE != 0
+    }
+}
+
+/// What an entry is checked against.
+struct Limits {
+    cluster: u64,
+    /// The disk's size in whole sectors.
+    disk_len: u64,
+    file_len: u64,
+}
+
+/// Checks entry number `index`, named `raw_name`, and makes its bitmap:
+/// QEMU's `check_dir_entry`, then this reader's own checks (a name, a
+/// table inside the file).
+fn entry_bitmap(
+    entry: &Entry,
+    raw_name: Vec<u8>,
+    index: usize,
+    limits: &Limits,
+) -> Result<Bitmap, Fault> {
+    let name = String::from_utf8_lossy(&raw_name).into_owned();
+    let fail = |why: String| invalid(format!("bitmap '{name}' {why}"));
+    if let Err(why) = check_dir_entry(entry, limits) {
+        return fail(why);
+    }
+    if entry.name_size == 0 {
+        return invalid(format!("bitmap {index} has an empty name"));
+    }
+    let table_end = entry
+        .table_offset
+        .checked_add(u64::from(entry.table_size) * 8);
+    if table_end.is_none_or(|end| end > limits.file_len) {
+        return fail("has its bitmap table beyond the end of the file".into());
+    }
+    Ok(Bitmap {
+        name,
+        raw_name,
+        granularity: 1 << entry.granularity_bits,
+        in_use: entry.in_use(),
+        auto: entry.flags & FLAG_AUTO != 0,
+    })
+}
+
+/// QEMU's `check_dir_entry`: what is wrong with the entry, after the
+/// bitmap's name, for the first constraint it breaks.
+fn check_dir_entry(e: &Entry, limits: &Limits) -> Result<(), String> {
+    let cluster = limits.cluster;
+    if e.table_size == 0 || e.table_offset == 0 {
+        return Err("has no bitmap table".into());
+    }
+    if !e.table_offset.is_multiple_of(cluster) {
+        return Err(format!(
+            "has a bitmap table offset {:#x} not cluster-aligned",
+            e.table_offset
+        ));
+    }
+    if e.table_size > MAX_TABLE_SIZE {
+        return Err(format!(
+            "has a bitmap table of {} entries, above {MAX_TABLE_SIZE}",
+            e.table_size
+        ));
+    }
+    let granularity_bits = e.granularity_bits;
+    if !(MIN_GRANULARITY_BITS..=MAX_GRANULARITY_BITS).contains(&granularity_bits) {
+        return Err(format!(
+            "has granularity 2^{granularity_bits}, outside 2^9..2^31"
+        ));
+    }
+    if e.flags & !(FLAG_IN_USE | FLAG_AUTO) != 0 {
+        return Err(format!("has unknown flags {:#x}", e.flags));
+    }
+    if e.name_size > MAX_NAME_SIZE {
+        return Err(format!(
+            "has a {}-byte name, above {MAX_NAME_SIZE}",
+            e.name_size
+        ));
+    }
+    if e.kind != TYPE_DIRTY_TRACKING {
+        return Err(format!("has type {}, not 1 (dirty tracking)", e.kind));
+    }
+    let phys_bytes = u64::from(e.table_size) * cluster;
+    if phys_bytes > MAX_PHYS_SIZE {
+        return Err(format!(
+            "has a bitmap table for {phys_bytes} bytes, above {MAX_PHYS_SIZE}"
+        ));
+    }
+    let covered = (u128::from(phys_bytes) * 8) << granularity_bits;
+    if !e.in_use() && u128::from(limits.disk_len) > covered {
+        return Err(format!(
+            "is too small for the {}-byte disk",
+            limits.disk_len
+        ));
+    }
+    Ok(())
 }
 
 #[cfg(test)]
