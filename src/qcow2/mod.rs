@@ -244,55 +244,64 @@ pub fn read_chain(path: &Path) -> Result<BackingChain, Qcow2Error> {
                 limit: MAX_CHAIN_DEPTH,
             });
         }
-        let file = File::open(&next).map_err(|e| io_error(&next, e))?;
-        let meta = file.metadata().map_err(|e| io_error(&next, e))?;
-        if !seen.insert((meta.dev(), meta.ino())) {
-            return Err(Qcow2Error::Loop { path: next });
-        }
-        if let Some(above) = layers.last() {
-            match above.backing_format.as_deref() {
-                Some("qcow2") => {}
-                Some(other) => {
-                    let end = ChainEnd::NotQcow2 {
-                        path: next,
-                        format: Some(other.to_owned()),
-                    };
-                    return Ok(BackingChain { layers, end });
-                }
-                None => {
-                    if !starts_with_magic(&file).map_err(|e| io_error(&next, e))? {
-                        return Ok(BackingChain {
-                            layers,
-                            end: ChainEnd::NotQcow2 {
-                                path: next,
-                                format: None,
-                            },
-                        });
-                    }
-                }
-            }
+        let file = open_layer(&next, &mut seen)?;
+        if let Some(end) = not_qcow2_end(layers.last(), &file, &next)? {
+            return Ok(BackingChain { layers, end });
         }
         let image = read_file(&file, &next)?;
         let backing = image.backing();
         layers.push(image);
-        match backing {
-            Backing::None => {
-                return Ok(BackingChain {
-                    layers,
-                    end: ChainEnd::NoBacking,
-                })
+        let end = match backing {
+            Backing::None => ChainEnd::NoBacking,
+            Backing::Unreadable(name) => ChainEnd::Unreadable(name),
+            Backing::File(path) => {
+                next = path;
+                continue;
             }
-            Backing::Unreadable(name) => {
-                return Ok(BackingChain {
-                    layers,
-                    end: ChainEnd::Unreadable(name),
-                })
-            }
-            Backing::File(path) => next = path,
-        }
+        };
+        return Ok(BackingChain { layers, end });
     }
 }
 
+/// Opens a layer of a chain, unless it is a file already in the chain
+/// (compared by device and inode: `seen`).
+fn open_layer(path: &Path, seen: &mut HashSet<(u64, u64)>) -> Result<File, Qcow2Error> {
+    let file = File::open(path).map_err(|e| io_error(path, e))?;
+    let meta = file.metadata().map_err(|e| io_error(path, e))?;
+    if !seen.insert((meta.dev(), meta.ino())) {
+        return Err(Qcow2Error::Loop {
+            path: path.to_path_buf(),
+        });
+    }
+    Ok(file)
+}
+
+/// The chain's end when `file` (at `path`), the backing file of the layer
+/// `above`, is not qcow2: the format `above` records says so, or, with none
+/// recorded, the file lacks the magic. `None` when it is to be read as
+/// qcow2, as the top image always is.
+fn not_qcow2_end(
+    above: Option<&Image>,
+    file: &File,
+    path: &Path,
+) -> Result<Option<ChainEnd>, Qcow2Error> {
+    let Some(above) = above else {
+        return Ok(None);
+    };
+    let format = match above.backing_format.as_deref() {
+        Some("qcow2") => return Ok(None),
+        Some(other) => Some(other.to_owned()),
+        None if starts_with_magic(file).map_err(|e| io_error(path, e))? => return Ok(None),
+        None => None,
+    };
+    Ok(Some(ChainEnd::NotQcow2 {
+        path: path.to_path_buf(),
+        format,
+    }))
+}
+
+/// Reads one open image: the header, the bitmap directory, then cluster 0
+/// again; starts over (at most [`MAX_ATTEMPTS`] times) when it changed.
 fn read_file(file: &File, path: &Path) -> Result<Image, Qcow2Error> {
     for _ in 0..MAX_ATTEMPTS {
         let file_len = file_len(file).map_err(|e| io_error(path, e))?;
