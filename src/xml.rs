@@ -2,6 +2,10 @@
 //! the minimal checkpoint redefine XML, libvirt's checkpoint XML parsed back
 //! into the comparable [`CheckpointDef`], and the domain XML facts that sync
 //! and validation need ([`DomainInfo`]).
+//!
+//! Both readers share one walker (`walk`), which checks the root, keeps the
+//! path of element names and gathers text; each document is a `Visitor`
+//! that picks the elements it needs.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
