@@ -28,19 +28,24 @@ use std::fs::{self, OpenOptions};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use chrono::{SecondsFormat, Utc};
-use rusqlite::Connection;
+use rusqlite::types::{Type, ValueRef};
+use rusqlite::{Connection, OptionalExtension, Params, Row, Transaction, TransactionBehavior};
+use serde::de::DeserializeOwned;
 use serde::Serialize;
+use uuid::Uuid;
 
-pub use error::JournalError;
+pub use error::{JournalError, SqliteCause};
 #[cfg(feature = "testing")]
 pub use migrate::{Migration, MIGRATIONS, SCHEMA_VERSION};
 pub use types::{
     Begin, Committed, JournalOptions, NewStep, NewTxn, StepOp, StepPhase, StepRecord, TxnEvent,
     TxnKind, TxnRecord, TxnState, TxnSummary,
 };
+
+use error::{SqlContext, Unreadable};
 
 type Result<T> = std::result::Result<T, JournalError>;
 
@@ -52,18 +57,9 @@ pub struct Journal {
     conn: Mutex<Connection>,
 }
 
-fn now() -> String {
-    Utc::now().to_rfc3339_opts(SecondsFormat::Millis, true)
-}
-
-fn to_json<T: Serialize>(v: &T) -> String {
-    // Serialising plain data structures to a String cannot fail.
-    serde_json::to_string(v).unwrap_or_default()
-}
-
-fn from_json<T: serde::de::DeserializeOwned>(what: &str, s: &str) -> Result<T> {
-    serde_json::from_str(s).map_err(|e| JournalError::decode(what, e))
-}
+/// Prepared statements kept per connection: every query of the journal
+/// (about 20) stays prepared, those of a step above all.
+const STATEMENT_CACHE: usize = 32;
 
 impl Journal {
     /// Open (creating with mode 0600 if absent) and migrate the journal at
@@ -89,10 +85,10 @@ impl Journal {
         // switch to WAL and the first migration; SQLite answers some of
         // those races with "database is locked" without waiting for the
         // busy timeout, so the whole opening is retried within it.
-        let deadline = std::time::Instant::now() + opts.busy_timeout;
+        let deadline = Instant::now() + opts.busy_timeout;
         loop {
             match Journal::try_open(path, opts) {
-                Err(JournalError::Locked { .. }) if std::time::Instant::now() < deadline => {
+                Err(JournalError::Locked { .. }) if Instant::now() < deadline => {
                     std::thread::sleep(Duration::from_millis(10));
                 }
                 other => return other,
@@ -101,66 +97,14 @@ impl Journal {
     }
 
     fn try_open(path: &Path, opts: &JournalOptions) -> Result<Journal> {
-        if !path.exists() {
-            // Create the file ourselves so it is 0600 from its first byte;
-            // SQLite gives the -wal and -shm files the same mode.
-            match OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(0o600)
-                .open(path)
-            {
-                Ok(_) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
-                Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
-                    return Err(JournalError::ReadOnly {
-                        detail: format!("{}: {e}", path.display()),
-                    })
-                }
-                Err(e) => {
-                    return Err(JournalError::Io {
-                        detail: format!("{}: {e}", path.display()),
-                    })
-                }
-            }
-        } else if fs::metadata(path).map(|m| m.is_dir()).unwrap_or(false) {
-            return Err(JournalError::Io {
-                detail: format!("{} is a directory", path.display()),
-            });
-        }
-        let mut conn = Connection::open(path).map_err(JournalError::from_sqlite)?;
+        create_0600(path)?;
+        let mut conn = Connection::open(path).sql("open")?;
+        conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
         conn.busy_timeout(opts.busy_timeout)
-            .map_err(JournalError::from_sqlite)?;
+            .sql("PRAGMA busy_timeout")?;
         // Refuse a newer schema before changing anything in the file.
         migrate::check_not_newer(&conn)?;
-        let mode: String = conn
-            .query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0))
-            .map_err(JournalError::from_sqlite)?;
-        expect("journal_mode", "wal", &mode.to_lowercase())?;
-        conn.pragma_update(None, "synchronous", "FULL")
-            .map_err(JournalError::from_sqlite)?;
-        conn.pragma_update(None, "foreign_keys", "ON")
-            .map_err(JournalError::from_sqlite)?;
-        if let Some(max) = opts.max_page_count {
-            conn.query_row(&format!("PRAGMA max_page_count={max}"), [], |_| Ok(()))
-                .map_err(JournalError::from_sqlite)?;
-        }
-        let sync: i64 = conn
-            .query_row("PRAGMA synchronous", [], |r| r.get(0))
-            .map_err(JournalError::from_sqlite)?;
-        expect("synchronous", "2", &sync.to_string())?;
-        let fk: i64 = conn
-            .query_row("PRAGMA foreign_keys", [], |r| r.get(0))
-            .map_err(JournalError::from_sqlite)?;
-        expect("foreign_keys", "1", &fk.to_string())?;
-        let bt: i64 = conn
-            .query_row("PRAGMA busy_timeout", [], |r| r.get(0))
-            .map_err(JournalError::from_sqlite)?;
-        expect(
-            "busy_timeout",
-            &opts.busy_timeout.as_millis().to_string(),
-            &bt.to_string(),
-        )?;
+        set_durability(&conn, opts)?;
         migrate::migrate(&mut conn)?;
         Ok(Journal {
             path: path.to_path_buf(),
@@ -179,6 +123,17 @@ impl Journal {
         self.conn.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// Run `work` in one write transaction and commit it durably.
+    fn write<T>(&self, work: impl FnOnce(&Transaction<'_>) -> Result<T>) -> Result<T> {
+        write(&mut self.conn(), work)
+    }
+
+    /// [`Journal::write`] for progress only: committed without waiting for
+    /// the disk (see [`without_fsync`]).
+    fn write_progress<T>(&self, work: impl FnOnce(&Transaction<'_>) -> Result<T>) -> Result<T> {
+        without_fsync(&mut self.conn(), |conn| write(conn, work))
+    }
+
     /// `PRAGMA integrity_check`: `"ok"` when the file is sound.
     ///
     /// # Errors
@@ -186,34 +141,65 @@ impl Journal {
     /// SQLite errors.
     #[cfg(any(test, feature = "testing"))]
     pub fn integrity_check(&self) -> Result<String> {
-        let conn = self.conn();
-        let mut stmt = conn
-            .prepare("PRAGMA integrity_check")
-            .map_err(JournalError::from_sqlite)?;
-        let rows: Vec<String> = stmt
-            .query_map([], |r| r.get(0))
-            .map_err(JournalError::from_sqlite)?
-            .collect::<std::result::Result<_, _>>()
-            .map_err(JournalError::from_sqlite)?;
+        let rows: Vec<String> = self
+            .conn()
+            .all("PRAGMA integrity_check", [], |r| r.get(0))?;
         Ok(rows.join("\n"))
     }
 }
 
-/// Run `f`, whose commit need not be durable at once, with
-/// `synchronous=NORMAL`: in WAL mode the commit is written to the WAL but
-/// not synced, and the next `FULL` commit (or checkpoint) syncs it along.
-/// `FULL` is set back before the connection's lock is released, whatever
-/// `f` returned, so every other commit stays durable.
-fn without_fsync<T>(
-    conn: &mut Connection,
-    f: impl FnOnce(&mut Connection) -> Result<T>,
-) -> Result<T> {
-    conn.pragma_update(None, "synchronous", "NORMAL")
-        .map_err(JournalError::from_sqlite)?;
-    let result = f(conn);
+/// Create the file ourselves so it is 0600 from its first byte (SQLite
+/// gives the -wal and -shm files the same mode); refuse a directory.
+fn create_0600(path: &Path) -> Result<()> {
+    if path.exists() {
+        if fs::metadata(path).map(|m| m.is_dir()).unwrap_or(false) {
+            return Err(JournalError::io(format!(
+                "{} is a directory",
+                path.display()
+            )));
+        }
+        return Ok(());
+    }
+    match OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+    {
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => Err(JournalError::ReadOnly {
+            detail: format!("{}: {e}", path.display()),
+            cause: None,
+        }),
+        Err(e) => Err(JournalError::io(format!("{}: {e}", path.display()))),
+    }
+}
+
+/// Switch to WAL with `synchronous=FULL` and foreign keys, then read every
+/// setting back: one that did not take effect is a [`JournalError::Setting`].
+fn set_durability(conn: &Connection, opts: &JournalOptions) -> Result<()> {
+    let mode: String = conn.one("PRAGMA journal_mode=WAL", [], |r| r.get(0))?;
+    expect("journal_mode", "wal", &mode.to_lowercase())?;
     conn.pragma_update(None, "synchronous", "FULL")
-        .map_err(JournalError::from_sqlite)?;
-    result
+        .sql("PRAGMA synchronous = FULL")?;
+    conn.pragma_update(None, "foreign_keys", "ON")
+        .sql("PRAGMA foreign_keys = ON")?;
+    if let Some(max) = opts.max_page_count {
+        conn.query_row(&format!("PRAGMA max_page_count={max}"), [], |_| Ok(()))
+            .sql("PRAGMA max_page_count")?;
+    }
+    let setting = |sql: &'static str| -> Result<String> {
+        conn.one(sql, [], |r| r.get::<_, i64>(0))
+            .map(|v| v.to_string())
+    };
+    expect("synchronous", "2", &setting("PRAGMA synchronous")?)?;
+    expect("foreign_keys", "1", &setting("PRAGMA foreign_keys")?)?;
+    expect(
+        "busy_timeout",
+        &opts.busy_timeout.as_millis().to_string(),
+        &setting("PRAGMA busy_timeout")?,
+    )
 }
 
 fn expect(name: &'static str, expected: &str, found: &str) -> Result<()> {
@@ -226,6 +212,142 @@ fn expect(name: &'static str, expected: &str, found: &str) -> Result<()> {
             found: found.into(),
         })
     }
+}
+
+/// Run `work` in one write transaction (`BEGIN IMMEDIATE`: the write lock
+/// first, so that what it reads cannot change before it writes) and commit
+/// it. An error rolls everything back.
+fn write<T>(conn: &mut Connection, work: impl FnOnce(&Transaction<'_>) -> Result<T>) -> Result<T> {
+    let tx = conn
+        .transaction_with_behavior(TransactionBehavior::Immediate)
+        .sql("BEGIN IMMEDIATE")?;
+    let out = work(&tx)?;
+    tx.commit().sql("COMMIT")?;
+    Ok(out)
+}
+
+/// Run `f`, whose commit need not be durable at once, with
+/// `synchronous=NORMAL`: in WAL mode the commit is written to the WAL but
+/// not synced, and the next `FULL` commit (or checkpoint) syncs it along.
+/// `FULL` is set back before the connection's lock is released, whatever
+/// `f` returned, so every other commit stays durable.
+fn without_fsync<T>(
+    conn: &mut Connection,
+    f: impl FnOnce(&mut Connection) -> Result<T>,
+) -> Result<T> {
+    conn.pragma_update(None, "synchronous", "NORMAL")
+        .sql("PRAGMA synchronous = NORMAL")?;
+    let result = f(conn);
+    conn.pragma_update(None, "synchronous", "FULL")
+        .sql("PRAGMA synchronous = FULL")?;
+    result
+}
+
+/// The journal's queries: each through the connection's statement cache,
+/// each failure a [`JournalError`] that names its SQL. (A transaction is a
+/// connection too.)
+trait Sql {
+    /// Run a statement; the rows it changed.
+    fn exec(&self, sql: &'static str, params: impl Params) -> Result<usize>;
+    /// The one row of a query, read by `read`.
+    fn one<T>(
+        &self,
+        sql: &'static str,
+        params: impl Params,
+        read: impl FnOnce(&Row<'_>) -> rusqlite::Result<T>,
+    ) -> Result<T>;
+    /// The first row of a query, if any.
+    fn first<T>(
+        &self,
+        sql: &'static str,
+        params: impl Params,
+        read: impl FnOnce(&Row<'_>) -> rusqlite::Result<T>,
+    ) -> Result<Option<T>>;
+    /// Every row of a query.
+    fn all<T>(
+        &self,
+        sql: &'static str,
+        params: impl Params,
+        read: impl FnMut(&Row<'_>) -> rusqlite::Result<T>,
+    ) -> Result<Vec<T>>;
+}
+
+impl Sql for Connection {
+    fn exec(&self, sql: &'static str, params: impl Params) -> Result<usize> {
+        self.prepare_cached(sql)
+            .and_then(|mut stmt| stmt.execute(params))
+            .sql(sql)
+    }
+
+    fn one<T>(
+        &self,
+        sql: &'static str,
+        params: impl Params,
+        read: impl FnOnce(&Row<'_>) -> rusqlite::Result<T>,
+    ) -> Result<T> {
+        self.prepare_cached(sql)
+            .and_then(|mut stmt| stmt.query_row(params, read))
+            .sql(sql)
+    }
+
+    fn first<T>(
+        &self,
+        sql: &'static str,
+        params: impl Params,
+        read: impl FnOnce(&Row<'_>) -> rusqlite::Result<T>,
+    ) -> Result<Option<T>> {
+        self.prepare_cached(sql)
+            .and_then(|mut stmt| stmt.query_row(params, read))
+            .optional()
+            .sql(sql)
+    }
+
+    fn all<T>(
+        &self,
+        sql: &'static str,
+        params: impl Params,
+        read: impl FnMut(&Row<'_>) -> rusqlite::Result<T>,
+    ) -> Result<Vec<T>> {
+        self.prepare_cached(sql)
+            .and_then(|mut stmt| stmt.query_map(params, read)?.collect())
+            .sql(sql)
+    }
+}
+
+fn now() -> String {
+    Utc::now().to_rfc3339_opts(SecondsFormat::Millis, true)
+}
+
+fn to_json<T: Serialize>(v: &T) -> String {
+    // Serialising plain data structures to a String cannot fail.
+    serde_json::to_string(v).unwrap_or_default()
+}
+
+/// Column `col` of a row, JSON read in place (a chain is megabytes: never
+/// copied first); NULL reads as JSON `null`, `None` for an `Option`. A value
+/// that does not parse is unreadable: `what: why`.
+fn json<T: DeserializeOwned>(r: &Row<'_>, col: &str, what: &'static str) -> rusqlite::Result<T> {
+    let idx = r.as_ref().column_index(col)?;
+    let value = r.get_ref(idx)?;
+    let text = match value {
+        ValueRef::Text(t) => t,
+        ValueRef::Null => b"null",
+        other => {
+            return Err(rusqlite::Error::InvalidColumnType(
+                idx,
+                col.into(),
+                other.data_type(),
+            ))
+        }
+    };
+    serde_json::from_slice(text).map_err(|e| Unreadable::new(what, e).at(idx, value.data_type()))
+}
+
+/// Column `col` of a row, a transaction id.
+fn txn_id(r: &Row<'_>, col: &str) -> rusqlite::Result<Uuid> {
+    let idx = r.as_ref().column_index(col)?;
+    let text: String = r.get(idx)?;
+    Uuid::parse_str(&text).map_err(|e| Unreadable::new("transaction id", e).at(idx, Type::Text))
 }
 
 #[cfg(test)]
@@ -278,9 +400,7 @@ mod tests {
         let mut conn = j.conn();
         let r: Result<()> = without_fsync(&mut conn, |c| {
             assert_eq!(synchronous(c), 1, "NORMAL inside");
-            Err(JournalError::Io {
-                detail: "failed inside".into(),
-            })
+            Err(JournalError::io("failed inside".into()))
         });
         assert!(matches!(r, Err(JournalError::Io { .. })));
         assert_eq!(synchronous(&conn), 2, "FULL after a failed commit");

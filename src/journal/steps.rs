@@ -2,11 +2,30 @@
 //! wait for the disk), marked observed, read back; and the count of libvirt
 //! calls, kept in its own small row.
 
-use rusqlite::{params, Connection, TransactionBehavior};
+use rusqlite::{params, Connection, Row};
 use uuid::Uuid;
 
-use super::{from_json, now, to_json, without_fsync, Journal, JournalError, Result};
-use super::{NewStep, StepOp, StepPhase, StepRecord};
+use super::error::SqlContext;
+use super::types::StepState;
+use super::{json, now, to_json, Journal, Result, Sql};
+use super::{NewStep, StepPhase, StepRecord};
+
+const MARK: &str = "UPDATE steps SET state = ?4 WHERE txn_id = ?1 AND phase = ?2 AND seq = ?3";
+
+/// One more call of a transaction, in its own small row: the transaction's
+/// row, which holds the whole chain, is left alone.
+const COUNT_CALL: &str = "INSERT INTO txn_progress (txn_id, calls, updated_at) VALUES (?1, 1, ?2) \
+     ON CONFLICT(txn_id) DO UPDATE SET calls = calls + 1, updated_at = excluded.updated_at";
+
+const NEXT_SEQ: &str =
+    "SELECT COALESCE(MAX(seq) + 1, 0) AS next FROM steps WHERE txn_id = ?1 AND phase = ?2";
+
+const INSERT_STEP: &str =
+    "INSERT INTO steps (txn_id, phase, seq, op, checkpoint, xml, before_json, state) \
+     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)";
+
+const STEPS: &str = "SELECT phase, seq, op, checkpoint, xml, before_json, state FROM steps \
+     WHERE txn_id = ?1 AND phase = ?2 ORDER BY seq";
 
 impl Journal {
     /// Mark one step done and count its libvirt call.
@@ -23,18 +42,10 @@ impl Journal {
     ///
     /// SQLite errors.
     pub fn step_done(&self, txn: Uuid, phase: StepPhase, seq: u32) -> Result<()> {
-        let mut conn = self.conn();
-        without_fsync(&mut conn, |conn| {
-            let tx = conn
-                .transaction_with_behavior(TransactionBehavior::Immediate)
-                .map_err(JournalError::from_sqlite)?;
-            tx.execute(
-                "UPDATE steps SET state = 'done' WHERE txn_id = ?1 AND phase = ?2 AND seq = ?3",
-                params![txn.to_string(), phase.as_str(), seq],
-            )
-            .map_err(JournalError::from_sqlite)?;
-            count(&tx, txn)?;
-            tx.commit().map_err(JournalError::from_sqlite)
+        self.write_progress(|tx| {
+            let id = txn.to_string();
+            tx.exec(MARK, params![id, phase, seq, StepState::Done])?;
+            count(tx, &id)
         })
     }
 
@@ -47,22 +58,13 @@ impl Journal {
         if seqs.is_empty() {
             return Ok(());
         }
-        let mut conn = self.conn();
-        let tx = conn
-            .transaction_with_behavior(TransactionBehavior::Immediate)
-            .map_err(JournalError::from_sqlite)?;
-        {
-            let mut stmt = tx
-                .prepare_cached(
-                    "UPDATE steps SET state = 'done' WHERE txn_id = ?1 AND phase = ?2 AND seq = ?3",
-                )
-                .map_err(JournalError::from_sqlite)?;
+        self.write(|tx| {
+            let id = txn.to_string();
             for seq in seqs {
-                stmt.execute(params![txn.to_string(), phase.as_str(), seq])
-                    .map_err(JournalError::from_sqlite)?;
+                tx.exec(MARK, params![id, phase, seq, StepState::Done])?;
             }
-        }
-        tx.commit().map_err(JournalError::from_sqlite)
+            Ok(())
+        })
     }
 
     /// Count a libvirt call whose step could not be marked done (it failed
@@ -72,7 +74,7 @@ impl Journal {
     ///
     /// SQLite errors.
     pub fn count_call(&self, txn: Uuid) -> Result<()> {
-        count(&self.conn(), txn)
+        count(&self.conn(), &txn.to_string())
     }
 
     /// Append steps to a phase (recovery found more to do than planned, or a
@@ -82,20 +84,10 @@ impl Journal {
     ///
     /// SQLite errors.
     pub fn add_steps(&self, txn: Uuid, phase: StepPhase, steps: &[NewStep]) -> Result<Vec<u32>> {
-        let mut conn = self.conn();
-        let tx = conn
-            .transaction_with_behavior(TransactionBehavior::Immediate)
-            .map_err(JournalError::from_sqlite)?;
-        let next: u32 = tx
-            .query_row(
-                "SELECT COALESCE(MAX(seq) + 1, 0) FROM steps WHERE txn_id = ?1 AND phase = ?2",
-                params![txn.to_string(), phase.as_str()],
-                |r| r.get(0),
-            )
-            .map_err(JournalError::from_sqlite)?;
-        let seqs = insert_steps(&tx, txn, phase, next, steps)?;
-        tx.commit().map_err(JournalError::from_sqlite)?;
-        Ok(seqs)
+        self.write(|tx| {
+            let next = tx.one(NEXT_SEQ, params![txn.to_string(), phase], |r| r.get("next"))?;
+            insert_steps(tx, txn, phase, next, steps)
+        })
     }
 
     /// A transaction's steps of one phase, in order.
@@ -104,65 +96,16 @@ impl Journal {
     ///
     /// SQLite errors.
     pub fn steps(&self, txn: Uuid, phase: StepPhase) -> Result<Vec<StepRecord>> {
-        let conn = self.conn();
-        let mut stmt = conn
-            .prepare_cached(
-                "SELECT seq, op, checkpoint, xml, before_json, state FROM steps \
-                 WHERE txn_id = ?1 AND phase = ?2 ORDER BY seq",
-            )
-            .map_err(JournalError::from_sqlite)?;
-        let rows = stmt
-            .query_map(params![txn.to_string(), phase.as_str()], |r| {
-                Ok((
-                    r.get::<_, u32>(0)?,
-                    r.get::<_, String>(1)?,
-                    r.get::<_, String>(2)?,
-                    r.get::<_, Option<String>>(3)?,
-                    r.get::<_, Option<String>>(4)?,
-                    r.get::<_, String>(5)?,
-                ))
-            })
-            .map_err(JournalError::from_sqlite)?;
-        let mut out = Vec::new();
-        for row in rows {
-            let (seq, op, checkpoint, xml, before, state) =
-                row.map_err(JournalError::from_sqlite)?;
-            let op = match op.as_str() {
-                "delete" => StepOp::Delete,
-                "redefine" => StepOp::Redefine,
-                other => return Err(JournalError::decode("step op", other)),
-            };
-            let before = before
-                .map(|b| from_json("step before-image", &b))
-                .transpose()?;
-            out.push(StepRecord {
-                phase,
-                seq,
-                step: NewStep {
-                    op,
-                    checkpoint,
-                    xml,
-                    before,
-                },
-                done: state == "done",
-            });
-        }
-        Ok(out)
+        self.conn()
+            .all(STEPS, params![txn.to_string(), phase], read_step)
     }
 }
 
-/// Count one libvirt call of a transaction (in its own small row: the
-/// transaction's row is left alone).
-fn count(conn: &Connection, txn: Uuid) -> Result<()> {
-    conn.prepare_cached(
-        "INSERT INTO txn_progress (txn_id, calls, updated_at) VALUES (?1, 1, ?2) \
-         ON CONFLICT(txn_id) DO UPDATE SET calls = calls + 1, updated_at = excluded.updated_at",
-    )
-    .and_then(|mut stmt| stmt.execute(params![txn.to_string(), now()]))
-    .map(|_| ())
-    .map_err(JournalError::from_sqlite)
+fn count(conn: &Connection, id: &str) -> Result<()> {
+    conn.exec(COUNT_CALL, params![id, now()]).map(|_| ())
 }
 
+/// Journal `steps` of a phase as pending, numbered from `first`.
 pub(super) fn insert_steps(
     conn: &Connection,
     txn: Uuid,
@@ -170,32 +113,39 @@ pub(super) fn insert_steps(
     first: u32,
     steps: &[NewStep],
 ) -> Result<Vec<u32>> {
-    let mut stmt = conn
-        .prepare_cached(
-            "INSERT INTO steps (txn_id, phase, seq, op, checkpoint, xml, before_json, state) \
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, 'pending')",
-        )
-        .map_err(JournalError::from_sqlite)?;
+    let id = txn.to_string();
+    let mut stmt = conn.prepare_cached(INSERT_STEP).sql(INSERT_STEP)?;
     let mut seqs = Vec::with_capacity(steps.len());
     for (i, s) in steps.iter().enumerate() {
         let seq = first + i as u32;
-        let op = match s.op {
-            StepOp::Delete => "delete",
-            StepOp::Redefine => "redefine",
-        };
         stmt.execute(params![
-            txn.to_string(),
-            phase.as_str(),
+            id,
+            phase,
             seq,
-            op,
+            s.op,
             s.checkpoint,
             s.xml,
-            s.before.as_ref().map(to_json)
+            s.before.as_ref().map(to_json),
+            StepState::Pending
         ])
-        .map_err(JournalError::from_sqlite)?;
+        .sql(INSERT_STEP)?;
         seqs.push(seq);
     }
     Ok(seqs)
+}
+
+fn read_step(r: &Row<'_>) -> rusqlite::Result<StepRecord> {
+    Ok(StepRecord {
+        phase: r.get("phase")?,
+        seq: r.get("seq")?,
+        step: NewStep {
+            op: r.get("op")?,
+            checkpoint: r.get("checkpoint")?,
+            xml: r.get("xml")?,
+            before: json(r, "before_json", "step before-image")?,
+        },
+        done: r.get::<_, StepState>("state")? == StepState::Done,
+    })
 }
 
 #[cfg(test)]

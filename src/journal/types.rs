@@ -1,14 +1,18 @@
 //! The journal's vocabulary: what a transaction does ([`TxnKind`]), where it
 //! is ([`TxnState`] and its one transition function), its steps
 //! ([`StepPhase`], [`StepOp`]), the records the journal answers with, what
-//! the engine hands it ([`NewTxn`], [`NewStep`]) and its options.
+//! the engine hands it ([`NewTxn`], [`NewStep`]) and its options. Each
+//! enum is stored in SQLite under its name (`ToSql`, `FromSql`); the open
+//! and the finished states have their SQL lists.
 
+use std::sync::LazyLock;
 use std::time::Duration;
 
+use rusqlite::types::{FromSql, FromSqlResult, ToSql, ToSqlOutput, ValueRef};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-use super::{JournalError, Result};
+use super::error::Unreadable;
 use crate::chain::{Chain, CheckpointDef};
 use crate::owner::Owner;
 
@@ -71,42 +75,35 @@ impl TxnState {
 
     /// The name stored in the journal and printed by the CLI.
     pub fn as_str(self) -> &'static str {
-        match self {
-            TxnState::Applying => "applying",
-            TxnState::RollingBack => "rolling_back",
-            TxnState::Committed => "committed",
-            TxnState::RolledBack => "rolled_back",
-        }
+        self.stored_name()
     }
 
-    pub(super) fn parse(s: &str) -> Result<TxnState> {
-        Ok(match s {
-            "applying" => TxnState::Applying,
-            "rolling_back" => TxnState::RollingBack,
-            "committed" => TxnState::Committed,
-            "rolled_back" => TxnState::RolledBack,
-            other => return Err(JournalError::decode("transaction state", other)),
-        })
+    /// The phase of the steps a transaction runs in this state (or ran
+    /// last, once finished).
+    pub(super) fn phase(self) -> StepPhase {
+        match self {
+            TxnState::Applying | TxnState::Committed => StepPhase::Apply,
+            TxnState::RollingBack | TxnState::RolledBack => StepPhase::Rollback,
+        }
     }
 }
 
-impl TxnKind {
-    pub(super) fn as_str(self) -> &'static str {
-        match self {
-            TxnKind::Sync => "sync",
-            TxnKind::Resync => "resync",
-            TxnKind::Import => "import",
-        }
-    }
+/// `state IN ('applying', 'rolling_back')`: the open states
+/// ([`TxnState::is_open`]) as SQL. Literal values, not bound ones: SQLite
+/// uses a partial index (migration 0001 has two on open rows) only when it
+/// can prove from the query's text that the index covers it.
+pub(super) static OPEN_STATES: LazyLock<String> = LazyLock::new(|| states_in(true));
 
-    pub(super) fn parse(s: &str) -> Result<TxnKind> {
-        Ok(match s {
-            "sync" => TxnKind::Sync,
-            "resync" => TxnKind::Resync,
-            "import" => TxnKind::Import,
-            other => return Err(JournalError::decode("transaction kind", other)),
-        })
-    }
+/// `state IN ('committed', 'rolled_back')`: the finished states, as SQL.
+pub(super) static FINISHED_STATES: LazyLock<String> = LazyLock::new(|| states_in(false));
+
+fn states_in(open: bool) -> String {
+    let names: Vec<String> = TxnState::ALL
+        .iter()
+        .filter(|s| s.is_open() == open)
+        .map(|s| format!("'{}'", s.stored_name()))
+        .collect();
+    format!("state IN ({})", names.join(", "))
 }
 
 /// Which half of a transaction a step belongs to.
@@ -119,15 +116,6 @@ pub enum StepPhase {
     Rollback,
 }
 
-impl StepPhase {
-    pub(super) fn as_str(self) -> &'static str {
-        match self {
-            StepPhase::Apply => "apply",
-            StepPhase::Rollback => "rollback",
-        }
-    }
-}
-
 /// A step's libvirt call.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -137,6 +125,80 @@ pub enum StepOp {
     /// Redefine a checkpoint from XML.
     Redefine,
 }
+
+/// A step's recorded progress (the journal's `steps.state`; a step record
+/// shows it as `done`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum StepState {
+    /// Not yet seen done.
+    Pending,
+    /// Its call succeeded, or libvirt showed it was not needed.
+    Done,
+}
+
+/// The name each value of an enum is stored under in the journal (its serde
+/// name too: a test holds them equal), every value (`ALL`), and its SQL
+/// conversions: bound as its name, read back from it — any other text is
+/// an unreadable value (`what: text`).
+macro_rules! stored_by_name {
+    ($t:ident, $what:literal, { $($v:ident => $name:literal),+ $(,)? }) => {
+        impl $t {
+            /// Every value.
+            #[cfg_attr(not(test), allow(dead_code))]
+            pub(super) const ALL: &'static [$t] = &[$($t::$v),+];
+
+            pub(super) fn stored_name(self) -> &'static str {
+                match self {
+                    $($t::$v => $name),+
+                }
+            }
+
+            pub(super) fn from_stored(name: &str) -> Option<$t> {
+                match name {
+                    $($name => Some($t::$v),)+
+                    _ => None,
+                }
+            }
+        }
+
+        impl ToSql for $t {
+            fn to_sql(&self) -> rusqlite::Result<ToSqlOutput<'_>> {
+                Ok(ToSqlOutput::from(self.stored_name()))
+            }
+        }
+
+        impl FromSql for $t {
+            fn column_result(value: ValueRef<'_>) -> FromSqlResult<$t> {
+                let name = value.as_str()?;
+                $t::from_stored(name).ok_or_else(|| Unreadable::new($what, name).into())
+            }
+        }
+    };
+}
+
+stored_by_name!(TxnKind, "transaction kind", {
+    Sync => "sync",
+    Resync => "resync",
+    Import => "import",
+});
+stored_by_name!(TxnState, "transaction state", {
+    Applying => "applying",
+    RollingBack => "rolling_back",
+    Committed => "committed",
+    RolledBack => "rolled_back",
+});
+stored_by_name!(StepPhase, "step phase", {
+    Apply => "apply",
+    Rollback => "rollback",
+});
+stored_by_name!(StepOp, "step op", {
+    Delete => "delete",
+    Redefine => "redefine",
+});
+stored_by_name!(StepState, "step state", {
+    Pending => "pending",
+    Done => "done",
+});
 
 /// A planned step, before it is journaled.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -316,8 +378,56 @@ mod tests {
         );
         assert!(S::Applying.is_open() && S::RollingBack.is_open());
         assert!(!S::Committed.is_open() && !S::RolledBack.is_open());
-        for s in all_states {
-            assert_eq!(S::parse(s.as_str()).unwrap(), s);
+        assert_eq!(S::ALL, all_states);
+    }
+
+    /// Every value of `T` is stored under its serde name and read back as
+    /// itself through SQLite; any other name is an unreadable value.
+    fn stored_by_name<T>(all: &[T], name: fn(T) -> &'static str, what: &str)
+    where
+        T: Copy + PartialEq + std::fmt::Debug + Serialize + ToSql + FromSql,
+    {
+        let conn = rusqlite::Connection::open_in_memory().unwrap();
+        for &v in all {
+            assert_eq!(serde_json::to_value(v).unwrap(), name(v), "serde's name");
+            let (text, back): (String, T) = conn
+                .query_row("SELECT ?1, ?1", [v], |r| Ok((r.get(0)?, r.get(1)?)))
+                .unwrap();
+            assert_eq!((text.as_str(), back), (name(v), v));
         }
+        let e = conn
+            .query_row("SELECT 'bogus'", [], |r| r.get::<_, T>(0))
+            .unwrap_err();
+        let e = super::super::JournalError::sqlite("q", e);
+        assert_eq!(
+            e.to_string(),
+            format!("journal holds an unreadable value: {what}: bogus")
+        );
+    }
+
+    #[test]
+    fn every_enum_is_stored_under_its_name() {
+        stored_by_name(TxnKind::ALL, TxnKind::stored_name, "transaction kind");
+        stored_by_name(TxnState::ALL, TxnState::as_str, "transaction state");
+        stored_by_name(StepPhase::ALL, StepPhase::stored_name, "step phase");
+        stored_by_name(StepOp::ALL, StepOp::stored_name, "step op");
+        for &s in StepState::ALL {
+            assert_eq!(StepState::from_stored(s.stored_name()), Some(s));
+        }
+    }
+
+    #[test]
+    fn the_state_lists_are_those_of_the_schemas_partial_indexes() {
+        let schema = super::super::migrate::MIGRATIONS[0].sql;
+        let index = |name: &str| {
+            let at = schema.find(name).unwrap();
+            schema[at..].lines().next().unwrap().to_string()
+        };
+        // SQLite uses a partial index only when the query's own text
+        // implies the index's condition: the lists must match it exactly.
+        assert!(index("txns_one_open_per_domain").ends_with(&format!("WHERE {};", *OPEN_STATES)));
+        assert!(index("txns_open").ends_with(&format!("WHERE {};", *OPEN_STATES)));
+        assert_eq!(*OPEN_STATES, "state IN ('applying', 'rolling_back')");
+        assert_eq!(*FINISHED_STATES, "state IN ('committed', 'rolled_back')");
     }
 }
