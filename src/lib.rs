@@ -34,7 +34,9 @@ pub use engine::{
     SyncReport, CRASH_POINTS,
 };
 pub use error::{Error, ErrorDoc, ErrorKind, Result};
-pub use journal::{Committed, JournalError, JournalOptions, StepPhase, TxnKind, TxnState};
+pub use journal::{
+    Committed, JournalError, JournalOptions, SqliteCause, StepPhase, TxnKind, TxnState,
+};
 pub use owner::Owner;
 pub use qcow2::{
     read_chain as read_qcow2_chain, read_image as read_qcow2, Backing as Qcow2Backing,
