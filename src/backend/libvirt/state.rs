@@ -15,7 +15,7 @@ use std::io::ErrorKind;
 use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
-use super::redact_uri;
+use super::uri::redact_uri;
 use crate::backend::{Leftover, LeftoverScan, LEFTOVER_QUIET};
 use crate::xml::parse_checkpoint;
 
