@@ -1,8 +1,14 @@
-//! Fault injection: which operation a fault strikes ([`Op`]), when
-//! ([`Phase`]), how often ([`Fault`]), and the call counters; a simulated
-//! refusal of one definition and planted crash leftovers.
+//! Fault injection, the seams of simulation tests: which operation a
+//! fault strikes ([`Op`]), when ([`Phase`]) and from which call on
+//! ([`Fault`]); the call counters; a simulated refusal of one definition;
+//! planted crash leftovers. Every [`Backend`](crate::backend::Backend)
+//! call of the fake but the leftover ones goes through
+//! [`FakeBackend::call`], which counts it and strikes the fault due.
 
-use super::{code, FakeBackend, State};
+use std::collections::HashMap;
+
+use super::errors::code;
+use super::{FakeBackend, State};
 use crate::backend::{BackendError, BackendErrorKind as K};
 use crate::chain::CheckpointDef;
 
@@ -43,6 +49,63 @@ pub struct Fault {
     pub forever: bool,
 }
 
+/// The armed faults, each with the matching calls it has seen, and the
+/// call counters.
+#[derive(Debug, Default)]
+pub(super) struct Faults {
+    armed: Vec<(Fault, u64)>,
+    calls: HashMap<Op, u64>,
+}
+
+impl Faults {
+    /// Count the call and return the fault that strikes it, if any.
+    fn enter(&mut self, op: Op) -> Option<(Phase, K)> {
+        *self.calls.entry(op).or_default() += 1;
+        for (f, seen) in &mut self.armed {
+            if f.op.is_none_or(|o| o == op) {
+                *seen += 1;
+                if *seen == f.nth || (f.forever && *seen > f.nth) {
+                    return Some((f.phase, f.kind));
+                }
+            }
+        }
+        None
+    }
+}
+
+impl FakeBackend {
+    /// Run one call of `op` on the state: counted, and failed before or
+    /// after its effect when a fault strikes it.
+    pub(super) fn call<T>(
+        &self,
+        op: Op,
+        f: impl FnOnce(&mut State) -> Result<T, BackendError>,
+    ) -> Result<T, BackendError> {
+        let mut st = self.lock();
+        match st.faults.enter(op) {
+            None => f(&mut st),
+            Some((Phase::BeforeEffect, kind)) => Err(fault_error(kind)),
+            Some((Phase::AfterEffect, kind)) => {
+                let _ = f(&mut st);
+                Err(fault_error(kind))
+            }
+        }
+    }
+}
+
+/// The error an injected fault returns (a lost connection as libvirt's).
+fn fault_error(kind: K) -> BackendError {
+    match kind {
+        K::ConnectionLost => BackendError::with_code(
+            kind,
+            code::SYSTEM_ERROR,
+            "End of file while reading data: Input/output error (injected)",
+        ),
+        _ => BackendError::new(kind, "injected fault"),
+    }
+}
+
+/// The seams of simulation tests.
 impl FakeBackend {
     /// Leave a crash leftover for checkpoint `name`, as a daemon killed
     /// while rewriting its metadata does: `content` is what a restart
@@ -55,8 +118,7 @@ impl FakeBackend {
         content: Option<CheckpointDef>,
         stale: bool,
     ) {
-        let mut st = self.lock();
-        if let Some(d) = st.domains.iter_mut().find(|d| d.is(domain)) {
+        if let Some(d) = self.lock().domain(domain) {
             d.leftovers.insert(name.to_string(), (content, stale));
         }
     }
@@ -64,70 +126,28 @@ impl FakeBackend {
     /// Make every redefine of exactly this definition fail with
     /// `InvalidArgument`, as libvirt refuses a definition it finds invalid.
     pub fn refuse_def(&self, domain: &str, def: &CheckpointDef) {
-        let mut st = self.lock();
-        if let Some(d) = st.domains.iter_mut().find(|d| d.is(domain)) {
+        if let Some(d) = self.lock().domain(domain) {
             d.refused.push(def.clone());
         }
     }
 
     /// Inject a fault; faults are checked in the order they were added.
     pub fn inject(&self, fault: Fault) {
-        self.lock().faults.push((fault, 0));
+        self.lock().faults.armed.push((fault, 0));
     }
 
     /// Remove every injected fault (the daemon is back).
     pub fn clear_faults(&self) {
-        self.lock().faults.clear();
+        self.lock().faults.armed.clear();
     }
 
     /// How many calls of `op` were made (failed ones included).
     pub fn calls(&self, op: Op) -> u64 {
-        self.lock().calls.get(&op).copied().unwrap_or(0)
+        self.lock().faults.calls.get(&op).copied().unwrap_or(0)
     }
 
     /// Reset the call counters.
     pub fn reset_calls(&self) {
-        self.lock().calls.clear();
-    }
-
-    /// Count the call and return the fault that strikes it, if any.
-    fn enter(st: &mut State, op: Op) -> Option<(Phase, K)> {
-        *st.calls.entry(op).or_default() += 1;
-        for (f, seen) in &mut st.faults {
-            if f.op.is_none_or(|o| o == op) {
-                *seen += 1;
-                if *seen == f.nth || (f.forever && *seen > f.nth) {
-                    return Some((f.phase, f.kind));
-                }
-            }
-        }
-        None
-    }
-
-    pub(super) fn call<T>(
-        &self,
-        op: Op,
-        f: impl FnOnce(&mut State) -> Result<T, BackendError>,
-    ) -> Result<T, BackendError> {
-        let mut st = self.lock();
-        match Self::enter(&mut st, op) {
-            None => f(&mut st),
-            Some((Phase::BeforeEffect, kind)) => Err(fault_error(kind)),
-            Some((Phase::AfterEffect, kind)) => {
-                let _ = f(&mut st);
-                Err(fault_error(kind))
-            }
-        }
-    }
-}
-
-fn fault_error(kind: K) -> BackendError {
-    match kind {
-        K::ConnectionLost => BackendError::with_code(
-            kind,
-            code::SYSTEM_ERROR,
-            "End of file while reading data: Input/output error (injected)",
-        ),
-        _ => BackendError::new(kind, "injected fault"),
+        self.lock().faults.calls.clear();
     }
 }

@@ -39,8 +39,9 @@
 //! - listing is libvirt's topological order: depth first from the roots,
 //!   siblings most recently (re)defined first; a delete moves the children
 //!   to the front of their new parent's list, in their order;
-//! - crash leftovers ([`FakeBackend::plant_leftover`], `NAME.xml.new`, as a
-//!   daemon killed while rewriting a checkpoint's metadata leaves them):
+//! - crash leftovers (`NAME.xml.new`, as a daemon killed while rewriting a
+//!   checkpoint's metadata leaves them; planted by
+//!   [`FakeBackend::plant_leftover`]):
 //!   a restart loads every readable one — a checkpoint libvirt no longer
 //!   has comes back, one it has gets the leftover's definition (the worse
 //!   of the two orders libvirt's directory may give) — and keeps the file;
@@ -49,45 +50,48 @@
 //!   consume that one's leftover too, are not modelled). The fake reads its
 //!   leftovers like a local daemon's ([`Backend::leftovers`]), and removes
 //!   only stale ones.
+//!
+//! The code map: `model.rs` (a domain's checkpoints, sibling lists, listing
+//! order and hidden current checkpoint; what each call and a restart do to
+//! them; its crash leftovers), `schema.rs` (the redefine document checked
+//! as libvirt's schema does, element by element), `errors.rs` (libvirt's
+//! codes and messages), `faults.rs` (fault injection and call counters); this file holds [`FakeBackend`],
+//! its set-up methods and its [`Backend`] implementation.
 
+mod errors;
 mod faults;
 mod model;
 mod schema;
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::sync::Mutex;
+use std::sync::{Mutex, MutexGuard};
 
-use super::{
-    Backend, BackendError, BackendErrorKind as K, DomainDisk, DomainInfo, Leftover, LeftoverScan,
-};
-use crate::chain::{is_valid_checkpoint_name, CheckpointDef};
-use crate::xml::parse_checkpoint;
+pub use faults::Op;
 #[cfg(feature = "testing")]
-pub use faults::Phase;
-pub use faults::{Fault, Op};
-use model::{current_after_restart, FakeDomain};
-use schema::{check_redefine_xml, normalise_line_ends, schema_error};
+pub use faults::{Fault, Phase};
 
-/// libvirt's error codes the fake reproduces.
-mod code {
-    pub const INTERNAL_ERROR: i32 = 1;
-    pub const INVALID_ARG: i32 = 8;
-    pub const XML_ERROR: i32 = 27;
-    pub const XML_DETAIL: i32 = 35;
-    pub const SYSTEM_ERROR: i32 = 38;
-    pub const NO_DOMAIN: i32 = 42;
-    pub const OPERATION_INVALID: i32 = 55;
-    pub const OPERATION_UNSUPPORTED: i32 = 84;
-    pub const XML_INVALID_SCHEMA: i32 = 92;
-    pub const NO_DOMAIN_CHECKPOINT: i32 = 103;
-    pub const CHECKPOINT_INCONSISTENT: i32 = 109;
-}
+use super::{Backend, BackendError, DomainInfo, Leftover, LeftoverScan};
+use crate::chain::CheckpointDef;
+use faults::Faults;
+use model::FakeDomain;
+use schema::read_redefine_xml;
 
+/// Everything the fake's daemon holds, behind one lock.
 #[derive(Debug, Default)]
 struct State {
     domains: Vec<FakeDomain>,
-    faults: Vec<(Fault, u64)>,
-    calls: HashMap<Op, u64>,
+    faults: Faults,
+}
+
+impl State {
+    /// The domain named `domain` (a name or a UUID), if defined.
+    fn domain(&mut self, domain: &str) -> Option<&mut FakeDomain> {
+        self.domains.iter_mut().find(|d| d.is(domain))
+    }
+
+    /// The domain named `domain`, or libvirt's `NoDomain`.
+    fn find(&mut self, domain: &str) -> Result<&mut FakeDomain, BackendError> {
+        self.domain(domain).ok_or_else(|| errors::no_domain(domain))
+    }
 }
 
 /// The in-memory backend. Cheap to create; share it by reference.
@@ -107,25 +111,8 @@ impl FakeBackend {
     pub fn define_domain(&self, name: &str, uuid: &str, targets: &[&str], running: bool) {
         let mut st = self.lock();
         st.domains.retain(|d| d.name != name);
-        st.domains.push(FakeDomain {
-            name: name.into(),
-            uuid: uuid.into(),
-            running,
-            disks: targets
-                .iter()
-                .map(|t| DomainDisk {
-                    target: (*t).into(),
-                    format: Some("qcow2".into()),
-                    source: Some(format!("/fake/{name}/{t}.qcow2").into()),
-                    backing: Vec::new(),
-                })
-                .collect(),
-            bitmaps: targets
-                .iter()
-                .map(|t| ((*t).to_string(), BTreeSet::new()))
-                .collect(),
-            ..FakeDomain::default()
-        });
+        st.domains
+            .push(FakeDomain::new(name, uuid, targets, running));
     }
 
     /// Remove a domain and its checkpoint metadata.
@@ -135,15 +122,14 @@ impl FakeBackend {
 
     /// Start or stop a domain (checkpoint metadata and bitmaps stay).
     pub fn set_running(&self, domain: &str, running: bool) {
-        if let Some(d) = self.lock().domains.iter_mut().find(|d| d.is(domain)) {
+        if let Some(d) = self.lock().domain(domain) {
             d.running = running;
         }
     }
 
     /// Add a bitmap to a disk's image (what `qemu-img bitmap --add` does).
     pub fn add_bitmap(&self, domain: &str, target: &str, bitmap: &str) {
-        let mut st = self.lock();
-        if let Some(d) = st.domains.iter_mut().find(|d| d.is(domain)) {
+        if let Some(d) = self.lock().domain(domain) {
             d.bitmaps
                 .entry(target.into())
                 .or_default()
@@ -166,83 +152,21 @@ impl FakeBackend {
         name: &str,
         creation_time: i64,
     ) -> Result<Option<String>, BackendError> {
-        let mut st = self.lock();
-        let d = find(&mut st, domain)?;
-        if !d.running {
-            return Err(BackendError::with_code(
-                K::Unsupported,
-                code::OPERATION_UNSUPPORTED,
-                "Operation not supported: cannot create checkpoint for inactive domain",
-            ));
-        }
-        if !is_valid_checkpoint_name(name) {
-            return Err(schema_error());
-        }
-        if d.checkpoints.contains_key(name) {
-            return Err(BackendError::with_code(
-                K::Other,
-                code::INTERNAL_ERROR,
-                format!("internal error: bitmap '{name}' already exists"),
-            ));
-        }
-        let parent = d.current.clone();
-        let disks: BTreeMap<String, String> = d
-            .disks
-            .iter()
-            .map(|k| (k.target.clone(), name.to_string()))
-            .collect();
-        for t in disks.keys() {
-            d.bitmaps.entry(t.clone()).or_default().insert(name.into());
-        }
-        d.checkpoints.insert(
-            name.into(),
-            CheckpointDef {
-                name: name.into(),
-                parent: parent.clone(),
-                creation_time,
-                description: None,
-                disks,
-            },
-        );
-        d.link(name, parent.clone());
-        d.current = Some(name.into());
-        Ok(parent)
+        self.lock().find(domain)?.create(name, creation_time)
     }
 
     /// The hidden current checkpoint (no libvirt API reads it; tests of the
     /// fake may).
     pub fn current(&self, domain: &str) -> Option<String> {
-        self.lock()
-            .domains
-            .iter()
-            .find(|d| d.is(domain))
-            .and_then(|d| d.current.clone())
+        self.lock().domain(domain).and_then(|d| d.current.clone())
     }
 
     /// Restart the daemon: load every readable crash leftover (which
     /// stays, now older than the daemon), then recompute the current
     /// checkpoint as libvirt does: the leaf of a single line, or none.
     pub fn restart(&self) {
-        let mut st = self.lock();
-        for d in &mut st.domains {
-            let loaded: Vec<CheckpointDef> = d
-                .leftovers
-                .values()
-                .filter_map(|(c, _)| c.clone())
-                .collect();
-            for def in loaded {
-                let name = def.name.clone();
-                let parent = def.parent.clone().filter(|p| d.checkpoints.contains_key(p));
-                if let Some(old) = d.checkpoints.insert(name.clone(), def) {
-                    d.unlink(&name, old.parent);
-                }
-                d.link(&name, parent);
-            }
-            for l in d.leftovers.values_mut() {
-                l.1 = true;
-            }
-            let defs: Vec<CheckpointDef> = d.checkpoints.values().cloned().collect();
-            d.current = current_after_restart(&defs);
+        for d in &mut self.lock().domains {
+            d.restart();
         }
     }
 
@@ -250,171 +174,45 @@ impl FakeBackend {
     /// call or striking a fault (for test assertions).
     pub fn peek(&self, domain: &str) -> Vec<CheckpointDef> {
         self.lock()
-            .domains
-            .iter()
-            .find(|d| d.is(domain))
-            .map(FakeDomain::listing)
+            .domain(domain)
+            .map(|d| d.listing())
             .unwrap_or_default()
     }
 
     /// Replace a domain's checkpoints directly (test set-up), current = the
     /// newest leaf. Siblings list in the order given.
     pub fn set_checkpoints(&self, domain: &str, defs: Vec<CheckpointDef>) {
-        let mut st = self.lock();
-        if let Some(d) = st.domains.iter_mut().find(|d| d.is(domain)) {
+        if let Some(d) = self.lock().domain(domain) {
             d.replace_all(defs);
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+    fn lock(&self) -> MutexGuard<'_, State> {
         // A panic while holding the lock (a simulated crash) leaves the
         // state as libvirt would: whatever was applied stays applied.
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
 
-fn find<'a>(st: &'a mut State, domain: &str) -> Result<&'a mut FakeDomain, BackendError> {
-    st.domains.iter_mut().find(|d| d.is(domain)).ok_or_else(|| {
-        BackendError::with_code(
-            K::NoDomain,
-            code::NO_DOMAIN,
-            format!("Domain not found: no domain with matching name '{domain}'"),
-        )
-    })
-}
-
-fn invalid(message: String) -> BackendError {
-    BackendError::with_code(K::InvalidArgument, code::INVALID_ARG, message)
-}
-
 impl Backend for FakeBackend {
     fn list(&self, domain: &str) -> Result<Vec<CheckpointDef>, BackendError> {
-        self.call(Op::List, |st| Ok(find(st, domain)?.listing()))
+        self.call(Op::List, |st| Ok(st.find(domain)?.listing()))
     }
 
     fn redefine(&self, domain: &str, xml: &str, validate: bool) -> Result<(), BackendError> {
         self.call(Op::Redefine, |st| {
-            let d = find(st, domain)?;
-            let xml = normalise_line_ends(xml);
-            let embedded_uuid = check_redefine_xml(&xml)?;
-            let mut def = parse_checkpoint(&xml)
-                .map_err(|e| BackendError::with_code(K::InvalidArgument, code::XML_ERROR, format!("XML error: {e}")))?;
-            // libvirt reads an empty description as none.
-            if def.description.as_deref() == Some("") {
-                def.description = None;
-            }
-            if d.refused.contains(&def) {
-                return Err(invalid(format!("invalid argument: checkpoint {} refused (simulated)", def.name)));
-            }
-            if let Some(p) = &def.parent {
-                if *p == def.name {
-                    return Err(invalid(format!("invalid argument: cannot set moment {p} as its own parent")));
-                }
-                let Some(mut other) = d.checkpoints.get(p) else {
-                    return Err(invalid(format!("invalid argument: parent {p} for moment {} not found", def.name)));
-                };
-                // A cycle: walking up from the new parent reaches this one.
-                while let Some(up) = &other.parent {
-                    if *up == def.name {
-                        return Err(invalid(format!(
-                            "invalid argument: parent {} would create cycle to {}",
-                            other.name, def.name
-                        )));
-                    }
-                    match d.checkpoints.get(up) {
-                        Some(o) => other = o,
-                        None => break,
-                    }
-                }
-            }
-            if let Some(u) = embedded_uuid {
-                let same = matches!(
-                    (uuid::Uuid::parse_str(&u), uuid::Uuid::parse_str(&d.uuid)),
-                    (Ok(a), Ok(b)) if a == b
-                );
-                if !same {
-                    return Err(invalid(format!(
-                        "invalid argument: definition for checkpoint {} must use uuid {}",
-                        def.name, d.uuid
-                    )));
-                }
-            }
-            if validate {
-                if !d.running {
-                    return Err(BackendError::with_code(
-                        K::NotRunning,
-                        code::OPERATION_INVALID,
-                        "Requested operation is not valid: domain is not running",
-                    ));
-                }
-                // libvirt checks the bitmap named after the checkpoint, on
-                // the disks the domain has (a detached disk is tolerated).
-                for target in def.disks.keys() {
-                    let Some(present) = d.bitmaps.get(target) else { continue };
-                    if !present.contains(&def.name) {
-                        return Err(BackendError::with_code(
-                            K::Inconsistent,
-                            code::CHECKPOINT_INCONSISTENT,
-                            format!(
-                                "checkpoint inconsistent: missing or broken bitmap '{}' for disk '{target}'",
-                                def.name
-                            ),
-                        ));
-                    }
-                }
-            }
-            let becomes_current = d.current.is_none() || def.parent.is_some() && def.parent == d.current;
-            let name = def.name.clone();
-            // libvirt's rewrite of NAME.xml goes through NAME.xml.new.
-            d.leftovers.remove(&name);
-            let parent = def.parent.clone();
-            if let Some(old) = d.checkpoints.insert(name.clone(), def) {
-                d.unlink(&name, old.parent);
-            }
-            d.link(&name, parent);
-            if becomes_current {
-                d.current = Some(name);
-            }
-            Ok(())
+            let d = st.find(domain)?;
+            let (def, embedded_uuid) = read_redefine_xml(xml)?;
+            d.redefine(def, embedded_uuid.as_deref(), validate)
         })
     }
 
     fn delete(&self, domain: &str, name: &str) -> Result<(), BackendError> {
-        self.call(Op::Delete, |st| {
-            let d = find(st, domain)?;
-            let Some(gone) = d.checkpoints.remove(name) else {
-                return Err(BackendError::with_code(
-                    K::NoCheckpoint,
-                    code::NO_DOMAIN_CHECKPOINT,
-                    format!("Domain checkpoint not found: no domain checkpoint with matching name '{name}'"),
-                ));
-            };
-            d.unlink(name, gone.parent.clone());
-            let orphans = d.children.remove(&Some(name.to_string())).unwrap_or_default();
-            for c in &orphans {
-                if let Some(child) = d.checkpoints.get_mut(c) {
-                    child.parent = gone.parent.clone();
-                }
-            }
-            let siblings = d.children.entry(gone.parent.clone()).or_default();
-            siblings.splice(0..0, orphans);
-            if d.current.as_deref() == Some(name) {
-                d.current = gone.parent;
-            }
-            Ok(())
-        })
+        self.call(Op::Delete, |st| st.find(domain)?.delete(name))
     }
 
     fn domain_info(&self, domain: &str) -> Result<DomainInfo, BackendError> {
-        self.call(Op::DomainInfo, |st| {
-            let d = find(st, domain)?;
-            Ok(DomainInfo {
-                name: d.name.clone(),
-                uuid: d.uuid.clone(),
-                running: d.running,
-                disks: d.disks.clone(),
-            })
-        })
+        self.call(Op::DomainInfo, |st| Ok(st.find(domain)?.info()))
     }
 
     fn describe(&self) -> String {
@@ -422,50 +220,10 @@ impl Backend for FakeBackend {
     }
 
     fn leftovers(&self, domain: &str) -> Result<LeftoverScan, BackendError> {
-        let mut st = self.lock();
-        let d = find(&mut st, domain)?;
-        Ok(LeftoverScan::Checked(
-            d.leftovers
-                .iter()
-                .map(|(name, (content, stale))| Leftover {
-                    checkpoint: name.clone(),
-                    path: leftover_path(&d.name, name),
-                    content: content.clone(),
-                    modified: std::time::SystemTime::UNIX_EPOCH,
-                    stale: *stale,
-                })
-                .collect(),
-        ))
+        Ok(self.lock().find(domain)?.leftovers())
     }
 
     fn remove_leftover(&self, domain: &str, leftover: &Leftover) -> Result<(), BackendError> {
-        let mut st = self.lock();
-        let d = find(&mut st, domain)?;
-        let name = &leftover.checkpoint;
-        let refuse = |why: &str| {
-            Err(BackendError::new(
-                K::Other,
-                format!("{}: {why}", leftover.path.display()),
-            ))
-        };
-        if leftover.path != leftover_path(&d.name, name) {
-            return refuse("not a leftover of this domain");
-        }
-        if d.checkpoints.contains_key(name) {
-            return refuse("libvirt lists its checkpoint: redefine it instead");
-        }
-        match d.leftovers.get(name) {
-            None => Ok(()),
-            Some((_, false)) => refuse("may be being written now: left alone"),
-            Some(_) => {
-                d.leftovers.remove(name);
-                Ok(())
-            }
-        }
+        self.lock().find(domain)?.remove_leftover(leftover)
     }
-}
-
-/// Where the fake says a leftover lives.
-fn leftover_path(domain: &str, name: &str) -> std::path::PathBuf {
-    format!("/fake/{domain}/checkpoint/{name}.xml.new").into()
 }
