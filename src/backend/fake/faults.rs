@@ -1,4 +1,4 @@
-//! Fault injection, the seams of simulation tests: which operation a
+//! Fault injection, the seams of the `testing` feature: which operation a
 //! fault strikes ([`Op`]), when ([`Phase`]) and from which call on
 //! ([`Fault`]); the call counters; a simulated refusal of one definition;
 //! planted crash leftovers. Every [`Backend`](crate::backend::Backend)
@@ -10,6 +10,7 @@ use std::collections::HashMap;
 use super::errors::code;
 use super::{FakeBackend, State};
 use crate::backend::{BackendError, BackendErrorKind as K};
+#[cfg(feature = "testing")]
 use crate::chain::CheckpointDef;
 
 /// Which backend operation a fault or a counter refers to.
@@ -26,6 +27,9 @@ pub enum Op {
 }
 
 /// When an injected fault strikes relative to the call's effect.
+// Without the `testing` feature nothing injects a fault: every call still
+// looks for one (and finds none), so the variants are matched, never built.
+#[cfg_attr(not(feature = "testing"), allow(dead_code))]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Phase {
     /// The call fails and has no effect.
@@ -105,7 +109,8 @@ fn fault_error(kind: K) -> BackendError {
     }
 }
 
-/// The seams of simulation tests.
+/// The seams: public only with the `testing` feature.
+#[cfg(feature = "testing")]
 impl FakeBackend {
     /// Leave a crash leftover for checkpoint `name`, as a daemon killed
     /// while rewriting its metadata does: `content` is what a restart

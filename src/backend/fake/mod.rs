@@ -40,8 +40,8 @@
 //!   siblings most recently (re)defined first; a delete moves the children
 //!   to the front of their new parent's list, in their order;
 //! - crash leftovers (`NAME.xml.new`, as a daemon killed while rewriting a
-//!   checkpoint's metadata leaves them; planted by
-//!   [`FakeBackend::plant_leftover`]):
+//!   checkpoint's metadata leaves them; planted by the `testing` seam
+//!   `FakeBackend::plant_leftover`):
 //!   a restart loads every readable one — a checkpoint libvirt no longer
 //!   has comes back, one it has gets the leftover's definition (the worse
 //!   of the two orders libvirt's directory may give) — and keeps the file;
@@ -55,7 +55,8 @@
 //! order and hidden current checkpoint; what each call and a restart do to
 //! them; its crash leftovers), `schema.rs` (the redefine document checked
 //! as libvirt's schema does, element by element), `errors.rs` (libvirt's
-//! codes and messages), `faults.rs` (fault injection and call counters); this file holds [`FakeBackend`],
+//! codes and messages), `faults.rs` (fault injection and call counters:
+//! the seams of the `testing` feature); this file holds [`FakeBackend`],
 //! its set-up methods and its [`Backend`] implementation.
 
 mod errors;
