@@ -17,16 +17,17 @@ use crate::chain::{is_valid_checkpoint_name, CheckpointDef};
 #[derive(Debug, Clone, Default)]
 pub(super) struct FakeDomain {
     pub(super) name: String,
-    pub(super) uuid: String,
+    uuid: String,
     pub(super) running: bool,
-    pub(super) disks: Vec<DomainDisk>,
+    disks: Vec<DomainDisk>,
     /// Bitmap names present in each disk's image, by target.
     pub(super) bitmaps: BTreeMap<String, BTreeSet<String>>,
     /// Checkpoints by name.
-    pub(super) checkpoints: HashMap<String, CheckpointDef>,
+    checkpoints: HashMap<String, CheckpointDef>,
     /// libvirt's sibling lists: parent (`None`: the roots) → children,
     /// the most recently linked first.
-    pub(super) children: HashMap<Option<String>, Vec<String>>,
+    children: HashMap<Option<String>, Vec<String>>,
+    /// The hidden current checkpoint.
     pub(super) current: Option<String>,
     /// Definitions libvirt will refuse to redefine (a simulated refusal).
     pub(super) refused: Vec<CheckpointDef>,
