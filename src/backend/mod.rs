@@ -6,6 +6,13 @@
 //! Errors carry a [`BackendErrorKind`] that the engine branches on; the most
 //! important one is [`BackendErrorKind::ConnectionLost`]: the call's outcome
 //! is unknown, and the engine must look before it decides anything.
+//!
+//! The code map: `fake/` (the in-memory backend: `mod.rs`, `model.rs`,
+//! `schema.rs`, `errors.rs`, `faults.rs`), `libvirt/` (the real one:
+//! `mod.rs`, `connection.rs`, `errors.rs`, `uri.rs`, `ffi.rs`, `state.rs`);
+//! this file holds the [`Backend`] trait, [`BackendError`] and libvirt's
+//! crash leftovers as the trait reports them ([`Leftover`],
+//! [`LeftoverScan`]).
 
 pub mod fake;
 pub mod libvirt;
