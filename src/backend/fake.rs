@@ -36,6 +36,11 @@
 //! - `validate` runs after the parent checks, needs a running domain
 //!   (`NotRunning`) and, on every disk the domain has, a bitmap named after
 //!   the checkpoint (`Inconsistent`); disks the domain lacks are skipped;
+//! - [`Backend::bitmap_states`] (libvirt's `VIR_DOMAIN_CHECKPOINT_XML_SIZE`)
+//!   makes the same check on every disk instead of stopping at the first
+//!   bad one, and needs a running domain; [`Backend::checkpoint_xml`]
+//!   returns the XML a checkpoint was last redefined with, as given (one
+//!   the fake made itself is rendered);
 //! - listing is libvirt's topological order: depth first from the roots,
 //!   siblings most recently (re)defined first; a delete moves the children
 //!   to the front of their new parent's list, in their order;
@@ -57,7 +62,8 @@ use quick_xml::events::{BytesStart, Event};
 use quick_xml::Reader;
 
 use super::{
-    Backend, BackendError, BackendErrorKind as K, DomainDisk, DomainInfo, Leftover, LeftoverScan,
+    Backend, BackendError, BackendErrorKind as K, BitmapState, DiskBitmap, DomainDisk, DomainInfo,
+    Leftover, LeftoverScan,
 };
 use crate::chain::{is_valid_checkpoint_name, CheckpointDef};
 use crate::xml::parse_checkpoint;
@@ -133,6 +139,9 @@ struct FakeDomain {
     /// Crash leftovers by checkpoint name: what libvirt would load from
     /// each (`None`: cut short), and whether it is stale.
     leftovers: BTreeMap<String, (Option<CheckpointDef>, bool)>,
+    /// The XML each checkpoint was last redefined with, returned as it was
+    /// given by [`Backend::checkpoint_xml`] (the others are rendered).
+    xml: HashMap<String, String>,
 }
 
 impl FakeDomain {
@@ -174,6 +183,7 @@ impl FakeDomain {
     fn replace_all(&mut self, defs: Vec<CheckpointDef>) {
         self.current = recompute_current(&defs);
         self.checkpoints.clear();
+        self.xml.clear();
         self.children.clear();
         let names: BTreeSet<String> = defs.iter().map(|d| d.name.clone()).collect();
         for d in defs.into_iter().rev() {
@@ -324,6 +334,7 @@ impl FakeBackend {
             },
         );
         d.link(name, parent.clone());
+        d.xml.remove(name);
         d.current = Some(name.into());
         Ok(parent)
     }
@@ -356,6 +367,7 @@ impl FakeBackend {
                     d.unlink(&name, old.parent);
                 }
                 d.link(&name, parent);
+                d.xml.remove(&name);
             }
             for l in d.leftovers.values_mut() {
                 l.1 = true;
@@ -512,6 +524,22 @@ fn current_after_restart(defs: &[CheckpointDef]) -> Option<String> {
             Some(_) => return None,
         }
     }
+}
+
+fn no_checkpoint(name: &str) -> BackendError {
+    BackendError::with_code(
+        K::NoCheckpoint,
+        code::NO_DOMAIN_CHECKPOINT,
+        format!("Domain checkpoint not found: no domain checkpoint with matching name '{name}'"),
+    )
+}
+
+fn not_running() -> BackendError {
+    BackendError::with_code(
+        K::NotRunning,
+        code::OPERATION_INVALID,
+        "Requested operation is not valid: domain is not running",
+    )
 }
 
 fn invalid(message: String) -> BackendError {
@@ -733,6 +761,7 @@ impl Backend for FakeBackend {
     }
 
     fn redefine(&self, domain: &str, xml: &str, validate: bool) -> Result<(), BackendError> {
+        let given = xml;
         self.call(Op::Redefine, |st| {
             let d = find(st, domain)?;
             let xml = normalise_line_ends(xml);
@@ -781,11 +810,7 @@ impl Backend for FakeBackend {
             }
             if validate {
                 if !d.running {
-                    return Err(BackendError::with_code(
-                        K::NotRunning,
-                        code::OPERATION_INVALID,
-                        "Requested operation is not valid: domain is not running",
-                    ));
+                    return Err(not_running());
                 }
                 // libvirt checks the bitmap named after the checkpoint, on
                 // the disks the domain has (a detached disk is tolerated).
@@ -807,6 +832,7 @@ impl Backend for FakeBackend {
             let name = def.name.clone();
             // libvirt's rewrite of NAME.xml goes through NAME.xml.new.
             d.leftovers.remove(&name);
+            d.xml.insert(name.clone(), given.to_string());
             let parent = def.parent.clone();
             if let Some(old) = d.checkpoints.insert(name.clone(), def) {
                 d.unlink(&name, old.parent);
@@ -823,14 +849,14 @@ impl Backend for FakeBackend {
         self.call(Op::Delete, |st| {
             let d = find(st, domain)?;
             let Some(gone) = d.checkpoints.remove(name) else {
-                return Err(BackendError::with_code(
-                    K::NoCheckpoint,
-                    code::NO_DOMAIN_CHECKPOINT,
-                    format!("Domain checkpoint not found: no domain checkpoint with matching name '{name}'"),
-                ));
+                return Err(no_checkpoint(name));
             };
             d.unlink(name, gone.parent.clone());
-            let orphans = d.children.remove(&Some(name.to_string())).unwrap_or_default();
+            d.xml.remove(name);
+            let orphans = d
+                .children
+                .remove(&Some(name.to_string()))
+                .unwrap_or_default();
             for c in &orphans {
                 if let Some(child) = d.checkpoints.get_mut(c) {
                     child.parent = gone.parent.clone();
@@ -859,6 +885,50 @@ impl Backend for FakeBackend {
 
     fn describe(&self) -> String {
         "fake".into()
+    }
+
+    fn checkpoint_xml(&self, domain: &str, name: &str) -> Result<String, BackendError> {
+        let mut st = self.lock();
+        let d = find(&mut st, domain)?;
+        match (d.xml.get(name), d.checkpoints.get(name)) {
+            (Some(xml), _) => Ok(xml.clone()),
+            (None, Some(def)) => Ok(crate::xml::render_checkpoint(def)),
+            (None, None) => Err(no_checkpoint(name)),
+        }
+    }
+
+    /// Like libvirt's `VIR_DOMAIN_CHECKPOINT_XML_SIZE`: the bitmap named
+    /// after the checkpoint, looked for in each disk's bitmap set.
+    fn bitmap_states(
+        &self,
+        domain: &str,
+        checkpoint: &str,
+    ) -> Result<Vec<DiskBitmap>, BackendError> {
+        let mut st = self.lock();
+        let d = find(&mut st, domain)?;
+        let def = d
+            .checkpoints
+            .get(checkpoint)
+            .ok_or_else(|| no_checkpoint(checkpoint))?;
+        if !d.running {
+            return Err(not_running());
+        }
+        Ok(def
+            .disks
+            .keys()
+            .filter_map(|target| {
+                let present = d.bitmaps.get(target)?;
+                let state = if present.contains(checkpoint) {
+                    BitmapState::Usable { dirty_bytes: 0 }
+                } else {
+                    BitmapState::Unusable
+                };
+                Some(DiskBitmap {
+                    target: target.clone(),
+                    state,
+                })
+            })
+            .collect())
     }
 
     fn leftovers(&self, domain: &str) -> Result<LeftoverScan, BackendError> {

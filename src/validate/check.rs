@@ -6,14 +6,13 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 
 use super::images::{DiskChain, ImageError, ImageReader, Indexed};
-use super::rules::bitmap_findings;
+use super::rules::{bitmap_findings, InUse};
 use super::{backend_err, Finding, FindingKind};
 use crate::backend::{
-    Backend, BackendError, BackendErrorKind, DomainDisk, DomainInfo, LeftoverScan,
+    Backend, BackendError, BackendErrorKind, BitmapState, DomainDisk, DomainInfo, LeftoverScan,
 };
 use crate::chain::{order_defs, CheckpointDef};
 use crate::error::Result;
-use crate::xml::render_checkpoint;
 
 /// The state of one validation run.
 pub(super) struct Check<'a> {
@@ -106,7 +105,7 @@ impl Check<'_> {
             };
             let indexed = Indexed::new(&chain);
             for (def, bitmap) in &named {
-                let found = bitmap_findings(&indexed, bitmap);
+                let found = bitmap_findings(&indexed, bitmap, InUse::Damage);
                 if !found.is_empty() {
                     self.bad.insert(def.name.clone());
                 }
@@ -151,63 +150,163 @@ impl Check<'_> {
         }
     }
 
-    /// libvirt's check of a running domain: every checkpoint redefined in
-    /// place with `REDEFINE_VALIDATE`, parent first, the leaf's branch last.
+    /// libvirt's check of a running domain, read per checkpoint and per
+    /// disk ([`Backend::bitmap_states`]): nothing is written. Where the
+    /// backend cannot check per disk, each checkpoint is redefined exactly
+    /// as libvirt holds it with `REDEFINE_VALIDATE` instead, which names
+    /// only the first bad disk ([`Check::running_whole`]). Findings are
+    /// ordered as a shut-off domain's: per disk, then libvirt's order.
     pub(super) fn running(
         &mut self,
         backend: &dyn Backend,
         domain: &str,
         images_read: &mut usize,
         validations: &mut usize,
+        notes: &mut Vec<String>,
     ) -> std::result::Result<(), BackendError> {
-        let mut chains: HashMap<String, Read> = HashMap::new();
-        let mut ignored = Vec::new();
-        for def in order_defs(self.libvirt) {
+        let mut on_disk = OnDisk::default();
+        let mut unusable = Vec::new();
+        for (i, def) in self.libvirt.iter().enumerate() {
+            let states = match backend.bitmap_states(domain, &def.name) {
+                Ok(states) => states,
+                Err(e) if e.kind == BackendErrorKind::Unsupported && i == 0 => {
+                    notes.push(format!(
+                        "libvirt's per-disk check is not available ({}): each checkpoint was redefined as \
+                         libvirt holds it with REDEFINE_VALIDATE, which names only its first bad disk",
+                        e.message
+                    ));
+                    return self.running_whole(backend, domain, images_read, validations);
+                }
+                Err(e) => return Err(e),
+            };
             *validations += 1;
-            let e = match backend.redefine(domain, &render_checkpoint(def), true) {
+            for s in states
+                .into_iter()
+                .filter(|s| s.state == BitmapState::Unusable)
+            {
+                let disk = self.info.disks.iter().position(|d| d.target == s.target);
+                unusable.push((disk, i, s.target));
+            }
+        }
+        unusable.sort();
+        let libvirt = self.libvirt;
+        for (_, i, target) in unusable {
+            let def = &libvirt[i];
+            let why = format!(
+                "libvirt finds a missing or broken bitmap '{}' for disk '{target}'",
+                def.name
+            );
+            self.unusable(def, &target, &why, &mut on_disk, images_read);
+        }
+        Ok(())
+    }
+
+    /// The fallback of [`Check::running`]: every checkpoint redefined
+    /// with exactly the XML libvirt holds ([`Backend::checkpoint_xml`],
+    /// `<domain>` included) and `REDEFINE_VALIDATE`, parent first, the
+    /// leaf's branch last, so libvirt's hidden *current* checkpoint stays
+    /// on the leaf (a refused redefine changes nothing). libvirt stops at
+    /// the first bad disk of each checkpoint.
+    fn running_whole(
+        &mut self,
+        backend: &dyn Backend,
+        domain: &str,
+        images_read: &mut usize,
+        validations: &mut usize,
+    ) -> std::result::Result<(), BackendError> {
+        let mut on_disk = OnDisk::default();
+        for def in order_defs(self.libvirt) {
+            let xml = backend.checkpoint_xml(domain, &def.name)?;
+            *validations += 1;
+            let e = match backend.redefine(domain, &xml, true) {
                 Ok(()) => continue,
                 Err(e) if e.kind == BackendErrorKind::Inconsistent => e,
                 Err(e) => return Err(e),
             };
-            self.bad.insert(def.name.clone());
-            let target = refused_disk(def, &e.message, self.info);
-            let mut kind = FindingKind::InconsistentBitmap;
-            let mut image = None;
-            let mut on_disk = String::new();
-            if let Some((target, bitmap)) = target.and_then(|t| def.disks.get_key_value(t)) {
-                let disk = self.info.disks.iter().find(|d| d.target == *target);
-                if let Some(disk) = disk {
-                    image = disk.source.clone();
-                    if !chains.contains_key(target) {
-                        let read = self.read(disk, images_read, &mut ignored);
-                        chains.insert(target.clone(), read);
-                    }
-                    if let Some(Read::Chain(chain)) = chains.get(target) {
-                        if Indexed::new(chain).in_any_layer(bitmap) {
-                            on_disk = format!("; bitmap {bitmap} is in the image on disk");
-                        } else {
-                            kind = FindingKind::MissingBitmap;
-                            on_disk =
-                                format!("; bitmap {bitmap} is in no layer of the image on disk");
-                        }
-                    }
+            let why = format!("libvirt refused to validate it: {}", e.message);
+            match refused_disk(def, &e.message, self.info) {
+                Some(target) => self.unusable(def, target, &why, &mut on_disk, images_read),
+                None => {
+                    self.bad.insert(def.name.clone());
+                    self.findings.push(Finding {
+                        kind: FindingKind::InconsistentBitmap,
+                        checkpoint: Some(def.name.clone()),
+                        disk: None,
+                        image: None,
+                        detail: why,
+                    });
                 }
             }
-            self.findings.push(Finding {
-                kind,
-                checkpoint: Some(def.name.clone()),
-                disk: target.map(str::to_string),
-                image,
-                detail: format!("libvirt refused to validate it: {}{on_disk}", e.message),
-            });
         }
         Ok(())
     }
+
+    /// A bitmap libvirt finds missing or broken on a running domain: the
+    /// image on disk tells which, by the same rules as a shut-off domain's
+    /// except that a bitmap in use is expected there — missing when it is
+    /// in no layer, the rule it breaks when one does, inconsistent (QEMU's
+    /// copy differs from the file's) otherwise.
+    fn unusable(
+        &mut self,
+        def: &CheckpointDef,
+        target: &str,
+        why: &str,
+        on_disk: &mut OnDisk,
+        images_read: &mut usize,
+    ) {
+        self.bad.insert(def.name.clone());
+        let Some(disk) = self.info.disks.iter().find(|d| d.target == target) else {
+            return;
+        };
+        let bitmap = def
+            .disks
+            .get(target)
+            .map_or(def.name.as_str(), String::as_str);
+        if !on_disk.0.contains_key(target) {
+            let read = self.read(disk, images_read, &mut Vec::new());
+            on_disk.0.insert(target.to_string(), read);
+        }
+        let found = match on_disk.0.get(target) {
+            Some(Read::Chain(chain)) => {
+                bitmap_findings(&Indexed::new(chain), bitmap, InUse::Expected)
+            }
+            _ => vec![(
+                FindingKind::InconsistentBitmap,
+                None,
+                "the image on disk could not be read".to_string(),
+            )],
+        };
+        let found = if found.is_empty() {
+            vec![(
+                FindingKind::InconsistentBitmap,
+                None,
+                format!(
+                    "bitmap {bitmap} looks sound in the image on disk, which lags behind QEMU's"
+                ),
+            )]
+        } else {
+            found
+        };
+        for (kind, image, detail) in found {
+            self.findings.push(Finding {
+                kind,
+                checkpoint: Some(def.name.clone()),
+                disk: Some(target.to_string()),
+                image: image.or_else(|| disk.source.clone()),
+                detail: format!("{why}; {detail}"),
+            });
+        }
+    }
 }
+
+/// The chains of a running domain's disks read so far (only where libvirt
+/// found a bad bitmap).
+#[derive(Default)]
+struct OnDisk(HashMap<String, Read>);
 
 /// The disk a refused validation is about: the one libvirt's message names
 /// ("... for disk 'vda'") if the checkpoint names it, else the checkpoint's
-/// only disk the domain has. Used to annotate the finding only.
+/// only disk the domain has.
 fn refused_disk<'a>(def: &'a CheckpointDef, message: &str, info: &DomainInfo) -> Option<&'a str> {
     let mut attached = def.disks.keys().filter(|t| info.has_target(t));
     if let Some(named) = message

@@ -127,8 +127,4 @@ impl<'a> Indexed<'a> {
             .collect();
         Indexed { chain, by_name }
     }
-
-    pub(super) fn in_any_layer(&self, bitmap: &str) -> bool {
-        self.by_name.iter().any(|m| m.contains_key(bitmap))
-    }
 }

@@ -31,18 +31,25 @@
 //! A **shut-off** domain's images are read in-process, read-only, once per
 //! disk ([`crate::qcow2::read_chain`] on the disk's source, following the
 //! image's own backing chain: libvirt lists none for a shut-off domain).
-//! A **running** domain's top layers hold every bitmap in use by design, so
-//! there the image rules are replaced by libvirt's own check: every
-//! checkpoint is redefined in place, with its current content, with
-//! `REDEFINE_VALIDATE`; a refusal ([`crate::BackendErrorKind::Inconsistent`])
-//! becomes a [`FindingKind::MissingBitmap`] when the bitmap is in no layer
-//! of the image on disk, and an [`FindingKind::InconsistentBitmap`]
-//! otherwise, with libvirt's message in the detail. The redefines run
-//! parent first with the leaf's branch last, so libvirt's hidden *current*
-//! checkpoint stays on the leaf (a refused redefine changes nothing). These
-//! calls are not journaled: each writes back exactly what libvirt listed.
-//! Orphans are not looked for on a running domain (its images on disk lag
-//! behind QEMU's bitmaps).
+//! A **running** domain's top layers hold every bitmap in use by design, and
+//! its images on disk lag behind QEMU's bitmaps, so there the image rules
+//! are replaced by libvirt's own check — the one `REDEFINE_VALIDATE` makes —
+//! read for every checkpoint on every disk
+//! ([`crate::Backend::bitmap_states`]: the checkpoint's XML with
+//! `VIR_DOMAIN_CHECKPOINT_XML_SIZE`, where libvirt sizes only the bitmaps
+//! that pass). Nothing is written: libvirt's metadata, its hidden *current*
+//! checkpoint and the images stay as they were. A bitmap libvirt finds
+//! missing or broken is told apart by the image on disk, with the rules of a
+//! shut-off domain except that a bitmap in use is expected: a
+//! [`FindingKind::MissingBitmap`] when it is in no layer, the rule it breaks
+//! there when it breaks one, an [`FindingKind::InconsistentBitmap`]
+//! otherwise. So the same damage gives the same findings as on the shut-off
+//! domain. A backend that cannot check per disk falls back to redefining
+//! each checkpoint with exactly the XML libvirt holds (`<domain>`
+//! included) and `REDEFINE_VALIDATE`, parent first with the leaf's branch
+//! last, so the current checkpoint stays on the leaf; libvirt then names
+//! only the first bad disk of a checkpoint. Orphans are not looked for on a
+//! running domain.
 //!
 //! **Usable checkpoint.** Since libvirt 6.10 every checkpoint's bitmap keeps
 //! recording on its own, and an incremental backup from checkpoint `C`
@@ -199,7 +206,9 @@ pub struct Report {
     pub journal_txn: Option<Uuid>,
     /// Image files read (every layer of every disk).
     pub images_read: usize,
-    /// `REDEFINE_VALIDATE` calls made (running domains).
+    /// Checkpoints libvirt checked (running domains): one per-disk read
+    /// each, or one `REDEFINE_VALIDATE` each where the backend cannot read
+    /// per disk.
     pub libvirt_validations: usize,
     /// What was not checked, and why.
     pub notes: Vec<String>,
@@ -215,7 +224,7 @@ impl Report {
 /// Validate a domain: the journal's committed chain against libvirt's
 /// checkpoints, and libvirt's checkpoints against the bitmaps in the
 /// domain's images (read in-process when the domain is shut off, checked by
-/// libvirt's `REDEFINE_VALIDATE` when it runs). See the module documentation
+/// libvirt when it runs, per disk, changing nothing). See the module documentation
 /// for the rules and for what [`Report::usable`] means.
 ///
 /// `domain` is a libvirt domain name or UUID; the journal's committed chain
@@ -246,8 +255,7 @@ pub fn validate_with(
         .domain_info(domain)
         .map_err(backend_err(domain, "domain lookup"))?;
     let keys = journal_keys(domain, &info);
-    // No writer may change the domain while it is read (and, when it runs,
-    // redefined in place).
+    // No writer may change the domain while it is read.
     let _locks = keys
         .iter()
         .map(|k| store.lock_domain(k))
@@ -297,7 +305,13 @@ pub fn validate_with(
     let mut images_read = 0;
     let mut validations = 0;
     let running = if info.running {
-        match check.running(backend, domain, &mut images_read, &mut validations) {
+        match check.running(
+            backend,
+            domain,
+            &mut images_read,
+            &mut validations,
+            &mut notes,
+        ) {
             Ok(()) => true,
             // The domain stopped since it was looked up: check its images.
             Err(e) if e.kind == BackendErrorKind::NotRunning => {
@@ -324,12 +338,10 @@ pub fn validate_with(
     };
     if running {
         notes.push(
-            "the domain is running: bitmaps checked by libvirt (REDEFINE_VALIDATE); orphans not looked for".into(),
+            "the domain is running: bitmaps checked by libvirt; orphans not looked for".into(),
         );
     }
     findings.append(&mut check.findings);
-    // After the running domain's redefines, which consume the leftovers of
-    // the checkpoints they rewrite.
     leftover_findings(backend, domain, &libvirt, &mut findings, &mut notes)?;
     let usable = newest_usable(&libvirt, &check.bad, &participating(&libvirt, &info));
     let index: HashMap<&str, usize> = libvirt

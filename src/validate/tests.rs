@@ -359,6 +359,167 @@ fn running_domain_is_checked_by_libvirt_and_current_stays_on_the_leaf() {
 }
 
 #[test]
+fn a_running_domain_reports_every_broken_disk_and_writes_nothing() {
+    use crate::backend::fake::Op;
+    let s = setup(&["vda", "vdb"], true, line(3, &["vda", "vdb"]));
+    // In QEMU: c1 on neither disk, c2 on vda only.
+    for (disk, bitmap) in [("vda", "c0"), ("vda", "c2"), ("vdb", "c0")] {
+        s.fake.add_bitmap("vm", disk, bitmap);
+    }
+    // On disk (behind QEMU, every bitmap in use): vdb still holds c1.
+    let images = Images::default()
+        .disk(
+            "vda",
+            vec![layer("/fake/vm/vda.qcow2", &[("c0", true, true)])],
+        )
+        .disk(
+            "vdb",
+            vec![layer(
+                "/fake/vm/vdb.qcow2",
+                &[("c0", true, true), ("c1", true, true)],
+            )],
+        );
+    s.fake.reset_calls();
+    let r = validate_with(&s.store, &s.fake, "vm", &images).unwrap();
+    assert!(r.running);
+    // Per disk, then libvirt's order, as on a shut-off domain.
+    assert_eq!(
+        kinds(&r),
+        [
+            (FindingKind::MissingBitmap, Some("c1"), Some("vda")),
+            (FindingKind::InconsistentBitmap, Some("c1"), Some("vdb")),
+            (FindingKind::MissingBitmap, Some("c2"), Some("vdb")),
+        ],
+        "{r:#?}"
+    );
+    assert!(r.findings[1].detail.contains("lags behind QEMU"), "{r:#?}");
+    assert_eq!((r.libvirt_validations, r.images_read), (3, 2));
+    assert_eq!(r.usable.as_deref(), Some("c0"));
+    assert_eq!(s.fake.calls(Op::Redefine), 0);
+    // A bitmap libvirt refuses that is disabled on disk: the rule it breaks.
+    let images = Images::default()
+        .disk(
+            "vda",
+            vec![layer(
+                "/fake/vm/vda.qcow2",
+                &[("c0", true, true), ("c1", true, false)],
+            )],
+        )
+        .disk("vdb", vec![good("/fake/vm/vdb.qcow2", &["c0"])]);
+    let r = validate_with(&s.store, &s.fake, "vm", &images).unwrap();
+    assert_eq!(
+        kinds(&r)[..2],
+        [
+            (FindingKind::DisabledBitmap, Some("c1"), Some("vda")),
+            (FindingKind::MissingBitmap, Some("c1"), Some("vdb")),
+        ],
+        "{r:#?}"
+    );
+}
+
+#[test]
+fn a_running_domain_keeps_its_current_checkpoint_where_it_was() {
+    // A branching tree after a daemon restart: libvirt has no current
+    // checkpoint. The redefines validate once made gave it one.
+    let mut defs = line(3, &["vda"]);
+    defs.push(def("side", Some("c0"), 500, &["vda"]));
+    let s = setup(&["vda"], true, defs);
+    for b in ["c0", "c1", "c2", "side"] {
+        s.fake.add_bitmap("vm", "vda", b);
+    }
+    s.fake.restart();
+    assert_eq!(s.fake.current("vm"), None);
+    let images = Images::default().disk("vda", vec![good("/fake/vm/vda.qcow2", &[])]);
+    let before = s.fake.peek("vm");
+    let r = validate_with(&s.store, &s.fake, "vm", &images).unwrap();
+    assert!(r.ok && r.running, "{r:#?}");
+    assert_eq!(s.fake.current("vm"), None);
+    assert_eq!(s.fake.peek("vm"), before);
+}
+
+/// A backend without the per-disk check: validate redefines each checkpoint
+/// with exactly the XML the backend holds, with `REDEFINE_VALIDATE`.
+struct WholeOnly<'a>(&'a FakeBackend);
+
+impl Backend for WholeOnly<'_> {
+    fn list(&self, domain: &str) -> std::result::Result<Vec<CheckpointDef>, BackendError> {
+        self.0.list(domain)
+    }
+    fn redefine(
+        &self,
+        domain: &str,
+        xml: &str,
+        validate: bool,
+    ) -> std::result::Result<(), BackendError> {
+        self.0.redefine(domain, xml, validate)
+    }
+    fn delete(&self, domain: &str, name: &str) -> std::result::Result<(), BackendError> {
+        self.0.delete(domain, name)
+    }
+    fn domain_info(
+        &self,
+        domain: &str,
+    ) -> std::result::Result<crate::backend::DomainInfo, BackendError> {
+        self.0.domain_info(domain)
+    }
+    fn describe(&self) -> String {
+        "whole-checkpoint only".into()
+    }
+    fn checkpoint_xml(
+        &self,
+        domain: &str,
+        name: &str,
+    ) -> std::result::Result<String, BackendError> {
+        self.0.checkpoint_xml(domain, name)
+    }
+}
+
+#[test]
+fn without_the_per_disk_check_each_checkpoint_is_redefined_as_libvirt_holds_it() {
+    use crate::backend::fake::Op;
+    let s = setup(&["vda", "vdb"], true, Vec::new());
+    // As libvirt stores a checkpoint it made: with the domain's definition.
+    let full = |name: &str, parent: Option<&str>| {
+        let parent = parent.map_or(String::new(), |p| {
+            format!("<parent><name>{p}</name></parent>")
+        });
+        format!(
+            "<domaincheckpoint><name>{name}</name>{parent}<creationTime>1</creationTime><disks>\
+             <disk name='vda' checkpoint='bitmap' bitmap='{name}'/><disk name='vdb' checkpoint='bitmap' bitmap='{name}'/>\
+             </disks><domain type='qemu'><name>vm</name><uuid>{UUID}</uuid></domain></domaincheckpoint>"
+        )
+    };
+    let xmls = [full("c0", None), full("c1", Some("c0"))];
+    for x in &xmls {
+        s.fake.redefine("vm", x, false).unwrap();
+    }
+    for disk in ["vda", "vdb"] {
+        s.fake.add_bitmap("vm", disk, "c0");
+    }
+    assert_eq!(s.fake.current("vm").as_deref(), Some("c1"));
+    let images = Images::default()
+        .disk("vda", vec![good("/fake/vm/vda.qcow2", &["c0"])])
+        .disk("vdb", vec![good("/fake/vm/vdb.qcow2", &["c0"])]);
+    s.fake.reset_calls();
+    let r = validate_with(&s.store, &WholeOnly(&s.fake), "vm", &images).unwrap();
+    // libvirt names only the first bad disk of c1.
+    assert_eq!(
+        kinds(&r),
+        [(FindingKind::MissingBitmap, Some("c1"), Some("vda"))],
+        "{r:#?}"
+    );
+    assert!(
+        r.notes.iter().any(|n| n.contains("first bad disk")),
+        "{:?}",
+        r.notes
+    );
+    assert_eq!((r.libvirt_validations, s.fake.calls(Op::Redefine)), (2, 2));
+    assert_eq!(s.fake.checkpoint_xml("vm", "c0").unwrap(), xmls[0]);
+    assert_eq!(s.fake.checkpoint_xml("vm", "c1").unwrap(), xmls[1]);
+    assert_eq!(s.fake.current("vm").as_deref(), Some("c1"));
+}
+
+#[test]
 fn a_live_open_transaction_makes_the_domain_busy() {
     use crate::backend::fake::{Fault, Op, Phase};
     let s = setup(&["vda"], false, Vec::new());
