@@ -6,7 +6,7 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 
 use super::images::{DiskChain, ImageError, ImageReader, Indexed};
-use super::rules::{bitmap_findings, InUse};
+use super::rules::{bitmap_findings, BitmapFinding, InUse};
 use super::{backend_err, Finding, FindingKind};
 use crate::backend::{
     Backend, BackendError, BackendErrorKind, BitmapState, DomainDisk, DomainInfo, LeftoverScan,
@@ -16,12 +16,19 @@ use crate::error::Result;
 
 /// The state of one validation run.
 pub(super) struct Check<'a> {
-    pub(super) info: &'a DomainInfo,
-    pub(super) libvirt: &'a [CheckpointDef],
-    pub(super) reader: &'a dyn ImageReader,
+    info: &'a DomainInfo,
+    libvirt: &'a [CheckpointDef],
+    reader: &'a dyn ImageReader,
+    /// What was found, in the report's order.
     pub(super) findings: Vec<Finding>,
     /// Checkpoints with a finding or an unknown on some disk.
     pub(super) bad: HashSet<String>,
+    /// Image files read (every layer of every disk).
+    pub(super) images_read: usize,
+    /// Checkpoints libvirt checked (a running domain).
+    pub(super) validations: usize,
+    /// What was not checked, and why.
+    pub(super) notes: Vec<String>,
 }
 
 /// A disk's chain as read, or why it is unknown.
@@ -30,123 +37,184 @@ enum Read {
     Unknown,
 }
 
-impl Check<'_> {
-    /// Read one disk's chain, recording an unreadable image as a finding.
-    fn read(
+impl<'a> Check<'a> {
+    pub(super) fn new(
+        info: &'a DomainInfo,
+        libvirt: &'a [CheckpointDef],
+        reader: &'a dyn ImageReader,
+    ) -> Self {
+        Check {
+            info,
+            libvirt,
+            reader,
+            findings: Vec::new(),
+            bad: HashSet::new(),
+            images_read: 0,
+            validations: 0,
+            notes: Vec::new(),
+        }
+    }
+
+    /// Check libvirt's checkpoints against the bitmaps: by libvirt when the
+    /// domain runs, in its images when it is shut off (or stops meanwhile).
+    /// Returns whether the domain was checked running.
+    ///
+    /// # Errors
+    ///
+    /// libvirt's, other than a domain that stopped.
+    pub(super) fn run(
         &mut self,
-        disk: &DomainDisk,
-        images_read: &mut usize,
-        notes: &mut Vec<String>,
-    ) -> Read {
-        let Some(source) = &disk.source else {
-            self.findings.push(Finding {
-                kind: FindingKind::UnreadableImage,
-                checkpoint: None,
-                disk: Some(disk.target.clone()),
-                image: None,
-                detail:
-                    "the disk has no local file or block device source: its bitmaps cannot be read"
+        backend: &dyn Backend,
+        domain: &str,
+        journal: &[CheckpointDef],
+    ) -> std::result::Result<bool, BackendError> {
+        if !self.info.running {
+            self.stopped(journal);
+            return Ok(false);
+        }
+        match self.running(backend, domain) {
+            Ok(()) => {
+                self.notes.push(
+                    "the domain is running: bitmaps checked by libvirt; orphans not looked for"
                         .into(),
-            });
-            return Read::Unknown;
+                );
+                Ok(true)
+            }
+            // The domain stopped since it was looked up: check its images.
+            Err(e) if e.kind == BackendErrorKind::NotRunning => {
+                self.notes.push(
+                    "the domain stopped during validation: its images were checked instead".into(),
+                );
+                self.findings.clear();
+                self.bad.clear();
+                self.stopped(journal);
+                Ok(false)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Read one disk's chain, recording an unreadable image as a finding;
+    /// also a note when the chain goes on where it was not followed.
+    fn read(&mut self, disk: &DomainDisk) -> (Read, Option<String>) {
+        let Some(source) = &disk.source else {
+            self.unreadable(
+                disk,
+                None,
+                "the disk has no local file or block device source: its bitmaps cannot be read"
+                    .into(),
+            );
+            return (Read::Unknown, None);
         };
         if disk.format.as_deref().is_some_and(|f| f != "qcow2") {
-            return Read::Chain(DiskChain::default());
+            return (Read::Chain(DiskChain::default()), None);
         }
         match self.reader.read_chain(source) {
             Ok(chain) => {
-                *images_read += chain.layers.len();
-                if let Some(name) = &chain.unfollowed {
-                    notes.push(format!(
+                self.images_read += chain.layers.len();
+                let note = chain.unfollowed.as_ref().map(|name| {
+                    format!(
                         "disk {}: backing file {name:?} is not a local file and was not read; bitmaps below it \
                          not checked",
                         disk.target
-                    ));
-                }
-                Read::Chain(chain)
+                    )
+                });
+                (Read::Chain(chain), note)
             }
             Err(ImageError::NotQcow2 { .. }) => {
-                *images_read += 1;
-                Read::Chain(DiskChain::default())
+                self.images_read += 1;
+                (Read::Chain(DiskChain::default()), None)
             }
             Err(ImageError::Unreadable { path, reason }) => {
-                *images_read += 1;
-                self.findings.push(Finding {
-                    kind: FindingKind::UnreadableImage,
-                    checkpoint: None,
-                    disk: Some(disk.target.clone()),
-                    image: Some(path),
-                    detail: reason,
-                });
-                Read::Unknown
+                self.images_read += 1;
+                self.unreadable(disk, Some(path), reason);
+                (Read::Unknown, None)
             }
         }
     }
 
+    fn unreadable(&mut self, disk: &DomainDisk, image: Option<std::path::PathBuf>, detail: String) {
+        self.findings.push(Finding {
+            kind: FindingKind::UnreadableImage,
+            checkpoint: None,
+            disk: Some(disk.target.clone()),
+            image,
+            detail,
+        });
+    }
+
+    /// The findings about one checkpoint's bitmap on one disk; any makes
+    /// the checkpoint unusable.
+    fn bitmap(&mut self, def: &CheckpointDef, disk: &DomainDisk, found: Vec<BitmapFinding>) {
+        if !found.is_empty() {
+            self.bad.insert(def.name.clone());
+        }
+        for (kind, image, detail) in found {
+            self.findings.push(Finding {
+                kind,
+                checkpoint: Some(def.name.clone()),
+                disk: Some(disk.target.clone()),
+                image: image.or_else(|| disk.source.clone()),
+                detail,
+            });
+        }
+    }
+
     /// The image checks of a shut-off domain: each disk's chain read once.
-    pub(super) fn stopped(
-        &mut self,
-        journal: &[CheckpointDef],
-        images_read: &mut usize,
-        notes: &mut Vec<String>,
-    ) {
-        let libvirt = self.libvirt;
+    fn stopped(&mut self, journal: &[CheckpointDef]) {
         for disk in &self.info.disks {
-            let named: Vec<(&CheckpointDef, &str)> = libvirt
-                .iter()
-                .filter_map(|d| d.disks.get(&disk.target).map(|b| (d, b.as_str())))
-                .collect();
-            let chain = match self.read(disk, images_read, notes) {
-                Read::Chain(chain) => chain,
-                Read::Unknown => {
-                    self.bad.extend(named.iter().map(|(d, _)| d.name.clone()));
-                    continue;
-                }
-            };
-            let indexed = Indexed::new(&chain);
-            for (def, bitmap) in &named {
-                let found = bitmap_findings(&indexed, bitmap, InUse::Damage);
-                if !found.is_empty() {
-                    self.bad.insert(def.name.clone());
-                }
-                for (kind, image, detail) in found {
-                    self.findings.push(Finding {
-                        kind,
-                        checkpoint: Some(def.name.clone()),
-                        disk: Some(disk.target.clone()),
-                        image: image.or_else(|| disk.source.clone()),
-                        detail,
-                    });
-                }
-            }
-            let Some(top) = chain.layers.first() else {
-                continue;
-            };
-            let known: HashSet<&str> = named
-                .iter()
-                .map(|(_, b)| *b)
-                .chain(
-                    journal
-                        .iter()
-                        .filter_map(|d| d.disks.get(&disk.target).map(String::as_str)),
-                )
-                .collect();
-            for b in top
-                .bitmaps
-                .iter()
-                .filter(|b| !known.contains(b.name.as_str()))
-            {
-                self.findings.push(Finding {
-                    kind: FindingKind::OrphanBitmap,
-                    checkpoint: Some(b.name.clone()),
-                    disk: Some(disk.target.clone()),
-                    image: Some(top.path.clone()),
-                    detail: format!(
-                        "bitmap {} is in the top image but no checkpoint names it for this disk",
-                        b.name
-                    ),
-                });
-            }
+            self.stopped_disk(disk, journal);
+        }
+    }
+
+    fn stopped_disk(&mut self, disk: &DomainDisk, journal: &[CheckpointDef]) {
+        let libvirt = self.libvirt;
+        let named: Vec<(&CheckpointDef, &str)> = libvirt
+            .iter()
+            .filter_map(|d| d.disks.get(&disk.target).map(|b| (d, b.as_str())))
+            .collect();
+        let (read, note) = self.read(disk);
+        self.notes.extend(note);
+        let Read::Chain(chain) = read else {
+            self.bad.extend(named.iter().map(|(d, _)| d.name.clone()));
+            return;
+        };
+        let indexed = Indexed::new(&chain);
+        for (def, bitmap) in &named {
+            self.bitmap(def, disk, bitmap_findings(&indexed, bitmap, InUse::Damage));
+        }
+        let known: HashSet<&str> = named
+            .iter()
+            .map(|(_, b)| *b)
+            .chain(
+                journal
+                    .iter()
+                    .filter_map(|d| d.disks.get(&disk.target).map(String::as_str)),
+            )
+            .collect();
+        self.orphans(disk, &chain, &known);
+    }
+
+    /// The bitmaps of a disk's top image that no checkpoint names for it.
+    fn orphans(&mut self, disk: &DomainDisk, chain: &DiskChain, known: &HashSet<&str>) {
+        let Some(top) = chain.layers.first() else {
+            return;
+        };
+        for b in top
+            .bitmaps
+            .iter()
+            .filter(|b| !known.contains(b.name.as_str()))
+        {
+            self.findings.push(Finding {
+                kind: FindingKind::OrphanBitmap,
+                checkpoint: Some(b.name.clone()),
+                disk: Some(disk.target.clone()),
+                image: Some(top.path.clone()),
+                detail: format!(
+                    "bitmap {} is in the top image but no checkpoint names it for this disk",
+                    b.name
+                ),
+            });
         }
     }
 
@@ -156,30 +224,26 @@ impl Check<'_> {
     /// as libvirt holds it with `REDEFINE_VALIDATE` instead, which names
     /// only the first bad disk ([`Check::running_whole`]). Findings are
     /// ordered as a shut-off domain's: per disk, then libvirt's order.
-    pub(super) fn running(
+    fn running(
         &mut self,
         backend: &dyn Backend,
         domain: &str,
-        images_read: &mut usize,
-        validations: &mut usize,
-        notes: &mut Vec<String>,
     ) -> std::result::Result<(), BackendError> {
-        let mut on_disk = OnDisk::default();
         let mut unusable = Vec::new();
         for (i, def) in self.libvirt.iter().enumerate() {
             let states = match backend.bitmap_states(domain, &def.name) {
                 Ok(states) => states,
                 Err(e) if e.kind == BackendErrorKind::Unsupported && i == 0 => {
-                    notes.push(format!(
+                    self.notes.push(format!(
                         "libvirt's per-disk check is not available ({}): each checkpoint was redefined as \
                          libvirt holds it with REDEFINE_VALIDATE, which names only its first bad disk",
                         e.message
                     ));
-                    return self.running_whole(backend, domain, images_read, validations);
+                    return self.running_whole(backend, domain);
                 }
                 Err(e) => return Err(e),
             };
-            *validations += 1;
+            self.validations += 1;
             for s in states
                 .into_iter()
                 .filter(|s| s.state == BitmapState::Unusable)
@@ -189,14 +253,14 @@ impl Check<'_> {
             }
         }
         unusable.sort();
-        let libvirt = self.libvirt;
+        let (libvirt, mut on_disk) = (self.libvirt, OnDisk::default());
         for (_, i, target) in unusable {
             let def = &libvirt[i];
             let why = format!(
                 "libvirt finds a missing or broken bitmap '{}' for disk '{target}'",
                 def.name
             );
-            self.unusable(def, &target, &why, &mut on_disk, images_read);
+            self.unusable(def, &target, &why, &mut on_disk);
         }
         Ok(())
     }
@@ -211,13 +275,11 @@ impl Check<'_> {
         &mut self,
         backend: &dyn Backend,
         domain: &str,
-        images_read: &mut usize,
-        validations: &mut usize,
     ) -> std::result::Result<(), BackendError> {
         let mut on_disk = OnDisk::default();
         for def in order_defs(self.libvirt) {
             let xml = backend.checkpoint_xml(domain, &def.name)?;
-            *validations += 1;
+            self.validations += 1;
             let e = match backend.redefine(domain, &xml, true) {
                 Ok(()) => continue,
                 Err(e) if e.kind == BackendErrorKind::Inconsistent => e,
@@ -225,7 +287,7 @@ impl Check<'_> {
             };
             let why = format!("libvirt refused to validate it: {}", e.message);
             match refused_disk(def, &e.message, self.info) {
-                Some(target) => self.unusable(def, target, &why, &mut on_disk, images_read),
+                Some(target) => self.unusable(def, target, &why, &mut on_disk),
                 None => {
                     self.bad.insert(def.name.clone());
                     self.findings.push(Finding {
@@ -244,59 +306,51 @@ impl Check<'_> {
     /// A bitmap libvirt finds missing or broken on a running domain: the
     /// image on disk tells which, by the same rules as a shut-off domain's
     /// except that a bitmap in use is expected there — missing when it is
-    /// in no layer, the rule it breaks when one does, inconsistent (QEMU's
-    /// copy differs from the file's) otherwise.
-    fn unusable(
-        &mut self,
-        def: &CheckpointDef,
-        target: &str,
-        why: &str,
-        on_disk: &mut OnDisk,
-        images_read: &mut usize,
-    ) {
+    /// in no layer, the rule it breaks when it breaks one, inconsistent
+    /// (QEMU's copy differs from the file's) otherwise.
+    fn unusable(&mut self, def: &CheckpointDef, target: &str, why: &str, on_disk: &mut OnDisk) {
         self.bad.insert(def.name.clone());
         let Some(disk) = self.info.disks.iter().find(|d| d.target == target) else {
             return;
         };
+        if !on_disk.0.contains_key(target) {
+            // A note about an unfollowed backing file is the shut-off
+            // check's: here libvirt has read the whole chain.
+            let (read, _) = self.read(disk);
+            on_disk.0.insert(target.to_string(), read);
+        }
         let bitmap = def
             .disks
             .get(target)
             .map_or(def.name.as_str(), String::as_str);
-        if !on_disk.0.contains_key(target) {
-            let read = self.read(disk, images_read, &mut Vec::new());
-            on_disk.0.insert(target.to_string(), read);
-        }
-        let found = match on_disk.0.get(target) {
-            Some(Read::Chain(chain)) => {
-                bitmap_findings(&Indexed::new(chain), bitmap, InUse::Expected)
-            }
-            _ => vec![(
-                FindingKind::InconsistentBitmap,
-                None,
-                "the image on disk could not be read".to_string(),
-            )],
-        };
-        let found = if found.is_empty() {
-            vec![(
-                FindingKind::InconsistentBitmap,
-                None,
-                format!(
-                    "bitmap {bitmap} looks sound in the image on disk, which lags behind QEMU's"
-                ),
-            )]
-        } else {
-            found
-        };
-        for (kind, image, detail) in found {
-            self.findings.push(Finding {
-                kind,
-                checkpoint: Some(def.name.clone()),
-                disk: Some(target.to_string()),
-                image: image.or_else(|| disk.source.clone()),
-                detail: format!("{why}; {detail}"),
-            });
-        }
+        let found = on_disk_findings(on_disk.0.get(target), bitmap);
+        let found = found
+            .into_iter()
+            .map(|(kind, image, detail)| (kind, image, format!("{why}; {detail}")))
+            .collect();
+        self.bitmap(def, disk, found);
     }
+}
+
+/// What the image on disk says of a bitmap libvirt finds missing or broken
+/// on a running domain; never empty.
+fn on_disk_findings(read: Option<&Read>, bitmap: &str) -> Vec<BitmapFinding> {
+    let found = match read {
+        Some(Read::Chain(chain)) => bitmap_findings(&Indexed::new(chain), bitmap, InUse::Expected),
+        _ => vec![(
+            FindingKind::InconsistentBitmap,
+            None,
+            "the image on disk could not be read".to_string(),
+        )],
+    };
+    if found.is_empty() {
+        return vec![(
+            FindingKind::InconsistentBitmap,
+            None,
+            format!("bitmap {bitmap} looks sound in the image on disk, which lags behind QEMU's"),
+        )];
+    }
+    found
 }
 
 /// The chains of a running domain's disks read so far (only where libvirt

@@ -90,14 +90,12 @@ mod rules;
 #[cfg(test)]
 mod tests;
 
-use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-use crate::backend::{Backend, BackendError, BackendErrorKind};
-use crate::chain::spine_path;
+use crate::backend::{Backend, BackendError};
 use crate::engine::Store;
 use crate::error::{Error, Result};
 
@@ -106,7 +104,7 @@ use check::{detached_notes, leftover_findings, Check};
 pub use images::{DiskChain, ImageError, Layer, LayerBitmap};
 pub use images::{ImageReader, Qcow2Reader};
 use journal::{committed_chain, compare_journal, journal_keys};
-use rules::{newest_usable, participating};
+use rules::{newest_leaf, newest_usable, participating};
 
 /// What a finding is about.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -260,11 +258,47 @@ pub fn validate_with(
         .iter()
         .map(|k| store.lock_domain(k))
         .collect::<Result<Vec<_>>>()?;
+    let mut notes = interrupted(store, &keys, domain)?;
+    let libvirt = backend.list(domain).map_err(backend_err(domain, "list"))?;
+    let committed = committed_chain(store, &keys)?;
+    let mut findings = match &committed {
+        Some(c) => compare_journal(&c.defs, &libvirt),
+        None => {
+            notes.push("the journal has no committed chain for this domain: journal vs libvirt not compared".into());
+            Vec::new()
+        }
+    };
+    notes.extend(detached_notes(&libvirt, &info));
+    let journal_defs = committed.as_ref().map_or(&[][..], |c| c.defs.as_slice());
+    let mut check = Check::new(&info, &libvirt, reader);
+    let running = check
+        .run(backend, domain, journal_defs)
+        .map_err(backend_err(domain, "validate"))?;
+    findings.append(&mut check.findings);
+    notes.append(&mut check.notes);
+    leftover_findings(backend, domain, &libvirt, &mut findings, &mut notes)?;
+    Ok(Report {
+        domain: domain.to_string(),
+        ok: findings.is_empty(),
+        findings,
+        usable: newest_usable(&libvirt, &check.bad, &participating(&libvirt, &info)),
+        leaf: newest_leaf(&libvirt),
+        running,
+        checkpoints: libvirt.len(),
+        journal_txn: committed.map(|c| c.txn),
+        images_read: check.images_read,
+        libvirt_validations: check.validations,
+        notes,
+    })
+}
+
+/// Notes for the domain's open transactions whose owner is gone; a live
+/// owner's makes the domain busy (the domain's lock is ours: only a live
+/// process that left its transaction open after an error may hold one).
+fn interrupted(store: &Store, keys: &[String], domain: &str) -> Result<Vec<String>> {
     let mut notes = Vec::new();
-    for key in &keys {
+    for key in keys {
         for t in store.journal().incomplete(Some(key))? {
-            // The domain's lock is ours: only a live process that left the
-            // transaction open after an error may still hold it.
             if !store.orphaned(&t) {
                 return Err(Error::Busy {
                     domain: domain.to_string(),
@@ -279,92 +313,7 @@ pub fn validate_with(
             ));
         }
     }
-    let libvirt = backend.list(domain).map_err(backend_err(domain, "list"))?;
-    let committed = committed_chain(store, &keys)?;
-
-    let mut findings = match &committed {
-        Some(c) => compare_journal(&c.defs, &libvirt),
-        None => {
-            notes.push("the journal has no committed chain for this domain: journal vs libvirt not compared".into());
-            Vec::new()
-        }
-    };
-    let journal_defs = committed
-        .as_ref()
-        .map(|c| c.defs.as_slice())
-        .unwrap_or_default();
-    notes.extend(detached_notes(&libvirt, &info));
-
-    let mut check = Check {
-        info: &info,
-        libvirt: &libvirt,
-        reader,
-        findings: Vec::new(),
-        bad: HashSet::new(),
-    };
-    let mut images_read = 0;
-    let mut validations = 0;
-    let running = if info.running {
-        match check.running(
-            backend,
-            domain,
-            &mut images_read,
-            &mut validations,
-            &mut notes,
-        ) {
-            Ok(()) => true,
-            // The domain stopped since it was looked up: check its images.
-            Err(e) if e.kind == BackendErrorKind::NotRunning => {
-                notes.push(
-                    "the domain stopped during validation: its images were checked instead".into(),
-                );
-                check.findings.clear();
-                check.bad.clear();
-                check.stopped(journal_defs, &mut images_read, &mut notes);
-                false
-            }
-            Err(e) => {
-                return Err(Error::Backend {
-                    domain: domain.to_string(),
-                    op: "validate",
-                    txn: None,
-                    source: e,
-                })
-            }
-        }
-    } else {
-        check.stopped(journal_defs, &mut images_read, &mut notes);
-        false
-    };
-    if running {
-        notes.push(
-            "the domain is running: bitmaps checked by libvirt; orphans not looked for".into(),
-        );
-    }
-    findings.append(&mut check.findings);
-    leftover_findings(backend, domain, &libvirt, &mut findings, &mut notes)?;
-    let usable = newest_usable(&libvirt, &check.bad, &participating(&libvirt, &info));
-    let index: HashMap<&str, usize> = libvirt
-        .iter()
-        .enumerate()
-        .map(|(i, d)| (d.name.as_str(), i))
-        .collect();
-    let leaf = spine_path(&libvirt, &index)
-        .last()
-        .map(|&i| libvirt[i].name.clone());
-    Ok(Report {
-        domain: domain.to_string(),
-        ok: findings.is_empty(),
-        findings,
-        usable,
-        leaf,
-        running,
-        checkpoints: libvirt.len(),
-        journal_txn: committed.map(|c| c.txn),
-        images_read,
-        libvirt_validations: validations,
-        notes,
-    })
+    Ok(notes)
 }
 
 fn backend_err<'a>(domain: &'a str, op: &'static str) -> impl Fn(BackendError) -> Error + 'a {

@@ -164,6 +164,18 @@ pub(super) fn participating<'a>(
         .collect()
 }
 
+/// libvirt's newest leaf: the end of the path [`newest_usable`] walks.
+pub(super) fn newest_leaf(libvirt: &[CheckpointDef]) -> Option<String> {
+    let index: HashMap<&str, usize> = libvirt
+        .iter()
+        .enumerate()
+        .map(|(i, d)| (d.name.as_str(), i))
+        .collect();
+    spine_path(libvirt, &index)
+        .last()
+        .map(|&i| libvirt[i].name.clone())
+}
+
 /// The newest checkpoint on the leaf's path (leaf first, up to the root)
 /// that has no finding or unknown, and names every participating disk.
 pub(super) fn newest_usable(
