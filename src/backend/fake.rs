@@ -858,6 +858,8 @@ impl Backend for FakeBackend {
                 .remove(&Some(name.to_string()))
                 .unwrap_or_default();
             for c in &orphans {
+                // libvirt rewrites a re-parented child's XML.
+                d.xml.remove(c);
                 if let Some(child) = d.checkpoints.get_mut(c) {
                     child.parent = gone.parent.clone();
                 }
@@ -1022,6 +1024,28 @@ mod tests {
         assert_eq!(
             after(vec![d("a", None, 1), d("b", Some("a"), 2), d("x", None, 3)]),
             None
+        );
+    }
+
+    #[test]
+    fn checkpoint_xml_is_what_was_given_until_the_fake_changes_it() {
+        let fake = FakeBackend::new();
+        fake.define_domain("x", "93a5c045-6457-2c09-e56c-927cdf34e178", &["vda"], true);
+        let a = "<domaincheckpoint><name>a</name><creationTime>1</creationTime>\
+                 <description>as given</description></domaincheckpoint>";
+        let b = "<domaincheckpoint><name>b</name><parent><name>a</name></parent>\
+                 <creationTime>2</creationTime></domaincheckpoint>";
+        fake.redefine("x", a, false).unwrap();
+        fake.redefine("x", b, false).unwrap();
+        assert_eq!(fake.checkpoint_xml("x", "a").unwrap(), a);
+        assert_eq!(fake.checkpoint_xml("x", "b").unwrap(), b);
+        // Deleting a re-parents b: its XML is libvirt's rewrite now.
+        fake.delete("x", "a").unwrap();
+        let now = fake.checkpoint_xml("x", "b").unwrap();
+        assert_eq!(parse_checkpoint(&now).unwrap().parent, None);
+        assert_eq!(
+            fake.checkpoint_xml("x", "a").unwrap_err().kind,
+            K::NoCheckpoint
         );
     }
 
