@@ -388,4 +388,9 @@ fn a_running_domain_reports_every_broken_disk() {
          reading the full XML {read:.1} ms"
     );
     assert_eq!(dump_all(&backend, &dom.name), before);
+    // Nothing left in the images either: stopped again, the same findings
+    // (a bitmap left behind would be an orphan).
+    dom.domain().destroy().unwrap();
+    let again = ckptstore::validate(&store, &backend, &dom.name).unwrap();
+    assert_eq!(findings(&again), expected, "{again:#?}");
 }
