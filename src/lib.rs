@@ -23,7 +23,8 @@ pub mod testing;
 pub use backend::fake::FakeBackend;
 pub use backend::libvirt::{redact_uri, LibvirtBackend};
 pub use backend::{
-    Backend, BackendError, BackendErrorKind, DomainDisk, DomainInfo, Leftover, LeftoverScan,
+    Backend, BackendError, BackendErrorKind, BitmapState, DiskBitmap, DomainDisk, DomainInfo,
+    Leftover, LeftoverScan,
 };
 pub use chain::{
     Chain, ChainError, Checkpoint, CheckpointDef, DetachedDisk, ValidChain, MAX_CHECKPOINTS,

@@ -36,6 +36,11 @@
 //! - `validate` runs after the parent checks, needs a running domain
 //!   (`NotRunning`) and, on every disk the domain has, a bitmap named after
 //!   the checkpoint (`Inconsistent`); disks the domain lacks are skipped;
+//! - [`Backend::bitmap_states`] (libvirt's `VIR_DOMAIN_CHECKPOINT_XML_SIZE`)
+//!   makes the same check on every disk instead of stopping at the first
+//!   bad one, and needs a running domain; [`Backend::checkpoint_xml`]
+//!   returns the XML a checkpoint was last redefined with, as given (one
+//!   the fake made itself is rendered);
 //! - listing is libvirt's topological order: depth first from the roots,
 //!   siblings most recently (re)defined first; a delete moves the children
 //!   to the front of their new parent's list, in their order;
@@ -70,7 +75,7 @@ pub use faults::Op;
 #[cfg(feature = "testing")]
 pub use faults::{Fault, Phase};
 
-use super::{Backend, BackendError, DomainInfo, Leftover, LeftoverScan};
+use super::{Backend, BackendError, DiskBitmap, DomainInfo, Leftover, LeftoverScan};
 use crate::chain::CheckpointDef;
 use faults::Faults;
 use model::FakeDomain;
@@ -204,7 +209,7 @@ impl Backend for FakeBackend {
         self.call(Op::Redefine, |st| {
             let d = st.find(domain)?;
             let (def, embedded_uuid) = read_redefine_xml(xml)?;
-            d.redefine(def, embedded_uuid.as_deref(), validate)
+            d.redefine(def, embedded_uuid.as_deref(), validate, xml)
         })
     }
 
@@ -218,6 +223,18 @@ impl Backend for FakeBackend {
 
     fn describe(&self) -> String {
         "fake".into()
+    }
+
+    fn checkpoint_xml(&self, domain: &str, name: &str) -> Result<String, BackendError> {
+        self.lock().find(domain)?.checkpoint_xml(name)
+    }
+
+    fn bitmap_states(
+        &self,
+        domain: &str,
+        checkpoint: &str,
+    ) -> Result<Vec<DiskBitmap>, BackendError> {
+        self.lock().find(domain)?.bitmap_states(checkpoint)
     }
 
     fn leftovers(&self, domain: &str) -> Result<LeftoverScan, BackendError> {

@@ -9,7 +9,8 @@ use std::time::SystemTime;
 
 use super::errors;
 use crate::backend::{
-    BackendError, BackendErrorKind as K, DomainDisk, DomainInfo, Leftover, LeftoverScan,
+    BackendError, BackendErrorKind as K, BitmapState, DiskBitmap, DomainDisk, DomainInfo, Leftover,
+    LeftoverScan,
 };
 use crate::chain::{is_valid_checkpoint_name, CheckpointDef};
 
@@ -34,6 +35,10 @@ pub(super) struct FakeDomain {
     /// Crash leftovers by checkpoint name: what libvirt would load from
     /// each (`None`: cut short), and whether it is stale.
     pub(super) leftovers: BTreeMap<String, (Option<CheckpointDef>, bool)>,
+    /// The XML each checkpoint was last redefined with, returned as it was
+    /// given by [`Backend::checkpoint_xml`](crate::backend::Backend::checkpoint_xml)
+    /// (the others are rendered).
+    xml: HashMap<String, String>,
 }
 
 impl FakeDomain {
@@ -121,6 +126,7 @@ impl FakeDomain {
     pub(super) fn replace_all(&mut self, defs: Vec<CheckpointDef>) {
         self.current = recompute_current(&defs);
         self.checkpoints.clear();
+        self.xml.clear();
         self.children.clear();
         let names: BTreeSet<String> = defs.iter().map(|d| d.name.clone()).collect();
         for d in defs.into_iter().rev() {
@@ -179,17 +185,20 @@ impl FakeDomain {
             },
         );
         self.link(name, parent.clone());
+        self.xml.remove(name);
         self.current = Some(name.into());
         Ok(parent)
     }
 
     /// Redefine a checkpoint from a definition read from a document that
-    /// passed the schema (`embedded_uuid`: the UUID of its `<domain>`).
+    /// passed the schema (`embedded_uuid`: the UUID of its `<domain>`;
+    /// `given`: the document, kept as libvirt keeps it).
     pub(super) fn redefine(
         &mut self,
         def: CheckpointDef,
         embedded_uuid: Option<&str>,
         validate: bool,
+        given: &str,
     ) -> Result<(), BackendError> {
         if self.refused.contains(&def) {
             return Err(errors::invalid(format!(
@@ -204,6 +213,7 @@ impl FakeDomain {
         if validate {
             self.check_bitmaps(&def)?;
         }
+        self.xml.insert(def.name.clone(), given.to_string());
         self.put(def);
         Ok(())
     }
@@ -298,11 +308,14 @@ impl FakeDomain {
             return Err(errors::no_checkpoint(name));
         };
         self.unlink(name, gone.parent.clone());
+        self.xml.remove(name);
         let orphans = self
             .children
             .remove(&Some(name.to_string()))
             .unwrap_or_default();
         for c in &orphans {
+            // libvirt rewrites a re-parented child's XML.
+            self.xml.remove(c);
             if let Some(child) = self.checkpoints.get_mut(c) {
                 child.parent = gone.parent.clone();
             }
@@ -334,12 +347,55 @@ impl FakeDomain {
                 self.unlink(&name, old.parent);
             }
             self.link(&name, parent);
+            self.xml.remove(&name);
         }
         for l in self.leftovers.values_mut() {
             l.1 = true;
         }
         let defs: Vec<CheckpointDef> = self.checkpoints.values().cloned().collect();
         self.current = current_after_restart(&defs);
+    }
+}
+
+/// What libvirt answers about one checkpoint: its XML, its bitmaps.
+impl FakeDomain {
+    /// The XML a checkpoint was last redefined with, as given; one the fake
+    /// made or rewrote itself is rendered.
+    pub(super) fn checkpoint_xml(&self, name: &str) -> Result<String, BackendError> {
+        match (self.xml.get(name), self.checkpoints.get(name)) {
+            (Some(xml), _) => Ok(xml.clone()),
+            (None, Some(def)) => Ok(crate::xml::render_checkpoint(def)),
+            (None, None) => Err(errors::no_checkpoint(name)),
+        }
+    }
+
+    /// Like libvirt's `VIR_DOMAIN_CHECKPOINT_XML_SIZE`: the bitmap named
+    /// after the checkpoint, looked for in each disk's bitmap set (disks the
+    /// domain lacks are skipped); needs a running domain.
+    pub(super) fn bitmap_states(&self, checkpoint: &str) -> Result<Vec<DiskBitmap>, BackendError> {
+        let def = self
+            .checkpoints
+            .get(checkpoint)
+            .ok_or_else(|| errors::no_checkpoint(checkpoint))?;
+        if !self.running {
+            return Err(errors::not_running());
+        }
+        Ok(def
+            .disks
+            .keys()
+            .filter_map(|target| {
+                let present = self.bitmaps.get(target)?;
+                let state = if present.contains(checkpoint) {
+                    BitmapState::Usable { dirty_bytes: 0 }
+                } else {
+                    BitmapState::Unusable
+                };
+                Some(DiskBitmap {
+                    target: target.clone(),
+                    state,
+                })
+            })
+            .collect())
     }
 }
 
@@ -430,6 +486,29 @@ fn current_after_restart(defs: &[CheckpointDef]) -> Option<String> {
 mod tests {
     use super::*;
     use crate::backend::fake::FakeBackend;
+
+    #[test]
+    fn checkpoint_xml_is_what_was_given_until_the_fake_changes_it() {
+        use crate::backend::Backend;
+        let fake = FakeBackend::new();
+        fake.define_domain("x", "93a5c045-6457-2c09-e56c-927cdf34e178", &["vda"], true);
+        let a = "<domaincheckpoint><name>a</name><creationTime>1</creationTime>\
+                 <description>as given</description></domaincheckpoint>";
+        let b = "<domaincheckpoint><name>b</name><parent><name>a</name></parent>\
+                 <creationTime>2</creationTime></domaincheckpoint>";
+        fake.redefine("x", a, false).unwrap();
+        fake.redefine("x", b, false).unwrap();
+        assert_eq!(fake.checkpoint_xml("x", "a").unwrap(), a);
+        assert_eq!(fake.checkpoint_xml("x", "b").unwrap(), b);
+        // Deleting a re-parents b: its XML is libvirt's rewrite now.
+        fake.delete("x", "a").unwrap();
+        let now = fake.checkpoint_xml("x", "b").unwrap();
+        assert_eq!(crate::xml::parse_checkpoint(&now).unwrap().parent, None);
+        assert_eq!(
+            fake.checkpoint_xml("x", "a").unwrap_err().kind,
+            K::NoCheckpoint
+        );
+    }
 
     #[test]
     fn a_restart_makes_the_leaf_of_a_line_current_and_nothing_else() {

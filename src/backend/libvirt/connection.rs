@@ -47,7 +47,7 @@ impl LibvirtBackend {
 
     /// Drop the held connection if it is still `used` (another thread may
     /// have replaced it already).
-    fn forget(&self, used: &Connect) {
+    pub(super) fn forget(&self, used: &Connect) {
         let mut slot = self.slot();
         if slot.as_ref().is_some_and(|c| ffi::same_connection(c, used)) {
             *slot = None;

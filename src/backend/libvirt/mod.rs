@@ -27,9 +27,12 @@ use virt::sys;
 
 pub use uri::redact_uri;
 
-use super::{Backend, BackendError, BackendErrorKind as K, DomainInfo, Leftover, LeftoverScan};
+use super::{
+    Backend, BackendError, BackendErrorKind as K, BitmapState, DiskBitmap, DomainInfo, Leftover,
+    LeftoverScan,
+};
 use crate::chain::CheckpointDef;
-use crate::xml::{parse_checkpoint, parse_domain};
+use crate::xml::{parse_checkpoint, parse_disk_sizes, parse_domain};
 
 /// A [`Backend`] over a libvirt connection (`qemu:///system`,
 /// `qemu+ssh://host/system`, `test:///default`, ...).
@@ -121,6 +124,10 @@ fn parse(xml: &str) -> Result<CheckpointDef, BackendError> {
     })
 }
 
+fn unreadable(e: crate::xml::XmlError) -> BackendError {
+    BackendError::new(K::Other, format!("libvirt returned unreadable XML: {e}"))
+}
+
 impl Backend for LibvirtBackend {
     fn list(&self, domain: &str) -> Result<Vec<CheckpointDef>, BackendError> {
         let xmls: Vec<String> = self.on_domain(domain, |dom| {
@@ -144,6 +151,61 @@ impl Backend for LibvirtBackend {
         self.on_domain(domain, |dom| {
             ffi::lookup_by_name(dom, name)?.delete(ffi::DELETE_METADATA_ONLY)
         })
+    }
+
+    /// `virDomainCheckpointGetXMLDesc` with no flag: the full XML,
+    /// `<domain>` included when libvirt stores one.
+    fn checkpoint_xml(&self, domain: &str, name: &str) -> Result<String, BackendError> {
+        self.on_domain(domain, |dom| ffi::lookup_by_name(dom, name)?.xml_desc(0))
+    }
+
+    /// The checkpoint's XML with `VIR_DOMAIN_CHECKPOINT_XML_SIZE`: libvirt
+    /// runs `qemuBlockBitmapChainIsValid` on every bitmap disk the domain
+    /// has and gives a `size` to those that pass. It merges each good
+    /// bitmap into a temporary, non-persistent one in QEMU
+    /// (`libvirt-tmp-size-xml`) to count it, and removes it before it
+    /// answers; libvirt's metadata is not written.
+    fn bitmap_states(
+        &self,
+        domain: &str,
+        checkpoint: &str,
+    ) -> Result<Vec<DiskBitmap>, BackendError> {
+        // Other drivers take the flag and size nothing (the test driver):
+        // only the qemu driver's sizes are its bitmap check.
+        let conn = self.connection()?;
+        let driver = conn.driver_type().map_err(|e| {
+            let err = errors::error(&e);
+            if err.kind == K::ConnectionLost {
+                self.forget(&conn);
+            }
+            err
+        })?;
+        if driver != "QEMU" {
+            return Err(BackendError::new(
+                K::Unsupported,
+                format!("libvirt's {driver} driver does not check bitmaps per disk"),
+            ));
+        }
+        let (xml, domain_xml) = self.on_domain(domain, |dom| {
+            let xml = ffi::lookup_by_name(dom, checkpoint)?
+                .xml_desc(ffi::XML_NO_DOMAIN | ffi::XML_SIZE)?;
+            Ok((xml, dom.xml_desc(0)?))
+        })?;
+        let def = parse(&xml)?;
+        let sizes = parse_disk_sizes(&xml).map_err(unreadable)?;
+        let info = parse_domain(&domain_xml, true).map_err(unreadable)?;
+        Ok(def
+            .disks
+            .keys()
+            .filter(|t| info.has_target(t))
+            .map(|t| DiskBitmap {
+                target: t.clone(),
+                state: match sizes.get(t) {
+                    Some(&dirty_bytes) => BitmapState::Usable { dirty_bytes },
+                    None => BitmapState::Unusable,
+                },
+            })
+            .collect())
     }
 
     fn domain_info(&self, domain: &str) -> Result<DomainInfo, BackendError> {
