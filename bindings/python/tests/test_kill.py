@@ -124,9 +124,9 @@ def test_an_agent_killed_mid_sync_is_recovered_by_python_or_the_command(
         assert one_round("step", k) == "open"
 
     # Killed from a timer thread: early (about when the intent is written)
-    # until one lands before the intent, then anywhere in the switch.
+    # until two land before the intent, then anywhere in the switch.
     timer_rounds = 0
-    while counts["before_intent"] == 0 and timer_rounds < MAX_TIMER_ROUNDS:
+    while counts["before_intent"] < 2 and timer_rounds < MAX_TIMER_ROUNDS:
         timer_rounds += 1
         one_round("timer", round(rng.uniform(0, to_first * 1000), 1))
     for _ in range(4):
@@ -134,7 +134,7 @@ def test_an_agent_killed_mid_sync_is_recovered_by_python_or_the_command(
         one_round("timer", round(rng.uniform(to_first * 1000, whole * 1000), 1))
 
     print(f"{rounds} kill rounds: {counts}; recovered by {recoverers}")
-    assert counts["before_intent"] >= 1, f"no timer kill landed before the intent in {timer_rounds} tries"
+    assert counts["before_intent"] >= 2, f"{counts['before_intent']} timer kills of {timer_rounds} landed before the intent"
     assert counts["open"] >= len(STEP_KILLS)
     assert recoverers["python"] >= 1 and recoverers["cli"] >= 1
 
