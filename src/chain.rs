@@ -226,6 +226,31 @@ impl Chain {
     ///
     /// A [`ChainError`] naming the first offending checkpoint, disk or name.
     pub fn validate(self) -> Result<ValidChain, ChainError> {
+        self.check_size()?;
+        let domain = self.domain_key();
+        if !is_valid_domain(&domain) {
+            return Err(ChainError::BadDomain(domain));
+        }
+        check_targets(&self.disks)?;
+        let index = index_ids(&self.checkpoints)?;
+        let mut detached = Vec::new();
+        for c in &self.checkpoints {
+            if c.created.timestamp() <= 0 {
+                return Err(ChainError::BadTime(c.id));
+            }
+            check_parent(c, &index)?;
+            detached.extend(detached_disks(c, &self.disks)?);
+        }
+        let order = topo_order(&self.checkpoints, &index)?;
+        Ok(ValidChain {
+            chain: self,
+            order,
+            detached,
+        })
+    }
+
+    /// Not over [`MAX_CHECKPOINTS`], and not empty.
+    fn check_size(&self) -> Result<(), ChainError> {
         if self.checkpoints.len() > MAX_CHECKPOINTS {
             return Err(ChainError::TooLarge {
                 count: self.checkpoints.len(),
@@ -235,77 +260,86 @@ impl Chain {
         if self.checkpoints.is_empty() && self.disks.is_empty() {
             return Err(ChainError::Empty(self.vm_id));
         }
-        let domain = self.domain_key();
-        if !is_valid_domain(&domain) {
-            return Err(ChainError::BadDomain(domain));
-        }
-        let mut targets: HashMap<&str, Uuid> = HashMap::new();
-        for (disk, target) in &self.disks {
-            if !is_valid_target(target) {
-                return Err(ChainError::BadTarget {
-                    disk: *disk,
-                    target: target.clone(),
-                });
-            }
-            if let Some(first) = targets.insert(target, *disk) {
-                return Err(ChainError::DuplicateTarget {
-                    target: target.clone(),
-                    first,
-                    second: *disk,
-                });
-            }
-        }
-        let mut index: HashMap<Uuid, usize> = HashMap::with_capacity(self.checkpoints.len());
-        for (i, c) in self.checkpoints.iter().enumerate() {
-            if index.insert(c.id, i).is_some() {
-                return Err(ChainError::Duplicate(c.id));
-            }
-        }
-        let mut detached = Vec::new();
-        for c in &self.checkpoints {
-            if c.created.timestamp() <= 0 {
-                return Err(ChainError::BadTime(c.id));
-            }
-            if let Some(p) = c.parent {
-                if p == c.id {
-                    return Err(ChainError::Cycle(c.id));
-                }
-                if !index.contains_key(&p) {
-                    return Err(ChainError::UnknownParent {
-                        checkpoint: c.id,
-                        parent: p,
-                    });
-                }
-            }
-            let mut seen = BTreeSet::new();
-            let mut attached = 0;
-            for d in &c.disks {
-                if !seen.insert(*d) {
-                    return Err(ChainError::DuplicateDisk {
-                        checkpoint: c.id,
-                        disk: *d,
-                    });
-                }
-                if self.disks.contains_key(d) {
-                    attached += 1;
-                } else {
-                    detached.push(DetachedDisk {
-                        checkpoint: c.id,
-                        disk: *d,
-                    });
-                }
-            }
-            if attached == 0 {
-                return Err(ChainError::NoDisks(c.id));
-            }
-        }
-        let order = topo_order(&self.checkpoints, &index)?;
-        Ok(ValidChain {
-            chain: self,
-            order,
-            detached,
-        })
+        Ok(())
     }
+}
+
+/// Every target name valid, and no two disks on the same target.
+fn check_targets(disks: &BTreeMap<Uuid, String>) -> Result<(), ChainError> {
+    let mut targets: HashMap<&str, Uuid> = HashMap::new();
+    for (disk, target) in disks {
+        if !is_valid_target(target) {
+            return Err(ChainError::BadTarget {
+                disk: *disk,
+                target: target.clone(),
+            });
+        }
+        if let Some(first) = targets.insert(target, *disk) {
+            return Err(ChainError::DuplicateTarget {
+                target: target.clone(),
+                first,
+                second: *disk,
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Each checkpoint's position by id; refuses a repeated id.
+fn index_ids(cps: &[Checkpoint]) -> Result<HashMap<Uuid, usize>, ChainError> {
+    let mut index: HashMap<Uuid, usize> = HashMap::with_capacity(cps.len());
+    for (i, c) in cps.iter().enumerate() {
+        if index.insert(c.id, i).is_some() {
+            return Err(ChainError::Duplicate(c.id));
+        }
+    }
+    Ok(index)
+}
+
+/// The parent, if any, is another checkpoint of the chain.
+fn check_parent(c: &Checkpoint, index: &HashMap<Uuid, usize>) -> Result<(), ChainError> {
+    let Some(p) = c.parent else {
+        return Ok(());
+    };
+    if p == c.id {
+        return Err(ChainError::Cycle(c.id));
+    }
+    if !index.contains_key(&p) {
+        return Err(ChainError::UnknownParent {
+            checkpoint: c.id,
+            parent: p,
+        });
+    }
+    Ok(())
+}
+
+/// The checkpoint's disks that the disk map no longer holds; refuses a disk
+/// listed twice, and a checkpoint with no attached disk.
+fn detached_disks(
+    c: &Checkpoint,
+    disks: &BTreeMap<Uuid, String>,
+) -> Result<Vec<DetachedDisk>, ChainError> {
+    let mut seen = BTreeSet::new();
+    let mut detached = Vec::new();
+    for d in &c.disks {
+        if !seen.insert(*d) {
+            return Err(ChainError::DuplicateDisk {
+                checkpoint: c.id,
+                disk: *d,
+            });
+        }
+        if !disks.contains_key(d) {
+            detached.push(DetachedDisk {
+                checkpoint: c.id,
+                disk: *d,
+            });
+        }
+    }
+    // No disk of the checkpoint is in the map.
+    if detached.len() == c.disks.len() {
+        return Err(ChainError::NoDisks(c.id));
+    }
+    Ok(detached)
 }
 
 /// Kahn's algorithm over indices, ties broken by (created, id) so the order
@@ -330,29 +364,34 @@ fn topo_order(cps: &[Checkpoint], index: &HashMap<Uuid, usize>) -> Result<Vec<us
         }
     }
     if order.len() != n {
-        // Every checkpoint left over sits on or below a cycle; name the
-        // smallest id on a cycle for a stable message.
-        let placed: BTreeSet<usize> = order.iter().copied().collect();
-        let on_cycle = (0..n)
-            .filter(|i| !placed.contains(i))
-            .filter(|&i| {
-                let mut seen = BTreeSet::new();
-                let mut cur = i;
-                loop {
-                    if !seen.insert(cur) {
-                        return cur == i;
-                    }
-                    match cps[cur].parent {
-                        Some(p) => cur = index[&p],
-                        None => return false,
-                    }
-                }
-            })
-            .map(|i| cps[i].id)
-            .min();
-        return Err(ChainError::Cycle(on_cycle.unwrap_or(cps[0].id)));
+        return Err(ChainError::Cycle(cycle_member(cps, index, &order)));
     }
     Ok(order)
+}
+
+/// Every checkpoint left out of a topological `order` sits on or below a
+/// cycle; the smallest id on a cycle, for a stable message.
+fn cycle_member(cps: &[Checkpoint], index: &HashMap<Uuid, usize>, order: &[usize]) -> Uuid {
+    let placed: BTreeSet<usize> = order.iter().copied().collect();
+    let on_cycle = |i: usize| {
+        let mut seen = BTreeSet::new();
+        let mut cur = i;
+        loop {
+            if !seen.insert(cur) {
+                return cur == i;
+            }
+            match cps[cur].parent {
+                Some(p) => cur = index[&p],
+                None => return false,
+            }
+        }
+    };
+    (0..cps.len())
+        .filter(|i| !placed.contains(i))
+        .filter(|&i| on_cycle(i))
+        .map(|i| cps[i].id)
+        .min()
+        .unwrap_or(cps[0].id)
 }
 
 impl ValidChain {

@@ -23,7 +23,8 @@ pub mod testing;
 pub use backend::fake::FakeBackend;
 pub use backend::libvirt::{redact_uri, LibvirtBackend};
 pub use backend::{
-    Backend, BackendError, BackendErrorKind, DomainDisk, DomainInfo, Leftover, LeftoverScan,
+    Backend, BackendError, BackendErrorKind, BitmapState, DiskBitmap, DomainDisk, DomainInfo,
+    Leftover, LeftoverScan,
 };
 pub use chain::{
     Chain, ChainError, Checkpoint, CheckpointDef, DetachedDisk, ValidChain, MAX_CHECKPOINTS,
@@ -34,7 +35,9 @@ pub use engine::{
     SyncReport, CRASH_POINTS,
 };
 pub use error::{Error, ErrorDoc, ErrorKind, Result};
-pub use journal::{Committed, JournalError, JournalOptions, StepPhase, TxnKind, TxnState};
+pub use journal::{
+    Committed, JournalError, JournalOptions, SqliteCause, StepPhase, TxnKind, TxnState,
+};
 pub use owner::Owner;
 pub use qcow2::{
     read_chain as read_qcow2_chain, read_image as read_qcow2, Backing as Qcow2Backing,

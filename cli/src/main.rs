@@ -112,8 +112,8 @@ Example:
 
 const VALIDATE_AFTER: &str = "\
 Compares the journal's committed chain with libvirt's checkpoints, and each checkpoint with the
-bitmaps in the domain's qcow2 images (read directly, read-only; a running domain is checked by
-libvirt's REDEFINE_VALIDATE instead). Exit 1 when there are findings.
+bitmaps in the domain's qcow2 images (read directly, read-only; a running domain's bitmaps are
+checked by libvirt instead, on every disk, changing nothing). Exit 1 when there are findings.
 
 Example:
   $ ckptstore validate --domain fedora

@@ -6,6 +6,13 @@
 //! Errors carry a [`BackendErrorKind`] that the engine branches on; the most
 //! important one is [`BackendErrorKind::ConnectionLost`]: the call's outcome
 //! is unknown, and the engine must look before it decides anything.
+//!
+//! The code map: `fake/` (the in-memory backend: `mod.rs`, `model.rs`,
+//! `schema.rs`, `errors.rs`, `faults.rs`), `libvirt/` (the real one:
+//! `mod.rs`, `connection.rs`, `errors.rs`, `uri.rs`, `ffi.rs`, `state.rs`);
+//! this file holds the [`Backend`] trait, [`BackendError`] and libvirt's
+//! crash leftovers as the trait reports them ([`Leftover`],
+//! [`LeftoverScan`]).
 
 pub mod fake;
 pub mod libvirt;
@@ -54,6 +61,35 @@ pub enum LeftoverScan {
     /// connection, a daemon in another mount namespace, no permission).
     /// Nothing is assumed.
     CannotCheck(String),
+}
+
+/// What libvirt says of one disk's bitmap of one checkpoint on a running
+/// domain ([`Backend::bitmap_states`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum BitmapState {
+    /// The bitmap passes libvirt's check: an incremental backup from the
+    /// checkpoint can read this disk.
+    Usable {
+        /// Bytes the bitmap holds dirty, merged down the backing chain
+        /// (libvirt's `size`; the fake always says 0).
+        dirty_bytes: u64,
+    },
+    /// The bitmap fails libvirt's check: missing from the disk's top
+    /// image, or there but unusable (in use, inconsistent, disabled, read
+    /// only, or a gap down the backing chain). libvirt does not say which;
+    /// `REDEFINE_VALIDATE` refuses the checkpoint while it names this disk.
+    Unusable,
+}
+
+/// One disk of [`Backend::bitmap_states`].
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct DiskBitmap {
+    /// The disk's target name.
+    pub target: String,
+    /// What libvirt says of the checkpoint's bitmap there.
+    pub state: BitmapState,
 }
 
 /// What went wrong in a backend call, as a kind the engine can branch on.
@@ -199,6 +235,58 @@ pub trait Backend: Send + Sync {
         Err(BackendError::new(
             BackendErrorKind::Unsupported,
             format!("{} cannot remove metadata files", self.describe()),
+        ))
+    }
+
+    /// The checkpoint's XML exactly as libvirt holds it: with the
+    /// `<domain>` element a checkpoint libvirt created keeps
+    /// (`virDomainCheckpointGetXMLDesc` without
+    /// `VIR_DOMAIN_CHECKPOINT_XML_NO_DOMAIN`). Redefining exactly this
+    /// string changes nothing. The provided implementation renders the
+    /// minimal XML of the checkpoint as [`Backend::list`] gives it.
+    ///
+    /// # Errors
+    ///
+    /// [`BackendErrorKind::NoCheckpoint`] when there is no such checkpoint,
+    /// [`BackendErrorKind::NoDomain`], connection errors.
+    fn checkpoint_xml(&self, domain: &str, name: &str) -> Result<String, BackendError> {
+        self.list(domain)?
+            .iter()
+            .find(|d| d.name == name)
+            .map(crate::xml::render_checkpoint)
+            .ok_or_else(|| {
+                BackendError::new(
+                    BackendErrorKind::NoCheckpoint,
+                    format!("no domain checkpoint with matching name '{name}'"),
+                )
+            })
+    }
+
+    /// On a running domain, for every disk the checkpoint names with a
+    /// bitmap and the domain has (in target order): whether the bitmap
+    /// named after the checkpoint passes libvirt's check — the one
+    /// `REDEFINE_VALIDATE` makes (`qemuBlockBitmapChainIsValid`), on every
+    /// disk instead of up to the first bad one. Nothing is written to
+    /// libvirt's metadata or to the images, so it needs no intent in the
+    /// journal. The provided implementation cannot tell: `Unsupported`.
+    ///
+    /// # Errors
+    ///
+    /// [`BackendErrorKind::NotRunning`] when the domain is shut off,
+    /// [`BackendErrorKind::NoCheckpoint`], [`BackendErrorKind::Unsupported`]
+    /// where the backend cannot check per disk, connection errors.
+    fn bitmap_states(
+        &self,
+        domain: &str,
+        checkpoint: &str,
+    ) -> Result<Vec<DiskBitmap>, BackendError> {
+        let _ = (domain, checkpoint);
+        Err(BackendError::new(
+            BackendErrorKind::Unsupported,
+            format!(
+                "{} cannot check a checkpoint's bitmaps per disk",
+                self.describe()
+            ),
         ))
     }
 }

@@ -180,9 +180,9 @@ impl Store {
                     owner: open.map(|t| t.owner),
                 })
             }
-            Err(e) => Err(Error::Journal(JournalError::Io {
-                detail: format!("cannot lock domain {domain} beside the journal: {e}"),
-            })),
+            Err(e) => Err(Error::Journal(JournalError::io(format!(
+                "cannot lock domain {domain} beside the journal: {e}"
+            )))),
         }
     }
 

@@ -3,9 +3,10 @@
 //! transaction. A migration is never edited once released: a test holds
 //! their SHA-256 hashes.
 
-use rusqlite::{Connection, TransactionBehavior};
+use rusqlite::Connection;
 
-use super::JournalError;
+use super::error::SqlContext;
+use super::{write, JournalError, Sql};
 
 /// One embedded migration.
 #[derive(Debug, Clone, Copy)]
@@ -33,9 +34,8 @@ pub const MIGRATIONS: &[Migration] = &[
 pub const SCHEMA_VERSION: u32 = MIGRATIONS.len() as u32;
 
 pub(super) fn user_version(conn: &Connection) -> Result<u32, JournalError> {
-    conn.query_row("PRAGMA user_version", [], |r| r.get::<_, i64>(0))
+    conn.one("PRAGMA user_version", [], |r| r.get::<_, i64>(0))
         .map(|v| v as u32)
-        .map_err(JournalError::from_sqlite)
 }
 
 /// Refuse a journal from a newer schema without touching it.
@@ -53,23 +53,18 @@ pub(super) fn check_not_newer(conn: &Connection) -> Result<u32, JournalError> {
 /// Apply every pending migration and bump `user_version`, all in one
 /// transaction. Returns the number applied.
 pub(super) fn migrate(conn: &mut Connection) -> Result<usize, JournalError> {
-    let tx = conn
-        .transaction_with_behavior(TransactionBehavior::Immediate)
-        .map_err(JournalError::from_sqlite)?;
-    // Read again inside the write lock: another process may have migrated.
-    let found = check_not_newer(&tx)?;
-    let pending = &MIGRATIONS[found as usize..];
-    for m in pending {
-        tx.execute_batch(m.sql)
-            .map_err(|e| JournalError::Migration {
-                name: m.name,
-                detail: e.to_string(),
-            })?;
-    }
-    if !pending.is_empty() {
-        tx.pragma_update(None, "user_version", SCHEMA_VERSION)
-            .map_err(JournalError::from_sqlite)?;
-    }
-    tx.commit().map_err(JournalError::from_sqlite)?;
-    Ok(pending.len())
+    write(conn, |tx| {
+        // Read again inside the write lock: another process may have migrated.
+        let found = check_not_newer(tx)?;
+        let pending = &MIGRATIONS[found as usize..];
+        for m in pending {
+            tx.execute_batch(m.sql)
+                .map_err(|e| JournalError::migration(m.name, e))?;
+        }
+        if !pending.is_empty() {
+            tx.pragma_update(None, "user_version", SCHEMA_VERSION)
+                .sql("PRAGMA user_version")?;
+        }
+        Ok(pending.len())
+    })
 }

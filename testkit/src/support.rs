@@ -226,3 +226,31 @@ impl Drop for TestDomain {
         }
     }
 }
+
+/// The script that installs, starts, stops and reports the test daemon
+/// (`tests/support/libvirt.sh` at the workspace's root).
+pub const LIBVIRT_SCRIPT: &str =
+    concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/support/libvirt.sh");
+
+/// Runs `tests/support/libvirt.sh ARG` (`start`, `stop`, `pid`, …).
+///
+/// # Panics
+///
+/// When bash cannot be started.
+pub fn libvirt_sh(arg: &str) -> std::process::Output {
+    Command::new("bash")
+        .arg(LIBVIRT_SCRIPT)
+        .arg(arg)
+        .output()
+        .expect("run tests/support/libvirt.sh")
+}
+
+/// The test daemon's pid, from its pid file (the script checks that the
+/// pid is still a libvirtd), or `None` when it does not run.
+pub fn daemon_pid() -> Option<u32> {
+    let out = libvirt_sh("pid");
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).trim().parse().ok())
+        .flatten()
+}

@@ -148,3 +148,249 @@ fn a_checkpoint_without_bitmaps_is_imported_and_redefined_again() {
     assert!(report.ok, "{report:#?}");
     assert_eq!(report.usable.as_deref(), Some("k2"));
 }
+
+/// `virsh checkpoint-dumpxml D NAME`: the checkpoint's XML as libvirt holds
+/// it, `<domain>` included (without the line end virsh adds).
+fn dumpxml(domain: &str, name: &str) -> String {
+    let out = std::process::Command::new("virsh")
+        .args([
+            "-c",
+            support::SYSTEM_URI,
+            "checkpoint-dumpxml",
+            domain,
+            name,
+        ])
+        .output()
+        .expect("virsh");
+    assert!(
+        out.status.success(),
+        "virsh checkpoint-dumpxml {domain} {name}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut xml = String::from_utf8(out.stdout).unwrap();
+    assert_eq!(xml.pop(), Some('\n'));
+    xml
+}
+
+/// Every checkpoint's XML as libvirt holds it, by name.
+fn dump_all(backend: &LibvirtBackend, domain: &str) -> Vec<(String, String)> {
+    backend
+        .list(domain)
+        .unwrap()
+        .into_iter()
+        .map(|d| {
+            let xml = dumpxml(domain, &d.name);
+            (d.name, xml)
+        })
+        .collect()
+}
+
+/// Real checkpoints, as a backup makes them: libvirt stores each with the
+/// domain's definition.
+fn create_real(backend: &LibvirtBackend, domain: &str, names: &[&str]) {
+    for name in names {
+        backend
+            .create_checkpoint(
+                domain,
+                &format!("<domaincheckpoint><name>{name}</name></domaincheckpoint>"),
+            )
+            .unwrap();
+    }
+}
+
+/// A backend that lacks the per-disk check ([`Backend::bitmap_states`]
+/// left to its provided answer, `Unsupported`), as a backend of another
+/// maker may: validate then has libvirt check each checkpoint with
+/// `REDEFINE_VALIDATE` of exactly the XML libvirt holds.
+struct WholeCheckpointOnly<'a>(&'a LibvirtBackend);
+
+impl Backend for WholeCheckpointOnly<'_> {
+    fn list(&self, domain: &str) -> Result<Vec<CheckpointDef>, ckptstore::BackendError> {
+        self.0.list(domain)
+    }
+    fn redefine(
+        &self,
+        domain: &str,
+        xml: &str,
+        validate: bool,
+    ) -> Result<(), ckptstore::BackendError> {
+        self.0.redefine(domain, xml, validate)
+    }
+    fn delete(&self, domain: &str, name: &str) -> Result<(), ckptstore::BackendError> {
+        self.0.delete(domain, name)
+    }
+    fn domain_info(&self, domain: &str) -> Result<ckptstore::DomainInfo, ckptstore::BackendError> {
+        self.0.domain_info(domain)
+    }
+    fn describe(&self) -> String {
+        self.0.describe()
+    }
+    fn checkpoint_xml(&self, domain: &str, name: &str) -> Result<String, ckptstore::BackendError> {
+        self.0.checkpoint_xml(domain, name)
+    }
+}
+
+/// The issue's first complaint: `validate` of a running domain rewrote
+/// libvirt's checkpoint XML with the minimal form, dropping the `<domain>`
+/// its creator stored (57 lines became 13). Now every checkpoint's XML is
+/// byte for byte what it was, and libvirt's hidden current checkpoint is
+/// where it was — with the per-disk check, and with the whole-checkpoint
+/// `REDEFINE_VALIDATE` a backend without it falls back to.
+#[test]
+fn validate_leaves_libvirts_checkpoint_xml_as_it_was() {
+    let dom = TestDomain::define(&support::system(), "v-keepxml", 2);
+    let backend = LibvirtBackend::connect(support::SYSTEM_URI).unwrap();
+    dom.start();
+    create_real(&backend, &dom.name, &["k0", "k1", "k2"]);
+    let before = dump_all(&backend, &dom.name);
+    assert_eq!(before.len(), 3);
+    for (name, xml) in &before {
+        assert!(
+            xml.contains("<domain type='qemu'>") && xml.lines().count() > 40,
+            "{name}: libvirt stores the domain with a checkpoint it made:\n{xml}"
+        );
+        assert_eq!(&backend.checkpoint_xml(&dom.name, name).unwrap(), xml);
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let store = ckptstore::Store::open(dir.path().join("journal.db")).unwrap();
+    store.import(&backend, &dom.name).unwrap();
+
+    let report = ckptstore::validate(&store, &backend, &dom.name)
+        .unwrap_or_else(|e| panic!("validate: {e}"));
+    assert!(report.running && report.ok, "{report:#?}");
+    assert_eq!(report.usable.as_deref(), Some("k2"));
+    let after = dump_all(&backend, &dom.name);
+    for ((name, was), (_, is)) in before.iter().zip(&after) {
+        assert_eq!(
+            was,
+            is,
+            "validate changed checkpoint {name}'s XML ({} lines, now {})",
+            was.lines().count(),
+            is.lines().count()
+        );
+    }
+
+    let whole = WholeCheckpointOnly(&backend);
+    let report = ckptstore::validate(&store, &whole, &dom.name)
+        .unwrap_or_else(|e| panic!("validate without the per-disk check: {e}"));
+    assert!(report.running && report.ok, "{report:#?}");
+    assert_eq!(report.libvirt_validations, 3);
+    assert_eq!(dump_all(&backend, &dom.name), before);
+
+    // The hidden current checkpoint is still the leaf: a backup's next
+    // checkpoint hangs off it.
+    let next = backend
+        .create_checkpoint(
+            &dom.name,
+            "<domaincheckpoint><name>k3</name></domaincheckpoint>",
+        )
+        .unwrap();
+    assert_eq!(next.parent.as_deref(), Some("k2"));
+}
+
+/// The issue's second complaint: on a running domain `validate` reported
+/// only the first bad disk of each checkpoint (libvirt's
+/// `REDEFINE_VALIDATE` stops there). The same damage — bitmaps removed
+/// with `qemu-img bitmap --remove` on both disks, across several
+/// checkpoints — must give the same findings shut off and running.
+#[test]
+fn a_running_domain_reports_every_broken_disk() {
+    let dom = TestDomain::define(&support::system(), "v-everydisk", 2);
+    let backend = LibvirtBackend::connect(support::SYSTEM_URI).unwrap();
+    dom.start();
+    let names = ["k0", "k1", "k2", "k3"];
+    create_real(&backend, &dom.name, &names);
+    // A clean stop: QEMU writes every bitmap back to the images.
+    dom.domain().destroy().unwrap();
+    let damage = [("k1", 0), ("k1", 1), ("k2", 0), ("k2", 1), ("k3", 1)];
+    for (bitmap, disk) in damage {
+        let out = std::process::Command::new("qemu-img")
+            .args(["bitmap", "--remove"])
+            .arg(&dom.images[disk])
+            .arg(bitmap)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let store = ckptstore::Store::open(dir.path().join("journal.db")).unwrap();
+    store.import(&backend, &dom.name).unwrap();
+    let findings = |r: &ckptstore::Report| {
+        let mut f: Vec<(ckptstore::FindingKind, String, String)> = r
+            .findings
+            .iter()
+            .map(|f| {
+                (
+                    f.kind,
+                    f.checkpoint.clone().unwrap_or_default(),
+                    f.disk.clone().unwrap_or_default(),
+                )
+            })
+            .collect();
+        f.sort();
+        f
+    };
+    let expected: Vec<(ckptstore::FindingKind, String, String)> = damage
+        .iter()
+        .map(|(b, d)| {
+            (
+                ckptstore::FindingKind::MissingBitmap,
+                b.to_string(),
+                dom.targets[*d].clone(),
+            )
+        })
+        .collect();
+
+    let off = ckptstore::validate(&store, &backend, &dom.name).unwrap();
+    assert!(!off.running);
+    assert_eq!(findings(&off), expected, "{off:#?}");
+    assert_eq!(off.usable.as_deref(), Some("k0"));
+
+    dom.start();
+    let before = dump_all(&backend, &dom.name);
+    let on = ckptstore::validate(&store, &backend, &dom.name).unwrap();
+    assert!(on.running);
+    println!(
+        "shut off: {} findings; running: {} findings, {} libvirt checks",
+        off.findings.len(),
+        on.findings.len(),
+        on.libvirt_validations
+    );
+    assert_eq!(findings(&on), findings(&off), "{on:#?}");
+    assert_eq!(on.usable, off.usable);
+    assert_eq!(dump_all(&backend, &dom.name), before);
+
+    // What each way of asking costs, per checkpoint (printed for TESTING.md).
+    let rounds = 10;
+    let time = |f: &dyn Fn()| {
+        let t = std::time::Instant::now();
+        for _ in 0..rounds {
+            f();
+        }
+        t.elapsed().as_secs_f64() * 1000.0 / rounds as f64
+    };
+    let per_disk = time(&|| {
+        for n in names {
+            backend.bitmap_states(&dom.name, n).unwrap();
+        }
+    }) / names.len() as f64;
+    let xml = backend.checkpoint_xml(&dom.name, "k0").unwrap();
+    let whole = time(&|| backend.redefine(&dom.name, &xml, true).unwrap());
+    let read = time(&|| {
+        backend.checkpoint_xml(&dom.name, "k0").unwrap();
+    });
+    println!(
+        "per checkpoint: bitmap_states {per_disk:.1} ms; REDEFINE_VALIDATE of the full XML {whole:.1} ms; \
+         reading the full XML {read:.1} ms"
+    );
+    assert_eq!(dump_all(&backend, &dom.name), before);
+    // Nothing left in the images either: stopped again, the same findings
+    // (a bitmap left behind would be an orphan).
+    dom.domain().destroy().unwrap();
+    let again = ckptstore::validate(&store, &backend, &dom.name).unwrap();
+    assert_eq!(findings(&again), expected, "{again:#?}");
+}

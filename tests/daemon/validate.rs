@@ -4,7 +4,7 @@
 //! --remove` / `--disable` / `--add`, a metadata-only delete, a redefine
 //! behind the store's back, a cleared autoclear bit, an overlay without
 //! the base's bitmap, a deleted backing file; and a running TCG domain
-//! checked by libvirt's REDEFINE_VALIDATE.
+//! checked by libvirt (its per-disk check, which `REDEFINE_VALIDATE` makes).
 
 use testkit::qemu;
 use testkit::support;

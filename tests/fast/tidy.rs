@@ -17,7 +17,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 /// The one file allowed to hold `unsafe`: the libvirt checkpoint FFI.
 const FFI: &str = "src/backend/libvirt/ffi.rs";

@@ -54,18 +54,9 @@ use uuid::Uuid;
 // The daemon: shared by most tests, stopped by a few (the lock is the
 // binary's: `libvirt_reconnect` holds it too).
 
-fn libvirt_sh(arg: &str) -> std::process::Output {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/support/libvirt.sh");
-    Command::new("bash")
-        .arg(script)
-        .arg(arg)
-        .output()
-        .expect("bash runs")
-}
-
 /// The pid of the daemon `tests/support/libvirt.sh` started.
 fn daemon_pid() -> u32 {
-    let out = libvirt_sh("pid");
+    let out = support::libvirt_sh("pid");
     let pid = String::from_utf8_lossy(&out.stdout).trim().to_string();
     pid.parse().unwrap_or_else(|_| {
         panic!("no libvirtd pid: run `bash tests/support/libvirt.sh start` (as root)")
@@ -74,7 +65,7 @@ fn daemon_pid() -> u32 {
 
 /// `libvirt.sh start`: idempotent, returns once `qemu:///system` answers.
 fn start_daemon() {
-    let out = libvirt_sh("start");
+    let out = support::libvirt_sh("start");
     assert!(
         out.status.success(),
         "libvirt.sh start failed: {}",
@@ -130,7 +121,7 @@ impl Outage {
 impl Drop for Outage {
     fn drop(&mut self) {
         let _ = self.join();
-        let out = libvirt_sh("start");
+        let out = support::libvirt_sh("start");
         if !out.status.success() {
             eprintln!(
                 "cannot restart libvirtd: {}",

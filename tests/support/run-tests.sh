@@ -2,7 +2,8 @@
 # The whole test suite, with its own set-up: install libvirt and QEMU if
 # needed, start a private libvirtd for qemu:///system, check formatting and
 # lints, run every test against the real daemon, and stop the daemon again
-# if this script started it (by its pid, never by name). Then the libvirt
+# if this script started it (by its pid, never by name); the Python module's
+# pytest suite (tests/support/python.sh) runs against it too. Then the libvirt
 # tests once more against libvirt 9.0, Debian 12's own, unpacked beside the
 # installed one and run in a private mount namespace (libvirt9.sh).
 set -euo pipefail
@@ -46,6 +47,11 @@ echo "== cargo test -p ckptstore-cli --features failpoints --test kill_points (l
 cargo test --locked -p ckptstore-cli --features failpoints --test kill_points -- --nocapture 2>&1 | tee -a target/test-output.txt
 echo "== cargo test --doc" >&2
 cargo test --workspace --locked --doc
+# The Python module: a venv, `pip install bindings/python` (maturin builds
+# it in release), and its pytest suite against this daemon (one of its
+# tests kills the daemon and starts it again with libvirt.sh).
+echo "== pytest bindings/python (libvirt $lv_version)" >&2
+bash tests/support/python.sh test 2>&1 | tee -a target/test-output.txt
 # The tests of libvirt's checkpoint API, of ckptstore on it and of daemon
 # deaths, again against libvirt 9.0 (Debian 12's own): its daemon, client
 # library and virsh, in a private mount namespace with its own

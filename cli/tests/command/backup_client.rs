@@ -13,7 +13,6 @@
 //! `sync --domain` is killed.
 
 use crate::rel;
-use testkit::support;
 use crate::vnb;
 
 use std::time::Duration;

@@ -31,33 +31,13 @@ use support::{TestDomain, SYSTEM_URI};
 use testkit::rng::Rng;
 
 const CHECKPOINTS: usize = 60;
-const SCRIPT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/support/libvirt.sh");
-
-fn script(arg: &str) -> std::process::Output {
-    Command::new("bash")
-        .arg(SCRIPT)
-        .arg(arg)
-        .output()
-        .expect("run tests/support/libvirt.sh")
-}
-
-/// The daemon's pid, from its pid file (the script checks that the pid is
-/// still a libvirtd).
-fn daemon_pid() -> Option<u32> {
-    let out = script("pid");
-    out.status
-        .success()
-        .then(|| String::from_utf8_lossy(&out.stdout).trim().parse().ok())
-        .flatten()
-}
-
 /// Restarts the daemon when dropped, if it is not running.
 struct Restart;
 
 impl Drop for Restart {
     fn drop(&mut self) {
-        if daemon_pid().is_none() {
-            let out = script("start");
+        if support::daemon_pid().is_none() {
+            let out = support::libvirt_sh("start");
             if !out.status.success() {
                 eprintln!(
                     "cannot restart libvirtd: {}",
@@ -70,7 +50,7 @@ impl Drop for Restart {
 
 /// SIGKILL the daemon by its pid and wait until it is gone.
 fn kill_daemon() -> u32 {
-    let pid = daemon_pid().expect("libvirtd runs (tests/support/libvirt.sh start)");
+    let pid = support::daemon_pid().expect("libvirtd runs (tests/support/libvirt.sh start)");
     let st = Command::new("kill")
         .args(["-KILL", &pid.to_string()])
         .status()
@@ -90,7 +70,7 @@ fn kill_daemon() -> u32 {
 /// Start the daemon again; returns how long it took to answer.
 fn start_daemon() -> Duration {
     let t = Instant::now();
-    let out = script("start");
+    let out = support::libvirt_sh("start");
     assert!(
         out.status.success(),
         "libvirt.sh start: {}",

@@ -33,29 +33,10 @@ use ckptstore::{Backend, Chain, Checkpoint, CheckpointDef, LibvirtBackend};
 use support::{TestDomain, SYSTEM_URI};
 use testkit::rng::Rng;
 
-const SCRIPT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/support/libvirt.sh");
 const CHECKPOINT_DIR: &str = "/var/lib/libvirt/qemu/checkpoint";
 /// Checkpoints of the chains, and how many they share.
 const LEN: usize = 24;
 const SHARED: usize = 8;
-
-fn script(arg: &str) -> std::process::Output {
-    Command::new("bash")
-        .arg(SCRIPT)
-        .arg(arg)
-        .output()
-        .expect("run tests/support/libvirt.sh")
-}
-
-/// The daemon's pid, from its pid file (the script checks that the pid is
-/// still a libvirtd).
-fn daemon_pid() -> Option<u32> {
-    let out = script("pid");
-    out.status
-        .success()
-        .then(|| String::from_utf8_lossy(&out.stdout).trim().parse().ok())
-        .flatten()
-}
 
 /// Once the test domain is gone (dropped after it), removes what a failed
 /// run left in its metadata folder: leftover files, then the folder.
@@ -77,8 +58,8 @@ struct Restart;
 
 impl Drop for Restart {
     fn drop(&mut self) {
-        if daemon_pid().is_none() {
-            let out = script("start");
+        if support::daemon_pid().is_none() {
+            let out = support::libvirt_sh("start");
             if !out.status.success() {
                 eprintln!(
                     "cannot restart libvirtd: {}",
@@ -90,7 +71,7 @@ impl Drop for Restart {
 }
 
 fn start_daemon() {
-    let out = script("start");
+    let out = support::libvirt_sh("start");
     assert!(
         out.status.success(),
         "libvirt.sh start: {}",
@@ -101,7 +82,7 @@ fn start_daemon() {
 /// Stop the daemon the ordinary way and start it again: it loads its
 /// metadata files anew.
 fn restart_daemon() {
-    let out = script("stop");
+    let out = support::libvirt_sh("stop");
     assert!(
         out.status.success(),
         "libvirt.sh stop: {}",
@@ -388,7 +369,7 @@ fn leftovers_of_a_killed_libvirtd_are_repaired_and_nothing_comes_back() {
                 ""
             }
         );
-        let pid = daemon_pid().expect("libvirtd runs (tests/support/libvirt.sh start)");
+        let pid = support::daemon_pid().expect("libvirtd runs (tests/support/libvirt.sh start)");
         let running = rel::Running::spawn(rel::command(
             &db,
             &["sync", "--chain", &files[to], "--json", "-v"],
@@ -475,7 +456,7 @@ fn leftovers_of_a_killed_libvirtd_are_repaired_and_nothing_comes_back() {
             "10 kills under the library left no leftover"
         );
         rel::reset(&backend, &name, &defs[0]);
-        let pid = daemon_pid().unwrap();
+        let pid = support::daemon_pid().unwrap();
         let writer = std::thread::spawn({
             let (name, a, b) = (name.clone(), defs[0].clone(), defs[1].clone());
             move || {

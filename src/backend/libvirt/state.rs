@@ -15,7 +15,7 @@ use std::io::ErrorKind;
 use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
-use super::redact_uri;
+use super::uri::redact_uri;
 use crate::backend::{Leftover, LeftoverScan, LEFTOVER_QUIET};
 use crate::xml::parse_checkpoint;
 
@@ -88,6 +88,53 @@ fn component(name: &str) -> bool {
     !name.is_empty() && name != "." && name != ".." && !name.contains(['/', '\0'])
 }
 
+/// The names of the files in the folder `dir`; `None` when there is no
+/// folder and libvirt lists no checkpoint (libvirt makes the folder with
+/// the domain's first checkpoint).
+fn file_names(dir: &Path, listed: &[String]) -> Result<Option<BTreeSet<String>>, String> {
+    let entries = match fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == ErrorKind::NotFound && listed.is_empty() => return Ok(None),
+        Err(e) => return Err(cannot_read(dir, &e)),
+    };
+    entries
+        .map(|e| {
+            e.map(|e| e.file_name().to_string_lossy().into_owned())
+                .map_err(|e| cannot_read(dir, &e))
+        })
+        .collect::<Result<_, _>>()
+        .map(Some)
+}
+
+/// The folder must be the one libvirt writes: a file for every checkpoint
+/// it lists.
+fn is_daemons_folder(
+    dir: &Path,
+    files: &BTreeSet<String>,
+    listed: &[String],
+) -> Result<(), String> {
+    match listed.iter().find(|n| {
+        !files.contains(&format!("{n}.xml")) && !files.contains(&format!("{n}{SUFFIX}"))
+    }) {
+        Some(missing) => Err(format!(
+            "{} has no file for checkpoint {missing}, which libvirt lists: it is not the daemon's folder",
+            dir.display()
+        )),
+        None => Ok(()),
+    }
+}
+
+/// The checkpoint a file name is the leftover of (libvirt skips names that
+/// start with a dot).
+fn leftover_name(file: &str) -> Option<&str> {
+    file.strip_suffix(SUFFIX)
+        .filter(|n| !file.starts_with('.') && !n.is_empty())
+}
+
+fn cannot_read(path: &Path, e: &std::io::Error) -> String {
+    format!("cannot read {}: {e}", path.display())
+}
+
 impl Daemon {
     /// Is a file last modified at `modified` certainly not being written by
     /// this daemon right now?
@@ -106,84 +153,53 @@ impl Daemon {
     /// The leftovers among the checkpoint files of `domain` (libvirt's
     /// name for it), whose checkpoints libvirt lists as `listed`.
     pub(super) fn scan(&self, domain: &str, listed: &[String]) -> LeftoverScan {
+        match self.leftovers(domain, listed) {
+            Ok(found) => LeftoverScan::Checked(found),
+            Err(why) => LeftoverScan::CannotCheck(why),
+        }
+    }
+
+    /// [`Daemon::scan`], with the reason it cannot check as the error.
+    fn leftovers(&self, domain: &str, listed: &[String]) -> Result<Vec<Leftover>, String> {
         let Some(dir) = self.folder(domain) else {
-            return LeftoverScan::CannotCheck(format!(
-                "the domain name {domain:?} is not a folder name"
-            ));
+            return Err(format!("the domain name {domain:?} is not a folder name"));
         };
-        let entries = match fs::read_dir(&dir) {
-            Ok(e) => e,
-            // libvirt makes the folder with the domain's first checkpoint.
-            Err(e) if e.kind() == ErrorKind::NotFound && listed.is_empty() => {
-                return LeftoverScan::Checked(Vec::new())
-            }
-            Err(e) => {
-                return LeftoverScan::CannotCheck(format!("cannot read {}: {e}", dir.display()))
-            }
+        let Some(files) = file_names(&dir, listed)? else {
+            return Ok(Vec::new());
         };
-        let mut files = BTreeSet::new();
-        for e in entries {
-            match e {
-                Ok(e) => {
-                    files.insert(e.file_name().to_string_lossy().into_owned());
-                }
-                Err(e) => {
-                    return LeftoverScan::CannotCheck(format!("cannot read {}: {e}", dir.display()))
-                }
-            }
-        }
-        // The folder must be the one libvirt writes: a file for every
-        // checkpoint it lists.
-        if let Some(missing) = listed.iter().find(|n| {
-            !files.contains(&format!("{n}.xml")) && !files.contains(&format!("{n}{SUFFIX}"))
-        }) {
-            return LeftoverScan::CannotCheck(format!(
-                "{} has no file for checkpoint {missing}, which libvirt lists: it is not the daemon's folder",
-                dir.display()
-            ));
-        }
+        is_daemons_folder(&dir, &files, listed)?;
         let mut out = Vec::new();
         for file in &files {
-            // libvirt skips names that start with a dot.
-            let Some(name) = file
-                .strip_suffix(SUFFIX)
-                .filter(|n| !file.starts_with('.') && !n.is_empty())
-            else {
+            let Some(name) = leftover_name(file) else {
                 continue;
             };
-            let path = dir.join(file);
-            let meta = match fs::symlink_metadata(&path) {
-                Ok(m) if m.is_file() => m,
-                Ok(_) => continue,
-                // Renamed away since the folder was read: not a leftover.
-                Err(e) if e.kind() == ErrorKind::NotFound => continue,
-                Err(e) => {
-                    return LeftoverScan::CannotCheck(format!(
-                        "cannot read {}: {e}",
-                        path.display()
-                    ))
-                }
-            };
-            let text = match fs::read(&path) {
-                Ok(bytes) => String::from_utf8(bytes).ok(),
-                Err(e) if e.kind() == ErrorKind::NotFound => continue,
-                Err(e) => {
-                    return LeftoverScan::CannotCheck(format!(
-                        "cannot read {}: {e}",
-                        path.display()
-                    ))
-                }
-            };
-            let modified = meta.modified().unwrap_or(SystemTime::UNIX_EPOCH);
-            out.push(Leftover {
-                checkpoint: name.to_string(),
-                content: text.and_then(|t| parse_checkpoint(&t).ok()),
-                stale: self.stale(modified),
-                modified,
-                path,
-            });
+            out.extend(self.read_leftover(name, dir.join(file))?);
         }
-        LeftoverScan::Checked(out)
+        Ok(out)
+    }
+
+    /// The leftover of checkpoint `name` at `path`; `None` when it is not
+    /// a plain file or is gone (renamed away since the folder was read).
+    fn read_leftover(&self, name: &str, path: PathBuf) -> Result<Option<Leftover>, String> {
+        let meta = match fs::symlink_metadata(&path) {
+            Ok(m) if m.is_file() => m,
+            Ok(_) => return Ok(None),
+            Err(e) if e.kind() == ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(cannot_read(&path, &e)),
+        };
+        let text = match fs::read(&path) {
+            Ok(bytes) => String::from_utf8(bytes).ok(),
+            Err(e) if e.kind() == ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(cannot_read(&path, &e)),
+        };
+        let modified = meta.modified().unwrap_or(SystemTime::UNIX_EPOCH);
+        Ok(Some(Leftover {
+            checkpoint: name.to_string(),
+            content: text.and_then(|t| parse_checkpoint(&t).ok()),
+            stale: self.stale(modified),
+            modified,
+            path,
+        }))
     }
 
     /// Remove a leftover of `domain` (libvirt's name) found by
@@ -203,7 +219,7 @@ impl Daemon {
         let meta = match fs::symlink_metadata(&l.path) {
             Ok(m) => m,
             Err(e) if e.kind() == ErrorKind::NotFound => return Ok(()),
-            Err(e) => return Err(format!("cannot read {}: {e}", l.path.display())),
+            Err(e) => return Err(cannot_read(&l.path, &e)),
         };
         let modified = meta.modified().unwrap_or(SystemTime::UNIX_EPOCH);
         if !meta.is_file() || modified != l.modified {
