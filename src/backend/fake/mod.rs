@@ -3,7 +3,7 @@
 //! injection for simulation tests.
 //!
 //! What it does like libvirt 11.3 (each line is covered by the conformance
-//! suite, `tests/conformance.rs`, that also runs against real libvirt), with
+//! suite, `tests/daemon/conformance.rs`, that also runs against real libvirt), with
 //! libvirt's error codes and messages:
 //! - the redefine XML is checked first as libvirt's schema does (names,
 //!   disk targets, a non-empty `<disks>` when there is one, an unsigned
