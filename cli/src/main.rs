@@ -67,7 +67,10 @@ The chain file (\"-\" reads standard input):
     ]
   }
 `domain` defaults to `vm_id` as the libvirt UUID; `parent` and `description`
-may be omitted; checkpoints may come in any order.
+may be omitted; checkpoints may come in any order. A checkpoint id is any
+libvirt checkpoint name (letters, digits, '_', '-', '.', not first; at most
+1023 bytes: `virtnbdbackup.0`, `one-31-2`, a UUID); a disk id is any
+non-empty string.
 
 Example:
   $ ckptstore sync --chain chain.json

@@ -27,12 +27,12 @@ use uuid::Uuid;
 /// A libvirt URI where nothing listens.
 const NOWHERE: &str = "qemu+unix:///system?socket=/nonexistent/ckptstore.sock";
 
-fn disk_id(i: usize) -> Uuid {
-    Uuid::from_u128(0xd15c_0000 + i as u128)
+fn disk_id(i: usize) -> String {
+    Uuid::from_u128(0xd15c_0000 + i as u128).to_string()
 }
 
-fn ckpt_id(i: usize) -> Uuid {
-    Uuid::from_u128(0xc4e0_0000 + i as u128)
+fn ckpt_id(i: usize) -> String {
+    Uuid::from_u128(0xc4e0_0000 + i as u128).to_string()
 }
 
 /// A line of `n` hourly checkpoints of `domain` over disks with `targets`.

@@ -506,18 +506,20 @@ mod tests {
 
     #[test]
     fn progress_counts_every_call_of_a_round() {
-        let disk = Uuid::from_u128(1);
+        let disk = Uuid::from_u128(1).to_string();
         let chain = Chain {
             vm_id: Uuid::from_u128(2),
             domain: Some("vm".into()),
-            disks: BTreeMap::from([(disk, "sda".to_string())]),
+            disks: BTreeMap::from([(disk.clone(), "sda".to_string())]),
             checkpoints: (0..3u128)
                 .map(|i| Checkpoint {
-                    id: Uuid::from_u128(100 + i),
-                    parent: i.checked_sub(1).map(|p| Uuid::from_u128(100 + p)),
+                    id: Uuid::from_u128(100 + i).to_string(),
+                    parent: i
+                        .checked_sub(1)
+                        .map(|p| Uuid::from_u128(100 + p).to_string()),
                     created: DateTime::from_timestamp(1_600_000_000 + i as i64, 0).unwrap(),
                     description: None,
-                    disks: vec![disk],
+                    disks: vec![disk.clone()],
                 })
                 .collect(),
         };

@@ -40,7 +40,10 @@ impl Kept {
         Chain {
             vm_id: Uuid::parse_str(VM_UUID).unwrap(),
             domain: Some(DOMAIN.into()),
-            disks: BTreeMap::from([(disks[0], "sda".into()), (disks[1], "sdb".into())]),
+            disks: BTreeMap::from([
+                (disks[0].clone(), "sda".into()),
+                (disks[1].clone(), "sdb".into()),
+            ]),
             checkpoints: self
                 .nodes
                 .iter()
