@@ -154,7 +154,7 @@ fn ckpt_id(i: usize) -> String {
 
 /// The libvirt name of checkpoint `i`.
 fn name(i: usize) -> String {
-    ckpt_id(i).to_string()
+    ckpt_id(i)
 }
 
 /// A line: checkpoint i's parent is i - 1.

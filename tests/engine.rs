@@ -223,14 +223,14 @@ fn a_rollback_puts_libvirts_current_checkpoint_back_where_it_was() {
         .unwrap()
         .defs();
     fake.set_checkpoints(DOMAIN, before.clone());
-    let c3 = ckpt_id(3).to_string();
+    let c3 = ckpt_id(3);
     assert_eq!(fake.current(DOMAIN), Some(c3.clone()));
     let mut chain = tree_chain(&[None, Some(0), Some(0), Some(0), Some(1)], 2);
     chain
         .checkpoints
         .retain(|c| c.id != ckpt_id(2) && c.id != ckpt_id(3));
     let target = chain.clone().validate().unwrap().defs();
-    let c4 = target.iter().find(|d| d.name == ckpt_id(4).to_string());
+    let c4 = target.iter().find(|d| d.name == ckpt_id(4));
     fake.refuse_def(DOMAIN, c4.unwrap());
     let store = TempJournal::new().store(1);
     let err = store.sync(&fake, chain).unwrap_err();

@@ -332,7 +332,7 @@ fn sync_plan_status_history_on_qemu() {
     assert_eq!(steps.len(), 2);
     assert_eq!(
         (steps[0]["op"].as_str(), steps[0]["checkpoint"].as_str()),
-        (Some("redefine"), Some(&*ckpt_id(3).to_string()))
+        (Some("redefine"), Some(&*ckpt_id(3)))
     );
     let r = s.run(&["sync", "--chain", &c5, "--json"]);
     assert_eq!(r.code, 0, "{}", r.stderr);
@@ -352,8 +352,8 @@ fn sync_plan_status_history_on_qemu() {
     let j = r.json();
     assert_eq!(j["incomplete"], serde_json::json!([]));
     assert_eq!(j["domains"][0]["checkpoints"], 5);
-    assert_eq!(j["domains"][0]["root"], ckpt_id(0).to_string());
-    assert_eq!(j["domains"][0]["leaf"], ckpt_id(4).to_string());
+    assert_eq!(j["domains"][0]["root"], ckpt_id(0));
+    assert_eq!(j["domains"][0]["leaf"], ckpt_id(4));
 
     assert_eq!(s.run(&["history", "--domain", &dom.name]).code, 0);
     let r = s.run(&["history", "--domain", &dom.name, "--limit", "2", "--json"]);
@@ -644,7 +644,7 @@ fn validate_exit_0_when_clean_and_1_with_findings_on_qemu() {
     let r = s.run(&["validate", "--domain", &dom.name]);
     assert_eq!(r.code, 0, "{}", r.stderr);
     // Break the image for real: the leaf's bitmap removed, a stray one added.
-    let leaf = ckpt_id(2).to_string();
+    let leaf = ckpt_id(2);
     let status = Command::new("qemu-img")
         .args(["bitmap", "--remove"])
         .arg(&dom.images[0])
@@ -668,7 +668,7 @@ fn validate_exit_0_when_clean_and_1_with_findings_on_qemu() {
     assert_eq!(kinds, ["missing_bitmap", "orphan_bitmap"]);
     assert_eq!(doc["findings"][0]["checkpoint"], leaf.as_str());
     assert_eq!(doc["findings"][0]["disk"], "vda");
-    assert_eq!(doc["usable"], ckpt_id(1).to_string().as_str());
+    assert_eq!(doc["usable"], ckpt_id(1).as_str());
     assert_eq!(doc["error"]["exit_code"], 1);
     // Unknown domain: exit 4.
     assert_eq!(

@@ -361,7 +361,7 @@ fn descriptions_with_markup_come_back_exactly_on_qemu() {
     let f = w.file("evil.json", serde_json::to_vec(&c).unwrap());
     rel::run(&w.db, &["sync", "--chain", &f]).expect(0, "sync of descriptions with markup");
     for (i, e) in evil.iter().enumerate() {
-        let id = rel::ckpt_id(i).to_string();
+        let id = rel::ckpt_id(i);
         // Through the library's parser ...
         let def = w.backend.checkpoint(&w.dom.name, &id).unwrap();
         assert_eq!(def.description.as_deref(), Some(*e), "checkpoint {i}");

@@ -226,7 +226,7 @@ pub fn random_histories(seed: u64, histories: u64, transactions: u64) -> String 
                 bump(&mut stats, "restarts");
             }
             if t > 0 && rng.chance(30) {
-                let name = ckpt_id(kept.next).to_string();
+                let name = ckpt_id(kept.next);
                 let parent = fake.create(DOMAIN, &name, created(kept.next)).unwrap();
                 let parent = parent.as_deref().map(|p| index_of(p).unwrap());
                 kept.nodes.insert(kept.next, (parent, None));
