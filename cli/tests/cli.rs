@@ -399,6 +399,75 @@ fn import_adopts_libvirts_checkpoints_on_qemu() {
     s.check();
 }
 
+/// `export` prints the committed chain as a chain file that `sync --chain`
+/// takes without a call; `plan --domain` previews the re-apply with the
+/// document `plan --chain` gives. Checkpoints named like a backup tool's.
+#[test]
+fn export_round_trips_and_plan_previews_a_reapply_on_qemu() {
+    let conn = support::system();
+    let dom = TestDomain::define(&conn, "cli-export", 2);
+    let mut s = Snap::new("export_on_qemu");
+    s.redact(&dom.name, "[DOMAIN]");
+    let mut c = chain(&dom.name, 4, &["vda", "vdb"]);
+    let name = |i: usize| format!("virtnbdbackup.{i}");
+    for (i, cp) in c.checkpoints.iter_mut().enumerate() {
+        cp.id = name(i);
+        cp.parent = i.checked_sub(1).map(name);
+    }
+    let file = write_chain(&s, "chain.json", &c);
+    let r = s.run(&["export", "--domain", &dom.name]);
+    assert_eq!(r.code, 2, "no committed chain yet: {}", r.stderr);
+    assert_eq!(s.run(&["sync", "--chain", &file]).code, 0);
+
+    let r = s.run(&["export", "--domain", &dom.name]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let exported: Chain = serde_json::from_str(&r.stdout).unwrap();
+    assert_eq!(exported, c);
+    let again = s.write("exported.json", &r.stdout).display().to_string();
+    let r = s.run(&["sync", "--chain", &again, "--json"]);
+    assert_eq!(
+        (
+            r.json()["outcome"].clone(),
+            r.json()["libvirt_calls"].clone()
+        ),
+        ("unchanged".into(), 0.into())
+    );
+
+    // libvirt loses the newest two: plan --domain previews their redefines.
+    let backend = LibvirtBackend::connect(SYSTEM_URI).unwrap();
+    backend.delete(&dom.name, &name(3)).unwrap();
+    backend.delete(&dom.name, &name(2)).unwrap();
+    let by_domain = s.run(&["plan", "--domain", &dom.name, "--json"]);
+    let by_chain = s.run(&["plan", "--chain", &file, "--json"]);
+    assert_eq!(by_domain.json(), by_chain.json());
+    assert_eq!(by_domain.json()["steps"].as_array().unwrap().len(), 2);
+    assert_eq!(libvirt(&dom.name).len(), 2, "plan changed libvirt");
+    assert_eq!(s.run(&["plan", "--domain", &dom.name]).code, 0);
+
+    // A journal that only imported: the chain is described from libvirt.
+    let other = s.dir().join("other.db").display().to_string();
+    assert_eq!(
+        s.run(&["--db", &other, "import", "--domain", &dom.name])
+            .code,
+        0
+    );
+    let r = s.run(&["--db", &other, "export", "--domain", &dom.name]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let imported: Chain = serde_json::from_str(&r.stdout).unwrap();
+    assert_eq!(imported.vm_id.to_string(), dom.uuid);
+    assert_eq!(imported.checkpoints.len(), 2);
+    let f = s.write("imported.json", &r.stdout).display().to_string();
+    let r = s.run(&["--db", &other, "sync", "--chain", &f, "--json"]);
+    assert_eq!(
+        (
+            r.json()["outcome"].clone(),
+            r.json()["libvirt_calls"].clone()
+        ),
+        ("unchanged".into(), 0.into())
+    );
+    s.check();
+}
+
 #[test]
 fn refused_step_rolls_back_exit_1() {
     // libvirt's test driver loads this node; an inactive domain there
