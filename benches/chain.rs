@@ -20,8 +20,8 @@ const DISKS: usize = 16;
 /// first (as a manager's `ORDER BY creation_date DESC` would), so the
 /// topological sort has real work to do.
 fn chain(n: usize) -> Chain {
-    let disk = |i: usize| Uuid::from_u128(0xd15c_0000 + i as u128);
-    let ckpt = |i: usize| Uuid::from_u128(0xc4e0_0000_0000 + i as u128);
+    let disk = |i: usize| Uuid::from_u128(0xd15c_0000 + i as u128).to_string();
+    let ckpt = |i: usize| Uuid::from_u128(0xc4e0_0000_0000 + i as u128).to_string();
     let targets = (0..DISKS).map(|i| (disk(i), format!("vd{}", (b'a' + i as u8) as char)));
     Chain {
         vm_id: Uuid::from_u128(0x93a5_c045),

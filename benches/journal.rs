@@ -113,19 +113,19 @@ fn step_commit(c: &mut Criterion) {
 /// A four-checkpoint window sliding by one per sync: each sync deletes the
 /// oldest checkpoint and redefines a new one (two steps).
 fn window(domain: &str, k: usize) -> Chain {
-    let disk = Uuid::from_u128(0xd15c);
-    let id = |i: usize| Uuid::from_u128(0xc4e0_0000 + i as u128);
+    let disk = Uuid::from_u128(0xd15c).to_string();
+    let id = |i: usize| Uuid::from_u128(0xc4e0_0000 + i as u128).to_string();
     Chain {
         vm_id: Uuid::from_u128(0x93a5_c045),
         domain: Some(domain.into()),
-        disks: [(disk, "vda".to_string())].into(),
+        disks: [(disk.clone(), "vda".to_string())].into(),
         checkpoints: (k..k + 4)
             .map(|i| Checkpoint {
                 id: id(i),
                 parent: (i > k).then(|| id(i - 1)),
                 created: DateTime::from_timestamp(1_600_000_000 + i as i64 * 3600, 0).unwrap(),
                 description: None,
-                disks: vec![disk],
+                disks: vec![disk.clone()],
             })
             .collect(),
     }

@@ -435,13 +435,13 @@ fn header() {
 // ---------------------------------------------------------------------------
 // Chains and domains.
 
-fn disk_id(i: usize) -> Uuid {
-    Uuid::from_u128(0xd15c_0000 + i as u128)
+fn disk_id(i: usize) -> String {
+    Uuid::from_u128(0xd15c_0000 + i as u128).to_string()
 }
 
 /// A linear chain of `n` checkpoints over the domain's 4 disks.
 fn chain(dom: &TestDomain, n: usize) -> Chain {
-    let ckpt = |i: usize| Uuid::from_u128(0xc4e0_0000_0000 + i as u128);
+    let ckpt = |i: usize| Uuid::from_u128(0xc4e0_0000_0000 + i as u128).to_string();
     Chain {
         vm_id: Uuid::parse_str(&dom.uuid).unwrap(),
         domain: Some(dom.name.clone()),

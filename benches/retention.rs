@@ -47,17 +47,17 @@ fn env(name: &str, default: usize) -> usize {
         .unwrap_or(default)
 }
 
-fn ckpt(i: usize) -> Uuid {
-    Uuid::from_u128(0xc4e0_0000 + i as u128)
+fn ckpt(i: usize) -> String {
+    Uuid::from_u128(0xc4e0_0000 + i as u128).to_string()
 }
 
 /// A chain of the checkpoints `(index, parent index)` on the first disk.
 fn chain(nodes: &[(usize, Option<usize>)], target: &str) -> Chain {
-    let disk = Uuid::from_u128(0xd15c_0000);
+    let disk = Uuid::from_u128(0xd15c_0000).to_string();
     Chain {
         vm_id: Uuid::parse_str(UUID).unwrap(),
         domain: Some(DOMAIN.into()),
-        disks: [(disk, target.to_string())].into(),
+        disks: [(disk.clone(), target.to_string())].into(),
         checkpoints: nodes
             .iter()
             .map(|&(i, p)| Checkpoint {
@@ -65,7 +65,7 @@ fn chain(nodes: &[(usize, Option<usize>)], target: &str) -> Chain {
                 parent: p.map(ckpt),
                 created: DateTime::from_timestamp(1_600_000_000 + i as i64 * 86_400, 0).unwrap(),
                 description: Some(format!("nightly backup {i}")),
-                disks: vec![disk],
+                disks: vec![disk.clone()],
             })
             .collect(),
     }

@@ -37,7 +37,9 @@ fn run(args: &[&str]) {
 
 fn bench(c: &mut Criterion) {
     let dom = TestDomain::define(&support::system(), "bench-validate", DISKS);
-    let names: Vec<Uuid> = (0..CHECKPOINTS).map(|_| Uuid::new_v4()).collect();
+    let names: Vec<String> = (0..CHECKPOINTS)
+        .map(|_| Uuid::new_v4().to_string())
+        .collect();
     // One 100 GiB image with every bitmap, copied to every disk.
     let first = dom.images[0].to_str().unwrap().to_owned();
     run(&["create", "-q", "-f", "qcow2", &first, "100G"]);
@@ -47,21 +49,21 @@ fn bench(c: &mut Criterion) {
     for image in &dom.images[1..] {
         std::fs::copy(&dom.images[0], image).unwrap();
     }
-    let disk_ids: Vec<Uuid> = (0..DISKS).map(|_| Uuid::new_v4()).collect();
+    let disk_ids: Vec<String> = (0..DISKS).map(|_| Uuid::new_v4().to_string()).collect();
     let chain = Chain {
         vm_id: Uuid::new_v4(),
         domain: Some(dom.name.clone()),
         disks: disk_ids
             .iter()
-            .copied()
+            .cloned()
             .zip(dom.targets.iter().cloned())
             .collect(),
         checkpoints: names
             .iter()
             .enumerate()
             .map(|(i, id)| Checkpoint {
-                id: *id,
-                parent: i.checked_sub(1).map(|p| names[p]),
+                id: id.clone(),
+                parent: i.checked_sub(1).map(|p| names[p].clone()),
                 created: DateTime::from_timestamp(1_700_000_000 + 60 * i as i64, 0).unwrap(),
                 description: None,
                 disks: disk_ids.clone(),

@@ -22,18 +22,22 @@ pub const MAX_CHECKPOINTS: usize = 50_000;
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Checkpoint {
-    /// Stable id; also the checkpoint's libvirt name and its bitmap's name.
-    pub id: Uuid,
+    /// Stable id; also the checkpoint's libvirt name and its bitmap's name:
+    /// any name libvirt accepts for a checkpoint and QEMU for a bitmap
+    /// (see [`check_checkpoint_name`]), such as a UUID, `virtnbdbackup.0`
+    /// or `one-31-2`.
+    pub id: String,
     /// The parent checkpoint, or `None` for a root.
     #[serde(default)]
-    pub parent: Option<Uuid>,
+    pub parent: Option<String>,
     /// When the checkpoint was taken (libvirt keeps whole seconds).
     pub created: DateTime<Utc>,
     /// Free text; escaped in the XML, never rejected.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub description: Option<String>,
-    /// The disks (by stable disk id) whose bitmap this checkpoint names.
-    pub disks: Vec<Uuid>,
+    /// The disks (by stable disk id, any non-empty string) whose bitmap
+    /// this checkpoint names.
+    pub disks: Vec<String>,
 }
 
 /// A domain's checkpoint chain (a tree in general), in any order.
@@ -45,8 +49,9 @@ pub struct Chain {
     /// libvirt domain name or UUID; defaults to `vm_id`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub domain: Option<String>,
-    /// Disk id → the disk's *current* target name in the domain (`sda`, `vdb`).
-    pub disks: BTreeMap<Uuid, String>,
+    /// Disk id (any non-empty string) → the disk's *current* target name in
+    /// the domain (`sda`, `vdb`).
+    pub disks: BTreeMap<String, String>,
     /// The checkpoints, in any order.
     pub checkpoints: Vec<Checkpoint>,
 }
@@ -89,28 +94,28 @@ pub enum ChainError {
     },
     /// Two checkpoints share an id.
     #[error("checkpoint {0} appears more than once")]
-    Duplicate(Uuid),
+    Duplicate(String),
     /// A checkpoint names a parent that is not in the chain.
     #[error("checkpoint {checkpoint} names parent {parent}, which is not in the chain")]
     UnknownParent {
         /// The offending checkpoint.
-        checkpoint: Uuid,
+        checkpoint: String,
         /// The missing parent.
-        parent: Uuid,
+        parent: String,
     },
     /// A checkpoint is its own ancestor.
     #[error("checkpoint {0} is its own ancestor (parent cycle)")]
-    Cycle(Uuid),
+    Cycle(String),
     /// A checkpoint names no disk at all, or only disks missing from the map.
     #[error("checkpoint {0} names no disk that is in the chain's disk map")]
-    NoDisks(Uuid),
+    NoDisks(String),
     /// A checkpoint lists the same disk twice.
     #[error("checkpoint {checkpoint} lists disk {disk} twice")]
     DuplicateDisk {
         /// The offending checkpoint.
-        checkpoint: Uuid,
+        checkpoint: String,
         /// The repeated disk.
-        disk: Uuid,
+        disk: String,
     },
     /// Two disks map to the same target name.
     #[error("disks {first} and {second} both map to target {target:?}")]
@@ -118,9 +123,9 @@ pub enum ChainError {
         /// The target name.
         target: String,
         /// One disk.
-        first: Uuid,
+        first: String,
         /// The other disk.
-        second: Uuid,
+        second: String,
     },
     /// A disk target name libvirt would refuse or that is unsafe.
     #[error(
@@ -128,7 +133,7 @@ pub enum ChainError {
     )]
     BadTarget {
         /// The disk.
-        disk: Uuid,
+        disk: String,
         /// The refused name.
         target: String,
     },
@@ -137,11 +142,23 @@ pub enum ChainError {
         "domain name {0:?} is not valid (empty, too long, or contains '/' or control characters)"
     )]
     BadDomain(String),
+    /// A checkpoint id that libvirt would refuse as a checkpoint name or
+    /// QEMU as a bitmap name.
+    #[error("checkpoint id {id:?} is not a valid checkpoint name: {reason}")]
+    BadId {
+        /// The refused id.
+        id: String,
+        /// Why.
+        reason: NameError,
+    },
+    /// An empty disk id.
+    #[error("a disk id is empty")]
+    EmptyDiskId,
     /// A creation time libvirt cannot store: libvirt writes a zero
     /// `creationTime` out without the element and then cannot read its own
     /// metadata back, and refuses negative ones.
     #[error("checkpoint {0} has a creation time at or before 1970-01-01T00:00:00Z")]
-    BadTime(Uuid),
+    BadTime(String),
 }
 
 /// A chain that passed [`Chain::validate`]: ids unique, parents present, no
@@ -158,9 +175,9 @@ pub struct ValidChain {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DetachedDisk {
     /// The checkpoint.
-    pub checkpoint: Uuid,
+    pub checkpoint: String,
     /// The disk that is no longer attached.
-    pub disk: Uuid,
+    pub disk: String,
 }
 
 /// Make free text storable in XML 1.0 exactly as libvirt will hand it back:
@@ -179,16 +196,62 @@ pub fn xml_safe_text(s: &str) -> String {
         .collect()
 }
 
-/// Check a name against libvirt's rule for checkpoint names,
-/// `[a-zA-Z0-9_-][a-zA-Z0-9_.-]*`.
-pub fn is_valid_checkpoint_name(name: &str) -> bool {
-    let mut bytes = name.bytes();
-    match bytes.next() {
-        Some(b) if b.is_ascii_alphanumeric() || b == b'_' || b == b'-' => {}
-        _ => return false,
+/// The longest checkpoint name: QEMU's limit for a bitmap name
+/// (`BDRV_BITMAP_MAX_NAME_SIZE`, the qcow2 directory's `name_size`), and a
+/// checkpoint's bitmap is named after it.
+pub const MAX_NAME_BYTES: usize = 1023;
+
+/// Why a name cannot be a checkpoint's (and its bitmap's) name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum NameError {
+    /// The empty string.
+    #[error("it is empty")]
+    Empty,
+    /// Longer than [`MAX_NAME_BYTES`].
+    #[error("it is longer than {MAX_NAME_BYTES} bytes, QEMU's limit for a bitmap name")]
+    TooLong,
+    /// A leading `.` (libvirt keeps a checkpoint as the file `NAME.xml`).
+    #[error("it starts with '.', which libvirt refuses")]
+    LeadingDot,
+    /// A character outside libvirt's schema for checkpoint names.
+    #[error(
+        "it contains {0:?}; libvirt accepts only letters, digits, '_', '-' and '.' (not first)"
+    )]
+    BadChar(char),
+}
+
+/// Check a name against libvirt's rule for checkpoint names (the
+/// `checkpointName` pattern of its schema, `[a-zA-Z0-9_-][a-zA-Z0-9_.-]*`)
+/// and QEMU's for bitmap names (at most [`MAX_NAME_BYTES`] bytes). Such a
+/// name has no `/`, no control character, nothing XML must escape, and
+/// round-trips through libvirt and qcow2 as it is.
+///
+/// # Errors
+///
+/// The first rule the name breaks.
+pub fn check_checkpoint_name(name: &str) -> Result<(), NameError> {
+    let Some(first) = name.chars().next() else {
+        return Err(NameError::Empty);
+    };
+    if name.len() > MAX_NAME_BYTES {
+        return Err(NameError::TooLong);
     }
-    name.len() <= 1024
-        && bytes.all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-' || b == b'.')
+    if first == '.' {
+        return Err(NameError::LeadingDot);
+    }
+    match name
+        .chars()
+        .find(|&c| !(c.is_ascii_alphanumeric() || c == '_' || c == '-' || c == '.'))
+    {
+        Some(c) => Err(NameError::BadChar(c)),
+        None => Ok(()),
+    }
+}
+
+/// Whether [`check_checkpoint_name`] accepts the name.
+pub fn is_valid_checkpoint_name(name: &str) -> bool {
+    check_checkpoint_name(name).is_ok()
 }
 
 /// Check a disk target name against libvirt's checkpoint schema,
@@ -233,10 +296,11 @@ impl Chain {
         }
         check_targets(&self.disks)?;
         let index = index_ids(&self.checkpoints)?;
+        check_names(&self.checkpoints)?;
         let mut detached = Vec::new();
         for c in &self.checkpoints {
             if c.created.timestamp() <= 0 {
-                return Err(ChainError::BadTime(c.id));
+                return Err(ChainError::BadTime(c.id.clone()));
             }
             check_parent(c, &index)?;
             detached.extend(detached_disks(c, &self.disks)?);
@@ -264,21 +328,38 @@ impl Chain {
     }
 }
 
+/// Every checkpoint id a valid checkpoint name, every disk id non-empty.
+fn check_names(cps: &[Checkpoint]) -> Result<(), ChainError> {
+    for c in cps {
+        check_checkpoint_name(&c.id).map_err(|reason| ChainError::BadId {
+            id: c.id.clone(),
+            reason,
+        })?;
+        if c.disks.iter().any(String::is_empty) {
+            return Err(ChainError::EmptyDiskId);
+        }
+    }
+    Ok(())
+}
+
 /// Every target name valid, and no two disks on the same target.
-fn check_targets(disks: &BTreeMap<Uuid, String>) -> Result<(), ChainError> {
-    let mut targets: HashMap<&str, Uuid> = HashMap::new();
+fn check_targets(disks: &BTreeMap<String, String>) -> Result<(), ChainError> {
+    let mut targets: HashMap<&str, &str> = HashMap::new();
     for (disk, target) in disks {
+        if disk.is_empty() {
+            return Err(ChainError::EmptyDiskId);
+        }
         if !is_valid_target(target) {
             return Err(ChainError::BadTarget {
-                disk: *disk,
+                disk: disk.clone(),
                 target: target.clone(),
             });
         }
-        if let Some(first) = targets.insert(target, *disk) {
+        if let Some(first) = targets.insert(target, disk) {
             return Err(ChainError::DuplicateTarget {
                 target: target.clone(),
-                first,
-                second: *disk,
+                first: first.to_string(),
+                second: disk.clone(),
             });
         }
     }
@@ -286,28 +367,28 @@ fn check_targets(disks: &BTreeMap<Uuid, String>) -> Result<(), ChainError> {
 }
 
 /// Each checkpoint's position by id; refuses a repeated id.
-fn index_ids(cps: &[Checkpoint]) -> Result<HashMap<Uuid, usize>, ChainError> {
-    let mut index: HashMap<Uuid, usize> = HashMap::with_capacity(cps.len());
+fn index_ids(cps: &[Checkpoint]) -> Result<HashMap<&str, usize>, ChainError> {
+    let mut index: HashMap<&str, usize> = HashMap::with_capacity(cps.len());
     for (i, c) in cps.iter().enumerate() {
-        if index.insert(c.id, i).is_some() {
-            return Err(ChainError::Duplicate(c.id));
+        if index.insert(&c.id, i).is_some() {
+            return Err(ChainError::Duplicate(c.id.clone()));
         }
     }
     Ok(index)
 }
 
 /// The parent, if any, is another checkpoint of the chain.
-fn check_parent(c: &Checkpoint, index: &HashMap<Uuid, usize>) -> Result<(), ChainError> {
-    let Some(p) = c.parent else {
+fn check_parent(c: &Checkpoint, index: &HashMap<&str, usize>) -> Result<(), ChainError> {
+    let Some(p) = &c.parent else {
         return Ok(());
     };
-    if p == c.id {
-        return Err(ChainError::Cycle(c.id));
+    if *p == c.id {
+        return Err(ChainError::Cycle(c.id.clone()));
     }
-    if !index.contains_key(&p) {
+    if !index.contains_key(p.as_str()) {
         return Err(ChainError::UnknownParent {
-            checkpoint: c.id,
-            parent: p,
+            checkpoint: c.id.clone(),
+            parent: p.clone(),
         });
     }
     Ok(())
@@ -317,44 +398,44 @@ fn check_parent(c: &Checkpoint, index: &HashMap<Uuid, usize>) -> Result<(), Chai
 /// listed twice, and a checkpoint with no attached disk.
 fn detached_disks(
     c: &Checkpoint,
-    disks: &BTreeMap<Uuid, String>,
+    disks: &BTreeMap<String, String>,
 ) -> Result<Vec<DetachedDisk>, ChainError> {
     let mut seen = BTreeSet::new();
     let mut detached = Vec::new();
     for d in &c.disks {
-        if !seen.insert(*d) {
+        if !seen.insert(d) {
             return Err(ChainError::DuplicateDisk {
-                checkpoint: c.id,
-                disk: *d,
+                checkpoint: c.id.clone(),
+                disk: d.clone(),
             });
         }
         if !disks.contains_key(d) {
             detached.push(DetachedDisk {
-                checkpoint: c.id,
-                disk: *d,
+                checkpoint: c.id.clone(),
+                disk: d.clone(),
             });
         }
     }
     // No disk of the checkpoint is in the map.
     if detached.len() == c.disks.len() {
-        return Err(ChainError::NoDisks(c.id));
+        return Err(ChainError::NoDisks(c.id.clone()));
     }
     Ok(detached)
 }
 
 /// Kahn's algorithm over indices, ties broken by (created, id) so the order
 /// is deterministic whatever order the input had.
-fn topo_order(cps: &[Checkpoint], index: &HashMap<Uuid, usize>) -> Result<Vec<usize>, ChainError> {
+fn topo_order(cps: &[Checkpoint], index: &HashMap<&str, usize>) -> Result<Vec<usize>, ChainError> {
     let n = cps.len();
     let mut children: Vec<Vec<usize>> = vec![Vec::new(); n];
     let mut pending_parent = vec![false; n];
     for (i, c) in cps.iter().enumerate() {
-        if let Some(p) = c.parent {
-            children[index[&p]].push(i);
+        if let Some(p) = &c.parent {
+            children[index[p.as_str()]].push(i);
             pending_parent[i] = true;
         }
     }
-    let key = |i: usize| Reverse((cps[i].created, cps[i].id, i));
+    let key = |i: usize| Reverse((cps[i].created, cps[i].id.as_str(), i));
     let mut ready: BinaryHeap<_> = (0..n).filter(|&i| !pending_parent[i]).map(key).collect();
     let mut order = Vec::with_capacity(n);
     while let Some(Reverse((_, _, i))) = ready.pop() {
@@ -371,7 +452,7 @@ fn topo_order(cps: &[Checkpoint], index: &HashMap<Uuid, usize>) -> Result<Vec<us
 
 /// Every checkpoint left out of a topological `order` sits on or below a
 /// cycle; the smallest id on a cycle, for a stable message.
-fn cycle_member(cps: &[Checkpoint], index: &HashMap<Uuid, usize>, order: &[usize]) -> Uuid {
+fn cycle_member(cps: &[Checkpoint], index: &HashMap<&str, usize>, order: &[usize]) -> String {
     let placed: BTreeSet<usize> = order.iter().copied().collect();
     let on_cycle = |i: usize| {
         let mut seen = BTreeSet::new();
@@ -380,8 +461,8 @@ fn cycle_member(cps: &[Checkpoint], index: &HashMap<Uuid, usize>, order: &[usize
             if !seen.insert(cur) {
                 return cur == i;
             }
-            match cps[cur].parent {
-                Some(p) => cur = index[&p],
+            match &cps[cur].parent {
+                Some(p) => cur = index[p.as_str()],
                 None => return false,
             }
         }
@@ -389,9 +470,10 @@ fn cycle_member(cps: &[Checkpoint], index: &HashMap<Uuid, usize>, order: &[usize
     (0..cps.len())
         .filter(|i| !placed.contains(i))
         .filter(|&i| on_cycle(i))
-        .map(|i| cps[i].id)
+        .map(|i| &cps[i].id)
         .min()
-        .unwrap_or(cps[0].id)
+        .unwrap_or(&cps[0].id)
+        .clone()
 }
 
 impl ValidChain {
@@ -425,8 +507,8 @@ impl ValidChain {
     pub fn defs(&self) -> Vec<CheckpointDef> {
         self.ordered()
             .map(|c| CheckpointDef {
-                name: c.id.to_string(),
-                parent: c.parent.map(|p| p.to_string()),
+                name: c.id.clone(),
+                parent: c.parent.clone(),
                 creation_time: c.created.timestamp(),
                 // libvirt keeps no empty description.
                 description: c
@@ -437,12 +519,7 @@ impl ValidChain {
                 disks: c
                     .disks
                     .iter()
-                    .filter_map(|d| {
-                        self.chain
-                            .disks
-                            .get(d)
-                            .map(|t| (t.clone(), c.id.to_string()))
-                    })
+                    .filter_map(|d| self.chain.disks.get(d).map(|t| (t.clone(), c.id.clone())))
                     .collect(),
             })
             .collect()
@@ -560,16 +637,16 @@ mod tests {
         DateTime::from_timestamp(secs, 0).unwrap()
     }
 
-    fn id(n: u128) -> Uuid {
-        Uuid::from_u128(n)
+    fn id(n: u128) -> String {
+        Uuid::from_u128(n).to_string()
     }
 
     fn chain(cps: Vec<(u128, Option<u128>)>) -> Chain {
         let disk = id(1000);
         Chain {
-            vm_id: id(999),
+            vm_id: Uuid::from_u128(999),
             domain: None,
-            disks: BTreeMap::from([(disk, "sda".to_string())]),
+            disks: BTreeMap::from([(disk.clone(), "sda".to_string())]),
             checkpoints: cps
                 .into_iter()
                 .map(|(i, p)| Checkpoint {
@@ -577,7 +654,7 @@ mod tests {
                     parent: p.map(id),
                     created: t(i as i64),
                     description: None,
-                    disks: vec![disk],
+                    disks: vec![disk.clone()],
                 })
                 .collect(),
         }
@@ -588,7 +665,7 @@ mod tests {
         let v = chain(vec![(3, Some(2)), (1, None), (2, Some(1))])
             .validate()
             .unwrap();
-        let ids: Vec<_> = v.ordered().map(|c| c.id).collect();
+        let ids: Vec<_> = v.ordered().map(|c| c.id.clone()).collect();
         assert_eq!(ids, vec![id(1), id(2), id(3)]);
     }
 
@@ -597,7 +674,7 @@ mod tests {
         let v = chain(vec![(4, Some(1)), (1, None), (2, Some(1)), (3, Some(2))])
             .validate()
             .unwrap();
-        let ids: Vec<_> = v.ordered().map(|c| c.id).collect();
+        let ids: Vec<_> = v.ordered().map(|c| c.id.clone()).collect();
         assert_eq!(ids, vec![id(1), id(2), id(3), id(4)]);
     }
 

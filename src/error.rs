@@ -113,6 +113,15 @@ pub enum Error {
         /// The transaction.
         txn: Uuid,
     },
+    /// `export` of a committed chain that a chain file cannot describe (a
+    /// checkpoint libvirt keeps under a bitmap of another name).
+    #[error("the committed chain of domain {domain} cannot be exported: {reason}")]
+    NotExportable {
+        /// The domain.
+        domain: String,
+        /// What a chain file cannot say.
+        reason: String,
+    },
     /// The journal cannot be used.
     #[error(transparent)]
     Journal(#[from] JournalError),
@@ -163,9 +172,10 @@ impl Error {
     /// The kind of this error.
     pub fn kind(&self) -> ErrorKind {
         match self {
-            Error::Chain(_) | Error::UnknownTarget { .. } | Error::NoCommittedChain { .. } => {
-                ErrorKind::BadInput
-            }
+            Error::Chain(_)
+            | Error::UnknownTarget { .. }
+            | Error::NoCommittedChain { .. }
+            | Error::NotExportable { .. } => ErrorKind::BadInput,
             Error::Busy { .. } | Error::TakenOver { .. } | Error::Diverged { .. } => {
                 ErrorKind::Busy
             }
@@ -193,6 +203,9 @@ impl Error {
             }
             Error::NoCommittedChain { domain } => format!(
                 "run `ckptstore sync --chain FILE` or `ckptstore import --domain {domain}` first; nothing was changed"
+            ),
+            Error::NotExportable { domain, .. } => format!(
+                "`ckptstore history --domain {domain}` shows the committed transactions; nothing was changed"
             ),
             Error::Busy { .. } | Error::TakenOver { .. } => {
                 "wait for that process to finish (see `ckptstore status`), then retry".into()
@@ -265,6 +278,7 @@ impl Error {
             Error::Chain(_)
             | Error::UnknownTarget { .. }
             | Error::NoCommittedChain { .. }
+            | Error::NotExportable { .. }
             | Error::Journal(_) => None,
         }
     }

@@ -192,12 +192,20 @@ fn same_content(
 
 /// The chain: a line of nightly checkpoints over both disks.
 fn demo_chain() -> Chain {
-    let disks = [Uuid::from_u128(0xd15c_0001), Uuid::from_u128(0xd15c_0002)];
-    let id = |i: usize| Uuid::from_u128(0xc0ff_ee00_0000_0000_0000_0000_0000_0000 + i as u128);
+    let disks = [
+        Uuid::from_u128(0xd15c_0001).to_string(),
+        Uuid::from_u128(0xd15c_0002).to_string(),
+    ];
+    let id = |i: usize| {
+        Uuid::from_u128(0xc0ff_ee00_0000_0000_0000_0000_0000_0000 + i as u128).to_string()
+    };
     Chain {
         vm_id: Uuid::parse_str(VM_UUID).unwrap_or_default(),
         domain: Some(DOMAIN.into()),
-        disks: BTreeMap::from([(disks[0], "vda".to_string()), (disks[1], "vdb".to_string())]),
+        disks: BTreeMap::from([
+            (disks[0].clone(), "vda".to_string()),
+            (disks[1].clone(), "vdb".to_string()),
+        ]),
         checkpoints: (1..=CHECKPOINTS)
             .map(|i| Checkpoint {
                 id: id(i),

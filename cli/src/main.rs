@@ -67,7 +67,10 @@ The chain file (\"-\" reads standard input):
     ]
   }
 `domain` defaults to `vm_id` as the libvirt UUID; `parent` and `description`
-may be omitted; checkpoints may come in any order.
+may be omitted; checkpoints may come in any order. A checkpoint id is any
+libvirt checkpoint name (letters, digits, '_', '-', '.', not first; at most
+1023 bytes: `virtnbdbackup.0`, `one-31-2`, a UUID); a disk id is any
+non-empty string.
 
 Example:
   $ ckptstore sync --chain chain.json
@@ -79,11 +82,26 @@ Example:
   $ ckptstore sync --domain fedora          # after the domain was recreated";
 
 const PLAN_AFTER: &str = "\
+`--domain D` previews `sync --domain D`, the re-apply of D's committed chain.
+
 Example:
   $ ckptstore plan --chain chain.json
   domain fedora: 2 steps, 1 unchanged
     delete    stale-1
-    redefine  7b1e2a8c-0c1f-4a0e-9a52-2f6f3b7d9c10";
+    redefine  7b1e2a8c-0c1f-4a0e-9a52-2f6f3b7d9c10
+  $ ckptstore plan --domain fedora";
+
+const EXPORT_AFTER: &str = "\
+The chain file `sync --chain` reads, in both output modes. A chain committed
+by `sync --chain` comes back as given; one adopted by `import` is described
+from libvirt's definitions (vm_id: the domain's UUID; disk ids: the target
+names). `sync --chain` of the output changes nothing and makes no libvirt
+call while libvirt holds the chain.
+
+Example:
+  $ ckptstore export --domain fedora > chain.json
+  $ ckptstore sync --chain chain.json
+  domain fedora: unchanged (transaction 3c1d…)";
 
 const RECOVER_AFTER: &str = "\
 Example:
@@ -162,7 +180,7 @@ enum Command {
     Sync(SyncArgs),
     /// Print the steps `sync` would take and every warning; change nothing
     #[command(after_help = PLAN_AFTER)]
-    Plan(ChainArg),
+    Plan(SyncArgs),
     /// Finish (or undo) every incomplete transaction whose owner is dead
     #[command(after_help = RECOVER_AFTER)]
     Recover(RecoverArgs),
@@ -172,6 +190,9 @@ enum Command {
     /// Adopt a domain's current libvirt checkpoints as its committed chain
     #[command(after_help = IMPORT_AFTER)]
     Import(DomainArg),
+    /// Print a domain's committed chain as a chain file (JSON)
+    #[command(after_help = EXPORT_AFTER)]
+    Export(DomainArg),
     /// A domain's past transactions, newest first
     #[command(after_help = HISTORY_AFTER)]
     History(HistoryArgs),
@@ -192,13 +213,6 @@ struct SyncArgs {
     /// Re-apply this domain's last committed chain (libvirt name or UUID)
     #[arg(long, value_name = "DOMAIN")]
     domain: Option<String>,
-}
-
-#[derive(Debug, Args)]
-struct ChainArg {
-    /// The chain as JSON ("-" reads standard input)
-    #[arg(long, value_name = "FILE")]
-    chain: PathBuf,
 }
 
 #[derive(Debug, Args)]
@@ -301,9 +315,15 @@ fn run(cli: Cli, out: &Out) -> anyhow::Result<()> {
             out.sync(&report)
         }
         Command::Plan(args) => {
-            let chain = read_chain(&args.chain)?;
-            let store = open_store(&cli.db)?;
-            out.plan(&store.plan(&backend(), chain)?)
+            let report = match (args.chain, args.domain) {
+                (Some(file), _) => {
+                    let chain = read_chain(&file)?;
+                    open_store(&cli.db)?.plan(&backend(), chain)?
+                }
+                (None, Some(domain)) => open_store(&cli.db)?.plan_resync(&backend(), &domain)?,
+                (None, None) => unreachable!("clap requires --chain or --domain"),
+            };
+            out.plan(&report)
         }
         Command::Recover(args) => {
             let store = open_store(&cli.db)?;
@@ -341,6 +361,10 @@ fn run(cli: Cli, out: &Out) -> anyhow::Result<()> {
         Command::Import(args) => {
             let store = open_store(&cli.db)?;
             out.import(&store.import(&backend(), &args.domain)?)
+        }
+        Command::Export(args) => {
+            let store = open_store(&cli.db)?;
+            out.export(&store.export(&backend(), &args.domain)?)
         }
         Command::History(args) => {
             let store = open_store(&cli.db)?;

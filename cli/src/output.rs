@@ -8,7 +8,7 @@ use std::fmt::Write as _;
 use std::io::Write as _;
 
 use ckptstore::{
-    ErrorDoc, History, PlanReport, PlanStep, RecoverReport, Report, Status, SyncReport,
+    Chain, ErrorDoc, History, PlanReport, PlanStep, RecoverReport, Report, Status, SyncReport,
 };
 use serde::Serialize;
 use serde_json::{Map, Value};
@@ -82,6 +82,13 @@ impl Out {
             warnings(&mut s, &r.warnings);
             s
         })
+    }
+
+    /// A chain file: JSON in both modes (it is what `sync --chain` reads).
+    pub fn export(&self, chain: &Chain) -> anyhow::Result<()> {
+        let mut s = serde_json::to_string_pretty(chain)?;
+        s.push('\n');
+        write_stdout(&s)
     }
 
     pub fn plan(&self, r: &PlanReport) -> anyhow::Result<()> {

@@ -33,7 +33,7 @@ pub use report::{
 };
 
 use crate::backend::Backend;
-use crate::chain::{leaf_of, root_of, Chain, ValidChain};
+use crate::chain::{leaf_of, root_of, Chain, Checkpoint, CheckpointDef, ValidChain};
 use crate::error::{Error, ErrorDoc, Result};
 use crate::journal::{
     Begin, Committed, Journal, JournalError, NewTxn, StepPhase, TxnKind, TxnRecord,
@@ -221,7 +221,31 @@ impl Store {
         let valid = chain.validate()?;
         let domain = valid.domain();
         self.check_targets(backend, &domain, valid.targets().into_iter())?;
-        let mut warnings = detached_warnings(&valid);
+        let warnings = detached_warnings(&valid);
+        self.preview(backend, domain, &valid.defs(), warnings)
+    }
+
+    /// Show what [`Store::resync`] would do (a re-apply of the domain's
+    /// committed chain), changing nothing: the same document as
+    /// [`Store::plan`].
+    ///
+    /// # Errors
+    ///
+    /// As [`Store::resync`], without `Busy` or `Refused`.
+    pub fn plan_resync(&self, backend: &dyn Backend, domain: &str) -> Result<PlanReport> {
+        let re = self.reapply_target(backend, domain)?;
+        self.preview(backend, domain.to_string(), &re.target, re.warnings)
+    }
+
+    /// The plan from libvirt's checkpoints to `target`, with the warnings
+    /// of the chain, of open transactions and of the planner.
+    fn preview(
+        &self,
+        backend: &dyn Backend,
+        domain: String,
+        target: &[CheckpointDef],
+        mut warnings: Vec<String>,
+    ) -> Result<PlanReport> {
         for t in self.journal.incomplete(Some(&domain))? {
             let who = if self.orphaned(&t) {
                 "will be recovered first"
@@ -233,9 +257,49 @@ impl Store {
         let current = backend
             .list(&domain)
             .map_err(backend_err(&domain, "list", None))?;
-        let plan = plan(&current, &valid.defs());
+        let plan = plan(&current, target);
         warnings.extend(plan.warnings.iter().cloned());
         Ok(PlanReport::new(domain, &plan, warnings))
+    }
+
+    /// The domain's committed chain as a chain file: what `sync --chain`
+    /// takes, and makes no call for while libvirt holds it.
+    ///
+    /// A chain committed by a sync comes back as it was given. One adopted
+    /// by `import` is described from libvirt's definitions: `vm_id` is the
+    /// domain's UUID (asked of `backend`), each disk's id is its target
+    /// name, each checkpoint's disks are those whose bitmap it names.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::NoCommittedChain`]; [`Error::NotExportable`] when libvirt
+    /// keeps a checkpoint under a bitmap of another name;
+    /// [`Error::Backend`] (an imported chain's domain lookup);
+    /// [`Error::Journal`].
+    pub fn export(&self, backend: &dyn Backend, domain: &str) -> Result<Chain> {
+        let committed = self
+            .journal
+            .committed(domain)?
+            .ok_or_else(|| Error::NoCommittedChain {
+                domain: domain.to_string(),
+            })?;
+        if let Some(chain) = committed.chain {
+            return Ok(chain);
+        }
+        let info =
+            backend
+                .domain_info(domain)
+                .map_err(backend_err(domain, "domain lookup", None))?;
+        let not = |reason: String| Error::NotExportable {
+            domain: domain.to_string(),
+            reason,
+        };
+        let vm_id = Uuid::parse_str(&info.uuid)
+            .map_err(|_| not(format!("libvirt gives the UUID {:?}", info.uuid)))?;
+        let chain = chain_of(domain, vm_id, &committed.defs).map_err(&not)?;
+        // What sync would refuse is no export.
+        chain.clone().validate().map_err(|e| not(e.to_string()))?;
+        Ok(chain)
     }
 
     /// Re-apply the domain's last committed chain (after a transient domain
@@ -245,33 +309,48 @@ impl Store {
     ///
     /// [`Error::NoCommittedChain`]; otherwise as [`Store::sync`].
     pub fn resync(&self, backend: &dyn Backend, domain: &str) -> Result<SyncReport> {
+        let re = self.reapply_target(backend, domain)?;
+        self.apply(
+            backend,
+            domain,
+            TxnKind::Resync,
+            re.chain.as_ref(),
+            re.target,
+            re.warnings,
+        )
+    }
+
+    /// What a re-apply of the domain's committed chain aims at; its disk
+    /// targets checked against the domain.
+    fn reapply_target(&self, backend: &dyn Backend, domain: &str) -> Result<Reapply> {
         let committed = self
             .journal
             .committed(domain)?
             .ok_or_else(|| Error::NoCommittedChain {
                 domain: domain.to_string(),
             })?;
-        let (chain, target, warnings) = match committed.chain {
+        let re = match committed.chain {
             Some(chain) => {
                 let valid = chain.validate()?;
-                let warnings = detached_warnings(&valid);
-                (Some(valid.chain().clone()), valid.defs(), warnings)
+                Reapply {
+                    warnings: detached_warnings(&valid),
+                    target: valid.defs(),
+                    chain: Some(valid.chain().clone()),
+                }
             }
-            None => (None, committed.defs, Vec::new()),
+            None => Reapply {
+                chain: None,
+                target: committed.defs,
+                warnings: Vec::new(),
+            },
         };
-        let targets: BTreeSet<&str> = target
+        let targets: BTreeSet<&str> = re
+            .target
             .iter()
             .flat_map(|d| d.disks.keys().map(String::as_str))
             .collect();
         self.check_targets(backend, domain, targets.into_iter())?;
-        self.apply(
-            backend,
-            domain,
-            TxnKind::Resync,
-            chain.as_ref(),
-            target,
-            warnings,
-        )
+        Ok(re)
     }
 
     /// Adopt the domain's current libvirt checkpoints as its committed chain.
@@ -469,6 +548,55 @@ impl Store {
     }
 }
 
+/// The goal of a re-apply: the committed chain (when a sync gave one),
+/// its definitions, and the warnings about it.
+struct Reapply {
+    chain: Option<Chain>,
+    target: Vec<CheckpointDef>,
+    warnings: Vec<String>,
+}
+
+/// A chain file describing `defs` (an imported chain): disk ids are the
+/// target names.
+fn chain_of(
+    domain: &str,
+    vm_id: Uuid,
+    defs: &[CheckpointDef],
+) -> std::result::Result<Chain, String> {
+    let mut disks = std::collections::BTreeMap::new();
+    let mut checkpoints = Vec::with_capacity(defs.len());
+    for d in defs {
+        if let Some((target, bitmap)) = d.disks.iter().find(|(_, b)| **b != d.name) {
+            return Err(format!(
+                "checkpoint {} names bitmap {bitmap:?} on disk {target}, and a chain names each bitmap after its checkpoint",
+                d.name
+            ));
+        }
+        let created = chrono::DateTime::from_timestamp(d.creation_time, 0).ok_or_else(|| {
+            format!(
+                "checkpoint {} has creation time {}",
+                d.name, d.creation_time
+            )
+        })?;
+        for t in d.disks.keys() {
+            disks.insert(t.clone(), t.clone());
+        }
+        checkpoints.push(Checkpoint {
+            id: d.name.clone(),
+            parent: d.parent.clone(),
+            created,
+            description: d.description.clone(),
+            disks: d.disks.keys().cloned().collect(),
+        });
+    }
+    Ok(Chain {
+        vm_id,
+        domain: Some(domain.to_string()),
+        disks,
+        checkpoints,
+    })
+}
+
 fn detached_warnings(v: &ValidChain) -> Vec<String> {
     v.detached()
         .iter()
@@ -506,18 +634,20 @@ mod tests {
 
     #[test]
     fn progress_counts_every_call_of_a_round() {
-        let disk = Uuid::from_u128(1);
+        let disk = Uuid::from_u128(1).to_string();
         let chain = Chain {
             vm_id: Uuid::from_u128(2),
             domain: Some("vm".into()),
-            disks: BTreeMap::from([(disk, "sda".to_string())]),
+            disks: BTreeMap::from([(disk.clone(), "sda".to_string())]),
             checkpoints: (0..3u128)
                 .map(|i| Checkpoint {
-                    id: Uuid::from_u128(100 + i),
-                    parent: i.checked_sub(1).map(|p| Uuid::from_u128(100 + p)),
+                    id: Uuid::from_u128(100 + i).to_string(),
+                    parent: i
+                        .checked_sub(1)
+                        .map(|p| Uuid::from_u128(100 + p).to_string()),
                     created: DateTime::from_timestamp(1_600_000_000 + i as i64, 0).unwrap(),
                     description: None,
-                    disks: vec![disk],
+                    disks: vec![disk.clone()],
                 })
                 .collect(),
         };

@@ -46,12 +46,12 @@ pub fn run_crashing<T>(f: impl FnOnce() -> T) -> Option<T> {
     }
 }
 
-pub fn disk_id(i: usize) -> Uuid {
-    Uuid::from_u128(0xd15c_0000 + i as u128)
+pub fn disk_id(i: usize) -> String {
+    Uuid::from_u128(0xd15c_0000 + i as u128).to_string()
 }
 
-pub fn ckpt_id(i: usize) -> Uuid {
-    Uuid::from_u128(0xc4e0_0000 + i as u128)
+pub fn ckpt_id(i: usize) -> String {
+    Uuid::from_u128(0xc4e0_0000 + i as u128).to_string()
 }
 
 /// A linear chain c0 <- c1 <- ... of `n` checkpoints over `disks` disks.

@@ -43,19 +43,19 @@ impl Fixture {
         let backend = LibvirtBackend::connect(support::SYSTEM_URI).unwrap();
         let journal = tempfile::tempdir().unwrap();
         let store = Store::open(journal.path().join("journal.db")).unwrap();
-        let disk_ids: BTreeMap<Uuid, String> = dom
+        let disk_ids: BTreeMap<String, String> = dom
             .targets
             .iter()
-            .map(|t| (Uuid::new_v4(), t.clone()))
+            .map(|t| (Uuid::new_v4().to_string(), t.clone()))
             .collect();
         let mut cps: Vec<Checkpoint> = Vec::new();
         for i in 0..checkpoints {
             cps.push(Checkpoint {
-                id: Uuid::new_v4(),
-                parent: cps.last().map(|c| c.id),
+                id: Uuid::new_v4().to_string(),
+                parent: cps.last().map(|c| c.id.clone()),
                 created: DateTime::from_timestamp(1_700_000_000 + 60 * i as i64, 0).unwrap(),
                 description: None,
-                disks: disk_ids.keys().copied().collect(),
+                disks: disk_ids.keys().cloned().collect(),
             });
         }
         let names = cps.iter().map(|c| c.id.to_string()).collect();

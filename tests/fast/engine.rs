@@ -9,7 +9,7 @@ use ckptstore::testing::same_content;
 use ckptstore::testing::Hook;
 use ckptstore::testing::{FakeBackend, Op};
 use ckptstore::Owner;
-use ckptstore::{Error, Outcome, Policy, Store, StoreOptions};
+use ckptstore::{Backend, Error, Outcome, Policy, Store, StoreOptions};
 use sim::*;
 
 fn fake_with_domain() -> FakeBackend {
@@ -223,14 +223,14 @@ fn a_rollback_puts_libvirts_current_checkpoint_back_where_it_was() {
         .unwrap()
         .defs();
     fake.set_checkpoints(DOMAIN, before.clone());
-    let c3 = ckpt_id(3).to_string();
+    let c3 = ckpt_id(3);
     assert_eq!(fake.current(DOMAIN), Some(c3.clone()));
     let mut chain = tree_chain(&[None, Some(0), Some(0), Some(0), Some(1)], 2);
     chain
         .checkpoints
         .retain(|c| c.id != ckpt_id(2) && c.id != ckpt_id(3));
     let target = chain.clone().validate().unwrap().defs();
-    let c4 = target.iter().find(|d| d.name == ckpt_id(4).to_string());
+    let c4 = target.iter().find(|d| d.name == ckpt_id(4));
     fake.refuse_def(DOMAIN, c4.unwrap());
     let store = TempJournal::new().store(1);
     let err = store.sync(&fake, chain).unwrap_err();
@@ -710,4 +710,73 @@ fn a_progress_callback_that_stops_leaves_the_transaction_open_for_recover() {
             (Outcome::Unchanged, 0)
         );
     }
+}
+
+/// `export` gives back the committed chain as a chain file, and syncing it
+/// changes nothing: for a chain a sync gave, and for one `import` adopted
+/// from checkpoints a backup tool made (`virtnbdbackup.N`).
+#[test]
+fn export_round_trips_a_synced_and_an_imported_chain() {
+    let fake = fake_with_domain();
+    let store = TempJournal::new().store(1);
+    assert!(matches!(
+        store.export(&fake, DOMAIN).unwrap_err(),
+        Error::NoCommittedChain { .. }
+    ));
+    let chain = linear_chain(5, 2);
+    store.sync(&fake, chain.clone()).unwrap();
+    assert_eq!(store.export(&fake, DOMAIN).unwrap(), chain);
+
+    // A backup tool's checkpoints, made by libvirt on the running domain.
+    let fake = fake_with_domain();
+    fake.set_running(DOMAIN, true);
+    for i in 0..4 {
+        fake.create(DOMAIN, &format!("virtnbdbackup.{i}"), 1_700_000_000 + i)
+            .unwrap();
+    }
+    let store = TempJournal::new().store(1);
+    store.import(&fake, DOMAIN).unwrap();
+    let exported = store.export(&fake, DOMAIN).unwrap();
+    assert_eq!(exported.vm_id.to_string(), VM_UUID);
+    assert_eq!(
+        exported
+            .checkpoints
+            .iter()
+            .map(|c| (c.id.as_str(), c.parent.as_deref()))
+            .collect::<Vec<_>>(),
+        vec![
+            ("virtnbdbackup.0", None),
+            ("virtnbdbackup.1", Some("virtnbdbackup.0")),
+            ("virtnbdbackup.2", Some("virtnbdbackup.1")),
+            ("virtnbdbackup.3", Some("virtnbdbackup.2")),
+        ]
+    );
+    let text = serde_json::to_string(&exported).unwrap();
+    let back: ckptstore::Chain = serde_json::from_str(&text).unwrap();
+    fake.reset_calls();
+    let r = store.sync(&fake, back).unwrap();
+    assert_eq!(r.outcome, Outcome::Unchanged);
+    assert_eq!((fake.calls(Op::Redefine), fake.calls(Op::Delete)), (0, 0));
+}
+
+/// `plan_resync` previews a re-apply with the document `plan` gives for
+/// the same chain, and changes nothing.
+#[test]
+fn plan_resync_previews_the_reapply_as_plan_does() {
+    let fake = fake_with_domain();
+    let store = TempJournal::new().store(1);
+    let chain = linear_chain(6, 2);
+    store.sync(&fake, chain.clone()).unwrap();
+    // libvirt loses the newest two.
+    fake.delete(DOMAIN, &ckpt_id(5)).unwrap();
+    fake.delete(DOMAIN, &ckpt_id(4)).unwrap();
+    let before = fake.peek(DOMAIN);
+    fake.reset_calls();
+    let preview = store.plan_resync(&fake, DOMAIN).unwrap();
+    assert_eq!(preview, store.plan(&fake, chain).unwrap());
+    assert_eq!(preview.steps.len(), 2);
+    assert_eq!((fake.calls(Op::Redefine), fake.calls(Op::Delete)), (0, 0));
+    assert_eq!(fake.peek(DOMAIN), before);
+    let r = store.resync(&fake, DOMAIN).unwrap();
+    assert_eq!(r.redefined, vec![ckpt_id(4), ckpt_id(5)]);
 }

@@ -46,7 +46,7 @@ fn structurally_bad_chains_are_refused_by_name() {
         (
             {
                 let mut c = linear_chain(3, 1);
-                c.checkpoints[2].id = c.checkpoints[0].id;
+                c.checkpoints[2].id = c.checkpoints[0].id.clone();
                 c
             },
             |e| matches!(e, ChainError::Duplicate(_)),
@@ -122,13 +122,116 @@ fn structurally_bad_chains_are_refused_by_name() {
             |e| matches!(e, ChainError::BadTime(_)),
         ),
     ];
-    for (chain, kind) in cases {
+    for (chain, kind) in cases.into_iter().chain(bad_names()) {
         match store.sync(&f, chain) {
             Err(Error::Chain(e)) => assert!(kind(&e), "unexpected error kind: {e}"),
             other => panic!("expected a chain error, got {other:?}"),
         }
     }
     assert_untouched(&f, &store);
+}
+
+/// A chain whose checkpoint 1 is named `name` (its child follows).
+fn renamed(name: &str) -> Chain {
+    let mut c = linear_chain(3, 1);
+    let old = c.checkpoints[1].id.clone();
+    for cp in &mut c.checkpoints {
+        if cp.id == old {
+            cp.id = name.to_string();
+        }
+        if cp.parent.as_deref() == Some(old.as_str()) {
+            cp.parent = Some(name.to_string());
+        }
+    }
+    c
+}
+
+/// Names libvirt would refuse as a checkpoint's, or QEMU as a bitmap's;
+/// disk ids that are empty.
+fn bad_names() -> Vec<(Chain, KindCheck)> {
+    let bad_id: KindCheck = |e| matches!(e, ChainError::BadId { .. });
+    let mut cases: Vec<(Chain, KindCheck)> = [
+        "",
+        "../../etc",
+        ".hidden",
+        "a/b",
+        "two words",
+        "line\nbreak",
+        "nul\0byte",
+        "<x/>",
+        "quote'",
+        "amp&amp;",
+        "caf\u{e9}",
+    ]
+    .iter()
+    .map(|n| (renamed(n), bad_id))
+    .collect();
+    cases.push((renamed(&"n".repeat(1024)), bad_id));
+    let mut empty_in_map = linear_chain(1, 1);
+    empty_in_map.disks.insert(String::new(), "sdb".into());
+    cases.push((empty_in_map, |e| matches!(e, ChainError::EmptyDiskId)));
+    let mut empty_in_checkpoint = linear_chain(1, 1);
+    empty_in_checkpoint.checkpoints[0].disks.push(String::new());
+    cases.push((empty_in_checkpoint, |e| {
+        matches!(e, ChainError::EmptyDiskId)
+    }));
+    cases
+}
+
+#[test]
+fn names_libvirt_or_qemu_would_refuse_say_why() {
+    let e = renamed("a/b").validate().unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        "checkpoint id \"a/b\" is not a valid checkpoint name: it contains '/'; \
+         libvirt accepts only letters, digits, '_', '-' and '.' (not first)"
+    );
+    let e = renamed(&"n".repeat(1024)).validate().unwrap_err();
+    assert!(
+        e.to_string()
+            .ends_with("it is longer than 1023 bytes, QEMU's limit for a bitmap name"),
+        "{e}"
+    );
+    let e = renamed(".x").validate().unwrap_err();
+    assert!(
+        e.to_string()
+            .ends_with("it starts with '.', which libvirt refuses"),
+        "{e}"
+    );
+}
+
+/// Backup tools name their checkpoints as they like; any name libvirt
+/// takes is a checkpoint id, and any non-empty string a disk id.
+#[test]
+fn names_of_real_backup_tools_sync() {
+    for names in [
+        vec!["virtnbdbackup.0", "virtnbdbackup.1", "virtnbdbackup.2"],
+        vec!["one-31-0", "one-31-1", "one-31-2"],
+        vec!["nightly-20261130", "nightly-20261201", "_x.y-z"],
+    ] {
+        let f = fake();
+        let store = TempJournal::new().store(1);
+        let mut c = linear_chain(3, 2);
+        c.disks = BTreeMap::from([("disk-a".into(), "sda".into()), ("0".into(), "sdb".into())]);
+        for (i, cp) in c.checkpoints.iter_mut().enumerate() {
+            cp.id = names[i].to_string();
+            cp.parent = i.checked_sub(1).map(|p| names[p].to_string());
+            cp.disks = vec!["disk-a".into(), "0".into()];
+        }
+        let long = "n".repeat(1023);
+        c.checkpoints[2].id = long.clone();
+        store.sync(&f, c.clone()).unwrap();
+        let listed: Vec<String> = f.peek(DOMAIN).into_iter().map(|d| d.name).collect();
+        assert_eq!(
+            listed,
+            vec![names[0].to_string(), names[1].to_string(), long]
+        );
+        // Each disk's bitmap is named after the checkpoint.
+        let last = f.peek(DOMAIN).pop().unwrap();
+        assert!(last.disks.values().all(|b| *b == last.name));
+        // Again: nothing to do.
+        assert_eq!(store.sync(&f, c).unwrap().libvirt_calls, 0);
+    }
 }
 
 #[test]
@@ -158,8 +261,8 @@ fn malformed_json_and_wrong_types_are_serde_errors() {
         "[]",
         r#"{"vm_id": 5, "disks": {}, "checkpoints": []}"#,
         r#"{"vm_id": "not-a-uuid", "disks": {}, "checkpoints": []}"#,
-        r#"{"vm_id": "93a5c045-6457-2c09-e56c-927cdf34e178", "disks": {"x": "sda"}, "checkpoints": []}"#,
-        r#"{"vm_id": "93a5c045-6457-2c09-e56c-927cdf34e178", "disks": {}, "checkpoints": [{"id": "../../etc", "created": "2020-01-01T00:00:00Z", "disks": []}]}"#,
+        r#"{"vm_id": "93a5c045-6457-2c09-e56c-927cdf34e178", "disks": {"x": 5}, "checkpoints": []}"#,
+        r#"{"vm_id": "93a5c045-6457-2c09-e56c-927cdf34e178", "disks": {}, "checkpoints": [{"id": 7, "created": "2020-01-01T00:00:00Z", "disks": []}]}"#,
         r#"{"vm_id": "93a5c045-6457-2c09-e56c-927cdf34e178", "disks": {}, "checkpoints": [], "surprise": 1}"#,
         r#"{"vm_id": "93a5c045-6457-2c09-e56c-927cdf34e178", "disks": {}, "checkpoints": [{"id": "7b1e2a8c-0c1f-4a0e-9a52-2f6f3b7d9c10", "created": "yesterday", "disks": []}]}"#,
     ] {

@@ -134,17 +134,17 @@ impl Drop for Outage {
 // ---------------------------------------------------------------------------
 // Chains, stores, checks.
 
-fn disk_id(i: usize) -> Uuid {
-    Uuid::from_u128(0xd15c_0000 + i as u128)
+fn disk_id(i: usize) -> String {
+    Uuid::from_u128(0xd15c_0000 + i as u128).to_string()
 }
 
-fn ckpt_id(i: usize) -> Uuid {
-    Uuid::from_u128(0xc4e0_0000 + i as u128)
+fn ckpt_id(i: usize) -> String {
+    Uuid::from_u128(0xc4e0_0000 + i as u128).to_string()
 }
 
 /// The libvirt name of checkpoint `i`.
 fn name(i: usize) -> String {
-    ckpt_id(i).to_string()
+    ckpt_id(i)
 }
 
 /// A line: checkpoint i's parent is i - 1.
@@ -932,4 +932,47 @@ fn a_daemon_restart_recomputes_the_current_checkpoint() {
     fake.fake
         .define_domain("restart", &Uuid::new_v4().to_string(), &["vda"], true);
     restart_scenario(&fake, "restart");
+}
+
+/// Backup tools name their checkpoints as they like: virtnbdbackup's
+/// `virtnbdbackup.N`, OpenNebula's `one-<vm>-<n>`, a date. Each chain syncs
+/// on the real daemon with the bitmaps it names in the images, and a second
+/// sync makes no call.
+#[test]
+fn chains_named_like_real_backup_tools_sync() {
+    let _daemon = daemon_shared();
+    let dom = TestDomain::define(&support::system(), "e2e-names", 2);
+    let backend = LibvirtBackend::connect(support::SYSTEM_URI).unwrap();
+    let dir = journal_dir();
+    let store = Store::open(journal(&dir)).unwrap();
+    for names in [
+        ["virtnbdbackup.0", "virtnbdbackup.1", "virtnbdbackup.2"],
+        ["one-31-0", "one-31-1", "one-31-2"],
+        ["nightly-20261130", "nightly-20261201", "nightly-20261202"],
+    ] {
+        for n in names {
+            dom.add_bitmap_everywhere(n);
+        }
+        let mut c = chain(&dom, &line(3));
+        // Disk ids are any string: here the target names themselves.
+        c.disks = dom.targets.iter().map(|t| (t.clone(), t.clone())).collect();
+        for (i, cp) in c.checkpoints.iter_mut().enumerate() {
+            cp.id = names[i].to_string();
+            cp.parent = i.checked_sub(1).map(|p| names[p].to_string());
+            cp.disks = dom.targets.clone();
+        }
+        let report = store.sync(&backend, c.clone()).unwrap();
+        assert_eq!(report.outcome, Outcome::Committed);
+        let listed = backend.list(&dom.name).unwrap();
+        assert_eq!(listed, defs(&c));
+        assert_eq!(
+            listed.iter().map(|d| d.name.as_str()).collect::<Vec<_>>(),
+            names
+        );
+        let again = store.sync(&backend, c).unwrap();
+        assert_eq!(
+            (again.outcome, again.libvirt_calls),
+            (Outcome::Unchanged, 0)
+        );
+    }
 }

@@ -133,6 +133,20 @@ impl Store {
         })
     }
 
+    /// What `resync(domain)` would do; nothing changes (the `plan`
+    /// document, as `plan` gives it for the committed chain).
+    fn plan_resync(&self, py: Python<'_>, domain: String) -> PyResult<Py<PyAny>> {
+        let clock = Clock::start();
+        self.call(py, clock, None, move |s, b| Ok(s.plan_resync(b, &domain)?))
+    }
+
+    /// The domain's committed chain as a chain dict, the one `sync` takes
+    /// (what `ckptstore export --domain D` prints).
+    fn export(&self, py: Python<'_>, domain: String) -> PyResult<Py<PyAny>> {
+        let clock = Clock::start();
+        self.call(py, clock, None, move |s, b| Ok(s.export(b, &domain)?))
+    }
+
     /// Re-apply the domain's last committed chain (the `sync` document).
     #[pyo3(signature = (domain, progress = None))]
     fn resync(

@@ -144,3 +144,25 @@ def test_progress_reports_every_call_of_a_round(domains: Any, db: Path) -> None:
     seen.clear()
     ckptstore.Store(db).sync(chain, progress=seen.append)
     assert seen == []
+
+
+def test_export_and_plan_resync_equal_the_command(domains: Any, db: Path, tmp_path: Path) -> None:
+    dom = domains("parity-export", disks=2)
+    ids = [f"virtnbdbackup.{i}" for i in range(3)]
+    dom.add_bitmaps(ids)
+    chain = chain_for(dom, ids, description="export")
+    store = ckptstore.Store(db)
+    store.sync(chain)
+
+    exported = store.export(dom.name)
+    same(exported, cli(db, "export", "--domain", dom.name).doc)
+    assert [c["id"] for c in exported["checkpoints"]] == ids
+    # The export is a chain sync takes without a call.
+    again = store.sync(exported)
+    assert (again["outcome"], again["libvirt_calls"]) == ("unchanged", 0)
+
+    dom.delete_metadata(ids[-1])
+    preview = store.plan_resync(dom.name)
+    same(preview, cli(db, "plan", "--domain", dom.name).doc)
+    assert [s["op"] for s in preview["steps"]] == ["redefine"]
+    assert len(dom.checkpoints()) == 2

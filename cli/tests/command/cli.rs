@@ -27,12 +27,12 @@ use uuid::Uuid;
 /// A libvirt URI where nothing listens.
 const NOWHERE: &str = "qemu+unix:///system?socket=/nonexistent/ckptstore.sock";
 
-fn disk_id(i: usize) -> Uuid {
-    Uuid::from_u128(0xd15c_0000 + i as u128)
+fn disk_id(i: usize) -> String {
+    Uuid::from_u128(0xd15c_0000 + i as u128).to_string()
 }
 
-fn ckpt_id(i: usize) -> Uuid {
-    Uuid::from_u128(0xc4e0_0000 + i as u128)
+fn ckpt_id(i: usize) -> String {
+    Uuid::from_u128(0xc4e0_0000 + i as u128).to_string()
 }
 
 /// A line of `n` hourly checkpoints of `domain` over disks with `targets`.
@@ -332,7 +332,7 @@ fn sync_plan_status_history_on_qemu() {
     assert_eq!(steps.len(), 2);
     assert_eq!(
         (steps[0]["op"].as_str(), steps[0]["checkpoint"].as_str()),
-        (Some("redefine"), Some(&*ckpt_id(3).to_string()))
+        (Some("redefine"), Some(&*ckpt_id(3)))
     );
     let r = s.run(&["sync", "--chain", &c5, "--json"]);
     assert_eq!(r.code, 0, "{}", r.stderr);
@@ -352,8 +352,8 @@ fn sync_plan_status_history_on_qemu() {
     let j = r.json();
     assert_eq!(j["incomplete"], serde_json::json!([]));
     assert_eq!(j["domains"][0]["checkpoints"], 5);
-    assert_eq!(j["domains"][0]["root"], ckpt_id(0).to_string());
-    assert_eq!(j["domains"][0]["leaf"], ckpt_id(4).to_string());
+    assert_eq!(j["domains"][0]["root"], ckpt_id(0));
+    assert_eq!(j["domains"][0]["leaf"], ckpt_id(4));
 
     assert_eq!(s.run(&["history", "--domain", &dom.name]).code, 0);
     let r = s.run(&["history", "--domain", &dom.name, "--limit", "2", "--json"]);
@@ -396,6 +396,75 @@ fn import_adopts_libvirts_checkpoints_on_qemu() {
     let r = s.run(&["sync", "--domain", &dom.name, "--json"]);
     assert_eq!(r.json()["outcome"], "unchanged");
     assert!(same_content(&libvirt(&dom.name), &defs(&three)));
+    s.check();
+}
+
+/// `export` prints the committed chain as a chain file that `sync --chain`
+/// takes without a call; `plan --domain` previews the re-apply with the
+/// document `plan --chain` gives. Checkpoints named like a backup tool's.
+#[test]
+fn export_round_trips_and_plan_previews_a_reapply_on_qemu() {
+    let conn = support::system();
+    let dom = TestDomain::define(&conn, "cli-export", 2);
+    let mut s = Snap::new("export_on_qemu");
+    s.redact(&dom.name, "[DOMAIN]");
+    let mut c = chain(&dom.name, 4, &["vda", "vdb"]);
+    let name = |i: usize| format!("virtnbdbackup.{i}");
+    for (i, cp) in c.checkpoints.iter_mut().enumerate() {
+        cp.id = name(i);
+        cp.parent = i.checked_sub(1).map(name);
+    }
+    let file = write_chain(&s, "chain.json", &c);
+    let r = s.run(&["export", "--domain", &dom.name]);
+    assert_eq!(r.code, 2, "no committed chain yet: {}", r.stderr);
+    assert_eq!(s.run(&["sync", "--chain", &file]).code, 0);
+
+    let r = s.run(&["export", "--domain", &dom.name]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let exported: Chain = serde_json::from_str(&r.stdout).unwrap();
+    assert_eq!(exported, c);
+    let again = s.write("exported.json", &r.stdout).display().to_string();
+    let r = s.run(&["sync", "--chain", &again, "--json"]);
+    assert_eq!(
+        (
+            r.json()["outcome"].clone(),
+            r.json()["libvirt_calls"].clone()
+        ),
+        ("unchanged".into(), 0.into())
+    );
+
+    // libvirt loses the newest two: plan --domain previews their redefines.
+    let backend = LibvirtBackend::connect(SYSTEM_URI).unwrap();
+    backend.delete(&dom.name, &name(3)).unwrap();
+    backend.delete(&dom.name, &name(2)).unwrap();
+    let by_domain = s.run(&["plan", "--domain", &dom.name, "--json"]);
+    let by_chain = s.run(&["plan", "--chain", &file, "--json"]);
+    assert_eq!(by_domain.json(), by_chain.json());
+    assert_eq!(by_domain.json()["steps"].as_array().unwrap().len(), 2);
+    assert_eq!(libvirt(&dom.name).len(), 2, "plan changed libvirt");
+    assert_eq!(s.run(&["plan", "--domain", &dom.name]).code, 0);
+
+    // A journal that only imported: the chain is described from libvirt.
+    let other = s.dir().join("other.db").display().to_string();
+    assert_eq!(
+        s.run(&["--db", &other, "import", "--domain", &dom.name])
+            .code,
+        0
+    );
+    let r = s.run(&["--db", &other, "export", "--domain", &dom.name]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let imported: Chain = serde_json::from_str(&r.stdout).unwrap();
+    assert_eq!(imported.vm_id.to_string(), dom.uuid);
+    assert_eq!(imported.checkpoints.len(), 2);
+    let f = s.write("imported.json", &r.stdout).display().to_string();
+    let r = s.run(&["--db", &other, "sync", "--chain", &f, "--json"]);
+    assert_eq!(
+        (
+            r.json()["outcome"].clone(),
+            r.json()["libvirt_calls"].clone()
+        ),
+        ("unchanged".into(), 0.into())
+    );
     s.check();
 }
 
@@ -644,7 +713,7 @@ fn validate_exit_0_when_clean_and_1_with_findings_on_qemu() {
     let r = s.run(&["validate", "--domain", &dom.name]);
     assert_eq!(r.code, 0, "{}", r.stderr);
     // Break the image for real: the leaf's bitmap removed, a stray one added.
-    let leaf = ckpt_id(2).to_string();
+    let leaf = ckpt_id(2);
     let status = Command::new("qemu-img")
         .args(["bitmap", "--remove"])
         .arg(&dom.images[0])
@@ -668,7 +737,7 @@ fn validate_exit_0_when_clean_and_1_with_findings_on_qemu() {
     assert_eq!(kinds, ["missing_bitmap", "orphan_bitmap"]);
     assert_eq!(doc["findings"][0]["checkpoint"], leaf.as_str());
     assert_eq!(doc["findings"][0]["disk"], "vda");
-    assert_eq!(doc["usable"], ckpt_id(1).to_string().as_str());
+    assert_eq!(doc["usable"], ckpt_id(1).as_str());
     assert_eq!(doc["error"]["exit_code"], 1);
     // Unknown domain: exit 4.
     assert_eq!(

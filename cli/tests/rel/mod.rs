@@ -24,12 +24,12 @@ pub const BIN: &str = env!("CARGO_BIN_EXE_ckptstore");
 
 pub const VM_UUID: &str = "93a5c045-6457-2c09-e56c-927cdf34e178";
 
-pub fn disk_id(i: usize) -> Uuid {
-    Uuid::from_u128(0xd15c_0000 + i as u128)
+pub fn disk_id(i: usize) -> String {
+    Uuid::from_u128(0xd15c_0000 + i as u128).to_string()
 }
 
-pub fn ckpt_id(i: usize) -> Uuid {
-    Uuid::from_u128(0xc4e0_0000 + i as u128)
+pub fn ckpt_id(i: usize) -> String {
+    Uuid::from_u128(0xc4e0_0000 + i as u128).to_string()
 }
 
 /// A line of `n` hourly checkpoints of `domain` over disks with `targets`.

@@ -40,7 +40,10 @@ impl Kept {
         Chain {
             vm_id: Uuid::parse_str(VM_UUID).unwrap(),
             domain: Some(DOMAIN.into()),
-            disks: BTreeMap::from([(disks[0], "sda".into()), (disks[1], "sdb".into())]),
+            disks: BTreeMap::from([
+                (disks[0].clone(), "sda".into()),
+                (disks[1].clone(), "sdb".into()),
+            ]),
             checkpoints: self
                 .nodes
                 .iter()
@@ -223,7 +226,7 @@ pub fn random_histories(seed: u64, histories: u64, transactions: u64) -> String 
                 bump(&mut stats, "restarts");
             }
             if t > 0 && rng.chance(30) {
-                let name = ckpt_id(kept.next).to_string();
+                let name = ckpt_id(kept.next);
                 let parent = fake.create(DOMAIN, &name, created(kept.next)).unwrap();
                 let parent = parent.as_deref().map(|p| index_of(p).unwrap());
                 kept.nodes.insert(kept.next, (parent, None));
