@@ -12,11 +12,15 @@ static DAEMON: RwLock<()> = RwLock::new(());
 
 /// For a test that needs the daemon up throughout.
 pub fn shared() -> RwLockReadGuard<'static, ()> {
-    DAEMON.read().unwrap_or_else(std::sync::PoisonError::into_inner)
+    DAEMON
+        .read()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// For a test that stops the daemon, or must be its only client in this
 /// process.
 pub fn exclusive() -> RwLockWriteGuard<'static, ()> {
-    DAEMON.write().unwrap_or_else(std::sync::PoisonError::into_inner)
+    DAEMON
+        .write()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }

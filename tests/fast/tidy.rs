@@ -143,7 +143,10 @@ fn code_only(src: &str) -> String {
     while i < b.len() {
         let rest = &b[i..];
         if rest.starts_with(b"//") {
-            let end = rest.iter().position(|&c| c == b'\n').map_or(b.len(), |n| i + n);
+            let end = rest
+                .iter()
+                .position(|&c| c == b'\n')
+                .map_or(b.len(), |n| i + n);
             blank(&mut out, i, end);
             i = end;
         } else if rest.starts_with(b"/*") {
@@ -181,7 +184,10 @@ fn code_only(src: &str) -> String {
         } else if b[i] == b'\'' {
             // A character literal ('x', '\n', '\u{..}'), else a lifetime.
             let end = if rest.get(1) == Some(&b'\\') {
-                rest.iter().skip(2).position(|&c| c == b'\'').map(|n| i + n + 3)
+                rest.iter()
+                    .skip(2)
+                    .position(|&c| c == b'\'')
+                    .map(|n| i + n + 3)
             } else {
                 let ch = src[i + 1..].chars().next().map_or(0, char::len_utf8);
                 (rest.get(1 + ch) == Some(&b'\'')).then_some(i + 2 + ch)
@@ -401,7 +407,12 @@ fn every_file_of_src_is_in_the_code_map_once() {
         match naming.len() {
             1 => {}
             0 => writeln!(errors, "{file} is named by no row of the code map").unwrap(),
-            _ => writeln!(errors, "{file} is named by {} rows: {naming:?}", naming.len()).unwrap(),
+            _ => writeln!(
+                errors,
+                "{file} is named by {} rows: {naming:?}",
+                naming.len()
+            )
+            .unwrap(),
         }
     }
     assert!(errors.is_empty(), "ARCHITECTURE.md's code map:\n{errors}");
@@ -445,8 +456,12 @@ fn unsafe_only_in_the_ffi_file() {
                 .take_while(|l| l.trim_start().starts_with("//"))
                 .any(|l| l.contains("SAFETY:"));
             if !safety {
-                writeln!(errors, "{file}:{}: `unsafe` without a `// SAFETY:` comment above", n + 1)
-                    .unwrap();
+                writeln!(
+                    errors,
+                    "{file}:{}: `unsafe` without a `// SAFETY:` comment above",
+                    n + 1
+                )
+                .unwrap();
             }
         }
     }
@@ -481,7 +496,10 @@ fn may_use_matches_the_imports() {
 
     let mut errors = String::new();
     let mut checked = 0;
-    for row in rows.iter().filter(|r| r.paths.iter().any(|p| p.starts_with("src/"))) {
+    for row in rows
+        .iter()
+        .filter(|r| r.paths.iter().any(|p| p.starts_with("src/")))
+    {
         let listed: BTreeSet<String> = match &row.may_use {
             None => BTreeSet::new(),
             Some(names) if names.is_empty() => {
@@ -561,7 +579,10 @@ fn the_tidy_parsers_read_what_they_should() {
     let code = code_only(
         "let a = \"unsafe crate::x\"; // unsafe\n/* crate::y /* nested */ */ fn f<'a>(c: &'a u8) -> char { '\"' }\nlet r = r#\"crate::z\"#;",
     );
-    assert!(!code.contains("unsafe") && !code.contains("crate::"), "{code}");
+    assert!(
+        !code.contains("unsafe") && !code.contains("crate::"),
+        "{code}"
+    );
     assert!(code.contains("fn f<'a>(c: &'a u8)"), "{code}");
     assert_eq!(code.lines().count(), 3);
     // `crate::` paths, single and grouped; `$crate` and `pub(crate)` are not.
@@ -587,6 +608,9 @@ fn the_tidy_parsers_read_what_they_should() {
         root_modules("mod chain;\npub mod testing;\npub use chain::Chain;\npub use std::fmt;\n");
     assert_eq!(declared.iter().collect::<Vec<_>>(), ["chain", "testing"]);
     assert_eq!(used.keys().collect::<Vec<_>>(), ["chain"]);
-    assert_eq!(own_module("src/backend/libvirt/ffi.rs").as_deref(), Some("backend"));
+    assert_eq!(
+        own_module("src/backend/libvirt/ffi.rs").as_deref(),
+        Some("backend")
+    );
     assert_eq!(own_module("src/lib.rs"), None);
 }
