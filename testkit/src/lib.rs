@@ -13,6 +13,10 @@
 //! - [`qemu`]: `qemu-img` helpers to make and inspect images;
 //! - [`rng`]: the one seeded generator, and how a test gets its seed.
 
+// A helper panics by design: a set-up that fails fails the test, which the
+// helpers' docs say once here rather than under `# Panics` on each.
+#![allow(clippy::missing_panics_doc)]
+
 pub mod daemon;
 pub mod qemu;
 pub mod rng;

@@ -497,7 +497,7 @@ fn a_step_libvirt_refuses_rolls_back_the_conflict_and_the_extra() {
     let (domain, c10) = (dom.name.clone(), name(10));
     let last = step_number(&plan.steps, &name(11));
     let hook = at_point("step.before_call", last, move || {
-        other.delete(&domain, &c10).unwrap()
+        other.delete(&domain, &c10).unwrap();
     });
     let store = store_as(&journal(&dir), 1, Some(hook));
     let err = store.sync(&backend, chain).unwrap_err();

@@ -100,7 +100,7 @@ fn refused(
         status: out.status,
         stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
         stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-        elapsed: Default::default(),
+        elapsed: std::time::Duration::default(),
     };
     let shown = args
         .iter()
@@ -710,7 +710,7 @@ fn fuzz_the_chain_input_through_the_binary_on_qemu() {
 /// A few byte-level edits of `base`.
 fn mutate_bytes(base: &[u8], rng: &mut Rng) -> Vec<u8> {
     let mut input = base.to_vec();
-    for _ in 0..1 + rng.below(8) {
+    for _ in 0..=rng.below(8) {
         if input.is_empty() {
             break;
         }
@@ -751,7 +751,7 @@ fn mutate_chain(good: &ckptstore::Chain, rng: &mut Rng) -> Vec<u8> {
         "x".repeat(300).leak(),
     ];
     let targets = ["vda", "vdb", "vdz", "sda", "", "vd", "vd/a", "xvdq", "<t>"];
-    for _ in 0..1 + rng.below(4) {
+    for _ in 0..=rng.below(4) {
         let n = c.checkpoints.len() as u64;
         let pick = |rng: &mut Rng| rng.below(n.max(1)) as usize;
         match rng.below(10) {

@@ -150,7 +150,7 @@ impl Drop for Killer {
 fn leftover_files(dir: &Path) -> Vec<String> {
     let mut v: Vec<String> = match std::fs::read_dir(dir) {
         Ok(entries) => entries
-            .filter_map(|e| e.ok())
+            .filter_map(std::result::Result::ok)
             .map(|e| e.file_name().to_string_lossy().into_owned())
             .filter(|n| n.ends_with(".xml.new"))
             .collect(),
@@ -177,12 +177,13 @@ fn kill_while_writing(
     loop {
         if let Ok(entries) = std::fs::read_dir(dir) {
             let names: Vec<String> = entries
-                .filter_map(|e| e.ok())
+                .filter_map(std::result::Result::ok)
                 .map(|e| e.file_name().to_string_lossy().into_owned())
                 .collect();
             let writing = names.iter().any(|n| {
                 n.strip_suffix(".new").is_some_and(|xml| {
-                    xml.ends_with(".xml") && !(first_write && names.iter().any(|m| m == xml))
+                    Path::new(xml).extension().is_some_and(|e| e == "xml")
+                        && !(first_write && names.iter().any(|m| m == xml))
                 })
             });
             if writing {

@@ -196,7 +196,9 @@ impl FakeBackend {
     fn lock(&self) -> MutexGuard<'_, State> {
         // A panic while holding the lock (a simulated crash) leaves the
         // state as libvirt would: whatever was applied stays applied.
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
+        self.state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 }
 

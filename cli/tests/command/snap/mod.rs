@@ -138,13 +138,12 @@ impl Snap {
                 path.display()
             )
         });
-        if expected != actual {
-            panic!(
-                "output differs from snapshot {}\n{}\n(CKPTSTORE_UPDATE_SNAPSHOTS=1 rewrites it after review)",
-                path.display(),
-                diff(&expected, &actual)
-            );
-        }
+        assert!(
+            expected == actual,
+            "output differs from snapshot {}\n{}\n(CKPTSTORE_UPDATE_SNAPSHOTS=1 rewrites it after review)",
+            path.display(),
+            diff(&expected, &actual)
+        );
     }
 }
 
