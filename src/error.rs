@@ -6,6 +6,7 @@ use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use crate::backend::{BackendError, BackendErrorKind};
+use crate::bitmaps::Degraded;
 use crate::chain::ChainError;
 use crate::engine::SyncReport;
 use crate::journal::JournalError;
@@ -113,6 +114,17 @@ pub enum Error {
         /// The transaction.
         txn: Uuid,
     },
+    /// `--bitmaps strict`: checkpoints whose bitmap is missing or unusable
+    /// on a disk; refused before any libvirt call.
+    #[error("domain {domain}: {} disk{} of the checkpoints to define {} no usable bitmap (first: checkpoint {}, disk {}: {}); strict refuses the sync",
+            disks.len(), if disks.len() == 1 { "" } else { "s" }, if disks.len() == 1 { "has" } else { "have" },
+            disks[0].checkpoint, disks[0].disk, disks[0].reason)]
+    MissingBitmaps {
+        /// The domain.
+        domain: String,
+        /// Each disk and why (never empty).
+        disks: Vec<Degraded>,
+    },
     /// `export` of a committed chain that a chain file cannot describe (a
     /// checkpoint libvirt keeps under a bitmap of another name).
     #[error("the committed chain of domain {domain} cannot be exported: {reason}")]
@@ -181,7 +193,8 @@ impl Error {
             }
             Error::Refused {
                 rolled_back: true, ..
-            } => ErrorKind::RolledBack,
+            }
+            | Error::MissingBitmaps { .. } => ErrorKind::RolledBack,
             Error::Refused {
                 rolled_back: false, ..
             }
@@ -204,6 +217,9 @@ impl Error {
             Error::NoCommittedChain { domain } => format!(
                 "run `ckptstore sync --chain FILE` or `ckptstore import --domain {domain}` first; nothing was changed"
             ),
+            Error::MissingBitmaps { .. } => {
+                "nothing was changed; `--bitmaps degrade` leaves those disks out, or take a new full backup".into()
+            }
             Error::NotExportable { domain, .. } => format!(
                 "`ckptstore history --domain {domain}` shows the committed transactions; nothing was changed"
             ),
@@ -279,6 +295,7 @@ impl Error {
             | Error::UnknownTarget { .. }
             | Error::NoCommittedChain { .. }
             | Error::NotExportable { .. }
+            | Error::MissingBitmaps { .. }
             | Error::Journal(_) => None,
         }
     }

@@ -5,6 +5,7 @@
 // Every module is private: the public face is the list below, and nothing
 // else is reachable from outside. ARCHITECTURE.md has the code map.
 mod backend;
+mod bitmaps;
 mod chain;
 mod engine;
 mod error;
@@ -26,8 +27,10 @@ pub use backend::{
     Backend, BackendError, BackendErrorKind, BitmapState, DiskBitmap, DomainDisk, DomainInfo,
     Leftover, LeftoverScan,
 };
+pub use bitmaps::{BitmapPolicy, Degraded, Unverified};
 pub use chain::{
-    Chain, ChainError, Checkpoint, CheckpointDef, DetachedDisk, ValidChain, MAX_CHECKPOINTS,
+    Chain, ChainError, Checkpoint, CheckpointDef, DetachedDisk, NameError, ValidChain,
+    MAX_CHECKPOINTS, MAX_NAME_BYTES,
 };
 pub use engine::{
     DomainStatus, History, HistoryEntry, Incomplete, Outcome, PlanReport, PlanStep, Policy,

@@ -21,8 +21,8 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use ckptstore::redact_uri;
-use ckptstore::{Chain, LibvirtBackend, Policy, Store, StoreOptions};
-use clap::{ArgAction, Args, Parser, Subcommand};
+use ckptstore::{BitmapPolicy, Chain, LibvirtBackend, Policy, Store, StoreOptions};
+use clap::{ArgAction, Args, Parser, Subcommand, ValueEnum};
 
 use exit::Fail;
 use output::Out;
@@ -166,11 +166,40 @@ pub struct Cli {
     /// Print one JSON document on stdout instead of human output
     #[arg(long, global = true)]
     json: bool,
+    /// Bitmaps of the checkpoints a sync defines: degrade (leave a disk whose bitmap is missing or unusable out; a checkpoint with none left is not redefined), strict (refuse, exit 1, nothing changed), ignore (metadata only) [env: CKPTSTORE_BITMAPS]
+    #[arg(
+        long,
+        global = true,
+        value_enum,
+        value_name = "POLICY",
+        env = "CKPTSTORE_BITMAPS",
+        hide_env = true,
+        default_value = "degrade"
+    )]
+    bitmaps: Bitmaps,
     /// More logs on stderr: -v info, -vv debug, -vvv trace (default: errors only; RUST_LOG works too)
     #[arg(short, long, global = true, action = ArgAction::Count)]
     verbose: u8,
     #[command(subcommand)]
     command: Command,
+}
+
+/// `--bitmaps`: [`ckptstore::BitmapPolicy`] on the command line.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum Bitmaps {
+    Degrade,
+    Strict,
+    Ignore,
+}
+
+impl From<Bitmaps> for BitmapPolicy {
+    fn from(b: Bitmaps) -> Self {
+        match b {
+            Bitmaps::Degrade => BitmapPolicy::Degrade,
+            Bitmaps::Strict => BitmapPolicy::Strict,
+            Bitmaps::Ignore => BitmapPolicy::Ignore,
+        }
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -303,11 +332,11 @@ fn run(cli: Cli, out: &Out) -> anyhow::Result<()> {
             let report = match (args.chain, args.domain) {
                 (Some(file), _) => {
                     let chain = read_chain(&file)?;
-                    let store = open_store(&cli.db)?;
+                    let store = open_store(&cli.db, cli.bitmaps)?;
                     store.sync(&backend(), chain)?
                 }
                 (None, Some(domain)) => {
-                    let store = open_store(&cli.db)?;
+                    let store = open_store(&cli.db, cli.bitmaps)?;
                     store.resync(&backend(), &domain)?
                 }
                 (None, None) => unreachable!("clap requires --chain or --domain"),
@@ -318,15 +347,17 @@ fn run(cli: Cli, out: &Out) -> anyhow::Result<()> {
             let report = match (args.chain, args.domain) {
                 (Some(file), _) => {
                     let chain = read_chain(&file)?;
-                    open_store(&cli.db)?.plan(&backend(), chain)?
+                    open_store(&cli.db, cli.bitmaps)?.plan(&backend(), chain)?
                 }
-                (None, Some(domain)) => open_store(&cli.db)?.plan_resync(&backend(), &domain)?,
+                (None, Some(domain)) => {
+                    open_store(&cli.db, cli.bitmaps)?.plan_resync(&backend(), &domain)?
+                }
                 (None, None) => unreachable!("clap requires --chain or --domain"),
             };
             out.plan(&report)
         }
         Command::Recover(args) => {
-            let store = open_store(&cli.db)?;
+            let store = open_store(&cli.db, cli.bitmaps)?;
             let policy = if args.rollback {
                 Policy::Rollback
             } else {
@@ -355,23 +386,23 @@ fn run(cli: Cli, out: &Out) -> anyhow::Result<()> {
             }
         }
         Command::Status(args) => {
-            let store = open_store(&cli.db)?;
+            let store = open_store(&cli.db, cli.bitmaps)?;
             out.status(&store.status(args.domain.as_deref())?)
         }
         Command::Import(args) => {
-            let store = open_store(&cli.db)?;
+            let store = open_store(&cli.db, cli.bitmaps)?;
             out.import(&store.import(&backend(), &args.domain)?)
         }
         Command::Export(args) => {
-            let store = open_store(&cli.db)?;
+            let store = open_store(&cli.db, cli.bitmaps)?;
             out.export(&store.export(&backend(), &args.domain)?)
         }
         Command::History(args) => {
-            let store = open_store(&cli.db)?;
+            let store = open_store(&cli.db, cli.bitmaps)?;
             out.history(&store.history(&args.domain, args.limit)?)
         }
         Command::Validate(args) => {
-            let store = open_store(&cli.db)?;
+            let store = open_store(&cli.db, cli.bitmaps)?;
             let report = ckptstore::validate(&store, &backend(), &args.domain)?;
             if report.ok {
                 return out.validate(&report);
@@ -417,7 +448,7 @@ fn read_chain(file: &Path) -> anyhow::Result<Chain> {
 
 /// Open the journal, creating its folder (mode 0700) when it is missing,
 /// with a progress bar on stderr when stderr is a terminal.
-fn open_store(db: &Path) -> anyhow::Result<Store> {
+fn open_store(db: &Path, bitmaps: Bitmaps) -> anyhow::Result<Store> {
     if let Some(dir) = db
         .parent()
         .filter(|d| !d.as_os_str().is_empty() && !d.exists())
@@ -435,6 +466,7 @@ fn open_store(db: &Path) -> anyhow::Result<Store> {
     }
     let opts = StoreOptions {
         progress: progress::bar(),
+        bitmaps: bitmaps.into(),
         ..StoreOptions::default()
     };
     Ok(Store::open_with(db, opts)?)

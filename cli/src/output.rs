@@ -8,7 +8,8 @@ use std::fmt::Write as _;
 use std::io::Write as _;
 
 use ckptstore::{
-    Chain, ErrorDoc, History, PlanReport, PlanStep, RecoverReport, Report, Status, SyncReport,
+    Chain, Degraded, ErrorDoc, History, PlanReport, PlanStep, RecoverReport, Report, Status,
+    SyncReport, Unverified,
 };
 use serde::Serialize;
 use serde_json::{Map, Value};
@@ -140,6 +141,7 @@ fn plan_text(r: &PlanReport) -> String {
             PlanStep::Redefine { checkpoint, .. } => writeln!(s, "  redefine  {checkpoint}"),
         };
     }
+    bitmaps(&mut s, &r.degraded, &r.unverified);
     warnings(&mut s, &r.warnings);
     s
 }
@@ -248,6 +250,7 @@ pub fn sync_text(r: &SyncReport) -> String {
         r.libvirt_calls,
         plural(r.libvirt_calls)
     );
+    bitmaps(&mut s, &r.degraded, &r.unverified);
     warnings(&mut s, &r.warnings);
     s
 }
@@ -329,6 +332,28 @@ pub fn status_text(st: &Status) -> String {
         }
     }
     s
+}
+
+/// The disks left out of their checkpoints, and those nobody could check
+/// (one line per reason).
+fn bitmaps(s: &mut String, degraded: &[Degraded], unverified: &[Unverified]) {
+    for d in degraded {
+        let _ = writeln!(
+            s,
+            "  degraded: checkpoint {} disk {}: {}",
+            d.checkpoint, d.disk, d.reason
+        );
+    }
+    let mut by_reason: Vec<(&str, Vec<&str>)> = Vec::new();
+    for u in unverified {
+        match by_reason.iter_mut().find(|(r, _)| *r == u.reason) {
+            Some((_, disks)) => disks.push(&u.disk),
+            None => by_reason.push((&u.reason, vec![&u.disk])),
+        }
+    }
+    for (reason, disks) in by_reason {
+        let _ = writeln!(s, "  bitmaps not checked on {}: {reason}", disks.join(", "));
+    }
 }
 
 fn warnings(s: &mut String, warnings: &[String]) {

@@ -156,6 +156,15 @@ impl BackendError {
         self.kind == BackendErrorKind::ConnectionLost
     }
 
+    /// The connection is lost or was never made: nothing can be learned
+    /// from libvirt now.
+    pub fn is_connection(&self) -> bool {
+        matches!(
+            self.kind,
+            BackendErrorKind::Unreachable | BackendErrorKind::ConnectionLost
+        )
+    }
+
     /// libvirt could not be reached, or the domain does not exist.
     pub fn is_unreachable(&self) -> bool {
         matches!(
@@ -288,5 +297,17 @@ pub trait Backend: Send + Sync {
                 self.describe()
             ),
         ))
+    }
+
+    /// Whether this backend checks bitmaps: `REDEFINE_VALIDATE` on a running
+    /// domain and [`Backend::bitmap_states`]. libvirt's qemu driver does;
+    /// its test driver refuses the flag. The provided implementation says
+    /// no.
+    ///
+    /// # Errors
+    ///
+    /// Connection errors.
+    fn checks_bitmaps(&self) -> Result<bool, BackendError> {
+        Ok(false)
     }
 }

@@ -33,6 +33,8 @@ pub use report::{
 };
 
 use crate::backend::Backend;
+use crate::bitmaps::images::{ImageReader, Qcow2Reader};
+use crate::bitmaps::{BitmapPolicy, Checked};
 use crate::chain::{leaf_of, root_of, Chain, Checkpoint, CheckpointDef, ValidChain};
 use crate::error::{Error, ErrorDoc, Result};
 use crate::journal::{
@@ -260,9 +262,14 @@ impl Store {
         let current = backend
             .list(&domain)
             .map_err(backend_err(&domain, "list", None))?;
-        let plan = plan(&current, target);
+        let checked = self.check_bitmaps(backend, &domain, &current, target.to_vec())?;
+        warnings.extend(txn::dropped_warnings(&checked));
+        let plan = plan(&current, &checked.target);
         warnings.extend(plan.warnings.iter().cloned());
-        Ok(PlanReport::new(domain, &plan, warnings))
+        let mut report = PlanReport::new(domain, &plan, warnings);
+        report.degraded = checked.degraded;
+        report.unverified = checked.unverified;
+        Ok(report)
     }
 
     /// The domain's committed chain as a chain file: what `sync --chain`
@@ -396,6 +403,8 @@ impl Store {
             warnings,
             recovered,
             refused: None,
+            degraded: Vec::new(),
+            unverified: Vec::new(),
         })
     }
 
@@ -537,6 +546,54 @@ impl Store {
             }
         }
         Ok(())
+    }
+
+    /// The bitmap check before an intent (see [`crate::bitmaps`]); under
+    /// `strict`, a missing or unusable bitmap refuses here, before any
+    /// libvirt call that changes anything.
+    fn check_bitmaps(
+        &self,
+        backend: &dyn Backend,
+        domain: &str,
+        current: &[CheckpointDef],
+        target: Vec<CheckpointDef>,
+    ) -> Result<Checked> {
+        if self.opts.bitmaps == BitmapPolicy::Ignore {
+            return Ok(Checked {
+                target,
+                ..Checked::default()
+            });
+        }
+        let info =
+            backend
+                .domain_info(domain)
+                .map_err(backend_err(domain, "domain lookup", None))?;
+        let checked = crate::bitmaps::check(
+            backend,
+            domain,
+            &info,
+            current,
+            target,
+            self.opts.bitmaps,
+            self.images(),
+        )
+        .map_err(backend_err(domain, "bitmap check", None))?;
+        if self.opts.bitmaps == BitmapPolicy::Strict && !checked.degraded.is_empty() {
+            return Err(Error::MissingBitmaps {
+                domain: domain.to_string(),
+                disks: checked.degraded,
+            });
+        }
+        Ok(checked)
+    }
+
+    /// Where a shut-off domain's images are read from.
+    fn images(&self) -> &dyn ImageReader {
+        #[cfg(feature = "testing")]
+        if let Some(r) = &self.opts.seams.images {
+            return r.as_ref();
+        }
+        &Qcow2Reader
     }
 
     fn busy_if_open(&self, domain: &str, b: Begin) -> Result<()> {

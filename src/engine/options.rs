@@ -7,6 +7,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::report::Progress;
+#[cfg(feature = "testing")]
+use crate::bitmaps::images::ImageReader;
+use crate::bitmaps::BitmapPolicy;
 use crate::journal::JournalOptions;
 #[cfg(feature = "testing")]
 use crate::owner::Owner;
@@ -54,6 +57,9 @@ pub struct StoreOptions {
     pub reconnect_delay: Duration,
     /// Journal tunables.
     pub journal: JournalOptions,
+    /// What a sync does about the bitmaps of the checkpoints it defines
+    /// (default: [`BitmapPolicy::Degrade`]).
+    pub bitmaps: BitmapPolicy,
     /// Threads that work on different domains at once (recover, resync of
     /// many domains). Calls within one domain are always sequential.
     pub workers: usize,
@@ -77,6 +83,9 @@ pub struct Seams {
     pub liveness: Option<Liveness>,
     /// Called at every crash point.
     pub hook: Option<Hook>,
+    /// Where a shut-off domain's images are read from (default: the
+    /// in-process qcow2 reader).
+    pub images: Option<Arc<dyn ImageReader + Send + Sync>>,
 }
 
 impl Default for StoreOptions {
@@ -86,6 +95,7 @@ impl Default for StoreOptions {
             reconnect_attempts: 10,
             reconnect_delay: Duration::from_millis(500),
             journal: JournalOptions::default(),
+            bitmaps: BitmapPolicy::default(),
             workers: 4,
             progress: None,
             #[cfg(feature = "testing")]
@@ -100,6 +110,7 @@ impl std::fmt::Debug for StoreOptions {
             .field("history", &self.history)
             .field("reconnect_attempts", &self.reconnect_attempts)
             .field("reconnect_delay", &self.reconnect_delay)
+            .field("bitmaps", &self.bitmaps)
             .field("workers", &self.workers)
             .finish_non_exhaustive()
     }

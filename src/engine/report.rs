@@ -3,6 +3,7 @@
 //! module returns, is one of these types serialised as it is, fields in
 //! the order written here.
 
+use crate::bitmaps::{Degraded, Unverified};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
@@ -81,6 +82,14 @@ pub struct SyncReport {
     /// The checkpoint libvirt refused, when the transaction was rolled back.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub refused: Option<String>,
+    /// Disks left out of their checkpoint because the bitmap is missing or
+    /// unusable (`--bitmaps degrade`); a checkpoint whose every disk is
+    /// here was not redefined.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub degraded: Vec<Degraded>,
+    /// Disks whose bitmaps nobody could check: defined as asked.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub unverified: Vec<Unverified>,
 }
 
 /// What [`crate::Store::plan`] would do (the `plan` document).
@@ -95,6 +104,13 @@ pub struct PlanReport {
     pub unchanged: Vec<String>,
     /// Things the caller should know.
     pub warnings: Vec<String>,
+    /// Disks the sync would leave out of their checkpoint (missing or
+    /// unusable bitmap).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub degraded: Vec<Degraded>,
+    /// Disks whose bitmaps nobody could check.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub unverified: Vec<Unverified>,
 }
 
 /// One planned libvirt call, as `plan` shows it.
@@ -160,6 +176,8 @@ impl PlanReport {
             steps,
             unchanged: plan.unchanged.clone(),
             warnings,
+            degraded: Vec::new(),
+            unverified: Vec::new(),
         }
     }
 }

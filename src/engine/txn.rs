@@ -11,6 +11,7 @@ use uuid::Uuid;
 use super::report::{Outcome, Policy, Recovered, SyncReport};
 use super::Store;
 use crate::backend::{Backend, BackendError, BackendErrorKind};
+use crate::bitmaps::Checked;
 use crate::chain::{Chain, CheckpointDef};
 use crate::error::{Error, Result};
 use crate::journal::{
@@ -40,6 +41,9 @@ pub(super) struct Txn<'a> {
     pub(super) calls: u64,
     /// libvirt's crash leftovers repaired at the end of a phase.
     pub(super) warnings: Vec<String>,
+    /// Apply-phase redefines ask libvirt to check the bitmaps
+    /// (`REDEFINE_VALIDATE`).
+    pub(super) validate: bool,
 }
 
 impl Store {
@@ -108,6 +112,7 @@ impl Store {
             domain: &t.domain,
             calls: 0,
             warnings: Vec::new(),
+            validate: false,
         };
         let outcome = match (t.state, policy) {
             (TxnState::Applying, Policy::Resume) => {
@@ -200,6 +205,9 @@ impl Store {
         let current = backend
             .list(domain)
             .map_err(backend_err(domain, "list", None))?;
+        let checked = self.check_bitmaps(backend, domain, &current, target)?;
+        warnings.extend(dropped_warnings(&checked));
+        let target = checked.target;
         let plan = plan(&current, &target);
         warnings.extend(plan.warnings.iter().cloned());
         let id = Uuid::new_v4();
@@ -227,6 +235,8 @@ impl Store {
             warnings,
             recovered,
             refused: None,
+            degraded: checked.degraded,
+            unverified: checked.unverified,
         };
         if plan.is_empty() {
             self.busy_if_open(
@@ -247,6 +257,7 @@ impl Store {
             domain,
             calls: 0,
             warnings: Vec::new(),
+            validate: checked.validate,
         };
         let applied = self.run_phase(backend, &mut txn, StepPhase::Apply, &target, Some(plan));
         report.warnings.append(&mut txn.warnings);
@@ -422,8 +433,10 @@ impl Store {
             let started = Instant::now();
             let result = match step {
                 Step::Delete { before } => backend.delete(domain, &before.name),
-                Step::Redefine { def, .. } => {
-                    backend.redefine(domain, &render_checkpoint(def), false)
+                Step::Redefine { def, forced, .. } => {
+                    // libvirt checks the bitmaps of what it did not have.
+                    let validate = txn.validate && phase == StepPhase::Apply && !forced;
+                    backend.redefine(domain, &render_checkpoint(def), validate)
                 }
             };
             let ms = started.elapsed().as_secs_f64() * 1e3;
@@ -567,6 +580,20 @@ impl Store {
             listing,
         ))
     }
+}
+
+/// A warning for each checkpoint the bitmap check left out.
+pub(super) fn dropped_warnings(checked: &Checked) -> Vec<String> {
+    checked
+        .dropped
+        .iter()
+        .map(|(name, parent)| {
+            let under = parent
+                .as_deref()
+                .map_or_else(|| "become roots".to_string(), |p| format!("hang off {p}"));
+            format!("checkpoint {name} has no usable bitmap on any disk: not redefined; its children {under}")
+        })
+        .collect()
 }
 
 fn op_name(step: &Step) -> &'static str {

@@ -5,12 +5,12 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
-use super::images::{DiskChain, ImageError, ImageReader, Indexed};
 use super::rules::{bitmap_findings, BitmapFinding, InUse};
 use super::{backend_err, Finding, FindingKind};
 use crate::backend::{
     Backend, BackendError, BackendErrorKind, BitmapState, DomainDisk, DomainInfo, LeftoverScan,
 };
+use crate::bitmaps::images::{DiskChain, ImageError, ImageReader, Indexed};
 use crate::chain::{order_defs, CheckpointDef};
 use crate::error::Result;
 

@@ -84,7 +84,6 @@
 //! ```
 
 mod check;
-mod images;
 mod journal;
 mod rules;
 #[cfg(test)]
@@ -99,10 +98,10 @@ use crate::backend::{Backend, BackendError};
 use crate::engine::Store;
 use crate::error::{Error, Result};
 
-use check::{detached_notes, leftover_findings, Check};
 #[cfg(feature = "testing")]
-pub use images::{DiskChain, ImageError, Layer, LayerBitmap};
-pub use images::{ImageReader, Qcow2Reader};
+pub use crate::bitmaps::images::{DiskChain, ImageError, Layer, LayerBitmap};
+pub use crate::bitmaps::images::{ImageReader, Qcow2Reader};
+use check::{detached_notes, leftover_findings, Check};
 use journal::{committed_chain, compare_journal, journal_keys};
 use rules::{newest_leaf, newest_usable, participating};
 
@@ -134,6 +133,18 @@ pub enum FindingKind {
     /// libvirt left `NAME.xml.new` beside the checkpoint's metadata (its
     /// daemon died while rewriting it): the next daemon start loads it.
     LibvirtLeftover,
+}
+
+impl From<crate::bitmaps::Problem> for FindingKind {
+    fn from(p: crate::bitmaps::Problem) -> Self {
+        use crate::bitmaps::Problem;
+        match p {
+            Problem::Missing => FindingKind::MissingBitmap,
+            Problem::Inconsistent => FindingKind::InconsistentBitmap,
+            Problem::Disabled => FindingKind::DisabledBitmap,
+            Problem::BrokenChain => FindingKind::BrokenChain,
+        }
+    }
 }
 
 impl FindingKind {

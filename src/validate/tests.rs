@@ -4,11 +4,11 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use super::images::{DiskChain, ImageError, ImageReader, Layer, LayerBitmap};
 use super::rules::check_bitmap;
 use super::*;
 use crate::backend::fake::FakeBackend;
 use crate::backend::BackendErrorKind;
+use crate::bitmaps::images::{DiskChain, ImageError, ImageReader, Layer, LayerBitmap};
 use crate::chain::CheckpointDef;
 use crate::engine::StoreOptions;
 

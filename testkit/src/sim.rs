@@ -12,9 +12,12 @@ use std::time::Duration;
 
 use chrono::DateTime;
 use ckptstore::testing::same_content;
+use ckptstore::testing::{DiskChain, ImageError, ImageReader, Layer, LayerBitmap};
 use ckptstore::testing::{FakeBackend, Fault, Op, Phase};
 use ckptstore::Owner;
-use ckptstore::{BackendErrorKind, Chain, Checkpoint, CheckpointDef, Policy, Store, StoreOptions};
+use ckptstore::{
+    BackendErrorKind, BitmapPolicy, Chain, Checkpoint, CheckpointDef, Policy, Store, StoreOptions,
+};
 use uuid::Uuid;
 
 pub const DOMAIN: &str = "sim-domain";
@@ -143,11 +146,27 @@ impl TempJournal {
                 // Every simulated process other than the caller is dead.
                 liveness: Some(Arc::new(|_| false)),
                 hook,
+                ..Default::default()
             },
             reconnect_attempts: 3,
             reconnect_delay: Duration::ZERO,
             ..StoreOptions::default()
         }
+    }
+
+    /// A store acting as simulated process `owner` that reads a shut-off
+    /// domain's images from the fake (its bitmaps per disk), with a bitmap
+    /// policy.
+    pub fn store_with_images(
+        &self,
+        owner: u32,
+        fake: &Arc<FakeBackend>,
+        bitmaps: BitmapPolicy,
+    ) -> Store {
+        let mut opts = Self::options(owner, None);
+        opts.seams.images = Some(Arc::new(FakeImages(fake.clone())));
+        opts.bitmaps = bitmaps;
+        Store::open_with(self.path(), opts).unwrap()
     }
 
     /// A store acting as simulated process `owner`.
@@ -181,6 +200,44 @@ impl TempJournal {
 }
 
 pub use crate::rng::Rng;
+
+/// The fake's bitmaps as images: the disk image `/fake/<domain>/<target>.qcow2`
+/// of a fake domain is one qcow2 layer holding the fake's bitmaps of that
+/// disk, each consistent, recording and not in use (what a cleanly shut
+/// off QEMU leaves).
+pub struct FakeImages(pub Arc<FakeBackend>);
+
+impl ImageReader for FakeImages {
+    fn read_chain(&self, path: &std::path::Path) -> Result<DiskChain, ImageError> {
+        let unreadable = || ImageError::Unreadable {
+            path: path.to_path_buf(),
+            reason: "not a fake image".into(),
+        };
+        let rest = path.strip_prefix("/fake").map_err(|_| unreadable())?;
+        let mut parts = rest.iter().map(|p| p.to_string_lossy().into_owned());
+        let (Some(domain), Some(file), None) = (parts.next(), parts.next(), parts.next()) else {
+            return Err(unreadable());
+        };
+        let target = file.strip_suffix(".qcow2").ok_or_else(unreadable)?;
+        Ok(DiskChain {
+            layers: vec![Layer {
+                path: path.to_path_buf(),
+                bitmaps_consistent: true,
+                bitmaps: self
+                    .0
+                    .bitmaps(&domain, target)
+                    .into_iter()
+                    .map(|name| LayerBitmap {
+                        name,
+                        in_use: false,
+                        auto: true,
+                    })
+                    .collect(),
+            }],
+            unfollowed: None,
+        })
+    }
+}
 
 /// The seed of the random simulation: `CKPTSTORE_SIM_SEED`, or a fresh one.
 pub fn seed_from_env() -> u64 {

@@ -350,6 +350,9 @@ fn planted_leftovers_on_qemu_are_found_and_repaired() {
     let j = TempJournal::new();
     let store = j.store(1);
     let chain = rel_chain(&dom.name, 3);
+    for c in &chain.checkpoints {
+        dom.add_bitmap_everywhere(&c.id);
+    }
     store.sync(&backend, chain.clone()).unwrap();
     let all = chain.clone().validate().unwrap().defs();
     assert_eq!(leftover_names(&backend, &dom.name), Vec::<String>::new());

@@ -9,7 +9,7 @@ use ckptstore::testing::same_content;
 use ckptstore::testing::Hook;
 use ckptstore::testing::{FakeBackend, Op};
 use ckptstore::Owner;
-use ckptstore::{Backend, Error, Outcome, Policy, Store, StoreOptions};
+use ckptstore::{Backend, BitmapPolicy, Error, Outcome, Policy, Store, StoreOptions};
 use sim::*;
 
 fn fake_with_domain() -> FakeBackend {
@@ -82,6 +82,7 @@ fn a_resume_issues_only_the_remaining_calls() {
                     }),
                     liveness: Some(Arc::new(|_| false)),
                     hook: Some(hook),
+                    ..Default::default()
                 },
                 ..StoreOptions::default()
             },
@@ -779,4 +780,205 @@ fn plan_resync_previews_the_reapply_as_plan_does() {
     assert_eq!(fake.peek(DOMAIN), before);
     let r = store.resync(&fake, DOMAIN).unwrap();
     assert_eq!(r.redefined, vec![ckpt_id(4), ckpt_id(5)]);
+}
+
+// ---------------------------------------------------------------------------
+// Bitmaps: the check before the intent, and the three policies.
+
+/// A shut-off domain whose images hold every bitmap of a 4-checkpoint chain
+/// on both disks, but c1's on sdb and all of c2's.
+fn damaged_images() -> Arc<FakeBackend> {
+    let fake = Arc::new(fake_with_domain());
+    for i in 0..4 {
+        for t in ["sda", "sdb"] {
+            fake.add_bitmap(DOMAIN, t, &ckpt_id(i));
+        }
+    }
+    fake.remove_bitmap(DOMAIN, "sdb", &ckpt_id(1));
+    fake.remove_bitmap(DOMAIN, "sda", &ckpt_id(2));
+    fake.remove_bitmap(DOMAIN, "sdb", &ckpt_id(2));
+    fake
+}
+
+fn degraded_of(r: &[ckptstore::Degraded]) -> Vec<(String, String)> {
+    r.iter()
+        .map(|d| (d.checkpoint.clone(), d.disk.clone()))
+        .collect()
+}
+
+#[test]
+fn degrade_leaves_missing_bitmaps_out_and_rehangs_the_children() {
+    let fake = damaged_images();
+    let j = TempJournal::new();
+    let store = j.store_with_images(1, &fake, BitmapPolicy::Degrade);
+    let r = store.sync(fake.as_ref(), linear_chain(4, 2)).unwrap();
+    assert_eq!(r.outcome, Outcome::Committed);
+    assert_eq!(
+        degraded_of(&r.degraded),
+        vec![
+            (ckpt_id(1), "sdb".to_string()),
+            (ckpt_id(2), "sda".to_string()),
+            (ckpt_id(2), "sdb".to_string()),
+        ]
+    );
+    assert!(r.unverified.is_empty(), "{:?}", r.unverified);
+    assert!(
+        r.warnings
+            .iter()
+            .any(|w| w.contains(&ckpt_id(2)) && w.contains("not redefined")),
+        "{:?}",
+        r.warnings
+    );
+    // libvirt never holds a checkpoint naming a bitmap its image lacks.
+    let held = fake.peek(DOMAIN);
+    assert_eq!(
+        held.iter()
+            .map(|d| (
+                d.name.clone(),
+                d.parent.clone(),
+                d.disks.keys().cloned().collect::<Vec<_>>()
+            ))
+            .collect::<Vec<_>>(),
+        vec![
+            (ckpt_id(0), None, vec!["sda".to_string(), "sdb".to_string()]),
+            (ckpt_id(1), Some(ckpt_id(0)), vec!["sda".to_string()]),
+            (
+                ckpt_id(3),
+                Some(ckpt_id(1)),
+                vec!["sda".to_string(), "sdb".to_string()]
+            ),
+        ]
+    );
+    for d in &held {
+        for (t, b) in &d.disks {
+            assert!(
+                fake.bitmaps(DOMAIN, t).contains(b),
+                "{} names {b} on {t}",
+                d.name
+            );
+        }
+    }
+    // The journal keeps the chain as asked; a re-apply degrades the same
+    // way and finds nothing to do.
+    let committed = store.committed(DOMAIN).unwrap().unwrap();
+    assert_eq!(committed.chain.unwrap().checkpoints.len(), 4);
+    assert_eq!(committed.defs, held);
+    fake.reset_calls();
+    let again = store.resync(fake.as_ref(), DOMAIN).unwrap();
+    assert_eq!(
+        (again.outcome, again.libvirt_calls),
+        (Outcome::Unchanged, 0)
+    );
+    assert_eq!(again.degraded.len(), 3);
+    // plan shows the same before any call.
+    let preview = store.plan(fake.as_ref(), linear_chain(4, 2)).unwrap();
+    assert_eq!(degraded_of(&preview.degraded), degraded_of(&r.degraded));
+    assert!(preview.steps.is_empty());
+}
+
+#[test]
+fn strict_refuses_before_any_call_and_changes_nothing() {
+    let fake = damaged_images();
+    let j = TempJournal::new();
+    let store = j.store_with_images(1, &fake, BitmapPolicy::Strict);
+    let err = store.sync(fake.as_ref(), linear_chain(4, 2)).unwrap_err();
+    assert_eq!(err.kind().exit_code(), 1, "{err}");
+    let Error::MissingBitmaps { disks, .. } = &err else {
+        panic!("{err:?}")
+    };
+    assert_eq!(disks.len(), 3);
+    assert!(err.to_string().contains("strict refuses the sync"), "{err}");
+    assert_eq!(fake.calls(Op::Redefine) + fake.calls(Op::Delete), 0);
+    assert!(fake.peek(DOMAIN).is_empty());
+    assert!(store.history(DOMAIN, 10).unwrap().transactions.is_empty());
+    assert!(matches!(
+        store.plan(fake.as_ref(), linear_chain(4, 2)).unwrap_err(),
+        Error::MissingBitmaps { .. }
+    ));
+    // With every bitmap present, strict syncs.
+    fake.add_bitmap(DOMAIN, "sdb", &ckpt_id(1));
+    fake.add_bitmap(DOMAIN, "sda", &ckpt_id(2));
+    fake.add_bitmap(DOMAIN, "sdb", &ckpt_id(2));
+    let r = store.sync(fake.as_ref(), linear_chain(4, 2)).unwrap();
+    assert_eq!((r.outcome, r.redefined.len()), (Outcome::Committed, 4));
+    assert!(r.degraded.is_empty());
+}
+
+#[test]
+fn ignore_is_metadata_only() {
+    let fake = damaged_images();
+    let store = TempJournal::new().store_with_images(1, &fake, BitmapPolicy::Ignore);
+    let r = store.sync(fake.as_ref(), linear_chain(4, 2)).unwrap();
+    assert_eq!(r.redefined.len(), 4);
+    assert!(r.degraded.is_empty() && r.unverified.is_empty());
+    assert!(same_content(&fake.peek(DOMAIN), &defs(4)));
+}
+
+/// Images nobody can read are `unverified`: their checkpoints are defined
+/// as asked, never taken as present or absent.
+#[test]
+fn images_that_cannot_be_read_are_unverified() {
+    let fake = fake_with_domain();
+    // The default reader: the fake's /fake/... paths do not exist.
+    let store = TempJournal::new().store(1);
+    let r = store.sync(&fake, linear_chain(3, 2)).unwrap();
+    assert_eq!(r.redefined.len(), 3);
+    assert_eq!(
+        r.unverified
+            .iter()
+            .map(|u| u.disk.as_str())
+            .collect::<Vec<_>>(),
+        vec!["sda", "sdb"]
+    );
+    assert!(
+        r.unverified[0].reason.contains("cannot be read"),
+        "{:?}",
+        r.unverified
+    );
+}
+
+/// A running domain: libvirt checks the checkpoints it holds under the
+/// same name (per disk), and redefines those it lacks with
+/// `REDEFINE_VALIDATE`, whose refusal rolls the sync back.
+#[test]
+fn a_running_domain_is_checked_by_libvirt() {
+    let fake = Arc::new(fake_with_domain());
+    fake.set_running(DOMAIN, true);
+    for i in 0..3 {
+        for t in ["sda", "sdb"] {
+            fake.add_bitmap(DOMAIN, t, &ckpt_id(i));
+        }
+    }
+    let store = TempJournal::new().store_with_images(1, &fake, BitmapPolicy::Degrade);
+    store.sync(fake.as_ref(), linear_chain(3, 2)).unwrap();
+    // c2's bitmap on sdb goes; the chain changes c2's description.
+    fake.remove_bitmap(DOMAIN, "sdb", &ckpt_id(2));
+    let mut chain = linear_chain(3, 2);
+    chain.checkpoints[2].description = Some("edited".into());
+    let r = store.sync(fake.as_ref(), chain).unwrap();
+    assert_eq!(
+        degraded_of(&r.degraded),
+        vec![(ckpt_id(2), "sdb".to_string())]
+    );
+    let c2 = fake.peek(DOMAIN).pop().unwrap();
+    assert_eq!(c2.disks.keys().collect::<Vec<_>>(), vec!["sda"]);
+
+    // A checkpoint libvirt lacks, without its bitmap: libvirt refuses it,
+    // and the sync rolls back.
+    let before = fake.peek(DOMAIN);
+    let mut chain = linear_chain(4, 2);
+    chain.checkpoints[2].description = Some("edited".into());
+    let err = store.sync(fake.as_ref(), chain).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::Refused {
+                rolled_back: true,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    assert_eq!(err.kind().exit_code(), 1);
+    assert_eq!(fake.peek(DOMAIN), before);
 }

@@ -42,8 +42,8 @@ use ckptstore::FakeBackend;
 use ckptstore::Owner;
 use ckptstore::PlanStep;
 use ckptstore::{
-    Backend, BackendErrorKind as K, Chain, Checkpoint, CheckpointDef, Error, LibvirtBackend,
-    Outcome, Policy, Store, StoreOptions,
+    Backend, BackendErrorKind as K, BitmapPolicy, Chain, Checkpoint, CheckpointDef, Error,
+    LibvirtBackend, Outcome, Policy, Store, StoreOptions,
 };
 use sim::{run_crashing, Rng, SimCrash};
 use support::TestDomain;
@@ -224,10 +224,22 @@ fn store_as(path: &Path, owner: u32, hook: Option<Hook>) -> Store {
             }),
             liveness: Some(Arc::new(|_| false)),
             hook,
+            ..Default::default()
         },
-        ..StoreOptions::default()
+        ..metadata_only()
     };
     Store::open_with(path, opts).unwrap()
+}
+
+/// The options of these tests: they drive the metadata loop over blank
+/// images (a redefine on a shut-off domain never looks at the bitmaps), so
+/// the bitmap check is off; `bitmaps_*` tests below turn it on with real
+/// bitmaps.
+fn metadata_only() -> StoreOptions {
+    StoreOptions {
+        bitmaps: BitmapPolicy::Ignore,
+        ..StoreOptions::default()
+    }
 }
 
 /// A hook that runs `f` when crash point `point` is passed the `nth` time.
@@ -329,7 +341,7 @@ fn sync_of_100_checkpoints_on_4_disks() {
     let dom = TestDomain::define(&support::system(), "e2e-100x4", 4);
     let backend = LibvirtBackend::connect(support::SYSTEM_URI).unwrap();
     let dir = journal_dir();
-    let store = Store::open(journal(&dir)).unwrap();
+    let store = Store::open_with(journal(&dir), metadata_only()).unwrap();
     let chain = chain(&dom, &line(100));
     let target = defs(&chain);
 
@@ -580,7 +592,7 @@ fn kill_during_sync(test: &str, attempts: u32) {
         },
         reconnect_attempts: attempts,
         reconnect_delay: Duration::from_millis(100),
-        ..StoreOptions::default()
+        ..metadata_only()
     };
     let store = Store::open_with(journal(&dir), opts).unwrap();
 
@@ -600,7 +612,7 @@ fn kill_during_sync(test: &str, attempts: u32) {
     assert!(away.is_some(), "the daemon was killed");
     drop(store);
 
-    let store = Store::open(journal(&dir)).unwrap();
+    let store = Store::open_with(journal(&dir), metadata_only()).unwrap();
     match result {
         Ok(report) => {
             // It rode the outage out (or the kill came after its last call).
@@ -975,4 +987,110 @@ fn chains_named_like_real_backup_tools_sync() {
             (Outcome::Unchanged, 0)
         );
     }
+}
+
+/// `qemu-img bitmap --remove IMAGE NAME`.
+fn remove_bitmap(image: &Path, name: &str) {
+    let out = std::process::Command::new("qemu-img")
+        .args(["bitmap", "--remove"])
+        .arg(image)
+        .arg(name)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+}
+
+/// The check before the intent on the real daemon. Shut off, the images
+/// are read in-process: `degrade` leaves out each disk whose bitmap is gone
+/// (a checkpoint with none left goes, its child hangs off the one before),
+/// `strict` refuses before any call, and validate finds nothing afterwards.
+/// Running, libvirt checks: a checkpoint whose bitmap is gone is refused by
+/// `REDEFINE_VALIDATE` and the sync rolls back.
+#[test]
+fn bitmaps_are_checked_before_the_intent_on_qemu() {
+    let _daemon = daemon_shared();
+    let dom = TestDomain::define(&support::system(), "e2e-bitmaps", 2);
+    let backend = LibvirtBackend::connect(support::SYSTEM_URI).unwrap();
+    let chain = chain(&dom, &line(4));
+    for i in 0..4 {
+        dom.add_bitmap_everywhere(&name(i));
+    }
+    remove_bitmap(&dom.images[1], &name(1));
+    remove_bitmap(&dom.images[0], &name(2));
+    remove_bitmap(&dom.images[1], &name(2));
+
+    let dir = journal_dir();
+    let strict = Store::open_with(
+        journal(&dir),
+        StoreOptions {
+            bitmaps: BitmapPolicy::Strict,
+            ..StoreOptions::default()
+        },
+    )
+    .unwrap();
+    let err = strict.sync(&backend, chain.clone()).unwrap_err();
+    assert!(
+        matches!(err, Error::MissingBitmaps { ref disks, .. } if disks.len() == 3),
+        "{err:?}"
+    );
+    assert!(backend.list(&dom.name).unwrap().is_empty());
+    drop(strict);
+
+    let store = Store::open(journal(&dir)).unwrap();
+    let r = store.sync(&backend, chain.clone()).unwrap();
+    assert_eq!(r.outcome, Outcome::Committed);
+    let gone: Vec<(String, String)> = r
+        .degraded
+        .iter()
+        .map(|d| (d.checkpoint.clone(), d.disk.clone()))
+        .collect();
+    assert_eq!(
+        gone,
+        vec![
+            (name(1), "vdb".to_string()),
+            (name(2), "vda".to_string()),
+            (name(2), "vdb".to_string())
+        ]
+    );
+    assert!(
+        r.degraded[0].reason.contains("not in the top image"),
+        "{:?}",
+        r.degraded
+    );
+    let held = backend.list(&dom.name).unwrap();
+    assert_eq!(
+        held.iter()
+            .map(|d| (d.name.clone(), d.parent.clone(), d.disks.len()))
+            .collect::<Vec<_>>(),
+        vec![
+            (name(0), None, 2),
+            (name(1), Some(name(0)), 1),
+            (name(3), Some(name(1)), 2)
+        ]
+    );
+    let report = ckptstore::validate(&store, &backend, &dom.name).unwrap();
+    assert!(report.ok, "{report:#?}");
+    assert_eq!(report.usable.as_deref(), Some(name(3).as_str()));
+
+    // Running: checkpoints libvirt lacks (c2, and c4 whose bitmap no image
+    // holds) are redefined with REDEFINE_VALIDATE; libvirt refuses, and
+    // nothing the sync did remains.
+    dom.start();
+    let longer = self::chain(&dom, &line(5));
+    let err = store.sync(&backend, longer).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::Refused {
+                rolled_back: true,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    assert!(
+        err.to_string().contains("missing or broken bitmap"),
+        "{err}"
+    );
+    assert_eq!(backend.list(&dom.name).unwrap(), held);
 }

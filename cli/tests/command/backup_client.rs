@@ -134,7 +134,8 @@ fn resync_killed_then_recovered() {
     // One whole re-apply measures how long one lasts here.
     let before = vm.checkpoints();
     vm.delete_metadata();
-    let timed = rel::run(&db, &["sync", "--domain", vm.name(), "--json"]).expect(0, "timed sync");
+    let timed =
+        rel::run_checked(&db, &["sync", "--domain", vm.name(), "--json"]).expect(0, "timed sync");
     assert_eq!(timed.json()["outcome"], "committed");
     assert_eq!(vm.checkpoints(), before);
     let span = timed.elapsed.max(Duration::from_millis(20));
@@ -161,7 +162,7 @@ fn resync_killed_then_recovered() {
                 vm.delete_metadata();
             }
             let at = rng.millis(0, span.as_millis() as u64);
-            let cmd = rel::command(&db, &["sync", "--domain", vm.name(), "--json"]);
+            let cmd = rel::command_checked(&db, &["sync", "--domain", vm.name(), "--json"]);
             let (out, killed) = rel::Running::spawn(cmd).kill_at(at);
             if !killed {
                 out.expect(0, "sync --domain that outran its kill");

@@ -112,6 +112,8 @@ fn crashing_store(db: &Path, owner: Owner, at: &'static str, nth: u32) -> Store 
                 hook: Some(hook),
                 ..Default::default()
             },
+            // Blank images: the metadata loop only.
+            bitmaps: ckptstore::BitmapPolicy::Ignore,
             ..StoreOptions::default()
         },
     )
@@ -465,6 +467,48 @@ fn export_round_trips_and_plan_previews_a_reapply_on_qemu() {
         ),
         ("unchanged".into(), 0.into())
     );
+    s.check();
+}
+
+/// `--bitmaps` on the command line, with real bitmaps on a shut-off
+/// domain: `strict` refuses with exit 1 and changes nothing; `degrade` (the
+/// default) leaves the disk whose bitmap is gone out and says so; `plan`
+/// shows it first.
+#[test]
+fn bitmaps_policy_on_the_command_line_on_qemu() {
+    let conn = support::system();
+    let dom = TestDomain::define(&conn, "cli-bitmaps", 2);
+    let mut s = Snap::new("bitmaps_on_qemu");
+    s.redact(&dom.name, "[DOMAIN]");
+    for p in &dom.images {
+        s.redact(&p.display().to_string(), "[IMAGE]");
+    }
+    let c = chain(&dom.name, 3, &["vda", "vdb"]);
+    for cp in &c.checkpoints {
+        dom.add_bitmap_everywhere(&cp.id);
+    }
+    let out = std::process::Command::new("qemu-img")
+        .args(["bitmap", "--remove"])
+        .arg(&dom.images[1])
+        .arg(&c.checkpoints[2].id)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let file = write_chain(&s, "chain.json", &c);
+    let r = s.run(&["sync", "--chain", &file, "--bitmaps", "strict"]);
+    assert_eq!(r.code, 1, "{}", r.stderr);
+    assert!(r.stderr.contains("strict refuses the sync"), "{}", r.stderr);
+    assert!(libvirt(&dom.name).is_empty());
+    let r = s.run(&["plan", "--chain", &file, "--bitmaps", "degrade", "--json"]);
+    assert_eq!(r.json()["degraded"][0]["disk"], "vdb");
+    let r = s.run(&["sync", "--chain", &file, "--bitmaps", "degrade"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(r.stdout.contains("degraded: checkpoint"), "{}", r.stdout);
+    let held = libvirt(&dom.name);
+    assert_eq!(held.len(), 3);
+    assert_eq!(held[2].disks.keys().collect::<Vec<_>>(), vec!["vda"]);
+    let r = s.run(&["validate", "--domain", &dom.name, "--bitmaps", "degrade"]);
+    assert_eq!(r.code, 0, "{}", r.stdout);
     s.check();
 }
 

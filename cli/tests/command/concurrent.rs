@@ -207,7 +207,15 @@ fn eight_threads_and_four_processes_on_one_journal_on_qemu() {
             let mut guard = store.lock().unwrap();
             if guard.is_none() {
                 *guard = Some(
-                    Store::open(&db).expect("open the journal while four processes create it"),
+                    Store::open_with(
+                        &db,
+                        StoreOptions {
+                            // Blank images: the metadata loop only.
+                            bitmaps: ckptstore::BitmapPolicy::Ignore,
+                            ..StoreOptions::default()
+                        },
+                    )
+                    .expect("open the journal while four processes create it"),
                 );
             }
             let st = guard.as_ref().unwrap();
@@ -305,6 +313,8 @@ fn leave_open(db: &Path, owner: Owner, backend: &LibvirtBackend, dom: &TestDomai
                 hook: Some(hook),
                 ..Default::default()
             },
+            // Blank images: the metadata loop only.
+            bitmaps: ckptstore::BitmapPolicy::Ignore,
             ..StoreOptions::default()
         },
     )

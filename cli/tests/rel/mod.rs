@@ -214,8 +214,20 @@ impl Out {
     }
 }
 
-/// `ckptstore --db DB --connect qemu:///system ARGS...`, not yet started.
+/// `ckptstore --db DB --connect qemu:///system ARGS...`, not yet started,
+/// with the bitmap check off (`CKPTSTORE_BITMAPS=ignore`): these tests
+/// drive the metadata loop over blank images, where a redefine on a
+/// shut-off domain never looks at the bitmaps. [`command_checked`] keeps
+/// the command's default.
 pub fn command(db: &Path, args: &[&str]) -> Command {
+    let mut cmd = command_checked(db, args);
+    cmd.env("CKPTSTORE_BITMAPS", "ignore");
+    cmd
+}
+
+/// `ckptstore --db DB --connect qemu:///system ARGS...` with the command's
+/// own bitmap policy (`degrade` unless ARGS say otherwise).
+pub fn command_checked(db: &Path, args: &[&str]) -> Command {
     let mut cmd = Command::new(BIN);
     cmd.arg("--db")
         .arg(db)
@@ -224,6 +236,7 @@ pub fn command(db: &Path, args: &[&str]) -> Command {
     cmd.env_remove("FAILPOINTS")
         .env_remove("RUST_LOG")
         .env_remove("CKPTSTORE_DB")
+        .env_remove("CKPTSTORE_BITMAPS")
         .env_remove("LIBVIRT_DEFAULT_URI");
     // An abort (failpoints builds) may leave a core file: not in the tree.
     cmd.current_dir(
@@ -250,6 +263,11 @@ pub fn run_cmd(mut cmd: Command) -> Out {
 /// Run `ckptstore --db DB --connect qemu:///system ARGS...` to its end.
 pub fn run(db: &Path, args: &[&str]) -> Out {
     run_cmd(command(db, args))
+}
+
+/// As [`run`], with the command's own bitmap policy.
+pub fn run_checked(db: &Path, args: &[&str]) -> Out {
+    run_cmd(command_checked(db, args))
 }
 
 /// A running `ckptstore`.

@@ -143,6 +143,25 @@ impl FakeBackend {
         }
     }
 
+    /// Remove a bitmap from a disk's image (what `qemu-img bitmap --remove`
+    /// does).
+    pub fn remove_bitmap(&self, domain: &str, target: &str, bitmap: &str) {
+        if let Some(d) = self.lock().domain(domain) {
+            if let Some(set) = d.bitmaps.get_mut(target) {
+                set.remove(bitmap);
+            }
+        }
+    }
+
+    /// The bitmaps in a disk's image, by name (what `qemu-img info` lists).
+    pub fn bitmaps(&self, domain: &str, target: &str) -> Vec<String> {
+        self.lock()
+            .domain(domain)
+            .and_then(|d| d.bitmaps.get(target).cloned())
+            .map(|set| set.into_iter().collect())
+            .unwrap_or_default()
+    }
+
     /// Create a new (non-redefine) checkpoint with bitmaps on every disk, as
     /// a backup does: its parent is the current checkpoint, and it becomes
     /// current. Returns the parent it got.
@@ -237,6 +256,10 @@ impl Backend for FakeBackend {
         checkpoint: &str,
     ) -> Result<Vec<DiskBitmap>, BackendError> {
         self.lock().find(domain)?.bitmap_states(checkpoint)
+    }
+
+    fn checks_bitmaps(&self) -> Result<bool, BackendError> {
+        Ok(true)
     }
 
     fn leftovers(&self, domain: &str) -> Result<LeftoverScan, BackendError> {

@@ -124,6 +124,20 @@ fn parse(xml: &str) -> Result<CheckpointDef, BackendError> {
     })
 }
 
+impl LibvirtBackend {
+    /// The connection's driver (`QEMU`, `Test`, ...).
+    fn driver(&self) -> Result<String, BackendError> {
+        let conn = self.connection()?;
+        conn.driver_type().map_err(|e| {
+            let err = errors::error(&e);
+            if err.kind == K::ConnectionLost {
+                self.forget(&conn);
+            }
+            err
+        })
+    }
+}
+
 fn unreadable(e: crate::xml::XmlError) -> BackendError {
     BackendError::new(K::Other, format!("libvirt returned unreadable XML: {e}"))
 }
@@ -172,14 +186,7 @@ impl Backend for LibvirtBackend {
     ) -> Result<Vec<DiskBitmap>, BackendError> {
         // Other drivers take the flag and size nothing (the test driver):
         // only the qemu driver's sizes are its bitmap check.
-        let conn = self.connection()?;
-        let driver = conn.driver_type().map_err(|e| {
-            let err = errors::error(&e);
-            if err.kind == K::ConnectionLost {
-                self.forget(&conn);
-            }
-            err
-        })?;
+        let driver = self.driver()?;
         if driver != "QEMU" {
             return Err(BackendError::new(
                 K::Unsupported,
@@ -206,6 +213,12 @@ impl Backend for LibvirtBackend {
                 },
             })
             .collect())
+    }
+
+    /// The qemu driver checks bitmaps; the test driver refuses
+    /// `REDEFINE_VALIDATE`.
+    fn checks_bitmaps(&self) -> Result<bool, BackendError> {
+        Ok(self.driver()? == "QEMU")
     }
 
     fn domain_info(&self, domain: &str) -> Result<DomainInfo, BackendError> {

@@ -241,6 +241,13 @@ pub fn random_histories(seed: u64, histories: u64, transactions: u64) -> String 
             }
             let chain = next.chain();
             let target = chain.clone().validate().unwrap().defs();
+            // The chain's checkpoints have their bitmaps, as real ones do
+            // (the domain runs: libvirt checks them).
+            for d in &target {
+                for (t, b) in &d.disks {
+                    fake.add_bitmap(DOMAIN, t, b);
+                }
+            }
             let before = fake.peek(DOMAIN);
             let start = fake.current(DOMAIN);
             fake.reset_calls();

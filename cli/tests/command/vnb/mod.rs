@@ -643,7 +643,7 @@ pub fn ckptstore(db: &Path, args: &[&str], want: i32) -> serde_json::Value {
     let mut all = args.to_vec();
     all.push("--json");
     let what = format!("ckptstore {}", args.join(" "));
-    rel::run(db, &all).expect(want, &what).json()
+    rel::run_checked(db, &all).expect(want, &what).json()
 }
 
 /// Checkpoint names from a JSON list.

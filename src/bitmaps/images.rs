@@ -1,4 +1,5 @@
-//! Where validation gets each disk's qcow2 layers and their bitmaps from:
+//! Where the bitmap checks (validation's, and a sync's before its intent)
+//! get each disk's qcow2 layers and their bitmaps from:
 //! the [`ImageReader`] trait, the in-process [`Qcow2Reader`], the layer
 //! types, and a per-layer name index of the bitmaps.
 
@@ -113,13 +114,13 @@ impl ImageReader for Qcow2Reader {
 }
 
 /// A disk's layers with a name index per layer.
-pub(super) struct Indexed<'a> {
-    pub(super) chain: &'a DiskChain,
-    pub(super) by_name: Vec<HashMap<&'a str, &'a LayerBitmap>>,
+pub(crate) struct Indexed<'a> {
+    pub(crate) chain: &'a DiskChain,
+    pub(crate) by_name: Vec<HashMap<&'a str, &'a LayerBitmap>>,
 }
 
 impl<'a> Indexed<'a> {
-    pub(super) fn new(chain: &'a DiskChain) -> Self {
+    pub(crate) fn new(chain: &'a DiskChain) -> Self {
         let by_name = chain
             .layers
             .iter()
