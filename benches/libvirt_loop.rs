@@ -996,6 +996,11 @@ fn main() {
     header();
     if want("S1") || want("S2") || want("S5") {
         let dom = TestDomain::define(&support::system(), "s1", DISKS);
+        // Real bitmaps for every checkpoint: S1 measures the sync with its
+        // bitmap check on (the images read before the intent).
+        for c in &chain(&dom, 200).checkpoints {
+            dom.add_bitmap_everywhere(&c.id);
+        }
         if want("S1") || want("S2") {
             s1_s2(&ctx, &dom);
         } else {

@@ -411,10 +411,19 @@ fn run(cli: Cli, out: &Out) -> anyhow::Result<()> {
                 out.validate(&report)?;
             }
             let n = report.findings.len();
+            let d = &report.domain;
+            let todo = format!(
+                "see the findings above; `ckptstore sync --domain {d}` re-applies the committed chain with its bitmaps checked, \
+                 `ckptstore import --domain {d}` adopts libvirt's checkpoints as they are; \
+                 a backup may start from the usable checkpoint, or take a full backup"
+            );
             Err(Fail::new(
                 exit::FINDINGS,
-                format!("domain {}: validate found {n} problem{}", report.domain, output::plural(n as u64)),
-                "see the findings above; a backup may start from the usable checkpoint, or take a full backup",
+                format!(
+                    "domain {d}: validate found {n} problem{}",
+                    output::plural(n as u64)
+                ),
+                &todo,
             )
             .with_report(&report)
             .into())

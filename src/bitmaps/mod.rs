@@ -29,7 +29,7 @@
 pub(crate) mod images;
 mod rules;
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
 use serde::{Deserialize, Serialize};
 
@@ -109,6 +109,14 @@ pub(crate) struct Checked {
     pub(crate) validate: bool,
 }
 
+/// How to check: the policy, where the images are read from, and the
+/// checkpoints kept as libvirt has them (libvirt's own, not judged).
+pub(crate) struct How<'a> {
+    pub(crate) policy: BitmapPolicy,
+    pub(crate) reader: &'a dyn ImageReader,
+    pub(crate) keep: &'a HashSet<String>,
+}
+
 /// Bad bitmaps found: checkpoint → [(target, reason)].
 type Bad = BTreeMap<String, Vec<(String, String)>>;
 
@@ -126,9 +134,9 @@ pub(crate) fn check(
     info: &DomainInfo,
     current: &[CheckpointDef],
     target: Vec<CheckpointDef>,
-    policy: BitmapPolicy,
-    reader: &dyn ImageReader,
+    how: &How<'_>,
 ) -> Result<Checked, BackendError> {
+    let policy = how.policy;
     if policy == BitmapPolicy::Ignore {
         return Ok(Checked {
             target,
@@ -136,11 +144,12 @@ pub(crate) fn check(
         });
     }
     let mut checked = Checked::default();
-    let bad = if info.running {
+    let mut bad = if info.running {
         running(backend, domain, current, &target, &mut checked)?
     } else {
-        stopped(info, &target, reader, &mut checked)
+        stopped(info, &target, how.reader, &mut checked)
     };
+    bad.retain(|name, _| !how.keep.contains(name));
     checked.degraded = bad
         .iter()
         .flat_map(|(c, disks)| {

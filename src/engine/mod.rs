@@ -14,10 +14,11 @@
 
 mod options;
 mod pool;
+mod reapply;
 mod report;
 mod txn;
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashSet};
 use std::ops::ControlFlow;
 use std::path::Path;
 
@@ -34,7 +35,7 @@ pub use report::{
 
 use crate::backend::Backend;
 use crate::bitmaps::images::{ImageReader, Qcow2Reader};
-use crate::bitmaps::{BitmapPolicy, Checked};
+use crate::bitmaps::{BitmapPolicy, Checked, How};
 use crate::chain::{leaf_of, root_of, Chain, Checkpoint, CheckpointDef, ValidChain};
 use crate::error::{Error, ErrorDoc, Result};
 use crate::journal::{
@@ -227,7 +228,7 @@ impl Store {
         let domain = valid.domain();
         self.check_targets(backend, &domain, valid.targets().into_iter())?;
         let warnings = detached_warnings(&valid);
-        self.preview(backend, domain, &valid.defs(), warnings)
+        self.preview(backend, domain, &valid.defs(), warnings, false)
     }
 
     /// Show what [`Store::resync`] would do (a re-apply of the domain's
@@ -239,7 +240,7 @@ impl Store {
     /// As [`Store::resync`], without `Busy` or `Refused`.
     pub fn plan_resync(&self, backend: &dyn Backend, domain: &str) -> Result<PlanReport> {
         let re = self.reapply_target(backend, domain)?;
-        self.preview(backend, domain.to_string(), &re.target, re.warnings)
+        self.preview(backend, domain.to_string(), &re.target, re.warnings, true)
     }
 
     /// The plan from libvirt's checkpoints to `target`, with the warnings
@@ -250,6 +251,7 @@ impl Store {
         domain: String,
         target: &[CheckpointDef],
         mut warnings: Vec<String>,
+        reapply: bool,
     ) -> Result<PlanReport> {
         for t in self.journal.incomplete(Some(&domain))? {
             let who = if self.orphaned(&t) {
@@ -262,13 +264,17 @@ impl Store {
         let current = backend
             .list(&domain)
             .map_err(backend_err(&domain, "list", None))?;
-        let checked = self.check_bitmaps(backend, &domain, &current, target.to_vec())?;
+        let goal = reapply::goal(reapply, target.to_vec(), None, &current);
+        warnings.extend(goal.warnings);
+        let checked = self.check_bitmaps(backend, &domain, &current, goal.target, &goal.keep)?;
         warnings.extend(txn::dropped_warnings(&checked));
         let plan = plan(&current, &checked.target);
         warnings.extend(plan.warnings.iter().cloned());
         let mut report = PlanReport::new(domain, &plan, warnings);
         report.degraded = checked.degraded;
         report.unverified = checked.unverified;
+        report.adopted = goal.adopted;
+        report.foreign = goal.foreign;
         Ok(report)
     }
 
@@ -405,6 +411,8 @@ impl Store {
             refused: None,
             degraded: Vec::new(),
             unverified: Vec::new(),
+            adopted: Vec::new(),
+            foreign: Vec::new(),
         })
     }
 
@@ -557,6 +565,7 @@ impl Store {
         domain: &str,
         current: &[CheckpointDef],
         target: Vec<CheckpointDef>,
+        keep: &HashSet<String>,
     ) -> Result<Checked> {
         if self.opts.bitmaps == BitmapPolicy::Ignore {
             return Ok(Checked {
@@ -574,8 +583,11 @@ impl Store {
             &info,
             current,
             target,
-            self.opts.bitmaps,
-            self.images(),
+            &How {
+                policy: self.opts.bitmaps,
+                reader: self.images(),
+                keep,
+            },
         )
         .map_err(backend_err(domain, "bitmap check", None))?;
         if self.opts.bitmaps == BitmapPolicy::Strict && !checked.degraded.is_empty() {

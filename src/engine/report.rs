@@ -90,6 +90,14 @@ pub struct SyncReport {
     /// Disks whose bitmaps nobody could check: defined as asked.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub unverified: Vec<Unverified>,
+    /// A re-apply: checkpoints libvirt has after the committed leaf (a
+    /// backup made since), kept and joined to the committed chain.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub adopted: Vec<String>,
+    /// A re-apply: other checkpoints libvirt has that the committed chain
+    /// does not, kept as libvirt has them (never deleted).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub foreign: Vec<String>,
 }
 
 /// What [`crate::Store::plan`] would do (the `plan` document).
@@ -111,6 +119,12 @@ pub struct PlanReport {
     /// Disks whose bitmaps nobody could check.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub unverified: Vec<Unverified>,
+    /// A re-apply: checkpoints after the committed leaf it would adopt.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub adopted: Vec<String>,
+    /// A re-apply: other checkpoints of libvirt's it would keep.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub foreign: Vec<String>,
 }
 
 /// One planned libvirt call, as `plan` shows it.
@@ -178,6 +192,8 @@ impl PlanReport {
             warnings,
             degraded: Vec::new(),
             unverified: Vec::new(),
+            adopted: Vec::new(),
+            foreign: Vec::new(),
         }
     }
 }

@@ -9,7 +9,7 @@ use tracing::{debug, info, info_span, warn};
 use uuid::Uuid;
 
 use super::report::{Outcome, Policy, Recovered, SyncReport};
-use super::Store;
+use super::{reapply, Store};
 use crate::backend::{Backend, BackendError, BackendErrorKind};
 use crate::bitmaps::Checked;
 use crate::chain::{Chain, CheckpointDef};
@@ -205,7 +205,10 @@ impl Store {
         let current = backend
             .list(domain)
             .map_err(backend_err(domain, "list", None))?;
-        let checked = self.check_bitmaps(backend, domain, &current, target)?;
+        let goal = reapply::goal(kind == TxnKind::Resync, target, chain, &current);
+        warnings.extend(goal.warnings);
+        let chain = goal.chain.as_ref();
+        let checked = self.check_bitmaps(backend, domain, &current, goal.target, &goal.keep)?;
         warnings.extend(dropped_warnings(&checked));
         let target = checked.target;
         let plan = plan(&current, &target);
@@ -237,6 +240,8 @@ impl Store {
             refused: None,
             degraded: checked.degraded,
             unverified: checked.unverified,
+            adopted: goal.adopted,
+            foreign: goal.foreign,
         };
         if plan.is_empty() {
             self.busy_if_open(

@@ -11,7 +11,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
-use ckptstore::{redact_uri, Chain, ErrorDoc, ErrorKind, LibvirtBackend, Policy, StoreOptions};
+use ckptstore::{
+    redact_uri, BitmapPolicy, Chain, ErrorDoc, ErrorKind, LibvirtBackend, Policy, StoreOptions,
+};
 use pyo3::prelude::*;
 use serde::Serialize;
 
@@ -69,10 +71,22 @@ impl Store {
     /// A missing folder is created with mode 0700; libvirt is connected on
     /// the first operation that needs it.
     #[new]
-    #[pyo3(signature = (path, connect = "qemu:///system"))]
-    fn new(py: Python<'_>, path: PathBuf, connect: &str) -> PyResult<Store> {
+    #[pyo3(signature = (path, connect = "qemu:///system", bitmaps = "degrade"))]
+    fn new(py: Python<'_>, path: PathBuf, connect: &str, bitmaps: &str) -> PyResult<Store> {
         let uri = connect.to_string();
-        let opened = py.detach(|| open(&path));
+        let policy = match bitmaps {
+            "degrade" => BitmapPolicy::Degrade,
+            "strict" => BitmapPolicy::Strict,
+            "ignore" => BitmapPolicy::Ignore,
+            other => {
+                return Err(errors::bad_input(
+                    py,
+                    format!("bitmaps={other:?} is not a policy"),
+                    "give \"degrade\", \"strict\" or \"ignore\"",
+                ))
+            }
+        };
+        let opened = py.detach(|| open(&path, policy));
         match opened {
             Ok(inner) => Ok(Store {
                 inner,
@@ -290,7 +304,7 @@ impl Store {
 
 /// Open the journal, creating its folder (mode 0700) when it is missing,
 /// as the command does.
-fn open(path: &Path) -> Result<ckptstore::Store, Failure> {
+fn open(path: &Path, bitmaps: BitmapPolicy) -> Result<ckptstore::Store, Failure> {
     if let Some(dir) = path
         .parent()
         .filter(|d| !d.as_os_str().is_empty() && !d.exists())
@@ -309,6 +323,7 @@ fn open(path: &Path) -> Result<ckptstore::Store, Failure> {
     }
     let opts = StoreOptions {
         progress: Some(Arc::new(progress::report)),
+        bitmaps,
         ..StoreOptions::default()
     };
     Ok(ckptstore::Store::open_with(path, opts)?)

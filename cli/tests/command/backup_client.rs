@@ -202,14 +202,12 @@ fn resync_killed_then_recovered() {
 }
 
 /// A backup made after the journal's last `import`, then `sync --domain`:
-/// the newer checkpoint must be kept, and the next backup must hang off it.
-///
-/// Becomes a test once re-apply keeps foreign checkpoints (issue 10). Today
-/// `sync --domain` deletes `virtnbdbackup.2` (metadata only, `committed`,
-/// exit 0, no warning), leaving its bitmaps as orphans, and the next
-/// incremental fails: "Checkpoint 'virtnbdbackup.2' for incremental backup
-/// of disk 'vda' not found".
-#[allow(dead_code)] // becomes a #[test] once re-apply keeps foreign checkpoints
+/// the newer checkpoint is adopted (kept, and joined to the committed
+/// chain), and the next backup hangs off it. (A re-apply that made libvirt
+/// exactly the stale chain deleted `virtnbdbackup.2` and left its bitmaps
+/// as orphans; the next incremental failed: "Checkpoint 'virtnbdbackup.2'
+/// for incremental backup of disk 'vda' not found".)
+#[test]
 fn stale_journal_newer_backup() {
     let mut vm = Vm::start("vnb-newer", false);
     vm.write_each_disk();
@@ -222,6 +220,8 @@ fn stale_journal_newer_backup() {
     let before = vm.checkpoints();
     let r = ckptstore(&db, &["sync", "--domain", vm.name()], 0);
     println!("backup_client: sync --domain with a newer backup: {r}");
+    assert_eq!(names(&r["adopted"]), [ckpt(2)], "{r}");
+    assert_eq!(r["libvirt_calls"], 0, "{r}");
     assert_eq!(
         vm.checkpoints(),
         before,
@@ -238,14 +238,11 @@ fn stale_journal_newer_backup() {
 /// `virtnbdbackup.0`), then `sync --domain` with the journal's old chain:
 /// the new base must be kept as libvirt made it, no checkpoint may be left
 /// that libvirt's `REDEFINE_VALIDATE` refuses, and the next backup must
-/// hang off the new base.
-///
-/// Becomes a test once re-apply keeps foreign checkpoints (issue 10). Today
-/// `sync --domain` replaces the new `virtnbdbackup.0` with the old one (its
-/// creation time rewritten) and redefines `virtnbdbackup.1` and `.2`, whose
-/// bitmaps no longer exist (`committed`, exit 0), and the next incremental
-/// fails: "domain moment virtnbdbackup.1 already exists".
-#[allow(dead_code)] // becomes a #[test] once re-apply keeps foreign checkpoints
+/// hang off the new base. (A re-apply that made libvirt exactly the stale
+/// chain replaced the new `virtnbdbackup.0` with the old one and redefined
+/// `.1` and `.2`, whose bitmaps no longer existed; the next incremental
+/// failed: "domain moment virtnbdbackup.1 already exists".)
+#[test]
 fn stale_journal_new_chain() {
     let mut vm = Vm::start("vnb-newchain", false);
     three_backups(&mut vm);
@@ -260,6 +257,8 @@ fn stale_journal_new_chain() {
     let base = vm.checkpoint(&ckpt(0));
     let r = ckptstore(&db, &["sync", "--domain", vm.name()], 0);
     println!("backup_client: sync --domain after a new chain: {r}");
+    assert_eq!(names(&r["foreign"]), [ckpt(0)], "{r}");
+    assert_eq!(r["libvirt_calls"], 0, "{r}");
     assert_eq!(
         vm.checkpoint(&ckpt(0)),
         base,

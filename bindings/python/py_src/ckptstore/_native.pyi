@@ -58,6 +58,15 @@ class Recovered(TypedDict):
     libvirt_calls: int
     warnings: NotRequired[List[str]]
 
+class Degraded(TypedDict):
+    checkpoint: str
+    disk: str
+    reason: str
+
+class Unverified(TypedDict):
+    disk: str
+    reason: str
+
 class SyncReport(TypedDict):
     txn: str
     domain: str
@@ -69,6 +78,10 @@ class SyncReport(TypedDict):
     warnings: List[str]
     recovered: List[Recovered]
     refused: NotRequired[str]
+    degraded: NotRequired[List[Degraded]]
+    unverified: NotRequired[List[Unverified]]
+    adopted: NotRequired[List[str]]
+    foreign: NotRequired[List[str]]
 
 class PlanStep(TypedDict):
     op: Literal["delete", "redefine"]
@@ -82,6 +95,10 @@ class PlanReport(TypedDict):
     steps: List[PlanStep]
     unchanged: List[str]
     warnings: List[str]
+    degraded: NotRequired[List[Degraded]]
+    unverified: NotRequired[List[Unverified]]
+    adopted: NotRequired[List[str]]
+    foreign: NotRequired[List[str]]
 
 class Owner(TypedDict):
     pid: int
@@ -205,7 +222,12 @@ ProgressCallback = Callable[[Progress], object]
 class Store:
     """A journal and the libvirt it keeps checkpoints for; share one between threads."""
 
-    def __init__(self, path: Union[str, "os.PathLike[str]"], connect: str = "qemu:///system") -> None: ...
+    def __init__(
+        self,
+        path: Union[str, "os.PathLike[str]"],
+        connect: str = "qemu:///system",
+        bitmaps: Literal["degrade", "strict", "ignore"] = "degrade",
+    ) -> None: ...
     @property
     def path(self) -> "pathlib.Path": ...
     @property
