@@ -441,7 +441,12 @@ impl Store {
                 Step::Redefine { def, forced, .. } => {
                     // libvirt checks the bitmaps of what it did not have.
                     let validate = txn.validate && phase == StepPhase::Apply && !forced;
-                    backend.redefine(domain, &render_checkpoint(def), validate)
+                    let xml = if *forced {
+                        own_xml(backend, domain, def)
+                    } else {
+                        render_checkpoint(def)
+                    };
+                    backend.redefine(domain, &xml, validate)
                 }
             };
             let ms = started.elapsed().as_secs_f64() * 1e3;
@@ -584,6 +589,17 @@ impl Store {
             &phases,
             listing,
         ))
+    }
+}
+
+/// The XML of a same-content redefine (one that only moves libvirt's
+/// current checkpoint): libvirt's own, `<domain>` included, so that what
+/// the checkpoint's creator stored stays; ours when libvirt's cannot be
+/// read or no longer has that content.
+fn own_xml(backend: &dyn Backend, domain: &str, def: &CheckpointDef) -> String {
+    match backend.checkpoint_xml(domain, &def.name) {
+        Ok(xml) if parse_checkpoint(&xml).is_ok_and(|d| d == *def) => xml,
+        _ => render_checkpoint(def),
     }
 }
 
