@@ -141,6 +141,7 @@ fn plan_text(r: &PlanReport) -> String {
             PlanStep::Redefine { checkpoint, .. } => writeln!(s, "  redefine  {checkpoint}"),
         };
     }
+    kept(&mut s, &r.adopted, &r.foreign);
     bitmaps(&mut s, &r.degraded, &r.unverified);
     warnings(&mut s, &r.warnings);
     s
@@ -250,6 +251,7 @@ pub fn sync_text(r: &SyncReport) -> String {
         r.libvirt_calls,
         plural(r.libvirt_calls)
     );
+    kept(&mut s, &r.adopted, &r.foreign);
     bitmaps(&mut s, &r.degraded, &r.unverified);
     warnings(&mut s, &r.warnings);
     s
@@ -332,6 +334,24 @@ pub fn status_text(st: &Status) -> String {
         }
     }
     s
+}
+
+/// What a re-apply kept of libvirt's own checkpoints.
+fn kept(s: &mut String, adopted: &[String], foreign: &[String]) {
+    if !adopted.is_empty() {
+        let _ = writeln!(
+            s,
+            "  adopted (after the committed leaf): {}",
+            adopted.join(", ")
+        );
+    }
+    if !foreign.is_empty() {
+        let _ = writeln!(
+            s,
+            "  kept as libvirt has them (foreign): {}",
+            foreign.join(", ")
+        );
+    }
 }
 
 /// The disks left out of their checkpoints, and those nobody could check

@@ -115,10 +115,13 @@ pub(crate) struct How<'a> {
     pub(crate) policy: BitmapPolicy,
     pub(crate) reader: &'a dyn ImageReader,
     pub(crate) keep: &'a HashSet<String>,
+    /// Disks libvirt's `REDEFINE_VALIDATE` already refused in this
+    /// operation: checkpoint → [(target, libvirt's message)].
+    pub(crate) refused: &'a Bad,
 }
 
 /// Bad bitmaps found: checkpoint → [(target, reason)].
-type Bad = BTreeMap<String, Vec<(String, String)>>;
+pub(crate) type Bad = BTreeMap<String, Vec<(String, String)>>;
 
 /// Check the bitmaps of `target` against the domain (`info`, libvirt's
 /// checkpoints `current`) and apply the policy. `Strict` returns the bad
@@ -149,6 +152,14 @@ pub(crate) fn check(
     } else {
         stopped(info, &target, how.reader, &mut checked)
     };
+    for (name, disks) in how.refused {
+        let have = bad.entry(name.clone()).or_default();
+        for (t, why) in disks {
+            if !have.iter().any(|(u, _)| u == t) {
+                have.push((t.clone(), why.clone()));
+            }
+        }
+    }
     bad.retain(|name, _| !how.keep.contains(name));
     checked.degraded = bad
         .iter()

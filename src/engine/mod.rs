@@ -35,7 +35,7 @@ pub use report::{
 
 use crate::backend::Backend;
 use crate::bitmaps::images::{ImageReader, Qcow2Reader};
-use crate::bitmaps::{BitmapPolicy, Checked, How};
+use crate::bitmaps::{Bad, BitmapPolicy, Checked, How};
 use crate::chain::{leaf_of, root_of, Chain, Checkpoint, CheckpointDef, ValidChain};
 use crate::error::{Error, ErrorDoc, Result};
 use crate::journal::{
@@ -208,7 +208,7 @@ impl Store {
         self.check_targets(backend, &domain, valid.targets().into_iter())?;
         let warnings = detached_warnings(&valid);
         let target = valid.defs();
-        self.apply(
+        self.apply_degrading(
             backend,
             &domain,
             TxnKind::Sync,
@@ -266,7 +266,14 @@ impl Store {
             .map_err(backend_err(&domain, "list", None))?;
         let goal = reapply::goal(reapply, target.to_vec(), None, &current);
         warnings.extend(goal.warnings);
-        let checked = self.check_bitmaps(backend, &domain, &current, goal.target, &goal.keep)?;
+        let checked = self.check_bitmaps(
+            backend,
+            &domain,
+            &current,
+            goal.target,
+            &goal.keep,
+            &Bad::new(),
+        )?;
         warnings.extend(txn::dropped_warnings(&checked));
         let plan = plan(&current, &checked.target);
         warnings.extend(plan.warnings.iter().cloned());
@@ -326,7 +333,7 @@ impl Store {
     /// [`Error::NoCommittedChain`]; otherwise as [`Store::sync`].
     pub fn resync(&self, backend: &dyn Backend, domain: &str) -> Result<SyncReport> {
         let re = self.reapply_target(backend, domain)?;
-        self.apply(
+        self.apply_degrading(
             backend,
             domain,
             TxnKind::Resync,
@@ -566,6 +573,7 @@ impl Store {
         current: &[CheckpointDef],
         target: Vec<CheckpointDef>,
         keep: &HashSet<String>,
+        refused: &Bad,
     ) -> Result<Checked> {
         if self.opts.bitmaps == BitmapPolicy::Ignore {
             return Ok(Checked {
@@ -587,6 +595,7 @@ impl Store {
                 policy: self.opts.bitmaps,
                 reader: self.images(),
                 keep,
+                refused,
             },
         )
         .map_err(backend_err(domain, "bitmap check", None))?;

@@ -11,7 +11,7 @@ use uuid::Uuid;
 use super::report::{Outcome, Policy, Recovered, SyncReport};
 use super::{reapply, Store};
 use crate::backend::{Backend, BackendError, BackendErrorKind};
-use crate::bitmaps::Checked;
+use crate::bitmaps::{Bad, BitmapPolicy, Checked};
 use crate::chain::{Chain, CheckpointDef};
 use crate::error::{Error, Result};
 use crate::journal::{
@@ -179,9 +179,73 @@ impl Store {
         }))
     }
 
+    /// [`Store::apply`], and under `degrade` on a running domain, once
+    /// more each time libvirt's `REDEFINE_VALIDATE` refuses a checkpoint
+    /// for a disk's bitmap: the refused transaction is rolled back whole
+    /// (libvirt is at its before-image), and the next one leaves that disk
+    /// out. Each refusal adds one (checkpoint, disk), so it ends.
+    pub(super) fn apply_degrading(
+        &self,
+        backend: &dyn Backend,
+        domain: &str,
+        kind: TxnKind,
+        chain: Option<&Chain>,
+        target: Vec<CheckpointDef>,
+        warnings: Vec<String>,
+    ) -> Result<SyncReport> {
+        let mut refused = Bad::new();
+        let mut notes = Vec::new();
+        loop {
+            let result = self.apply(
+                backend,
+                domain,
+                kind,
+                chain,
+                target.clone(),
+                warnings.clone(),
+                &refused,
+            );
+            let again = match &result {
+                Err(Error::Refused {
+                    rolled_back: true,
+                    checkpoint,
+                    source,
+                    txn,
+                    ..
+                }) if self.opts.bitmaps == BitmapPolicy::Degrade
+                    && source.kind == BackendErrorKind::Inconsistent =>
+                {
+                    refused_disk(&source.message)
+                        .filter(|d| {
+                            !refused
+                                .get(checkpoint)
+                                .is_some_and(|v| v.iter().any(|(t, _)| t == d))
+                        })
+                        .map(|d| (checkpoint.clone(), d, source.message.clone(), *txn))
+                }
+                _ => None,
+            };
+            let Some((checkpoint, disk, message, txn)) = again else {
+                let mut result = result;
+                if let Ok(r) = &mut result {
+                    r.warnings.extend(notes);
+                }
+                return result;
+            };
+            notes.push(format!(
+                "libvirt refused checkpoint {checkpoint} for disk {disk} (transaction {txn}, rolled back); applied again without that disk"
+            ));
+            refused
+                .entry(checkpoint)
+                .or_default()
+                .push((disk, format!("libvirt's REDEFINE_VALIDATE: {message}")));
+        }
+    }
+
     /// The transaction: plan against libvirt, commit the intent, apply,
     /// verify, commit — or roll back when libvirt refuses a step.
-    pub(super) fn apply(
+    #[allow(clippy::too_many_arguments)] // the operation's goal, and what libvirt refused before
+    fn apply(
         &self,
         backend: &dyn Backend,
         domain: &str,
@@ -189,6 +253,7 @@ impl Store {
         chain: Option<&Chain>,
         target: Vec<CheckpointDef>,
         mut warnings: Vec<String>,
+        refused: &Bad,
     ) -> Result<SyncReport> {
         // Held from before libvirt is first read until the transaction
         // ends: no other writer can change libvirt or the journal between
@@ -208,7 +273,8 @@ impl Store {
         let goal = reapply::goal(kind == TxnKind::Resync, target, chain, &current);
         warnings.extend(goal.warnings);
         let chain = goal.chain.as_ref();
-        let checked = self.check_bitmaps(backend, domain, &current, goal.target, &goal.keep)?;
+        let checked =
+            self.check_bitmaps(backend, domain, &current, goal.target, &goal.keep, refused)?;
         warnings.extend(dropped_warnings(&checked));
         let target = checked.target;
         let plan = plan(&current, &target);
@@ -441,7 +507,12 @@ impl Store {
                 Step::Redefine { def, forced, .. } => {
                     // libvirt checks the bitmaps of what it did not have.
                     let validate = txn.validate && phase == StepPhase::Apply && !forced;
-                    backend.redefine(domain, &render_checkpoint(def), validate)
+                    let xml = if *forced {
+                        own_xml(backend, domain, def)
+                    } else {
+                        render_checkpoint(def)
+                    };
+                    backend.redefine(domain, &xml, validate)
                 }
             };
             let ms = started.elapsed().as_secs_f64() * 1e3;
@@ -584,6 +655,25 @@ impl Store {
             &phases,
             listing,
         ))
+    }
+}
+
+/// The disk named in libvirt's `VIR_ERR_CHECKPOINT_INCONSISTENT` message
+/// ("… missing or broken bitmap 'NAME' for disk 'vdb'").
+fn refused_disk(message: &str) -> Option<String> {
+    let (_, rest) = message.rsplit_once("for disk '")?;
+    let disk = rest.split('\'').next()?;
+    (!disk.is_empty()).then(|| disk.to_string())
+}
+
+/// The XML of a same-content redefine (one that only moves libvirt's
+/// current checkpoint): libvirt's own, `<domain>` included, so that what
+/// the checkpoint's creator stored stays; ours when libvirt's cannot be
+/// read or no longer has that content.
+fn own_xml(backend: &dyn Backend, domain: &str, def: &CheckpointDef) -> String {
+    match backend.checkpoint_xml(domain, &def.name) {
+        Ok(xml) if parse_checkpoint(&xml).is_ok_and(|d| d == *def) => xml,
+        _ => render_checkpoint(def),
     }
 }
 

@@ -394,3 +394,49 @@ fn a_running_domain_reports_every_broken_disk() {
     let again = ckptstore::validate(&store, &backend, &dom.name).unwrap();
     assert_eq!(findings(&again), expected, "{again:#?}");
 }
+
+/// A same-content redefine (one that only moves libvirt's hidden current
+/// checkpoint back to the leaf) writes libvirt's own XML back, `<domain>`
+/// included: every checkpoint libvirt keeps has its XML byte for byte.
+#[test]
+fn a_same_content_redefine_keeps_libvirts_own_xml() {
+    let conn = support::system();
+    let dom = TestDomain::define(&conn, "run-forced", 1);
+    dom.start();
+    let backend = LibvirtBackend::connect(support::SYSTEM_URI).unwrap();
+    let name = dom.name.as_str();
+    // c0 <- {a, c1 <- c2}, real checkpoints: a is put back as a side
+    // branch once c1 and c2 exist.
+    create_real(&backend, name, &["c0", "a"]);
+    let a = dumpxml(name, "a");
+    backend.delete(name, "a").unwrap();
+    create_real(&backend, name, &["c1", "c2"]);
+    backend.redefine(name, &a, false).unwrap();
+    let before = dump_all(&backend, name);
+    assert_eq!(before.len(), 4);
+    assert!(before.iter().all(|(_, xml)| xml.contains("<domain")));
+
+    let dir = tempfile::tempdir().unwrap();
+    let store = ckptstore::Store::open(dir.path().join("journal.db")).unwrap();
+    store.import(&backend, name).unwrap();
+    // The chain drops the side branch: libvirt's checkpoints branch, so
+    // the current checkpoint may be none (as after a daemon restart), and
+    // the plan moves it to c2 with a same-content redefine.
+    let mut chain = store.export(&backend, name).unwrap();
+    chain.checkpoints.retain(|c| c.id != "a");
+    let plan = store.plan(&backend, chain.clone()).unwrap();
+    assert!(
+        plan.steps.iter().any(|s| matches!(
+            s,
+            ckptstore::PlanStep::Redefine { forced: true, checkpoint, .. } if checkpoint == "c2"
+        )),
+        "{plan:#?}"
+    );
+    store.sync(&backend, chain).unwrap();
+    let after = dump_all(&backend, name);
+    assert_eq!(after.len(), 3);
+    for (n, xml) in &after {
+        let was = &before.iter().find(|(m, _)| m == n).unwrap().1;
+        assert_eq!(xml, was, "checkpoint {n}'s XML changed");
+    }
+}

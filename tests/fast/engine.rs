@@ -963,12 +963,13 @@ fn a_running_domain_is_checked_by_libvirt() {
     let c2 = fake.peek(DOMAIN).pop().unwrap();
     assert_eq!(c2.disks.keys().collect::<Vec<_>>(), vec!["sda"]);
 
-    // A checkpoint libvirt lacks, without its bitmap: libvirt refuses it,
-    // and the sync rolls back.
+    // A checkpoint libvirt lacks, without its bitmap: under strict,
+    // libvirt refuses it and the sync rolls back.
     let before = fake.peek(DOMAIN);
     let mut chain = linear_chain(4, 2);
     chain.checkpoints[2].description = Some("edited".into());
-    let err = store.sync(fake.as_ref(), chain).unwrap_err();
+    let strict = TempJournal::new().store_with_images(2, &fake, BitmapPolicy::Strict);
+    let err = strict.sync(fake.as_ref(), chain.clone()).unwrap_err();
     assert!(
         matches!(
             err,
@@ -980,5 +981,26 @@ fn a_running_domain_is_checked_by_libvirt() {
         "{err:?}"
     );
     assert_eq!(err.kind().exit_code(), 1);
+    assert_eq!(fake.peek(DOMAIN), before);
+    // Under degrade, each refusal is rolled back and the sync applied
+    // again without the refused disk: c3 has no disk left and goes.
+    let r = store.sync(fake.as_ref(), chain).unwrap();
+    assert_eq!(
+        degraded_of(&r.degraded),
+        vec![
+            (ckpt_id(2), "sdb".to_string()),
+            (ckpt_id(3), "sda".to_string()),
+            (ckpt_id(3), "sdb".to_string()),
+        ]
+    );
+    assert_eq!(
+        r.warnings
+            .iter()
+            .filter(|w| w.contains("applied again"))
+            .count(),
+        3,
+        "{:?}",
+        r.warnings
+    );
     assert_eq!(fake.peek(DOMAIN), before);
 }

@@ -1073,11 +1073,39 @@ fn bitmaps_are_checked_before_the_intent_on_qemu() {
     assert_eq!(report.usable.as_deref(), Some(name(3).as_str()));
 
     // Running: checkpoints libvirt lacks (c2, and c4 whose bitmap no image
-    // holds) are redefined with REDEFINE_VALIDATE; libvirt refuses, and
-    // nothing the sync did remains.
+    // holds) are redefined with REDEFINE_VALIDATE. Under degrade each
+    // refusal is rolled back and the sync applied again without that disk:
+    // libvirt ends as it was.
     dom.start();
     let longer = self::chain(&dom, &line(5));
-    let err = store.sync(&backend, longer).unwrap_err();
+    let r = store.sync(&backend, longer.clone()).unwrap();
+    let mut gone: Vec<(String, String)> = r
+        .degraded
+        .iter()
+        .map(|d| (d.checkpoint.clone(), d.disk.clone()))
+        .collect();
+    gone.sort();
+    assert_eq!(
+        gone,
+        vec![
+            (name(1), "vdb".to_string()),
+            (name(2), "vda".to_string()),
+            (name(2), "vdb".to_string()),
+            (name(4), "vda".to_string()),
+            (name(4), "vdb".to_string())
+        ]
+    );
+    assert_eq!(backend.list(&dom.name).unwrap(), held);
+    // Under strict, the first refusal rolls the sync back.
+    let strict = Store::open_with(
+        journal(&dir),
+        StoreOptions {
+            bitmaps: BitmapPolicy::Strict,
+            ..StoreOptions::default()
+        },
+    )
+    .unwrap();
+    let err = strict.sync(&backend, longer).unwrap_err();
     assert!(
         matches!(
             err,

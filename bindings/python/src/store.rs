@@ -71,10 +71,19 @@ impl Store {
     /// A missing folder is created with mode 0700; libvirt is connected on
     /// the first operation that needs it.
     #[new]
-    #[pyo3(signature = (path, connect = "qemu:///system", bitmaps = "degrade"))]
-    fn new(py: Python<'_>, path: PathBuf, connect: &str, bitmaps: &str) -> PyResult<Store> {
+    #[pyo3(signature = (path, connect = "qemu:///system", bitmaps = None))]
+    fn new(
+        py: Python<'_>,
+        path: PathBuf,
+        connect: &str,
+        bitmaps: Option<String>,
+    ) -> PyResult<Store> {
         let uri = connect.to_string();
-        let policy = match bitmaps {
+        // As the command: the argument, else $CKPTSTORE_BITMAPS, else degrade.
+        let bitmaps = bitmaps
+            .or_else(|| std::env::var("CKPTSTORE_BITMAPS").ok())
+            .unwrap_or_else(|| "degrade".into());
+        let policy = match bitmaps.as_str() {
             "degrade" => BitmapPolicy::Degrade,
             "strict" => BitmapPolicy::Strict,
             "ignore" => BitmapPolicy::Ignore,

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import ckptstore
+import pytest
 
 from conftest import chain_for, checkpoint_ids, cli, expected, write_chain
 
@@ -166,3 +167,33 @@ def test_export_and_plan_resync_equal_the_command(domains: Any, db: Path, tmp_pa
     same(preview, cli(db, "plan", "--domain", dom.name).doc)
     assert [s["op"] for s in preview["steps"]] == ["redefine"]
     assert len(dom.checkpoints()) == 2
+
+
+def test_the_bitmap_policy_is_the_commands(domains: Any, db: Path, tmp_path: Path) -> None:
+    """`Store(bitmaps=...)` is the command's `--bitmaps`: with a bitmap gone,
+    strict raises RolledBack (exit 1) before any call, degrade leaves the
+    disk out, both documents equal the command's."""
+    dom = domains("parity-bitmaps", disks=2)
+    ids = checkpoint_ids(2)
+    dom.add_bitmaps(ids[:1])  # the second checkpoint's bitmaps are missing
+    chain = chain_for(dom, ids)
+    file = write_chain(tmp_path / "chain.json", chain)
+
+    with pytest.raises(ckptstore.RolledBack) as e:
+        ckptstore.Store(db, bitmaps="strict").sync(chain)
+    assert e.value.exit_code == 1
+    strict_cli = cli(db, "sync", "--chain", file, "--bitmaps", "strict")
+    assert strict_cli.code == 1
+    assert "strict refuses the sync" in str(e.value)
+    assert "strict refuses the sync" in strict_cli.doc["error"]["message"]
+    assert dom.checkpoints() == {}
+
+    preview = ckptstore.Store(db, bitmaps="degrade").plan(chain)
+    same(preview, cli(db, "plan", "--chain", file, "--bitmaps", "degrade").doc)
+    assert {(d["checkpoint"], d["disk"]) for d in preview["degraded"]} == {(ids[1], t) for t in dom.targets}
+    synced = ckptstore.Store(db, bitmaps="degrade").sync(chain)
+    assert synced["redefined"] == [ids[0]]
+    assert list(dom.checkpoints()) == [ids[0]]
+
+    with pytest.raises(ckptstore.BadInput):
+        ckptstore.Store(db, bitmaps="sometimes")

@@ -226,7 +226,7 @@ class Store:
         self,
         path: Union[str, "os.PathLike[str]"],
         connect: str = "qemu:///system",
-        bitmaps: Literal["degrade", "strict", "ignore"] = "degrade",
+        bitmaps: Optional[Literal["degrade", "strict", "ignore"]] = None,
     ) -> None: ...
     @property
     def path(self) -> "pathlib.Path": ...
