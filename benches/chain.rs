@@ -64,7 +64,7 @@ fn bench(c: &mut Criterion) {
                 || input.clone(),
                 |c| black_box(prepare(c)),
                 BatchSize::LargeInput,
-            )
+            );
         });
     }
     group.finish();

@@ -99,12 +99,12 @@ fn step_commit(c: &mut Criterion) {
             b.iter(|| {
                 journal.step_done(txn, StepPhase::Apply, seq).unwrap();
                 seq = (seq + 1) % STEPS;
-            })
+            });
         });
         // The same kind of one-row update as a durable commit (what every
         // commit of the journal costs with synchronous=FULL).
         group.bench_function(BenchmarkId::new("count_call", place), |b| {
-            b.iter(|| journal.count_call(txn).unwrap())
+            b.iter(|| journal.count_call(txn).unwrap());
         });
     }
     group.finish();
@@ -247,7 +247,7 @@ fn history_depth(c: &mut Criterion) {
             b.iter(|| {
                 store.sync(&fake, window(DOMAIN, k)).unwrap();
                 k += 1;
-            })
+            });
         });
     }
     group.finish();

@@ -239,7 +239,7 @@ fn measure(b: &Counted<'_>, f: impl FnOnce() -> bool) -> Sample {
         _ => None,
     };
     let (daemon_cpu, my_cpu) = (secs(c0.daemon, c1.daemon), secs(c0.me, c1.me));
-    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+    let cpus = std::thread::available_parallelism().map_or(1, std::num::NonZero::get) as f64;
     let others = match (busy, daemon_cpu, my_cpu) {
         (Some(b), Some(d), Some(m)) => {
             Some(((b * cpus * wall.as_secs_f64() - d - m) / wall.as_secs_f64()).max(0.0))
@@ -313,7 +313,7 @@ fn steady(mut run: impl FnMut() -> Sample) -> Sample {
 fn panic_text(p: &Box<dyn std::any::Any + Send>) -> String {
     p.downcast_ref::<String>()
         .cloned()
-        .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+        .or_else(|| p.downcast_ref::<&str>().map(ToString::to_string))
         .unwrap_or_default()
 }
 
@@ -333,11 +333,11 @@ impl Side {
 
     fn median_by(&self, f: impl Fn(&Sample) -> f64) -> f64 {
         let mut v: Vec<f64> = self.runs.iter().map(f).collect();
-        v.sort_by(|a, b| a.total_cmp(b));
+        v.sort_by(f64::total_cmp);
         match v.len() {
             0 => f64::NAN,
             n if n % 2 == 1 => v[n / 2],
-            n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+            n => f64::midpoint(v[n / 2 - 1], v[n / 2]),
         }
     }
 
@@ -781,7 +781,7 @@ fn lookup_and_skip(b: &Counted<'_>, domain: &str, target: &[CheckpointDef], xmls
         match b.lookup(domain, &d.name) {
             Ok(_) => {}
             Err(e) if e.kind == BackendErrorKind::NoCheckpoint => {
-                b.redefine(domain, x, false).unwrap()
+                b.redefine(domain, x, false).unwrap();
             }
             Err(e) => panic!("lookup of {}: {e}", d.name),
         }
@@ -950,7 +950,7 @@ fn s5(ctx: &Ctx, dom: &TestDomain) {
     sides[0].row("S5 validate (200 × 4), whole check", &ratio);
     sides[1].row("S5 validate (200 × 4), whole check", "");
     let med = |v: &mut Vec<f64>| {
-        v.sort_by(|a, b| a.total_cmp(b));
+        v.sort_by(f64::total_cmp);
         v[v.len() / 2]
     };
     let (f, q) = (med(&mut images[0]), med(&mut images[1]));
@@ -989,7 +989,7 @@ fn main() {
     println!(
         "libvirt_loop: {} UTC, {} CPUs ({cpu}), journal in {}, {runs} runs per side, medians",
         chrono::Utc::now().format("%Y-%m-%d %H:%M"),
-        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        std::thread::available_parallelism().map_or(0, std::num::NonZero::get),
         base,
     );
     println!();

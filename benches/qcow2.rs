@@ -57,14 +57,14 @@ fn bench(c: &mut Criterion) {
         .measurement_time(Duration::from_secs(2));
     for (label, path) in &images {
         group.bench_function(format!("read_image/{label}"), |b| {
-            b.iter(|| read_image(path).unwrap())
+            b.iter(|| read_image(path).unwrap());
         });
         group.bench_function(format!("qemu-img info/{label}"), |b| {
             b.iter(|| {
                 let out = qemu_img_output(&["info", "--output=json", "-U", path.to_str().unwrap()]);
                 assert!(out.status.success());
                 serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()
-            })
+            });
         });
     }
     group.finish();

@@ -188,7 +188,7 @@ fn real_case(n: usize, runs: usize) -> Row {
     let dom = TestDomain::define(&conn, "bench-retention", 1);
     let t = Instant::now();
     for i in 0..n {
-        dom.add_bitmap(0, &ckpt(i).to_string());
+        dom.add_bitmap(0, &ckpt(i).clone());
     }
     println!(
         "real: {n} bitmaps added with qemu-img in {:.1} s",
@@ -272,7 +272,7 @@ fn main() {
             r.deletes,
             r.redefines,
             ms(r.sync),
-            r.plan.map_or("".into(), |p| format!("{:.2}", ms(p))),
+            r.plan.map_or(String::new(), |p| format!("{:.2}", ms(p))),
             r.leaf_current
                 .map_or("", |ok| if ok { "yes" } else { "NO" }),
         );

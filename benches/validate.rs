@@ -44,7 +44,7 @@ fn bench(c: &mut Criterion) {
     let first = dom.images[0].to_str().unwrap().to_owned();
     run(&["create", "-q", "-f", "qcow2", &first, "100G"]);
     for name in &names {
-        run(&["bitmap", "--add", &first, &name.to_string()]);
+        run(&["bitmap", "--add", &first, &name.clone()]);
     }
     for image in &dom.images[1..] {
         std::fs::copy(&dom.images[0], image).unwrap();
@@ -90,10 +90,10 @@ fn bench(c: &mut Criterion) {
         .warm_up_time(Duration::from_millis(500))
         .measurement_time(Duration::from_secs(3));
     group.bench_function("validate (in-process reader)", |b| {
-        b.iter(|| validate(&store, &backend, &dom.name).unwrap())
+        b.iter(|| validate(&store, &backend, &dom.name).unwrap());
     });
     group.bench_function("validate (qemu-img info per image)", |b| {
-        b.iter(|| validate_with(&store, &backend, &dom.name, &QemuImgReader).unwrap())
+        b.iter(|| validate_with(&store, &backend, &dom.name, &QemuImgReader).unwrap());
     });
     group.bench_function("images only: in-process reader", |b| {
         b.iter(|| {
@@ -101,7 +101,7 @@ fn bench(c: &mut Criterion) {
                 .iter()
                 .map(|i| Qcow2Reader.read_chain(i).unwrap())
                 .collect::<Vec<_>>()
-        })
+        });
     });
     group.bench_function("images only: qemu-img info", |b| {
         b.iter(|| {
@@ -109,7 +109,7 @@ fn bench(c: &mut Criterion) {
                 .iter()
                 .map(|i| QemuImgReader.read_chain(i).unwrap())
                 .collect::<Vec<_>>()
-        })
+        });
     });
     group.finish();
 }

@@ -632,7 +632,7 @@ mod tests {
 
     #[test]
     fn parses_domain_disks_and_backing_chains() {
-        let xml = r#"<domain type='qemu' id='3'><name>vm1</name><uuid>93a5c045-6457-2c09-e56c-927cdf34e178</uuid>
+        let xml = r"<domain type='qemu' id='3'><name>vm1</name><uuid>93a5c045-6457-2c09-e56c-927cdf34e178</uuid>
           <devices>
             <emulator>/usr/bin/qemu-system-x86_64</emulator>
             <disk type='file' device='disk'><driver name='qemu' type='qcow2'/>
@@ -641,7 +641,7 @@ mod tests {
               <target dev='vda' bus='virtio'/></disk>
             <disk type='file' device='cdrom'><source file='/iso'/><target dev='hdc' bus='ide'/></disk>
             <disk type='block' device='disk'><driver name='qemu' type='raw'/><source dev='/dev/sdz'/><target dev='vdb'/></disk>
-          </devices></domain>"#;
+          </devices></domain>";
         let info = parse_domain(xml, true).unwrap();
         assert_eq!(info.name, "vm1");
         assert_eq!(info.uuid, "93a5c045-6457-2c09-e56c-927cdf34e178");

@@ -128,8 +128,7 @@ fn timed_cli(args: &[&str]) -> (u64, f64, String) {
     let field = |name: &str| {
         err.lines()
             .find_map(|l| l.trim().strip_prefix(name))
-            .map(str::trim)
-            .unwrap_or("")
+            .map_or("", str::trim)
     };
     let peak = field("Maximum resident set size (kbytes):")
         .parse()

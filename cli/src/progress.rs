@@ -20,7 +20,9 @@ pub fn bar() -> Option<ProgressFn> {
     }
     let round: Mutex<Option<(Instant, ProgressBar)>> = Mutex::new(None);
     Some(Arc::new(move |p: &Progress| {
-        let mut round = round.lock().unwrap_or_else(|e| e.into_inner());
+        let mut round = round
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         if p.done == 0 || round.is_none() {
             *round = Some((Instant::now(), ProgressBar::hidden()));
         }

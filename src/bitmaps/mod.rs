@@ -310,7 +310,7 @@ fn degrade(
     let mut out = Vec::with_capacity(target.len());
     for mut def in target {
         while let Some(up) = def.parent.as_ref().and_then(|p| gone.get(p)) {
-            def.parent = up.clone();
+            def.parent.clone_from(up);
         }
         if let Some(disks) = bad.get(&def.name) {
             for (t, _) in disks {

@@ -21,16 +21,21 @@ pub(super) fn parallel_map<T: Send, R: Send>(
     std::thread::scope(|s| {
         for _ in 0..workers {
             s.spawn(|| loop {
-                let next = queue.lock().unwrap_or_else(|e| e.into_inner()).next();
+                let next = queue
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .next();
                 let Some((i, item)) = next else { break };
                 let r = f(item);
-                results.lock().unwrap_or_else(|e| e.into_inner())[i] = Some(r);
+                results
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)[i] = Some(r);
             });
         }
     });
     results
         .into_inner()
-        .unwrap_or_else(|e| e.into_inner())
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
         .into_iter()
         .flatten()
         .collect()

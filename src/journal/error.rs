@@ -140,7 +140,7 @@ impl JournalError {
     pub(super) fn sqlite(query: &'static str, e: rusqlite::Error) -> JournalError {
         let unreadable = match &e {
             rusqlite::Error::FromSqlConversionFailure(_, _, inner) => {
-                inner.downcast_ref::<Unreadable>().map(|u| u.to_string())
+                inner.downcast_ref::<Unreadable>().map(ToString::to_string)
             }
             _ => None,
         };
@@ -383,7 +383,7 @@ mod tests {
         assert_eq!(e.query(), Some("SELECT state FROM txns"));
         let unreadable = StdError::source(&e).and_then(StdError::source);
         assert_eq!(
-            unreadable.map(|u| u.to_string()).as_deref(),
+            unreadable.map(ToString::to_string).as_deref(),
             Some("transaction state: bogus")
         );
     }

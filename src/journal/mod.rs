@@ -120,7 +120,9 @@ impl Journal {
     fn conn(&self) -> MutexGuard<'_, Connection> {
         // A panic while the lock was held rolled back its SQLite transaction
         // (the guard's drop); the connection itself is still sound.
-        self.conn.lock().unwrap_or_else(|e| e.into_inner())
+        self.conn
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// Run `work` in one write transaction and commit it durably.
@@ -152,7 +154,7 @@ impl Journal {
 /// gives the -wal and -shm files the same mode); refuse a directory.
 fn create_0600(path: &Path) -> Result<()> {
     if path.exists() {
-        if fs::metadata(path).map(|m| m.is_dir()).unwrap_or(false) {
+        if fs::metadata(path).is_ok_and(|m| m.is_dir()) {
             return Err(JournalError::io(format!(
                 "{} is a directory",
                 path.display()

@@ -87,7 +87,7 @@ impl ImageReader for Images {
 }
 
 struct Setup {
-    _dir: tempfile::TempDir,
+    dir: tempfile::TempDir,
     store: Store,
     fake: FakeBackend,
 }
@@ -98,11 +98,7 @@ fn setup(targets: &[&str], running: bool, defs: Vec<CheckpointDef>) -> Setup {
     let fake = FakeBackend::new();
     fake.define_domain("vm", UUID, targets, running);
     fake.set_checkpoints("vm", defs);
-    Setup {
-        _dir: dir,
-        store,
-        fake,
-    }
+    Setup { dir, store, fake }
 }
 
 fn kinds(r: &Report) -> Vec<(FindingKind, Option<&str>, Option<&str>)> {
@@ -537,7 +533,7 @@ fn a_live_open_transaction_makes_the_domain_busy() {
         reconnect_delay: std::time::Duration::ZERO,
         ..StoreOptions::default()
     };
-    let store = Store::open_with(s._dir.path().join("k.db"), opts).unwrap();
+    let store = Store::open_with(s.dir.path().join("k.db"), opts).unwrap();
     let (disk, ckpt) = (Uuid::from_u128(2), Uuid::from_u128(3));
     let chain: crate::chain::Chain = serde_json::from_str(&format!(
         r#"{{"vm_id":"{UUID}","domain":"vm","disks":{{"{disk}":"vda"}},
@@ -566,7 +562,7 @@ fn a_live_open_transaction_makes_the_domain_busy() {
         },
         ..StoreOptions::default()
     };
-    let store2 = Store::open_with(s._dir.path().join("k.db"), other).unwrap();
+    let store2 = Store::open_with(s.dir.path().join("k.db"), other).unwrap();
     let e = validate_with(&store2, &s.fake, "vm", &images).unwrap_err();
     assert!(e.is_busy(), "{e}");
 }

@@ -1,6 +1,8 @@
 //! ckptstore's test helpers, in one place for every test binary and bench
 //! of the workspace:
 //!
+//! - [`daemon`]: the lock that keeps a test that kills the daemon apart
+//!   from the other tests of its binary;
 //! - [`support`]: throw-away libvirt domains with unique names and qcow2
 //!   images with bitmaps, removed when dropped; connections to the real
 //!   daemon (`qemu:///system`, which panics with the command that starts it)
@@ -11,6 +13,11 @@
 //! - [`qemu`]: `qemu-img` helpers to make and inspect images;
 //! - [`rng`]: the one seeded generator, and how a test gets its seed.
 
+// A helper panics by design: a set-up that fails fails the test, which the
+// helpers' docs say once here rather than under `# Panics` on each.
+#![allow(clippy::missing_panics_doc)]
+
+pub mod daemon;
 pub mod qemu;
 pub mod rng;
 pub mod sim;

@@ -141,7 +141,7 @@ impl TempJournal {
                 owner: Some(Owner {
                     pid: owner,
                     boot_id: "simulation".into(),
-                    start: owner as u64,
+                    start: u64::from(owner),
                 }),
                 // Every simulated process other than the caller is dead.
                 liveness: Some(Arc::new(|_| false)),

@@ -11,7 +11,7 @@
 #   tests/support/libvirt9.sh version        # the unpacked daemon's version
 #
 # For example:
-#   bash tests/support/libvirt9.sh run -- cargo test --locked --test conformance --test e2e_libvirt
+#   bash tests/support/libvirt9.sh run -- cargo test --locked --test daemon --test kills -- conformance:: e2e_libvirt::
 #
 # `run` starts the daemon with tests/support/libvirt.sh (so a test that
 # restarts it through that script restarts this one), passes CMD's exit

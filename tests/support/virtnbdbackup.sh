@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Install virtnbdbackup (Debian 12's 1.9.15) and python3-libnbd, the real
-# backup client that tests/backup_client.rs runs next to ckptstore. Safe to
+# backup client that cli/tests/command/backup_client.rs runs next to ckptstore. Safe to
 # run twice; run it after tests/support/libvirt.sh has installed libvirt and
 # QEMU from bookworm-backports: this script refuses to install when apt would
 # replace, upgrade or remove any libvirt, QEMU or SeaBIOS package.

@@ -157,14 +157,12 @@ fn from_py(obj: &Bound<'_, PyAny>, depth: usize, path: &mut String) -> Result<Va
 fn type_name(obj: &Bound<'_, PyAny>) -> String {
     obj.get_type()
         .name()
-        .map(|n| n.to_string())
-        .unwrap_or_else(|_| "object".into())
+        .map_or_else(|_| "object".into(), |n| n.to_string())
 }
 
 fn repr(obj: &Bound<'_, PyAny>) -> String {
     obj.repr()
-        .map(|r| r.to_string())
-        .unwrap_or_else(|_| type_name(obj))
+        .map_or_else(|_| type_name(obj), |r| r.to_string())
 }
 
 /// Deserialise what [`input`] took into a library type (without the GIL).

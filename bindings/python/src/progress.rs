@@ -43,7 +43,7 @@ pub fn push(callback: Option<Py<PyAny>>) {
             held: Duration::ZERO,
             callbacks: 0,
             in_callbacks: Duration::ZERO,
-        })
+        });
     });
 }
 

@@ -253,7 +253,7 @@ def test_a_refused_step_rolls_back_with_its_report(committed: Any, db: Path) -> 
 
 def test_a_refused_step_matches_the_command_on_the_test_driver(db: Path, tmp_path: Path) -> None:
     # libvirt's test driver loads this node; an inactive domain there
-    # refuses every checkpoint redefine (as in cli/tests/cli.rs).
+    # refuses every checkpoint redefine (as in cli/tests/command/cli.rs).
     node = tmp_path / "node.xml"
     node.write_text(
         "<node>\n<domain type='test' xmlns:test='http://libvirt.org/schemas/domain/test/1.0'>"

@@ -108,7 +108,7 @@ pub fn pre_state(pre: Pre, target: &[CheckpointDef]) -> Vec<CheckpointDef> {
                     format!("extra-{}", i - 1)
                 };
                 let mut d = v[0].clone();
-                d.name = name.clone();
+                d.name.clone_from(&name);
                 d.parent = Some(parent);
                 d.creation_time = 1_800_000_000 + i as i64;
                 d.description = None;
@@ -161,7 +161,7 @@ pub fn reset(backend: &LibvirtBackend, domain: &str, pre: &[CheckpointDef]) -> u
                 retry("delete", || match backend.delete(domain, &before.name) {
                     Err(e) if e.kind == BackendErrorKind::NoCheckpoint => Ok(()),
                     r => r,
-                })
+                });
             }
             Step::Redefine { def, .. } => retry("redefine", || {
                 backend.redefine(domain, &render_checkpoint(def), false)

@@ -3,7 +3,7 @@
 //! injection for simulation tests.
 //!
 //! What it does like libvirt 11.3 (each line is covered by the conformance
-//! suite, `tests/conformance.rs`, that also runs against real libvirt), with
+//! suite, `tests/daemon/conformance.rs`, that also runs against real libvirt), with
 //! libvirt's error codes and messages:
 //! - the redefine XML is checked first as libvirt's schema does (names,
 //!   disk targets, a non-empty `<disks>` when there is one, an unsigned
@@ -215,7 +215,9 @@ impl FakeBackend {
     fn lock(&self) -> MutexGuard<'_, State> {
         // A panic while holding the lock (a simulated crash) leaves the
         // state as libvirt would: whatever was applied stays applied.
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
+        self.state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 }
 

@@ -317,7 +317,7 @@ impl FakeDomain {
             // libvirt rewrites a re-parented child's XML.
             self.xml.remove(c);
             if let Some(child) = self.checkpoints.get_mut(c) {
-                child.parent = gone.parent.clone();
+                child.parent.clone_from(&gone.parent);
             }
         }
         let siblings = self.children.entry(gone.parent.clone()).or_default();

@@ -97,6 +97,8 @@ fn cdata_of(c: BytesCData<'_>) -> String {
 }
 
 /// What the walk through a redefine document has seen so far.
+// One flag per element libvirt's schema allows at most once.
+#[allow(clippy::struct_excessive_bools)]
 #[derive(Debug)]
 struct Walk {
     /// The open elements, root first.

@@ -18,7 +18,9 @@ use crate::backend::{BackendError, BackendErrorKind as K};
 
 impl LibvirtBackend {
     fn slot(&self) -> MutexGuard<'_, Option<Connect>> {
-        self.conn.lock().unwrap_or_else(|e| e.into_inner())
+        self.conn
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// The live connection, opened (again) when there is none or the one

@@ -131,7 +131,7 @@ pub(crate) fn list_all(dom: &Domain, flags: c_uint) -> Result<Vec<Checkpoint>, E
     let mut array: *mut sys::virDomainCheckpointPtr = std::ptr::null_mut();
     // SAFETY: `dom.as_ptr()` is a live domain handle; `array` is a valid
     // out-pointer that libvirt sets to a malloc'ed array on success.
-    let n = unsafe { sys::virDomainListAllCheckpoints(dom.as_ptr(), &mut array, flags) };
+    let n = unsafe { sys::virDomainListAllCheckpoints(dom.as_ptr(), &raw mut array, flags) };
     if n < 0 {
         return Err(Error::last_error());
     }

@@ -248,7 +248,7 @@ impl Backend for LibvirtBackend {
         let (name, listed) = self.on_domain(domain, |dom| {
             let listed = ffi::list_all(dom, 0)?
                 .iter()
-                .map(|c| c.name())
+                .map(ffi::Checkpoint::name)
                 .collect::<Result<Vec<_>, _>>()?;
             Ok((dom.name()?, listed))
         })?;

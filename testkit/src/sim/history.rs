@@ -209,7 +209,7 @@ pub fn random_histories(seed: u64, histories: u64, transactions: u64) -> String 
         fake.define_domain(DOMAIN, VM_UUID, &["sda", "sdb"], true);
         let j = TempJournal::new();
         let mut kept = Kept::default();
-        for _ in 0..1 + rng.below(5) {
+        for _ in 0..=rng.below(5) {
             let p = if kept.nodes.is_empty() || rng.chance(15) {
                 None
             } else {
@@ -235,7 +235,7 @@ pub fn random_histories(seed: u64, histories: u64, transactions: u64) -> String 
             }
             let mut next = kept.clone();
             if t > 0 {
-                for _ in 0..1 + rng.below(3) {
+                for _ in 0..=rng.below(3) {
                     bump(&mut stats, next.change(&mut rng));
                 }
             }

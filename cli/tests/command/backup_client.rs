@@ -12,9 +12,8 @@
 //! `resync_killed_then_recovered`: how the metadata is lost and when
 //! `sync --domain` is killed.
 
-mod rel;
-use testkit::support;
-mod vnb;
+use crate::rel;
+use crate::vnb;
 
 use std::time::Duration;
 

@@ -1,6 +1,7 @@
 //! A connection the daemon drops (`virt-admin client-disconnect`, so the
 //! shared daemon keeps running): the call that finds out reports
-//! `ConnectionLost` (outcome unknown) and the next call reconnects.
+//! `ConnectionLost` (outcome unknown) and the next call reconnects. It
+//! counts this process's connections, so it holds the daemon exclusively.
 
 use testkit::support;
 
@@ -47,6 +48,8 @@ fn our_clients() -> Vec<String> {
 
 #[test]
 fn a_dropped_connection_is_lost_then_reopened() {
+    // Alone in this process: another test's connections would count as ours.
+    let _daemon = testkit::daemon::exclusive();
     let dom = TestDomain::define(&support::system(), "reconnect", 1);
     let others = our_clients();
     let backend = LibvirtBackend::connect(support::SYSTEM_URI).unwrap();

@@ -6,7 +6,7 @@
 //! (tests/support) and fail with the command that starts the daemon when it
 //! is not running. `CKPTSTORE_UPDATE_SNAPSHOTS=1` rewrites the snapshots.
 
-mod snap;
+use crate::snap;
 use testkit::support;
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -747,7 +747,7 @@ fn validate_exit_0_when_clean_and_1_with_findings_on_qemu() {
     let dom = TestDomain::define(&conn, "cli-validate", 1);
     let three = chain(&dom.name, 3, &["vda"]);
     for c in &three.checkpoints {
-        dom.add_bitmap(0, &c.id.to_string());
+        dom.add_bitmap(0, &c.id.clone());
     }
     let mut s = Snap::new("validate_on_qemu");
     s.redact(&dom.name, "[DOMAIN]");

@@ -4,8 +4,8 @@
 //!
 //! On the fake, which models what a restart does with them; and on
 //! `qemu:///system` with leftovers planted in the daemon's folder of a
-//! test domain (no restart here: `tests/daemon_leftovers.rs` kills and
-//! restarts the daemon).
+//! test domain (no restart here: `cli/tests/kills/daemon_leftovers.rs`
+//! kills and restarts the daemon).
 
 use testkit::sim;
 use testkit::support;
@@ -259,6 +259,26 @@ fn import_repairs_before_it_adopts() {
     assert!(same_content(&fake.peek(DOMAIN), &all));
 }
 
+/// A backend that does not implement the leftover check.
+struct Plain(FakeBackend);
+impl Backend for Plain {
+    fn list(&self, d: &str) -> Result<Vec<CheckpointDef>, ckptstore::BackendError> {
+        self.0.list(d)
+    }
+    fn redefine(&self, d: &str, x: &str, v: bool) -> Result<(), ckptstore::BackendError> {
+        self.0.redefine(d, x, v)
+    }
+    fn delete(&self, d: &str, n: &str) -> Result<(), ckptstore::BackendError> {
+        self.0.delete(d, n)
+    }
+    fn domain_info(&self, d: &str) -> Result<ckptstore::DomainInfo, ckptstore::BackendError> {
+        self.0.domain_info(d)
+    }
+    fn describe(&self) -> String {
+        "plain".into()
+    }
+}
+
 #[test]
 fn where_the_files_cannot_be_read_nothing_is_guessed() {
     let b = LibvirtBackend::connect(support::TEST_URI).unwrap();
@@ -266,7 +286,7 @@ fn where_the_files_cannot_be_read_nothing_is_guessed() {
         LeftoverScan::CannotCheck(why) => {
             assert!(why.contains("test:///default"), "{why}");
         }
-        other => panic!("{other:?}"),
+        other @ LeftoverScan::Checked(_) => panic!("{other:?}"),
     }
     let j = TempJournal::new();
     let store = j.store(1);
@@ -281,24 +301,6 @@ fn where_the_files_cannot_be_read_nothing_is_guessed() {
     );
     assert_eq!(report.of_kind(FindingKind::LibvirtLeftover).count(), 0);
     // A backend that does not implement the check says so too.
-    struct Plain(FakeBackend);
-    impl Backend for Plain {
-        fn list(&self, d: &str) -> Result<Vec<CheckpointDef>, ckptstore::BackendError> {
-            self.0.list(d)
-        }
-        fn redefine(&self, d: &str, x: &str, v: bool) -> Result<(), ckptstore::BackendError> {
-            self.0.redefine(d, x, v)
-        }
-        fn delete(&self, d: &str, n: &str) -> Result<(), ckptstore::BackendError> {
-            self.0.delete(d, n)
-        }
-        fn domain_info(&self, d: &str) -> Result<ckptstore::DomainInfo, ckptstore::BackendError> {
-            self.0.domain_info(d)
-        }
-        fn describe(&self) -> String {
-            "plain".into()
-        }
-    }
     let plain = Plain(fake_with_domain());
     assert!(matches!(
         plain.leftovers(DOMAIN).unwrap(),

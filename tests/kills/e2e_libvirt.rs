@@ -30,7 +30,7 @@ use testkit::support;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{mpsc, Arc, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::sync::{mpsc, Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -47,22 +47,12 @@ use ckptstore::{
 };
 use sim::{run_crashing, Rng, SimCrash};
 use support::TestDomain;
+use testkit::daemon::{exclusive as daemon_exclusive, shared as daemon_shared};
 use uuid::Uuid;
 
 // ---------------------------------------------------------------------------
-// The daemon: shared by most tests, stopped by a few.
-
-static DAEMON: RwLock<()> = RwLock::new(());
-
-/// For a test that needs the daemon up throughout.
-fn daemon_shared() -> RwLockReadGuard<'static, ()> {
-    DAEMON.read().unwrap_or_else(|e| e.into_inner())
-}
-
-/// For a test that stops the daemon.
-fn daemon_exclusive() -> RwLockWriteGuard<'static, ()> {
-    DAEMON.write().unwrap_or_else(|e| e.into_inner())
-}
+// The daemon: shared by most tests, stopped by a few (the lock is the
+// binary's: `libvirt_reconnect` holds it too).
 
 /// The pid of the daemon `tests/support/libvirt.sh` started.
 fn daemon_pid() -> u32 {
@@ -519,7 +509,7 @@ fn a_step_libvirt_refuses_rolls_back_the_conflict_and_the_extra() {
     let (domain, c10) = (dom.name.clone(), name(10));
     let last = step_number(&plan.steps, &name(11));
     let hook = at_point("step.before_call", last, move || {
-        other.delete(&domain, &c10).unwrap()
+        other.delete(&domain, &c10).unwrap();
     });
     let store = store_as(&journal(&dir), 1, Some(hook));
     let err = store.sync(&backend, chain).unwrap_err();
@@ -1087,7 +1077,7 @@ fn bitmaps_are_checked_before_the_intent_on_qemu() {
     // refusal is rolled back and the sync applied again without that disk:
     // libvirt ends as it was.
     dom.start();
-    let longer = crate::chain(&dom, &line(5));
+    let longer = self::chain(&dom, &line(5));
     let r = store.sync(&backend, longer.clone()).unwrap();
     let mut gone: Vec<(String, String)> = r
         .degraded

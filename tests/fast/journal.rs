@@ -39,7 +39,11 @@ fn released_migrations_are_never_edited() {
         std::fs::read_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/migrations"))
             .unwrap()
             .map(|e| e.unwrap().file_name().into_string().unwrap())
-            .filter(|n| n.ends_with(".sql"))
+            .filter(|n| {
+                std::path::Path::new(n)
+                    .extension()
+                    .is_some_and(|e| e == "sql")
+            })
             .collect();
     on_disk.sort();
     let embedded: Vec<&str> = MIGRATIONS.iter().map(|m| m.name).collect();

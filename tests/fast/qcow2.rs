@@ -78,7 +78,7 @@ fn compare(image: &Image, info: &Value) {
                 Some(path.as_path()),
                 info["full-backing-filename"].as_str().map(Path::new),
                 "{what}"
-            )
+            );
         }
         Backing::None => assert!(info.get("full-backing-filename").is_none(), "{what}"),
         Backing::Unreadable(name) => panic!("{what}: unexpected unreadable backing {name}"),
@@ -508,6 +508,8 @@ fn put(bytes: &mut [u8], at: usize, value: &[u8]) {
 
 #[test]
 fn damaged_images_give_typed_errors() {
+    type Damage = Box<dyn Fn(&mut Vec<u8>)>;
+    type Kind = fn(&Qcow2Error) -> bool;
     let dir = tempfile::tempdir().unwrap();
     let good = dir.path().join("good.qcow2");
     create(&good, "1G", &[]);
@@ -517,8 +519,6 @@ fn damaged_images_give_typed_errors() {
     let (ext, dir_at) = bitmaps_ext(&orig);
     let end = orig.len();
 
-    type Damage = Box<dyn Fn(&mut Vec<u8>)>;
-    type Kind = fn(&Qcow2Error) -> bool;
     let cases: Vec<(&str, Damage, Kind)> = vec![
         (
             "bad magic",
@@ -527,7 +527,7 @@ fn damaged_images_give_typed_errors() {
         ),
         (
             "empty file",
-            Box::new(|b| b.clear()),
+            Box::new(std::vec::Vec::clear),
             Qcow2Error::is_not_qcow2,
         ),
         (

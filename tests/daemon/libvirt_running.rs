@@ -371,7 +371,7 @@ fn a_running_domain_reports_every_broken_disk() {
         for _ in 0..rounds {
             f();
         }
-        t.elapsed().as_secs_f64() * 1000.0 / rounds as f64
+        t.elapsed().as_secs_f64() * 1000.0 / f64::from(rounds)
     };
     let per_disk = time(&|| {
         for n in names {

@@ -9,14 +9,14 @@
 //! one the policy asks for), nothing incomplete, `PRAGMA integrity_check` =
 //! ok.
 //!
-//! This file holds one test, so no other test of its binary meets the dead
-//! daemon; a guard restarts the daemon whatever happens. The moments come
+//! The test holds the daemon exclusively (`testkit::daemon`), so no other
+//! test of its binary meets the dead daemon; a guard restarts the daemon whatever happens. The moments come
 //! from a printed seed (`CKPTSTORE_DAEMON_SEED=N` replays the choices);
 //! `CKPTSTORE_DAEMON_ROUNDS` sets the number of kills (default 8, half
 //! during `sync`, half during `recover`; in a quarter of them the daemon
 //! stays down longer than the command waits for it).
 
-mod rel;
+use crate::rel;
 use testkit::support;
 
 use std::collections::BTreeMap;
@@ -138,6 +138,7 @@ fn unknown_outcomes(out: &rel::Out) -> usize {
 
 #[test]
 fn libvirtd_killed_during_sync_and_recover_on_qemu() {
+    let _daemon = testkit::daemon::exclusive();
     let _restart = Restart;
     let rounds: usize = std::env::var("CKPTSTORE_DAEMON_ROUNDS")
         .ok()

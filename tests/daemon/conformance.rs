@@ -49,6 +49,7 @@ trait Harness {
 
     /// The hidden current checkpoint, where the harness can read it
     /// directly (the fake); `None` where only [`Harness::create`] shows it.
+    #[allow(clippy::option_option)] // outer: can the harness read it; inner: is there one
     fn current(&self, dom: &Dom) -> Option<Option<String>>;
 
     /// Whether the driver knows REDEFINE_VALIDATE.
@@ -537,7 +538,7 @@ fn schema_refusals(h: &dyn Harness) {
             K::InvalidArgument,
             92,
             None,
-        )
+        );
     };
     schema(good.replace("<name>c2</name>", "<name>.c2</name>"));
     schema(good.replace("<name>c2</name>", "<name>c/2</name>"));
@@ -884,7 +885,7 @@ fn libvirts_own_checkpoint_files(h: &dyn Harness) {
                 Some("XML error: a redefined checkpoint must have a name"),
             ),
             "in/disk-invalid.xml" | "in/name-invalid.xml" => {
-                assert_err(redefine(&xml), K::InvalidArgument, 92, None)
+                assert_err(redefine(&xml), K::InvalidArgument, 92, None);
             }
             "in/size.xml" => assert_err(
                 redefine(&xml),

@@ -8,7 +8,8 @@
 //! order of appearance, timestamps, pids, boot ids, process start times
 //! and call durations.
 //!
-//! `CKPTSTORE_UPDATE_SNAPSHOTS=1 cargo test --test cli` rewrites the files.
+//! `CKPTSTORE_UPDATE_SNAPSHOTS=1 cargo test -p ckptstore-cli --test command cli::`
+//! rewrites the files.
 #![allow(dead_code)]
 
 use std::collections::HashMap;
@@ -137,13 +138,12 @@ impl Snap {
                 path.display()
             )
         });
-        if expected != actual {
-            panic!(
-                "output differs from snapshot {}\n{}\n(CKPTSTORE_UPDATE_SNAPSHOTS=1 rewrites it after review)",
-                path.display(),
-                diff(&expected, &actual)
-            );
-        }
+        assert!(
+            expected == actual,
+            "output differs from snapshot {}\n{}\n(CKPTSTORE_UPDATE_SNAPSHOTS=1 rewrites it after review)",
+            path.display(),
+            diff(&expected, &actual)
+        );
     }
 }
 

@@ -69,7 +69,7 @@ impl Fixture {
                 disks: disk_ids.keys().cloned().collect(),
             });
         }
-        let names = cps.iter().map(|c| c.id.to_string()).collect();
+        let names = cps.iter().map(|c| c.id.clone()).collect();
         let chain = Chain {
             vm_id: Uuid::new_v4(),
             domain: Some(dom.name.clone()),

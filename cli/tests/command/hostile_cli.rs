@@ -2,7 +2,7 @@
 //! case ends with the documented exit code and one line on stderr
 //! (`ckptstore: <what> — <what to do>`), leaves libvirt's checkpoints of a
 //! domain that has some exactly as they were, and leaves the journal file
-//! byte for byte as it was (library-level cases: tests/hostile.rs).
+//! byte for byte as it was (library-level cases: tests/fast/hostile.rs).
 //!
 //! Also: descriptions full of markup reach libvirt escaped and come back
 //! exactly; a journal that is corrupt, truncated, from a newer schema,
@@ -10,7 +10,7 @@
 //! system (a tiny tmpfs); and a bounded, seeded fuzz of the chain input
 //! through the binary (`CKPTSTORE_FUZZ_CASES`, `CKPTSTORE_FUZZ_SEED`).
 
-mod rel;
+use crate::rel;
 use testkit::support;
 
 use std::path::{Path, PathBuf};
@@ -100,7 +100,7 @@ fn refused(
         status: out.status,
         stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
         stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-        elapsed: Default::default(),
+        elapsed: std::time::Duration::default(),
     };
     let shown = args
         .iter()
@@ -516,7 +516,7 @@ fn unusable_journals_change_nothing_on_qemu() {
             println!("hostile: journal on a full tmpfs: exit 5");
         }
         None => println!(
-            "hostile: tmpfs mount not permitted here; skipped (tests/hostile.rs fills the journal with max_page_count)"
+            "hostile: tmpfs mount not permitted here; skipped (tests/fast/hostile.rs fills the journal with max_page_count)"
         ),
     }
     // The journal is usable again and still holds the first sync.
@@ -710,7 +710,7 @@ fn fuzz_the_chain_input_through_the_binary_on_qemu() {
 /// A few byte-level edits of `base`.
 fn mutate_bytes(base: &[u8], rng: &mut Rng) -> Vec<u8> {
     let mut input = base.to_vec();
-    for _ in 0..1 + rng.below(8) {
+    for _ in 0..=rng.below(8) {
         if input.is_empty() {
             break;
         }
@@ -751,7 +751,7 @@ fn mutate_chain(good: &ckptstore::Chain, rng: &mut Rng) -> Vec<u8> {
         "x".repeat(300).leak(),
     ];
     let targets = ["vda", "vdb", "vdz", "sda", "", "vd", "vd/a", "xvdq", "<t>"];
-    for _ in 0..1 + rng.below(4) {
+    for _ in 0..=rng.below(4) {
         let n = c.checkpoints.len() as u64;
         let pick = |rng: &mut Rng| rng.below(n.max(1)) as usize;
         match rng.below(10) {

@@ -15,7 +15,7 @@
 //! Rounds go on until `CKPTSTORE_KILL_ROUNDS` syncs (default 52) were
 //! really killed (a sync that ends before its kill is a round too).
 
-mod rel;
+use crate::rel;
 use testkit::support;
 
 use std::collections::BTreeMap;
@@ -60,6 +60,7 @@ struct Counts {
 
 #[test]
 fn sigkill_sync_and_recover_on_qemu() {
+    let _daemon = testkit::daemon::shared();
     let kills: u32 = std::env::var("CKPTSTORE_KILL_ROUNDS")
         .ok()
         .and_then(|s| s.parse().ok())

@@ -18,7 +18,7 @@ struct Failure {
 
 /// The README's examples: (the type named in `<!-- wire: T -->`, the JSON).
 fn examples() -> Vec<(String, String)> {
-    let readme = include_str!("../README.md");
+    let readme = include_str!("../../README.md");
     let mut out = Vec::new();
     let mut rest = readme;
     while let Some(at) = rest.find("<!-- wire: ") {
@@ -113,7 +113,7 @@ fn every_json_example_in_the_readme_is_a_library_type() {
 
 #[test]
 fn the_readme_has_no_json_example_without_its_type() {
-    let readme = include_str!("../README.md");
+    let readme = include_str!("../../README.md");
     let blocks = readme.matches("```json").count();
     assert_eq!(
         blocks,

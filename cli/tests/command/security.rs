@@ -8,7 +8,7 @@
 //! - The store never passes user text to a shell: `src/` starts no shell,
 //!   passes no `-c`, and calls no `system`/`popen`/`exec`.
 
-mod rel;
+use crate::rel;
 use testkit::support;
 
 use std::os::unix::fs::PermissionsExt;

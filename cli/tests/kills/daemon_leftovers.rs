@@ -14,12 +14,12 @@
 //! checks that `validate` reports the leftover and the next `sync` repairs
 //! it, with a warning.
 //!
-//! This file holds one test, so no other test of its binary meets the dead
-//! daemon; a guard restarts the daemon whatever happens. The choices come
+//! The test holds the daemon exclusively (`testkit::daemon`), so no other
+//! test of its binary meets the dead daemon; a guard restarts the daemon whatever happens. The choices come
 //! from a printed seed (`CKPTSTORE_LEFTOVER_SEED=N` replays them);
 //! `CKPTSTORE_LEFTOVER_ROUNDS` sets the number of syncs (default 8).
 
-mod rel;
+use crate::rel;
 use testkit::support;
 
 use std::path::{Path, PathBuf};
@@ -150,7 +150,7 @@ impl Drop for Killer {
 fn leftover_files(dir: &Path) -> Vec<String> {
     let mut v: Vec<String> = match std::fs::read_dir(dir) {
         Ok(entries) => entries
-            .filter_map(|e| e.ok())
+            .filter_map(std::result::Result::ok)
             .map(|e| e.file_name().to_string_lossy().into_owned())
             .filter(|n| n.ends_with(".xml.new"))
             .collect(),
@@ -177,12 +177,13 @@ fn kill_while_writing(
     loop {
         if let Ok(entries) = std::fs::read_dir(dir) {
             let names: Vec<String> = entries
-                .filter_map(|e| e.ok())
+                .filter_map(std::result::Result::ok)
                 .map(|e| e.file_name().to_string_lossy().into_owned())
                 .collect();
             let writing = names.iter().any(|n| {
                 n.strip_suffix(".new").is_some_and(|xml| {
-                    xml.ends_with(".xml") && !(first_write && names.iter().any(|m| m == xml))
+                    Path::new(xml).extension().is_some_and(|e| e == "xml")
+                        && !(first_write && names.iter().any(|m| m == xml))
                 })
             });
             if writing {
@@ -296,6 +297,7 @@ fn leftover_warnings(doc: &serde_json::Value) -> Vec<String> {
 
 #[test]
 fn leftovers_of_a_killed_libvirtd_are_repaired_and_nothing_comes_back() {
+    let _daemon = testkit::daemon::exclusive();
     let _restart = Restart;
     let rounds: usize = std::env::var("CKPTSTORE_LEFTOVER_ROUNDS")
         .ok()

@@ -11,7 +11,7 @@
 //!   `owner_alive: false` and are recovered; a live owner shows `true` and
 //!   is left alone until it dies.
 
-mod rel;
+use crate::rel;
 use testkit::support;
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
