@@ -24,6 +24,7 @@ fn chain(n: usize) -> Chain {
     let ckpt = |i: usize| Uuid::from_u128(0xc4e0_0000_0000 + i as u128).to_string();
     let targets = (0..DISKS).map(|i| (disk(i), format!("vd{}", (b'a' + i as u8) as char)));
     Chain {
+        scope: None,
         vm_id: Uuid::from_u128(0x93a5_c045),
         domain: Some("bench".into()),
         disks: targets.collect(),

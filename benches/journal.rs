@@ -116,6 +116,7 @@ fn window(domain: &str, k: usize) -> Chain {
     let disk = Uuid::from_u128(0xd15c).to_string();
     let id = |i: usize| Uuid::from_u128(0xc4e0_0000 + i as u128).to_string();
     Chain {
+        scope: None,
         vm_id: Uuid::from_u128(0x93a5_c045),
         domain: Some(domain.into()),
         disks: [(disk.clone(), "vda".to_string())].into(),

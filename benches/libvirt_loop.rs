@@ -443,6 +443,7 @@ fn disk_id(i: usize) -> String {
 fn chain(dom: &TestDomain, n: usize) -> Chain {
     let ckpt = |i: usize| Uuid::from_u128(0xc4e0_0000_0000 + i as u128).to_string();
     Chain {
+        scope: None,
         vm_id: Uuid::parse_str(&dom.uuid).unwrap(),
         domain: Some(dom.name.clone()),
         disks: dom

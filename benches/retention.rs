@@ -55,6 +55,7 @@ fn ckpt(i: usize) -> String {
 fn chain(nodes: &[(usize, Option<usize>)], target: &str) -> Chain {
     let disk = Uuid::from_u128(0xd15c_0000).to_string();
     Chain {
+        scope: None,
         vm_id: Uuid::parse_str(UUID).unwrap(),
         domain: Some(DOMAIN.into()),
         disks: [(disk.clone(), target.to_string())].into(),

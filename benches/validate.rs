@@ -51,6 +51,7 @@ fn bench(c: &mut Criterion) {
     }
     let disk_ids: Vec<String> = (0..DISKS).map(|_| Uuid::new_v4().to_string()).collect();
     let chain = Chain {
+        scope: None,
         vm_id: Uuid::new_v4(),
         domain: Some(dom.name.clone()),
         disks: disk_ids

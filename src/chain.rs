@@ -49,6 +49,11 @@ pub struct Chain {
     /// libvirt domain name or UUID; defaults to `vm_id`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub domain: Option<String>,
+    /// A name prefix (`"ovirt-"`): the chain manages only the checkpoints
+    /// whose names start with it. Its own ids must; libvirt's other
+    /// checkpoints are neither deleted nor redefined (`foreign`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scope: Option<String>,
     /// Disk id (any non-empty string) → the disk's *current* target name in
     /// the domain (`sda`, `vdb`).
     pub disks: BTreeMap<String, String>,
@@ -154,6 +159,16 @@ pub enum ChainError {
     /// An empty disk id.
     #[error("a disk id is empty")]
     EmptyDiskId,
+    /// A checkpoint id outside the chain's scope.
+    #[error(
+        "checkpoint {id:?} is outside the chain's scope: its name does not start with {scope:?}"
+    )]
+    OutOfScope {
+        /// The checkpoint.
+        id: String,
+        /// The chain's scope.
+        scope: String,
+    },
     /// A creation time libvirt cannot store: libvirt writes a zero
     /// `creationTime` out without the element and then cannot read its own
     /// metadata back, and refuses negative ones.
@@ -297,6 +312,7 @@ impl Chain {
         check_targets(&self.disks)?;
         let index = index_ids(&self.checkpoints)?;
         check_names(&self.checkpoints)?;
+        check_scope(self.scope.as_deref(), &self.checkpoints)?;
         let mut detached = Vec::new();
         for c in &self.checkpoints {
             if c.created.timestamp() <= 0 {
@@ -340,6 +356,20 @@ fn check_names(cps: &[Checkpoint]) -> Result<(), ChainError> {
         }
     }
     Ok(())
+}
+
+/// With a scope, every id starts with it (an empty scope is no scope).
+fn check_scope(scope: Option<&str>, cps: &[Checkpoint]) -> Result<(), ChainError> {
+    let Some(scope) = scope.filter(|s| !s.is_empty()) else {
+        return Ok(());
+    };
+    match cps.iter().find(|c| !c.id.starts_with(scope)) {
+        Some(c) => Err(ChainError::OutOfScope {
+            id: c.id.clone(),
+            scope: scope.to_string(),
+        }),
+        None => Ok(()),
+    }
 }
 
 /// Every target name valid, and no two disks on the same target.
@@ -644,6 +674,7 @@ mod tests {
     fn chain(cps: Vec<(u128, Option<u128>)>) -> Chain {
         let disk = id(1000);
         Chain {
+            scope: None,
             vm_id: Uuid::from_u128(999),
             domain: None,
             disks: BTreeMap::from([(disk.clone(), "sda".to_string())]),

@@ -53,6 +53,7 @@ fn chain(domain: &str, disks: usize) -> Chain {
     let disk = |i: usize| Uuid::from_u128(0xd15c_0000 + i as u128).to_string();
     let ckpt = |i: usize| Uuid::from_u128(0xc4e0_0000_0000 + i as u128).to_string();
     Chain {
+        scope: None,
         vm_id: Uuid::from_u128(0x93a5_c045),
         domain: Some(domain.into()),
         disks: (0..disks)

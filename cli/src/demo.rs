@@ -200,6 +200,7 @@ fn demo_chain() -> Chain {
         Uuid::from_u128(0xc0ff_ee00_0000_0000_0000_0000_0000_0000 + i as u128).to_string()
     };
     Chain {
+        scope: None,
         vm_id: Uuid::parse_str(VM_UUID).unwrap_or_default(),
         domain: Some(DOMAIN.into()),
         disks: BTreeMap::from([

@@ -234,8 +234,17 @@ enum Command {
 }
 
 #[derive(Debug, Args)]
-#[group(required = true, multiple = false)]
 struct SyncArgs {
+    #[command(flatten)]
+    what: ChainOrDomain,
+    /// With --domain: delete the checkpoints libvirt has that the committed chain neither has nor adopts (foreign), within the chain's scope
+    #[arg(long, conflicts_with = "chain")]
+    prune_foreign: bool,
+}
+
+#[derive(Debug, Args)]
+#[group(required = true, multiple = false)]
+struct ChainOrDomain {
     /// The chain as JSON ("-" reads standard input)
     #[arg(long, value_name = "FILE")]
     chain: Option<PathBuf>,
@@ -329,14 +338,15 @@ fn run(cli: Cli, out: &Out) -> anyhow::Result<()> {
     let backend = || LibvirtBackend::new(&cli.connect);
     match cli.command {
         Command::Sync(args) => {
-            let report = match (args.chain, args.domain) {
+            let prune = args.prune_foreign;
+            let report = match (args.what.chain, args.what.domain) {
                 (Some(file), _) => {
                     let chain = read_chain(&file)?;
-                    let store = open_store(&cli.db, cli.bitmaps)?;
+                    let store = open_store(&cli.db, cli.bitmaps, prune)?;
                     store.sync(&backend(), chain)?
                 }
                 (None, Some(domain)) => {
-                    let store = open_store(&cli.db, cli.bitmaps)?;
+                    let store = open_store(&cli.db, cli.bitmaps, prune)?;
                     store.resync(&backend(), &domain)?
                 }
                 (None, None) => unreachable!("clap requires --chain or --domain"),
@@ -344,20 +354,21 @@ fn run(cli: Cli, out: &Out) -> anyhow::Result<()> {
             out.sync(&report)
         }
         Command::Plan(args) => {
-            let report = match (args.chain, args.domain) {
+            let prune = args.prune_foreign;
+            let report = match (args.what.chain, args.what.domain) {
                 (Some(file), _) => {
                     let chain = read_chain(&file)?;
-                    open_store(&cli.db, cli.bitmaps)?.plan(&backend(), chain)?
+                    open_store(&cli.db, cli.bitmaps, prune)?.plan(&backend(), chain)?
                 }
                 (None, Some(domain)) => {
-                    open_store(&cli.db, cli.bitmaps)?.plan_resync(&backend(), &domain)?
+                    open_store(&cli.db, cli.bitmaps, prune)?.plan_resync(&backend(), &domain)?
                 }
                 (None, None) => unreachable!("clap requires --chain or --domain"),
             };
             out.plan(&report)
         }
         Command::Recover(args) => {
-            let store = open_store(&cli.db, cli.bitmaps)?;
+            let store = open_store(&cli.db, cli.bitmaps, false)?;
             let policy = if args.rollback {
                 Policy::Rollback
             } else {
@@ -386,23 +397,23 @@ fn run(cli: Cli, out: &Out) -> anyhow::Result<()> {
             }
         }
         Command::Status(args) => {
-            let store = open_store(&cli.db, cli.bitmaps)?;
+            let store = open_store(&cli.db, cli.bitmaps, false)?;
             out.status(&store.status(args.domain.as_deref())?)
         }
         Command::Import(args) => {
-            let store = open_store(&cli.db, cli.bitmaps)?;
+            let store = open_store(&cli.db, cli.bitmaps, false)?;
             out.import(&store.import(&backend(), &args.domain)?)
         }
         Command::Export(args) => {
-            let store = open_store(&cli.db, cli.bitmaps)?;
+            let store = open_store(&cli.db, cli.bitmaps, false)?;
             out.export(&store.export(&backend(), &args.domain)?)
         }
         Command::History(args) => {
-            let store = open_store(&cli.db, cli.bitmaps)?;
+            let store = open_store(&cli.db, cli.bitmaps, false)?;
             out.history(&store.history(&args.domain, args.limit)?)
         }
         Command::Validate(args) => {
-            let store = open_store(&cli.db, cli.bitmaps)?;
+            let store = open_store(&cli.db, cli.bitmaps, false)?;
             let report = ckptstore::validate(&store, &backend(), &args.domain)?;
             if report.ok {
                 return out.validate(&report);
@@ -457,7 +468,7 @@ fn read_chain(file: &Path) -> anyhow::Result<Chain> {
 
 /// Open the journal, creating its folder (mode 0700) when it is missing,
 /// with a progress bar on stderr when stderr is a terminal.
-fn open_store(db: &Path, bitmaps: Bitmaps) -> anyhow::Result<Store> {
+fn open_store(db: &Path, bitmaps: Bitmaps, prune_foreign: bool) -> anyhow::Result<Store> {
     if let Some(dir) = db
         .parent()
         .filter(|d| !d.as_os_str().is_empty() && !d.exists())
@@ -476,6 +487,7 @@ fn open_store(db: &Path, bitmaps: Bitmaps) -> anyhow::Result<Store> {
     let opts = StoreOptions {
         progress: progress::bar(),
         bitmaps: bitmaps.into(),
+        prune_foreign,
         ..StoreOptions::default()
     };
     Ok(Store::open_with(db, opts)?)

@@ -228,7 +228,14 @@ impl Store {
         let domain = valid.domain();
         self.check_targets(backend, &domain, valid.targets().into_iter())?;
         let warnings = detached_warnings(&valid);
-        self.preview(backend, domain, &valid.defs(), warnings, false)
+        self.preview(
+            backend,
+            domain,
+            &valid.defs(),
+            warnings,
+            false,
+            Some(valid.chain()),
+        )
     }
 
     /// Show what [`Store::resync`] would do (a re-apply of the domain's
@@ -240,7 +247,14 @@ impl Store {
     /// As [`Store::resync`], without `Busy` or `Refused`.
     pub fn plan_resync(&self, backend: &dyn Backend, domain: &str) -> Result<PlanReport> {
         let re = self.reapply_target(backend, domain)?;
-        self.preview(backend, domain.to_string(), &re.target, re.warnings, true)
+        self.preview(
+            backend,
+            domain.to_string(),
+            &re.target,
+            re.warnings,
+            true,
+            re.chain.as_ref(),
+        )
     }
 
     /// The plan from libvirt's checkpoints to `target`, with the warnings
@@ -252,6 +266,7 @@ impl Store {
         target: &[CheckpointDef],
         mut warnings: Vec<String>,
         reapply: bool,
+        chain: Option<&Chain>,
     ) -> Result<PlanReport> {
         for t in self.journal.incomplete(Some(&domain))? {
             let who = if self.orphaned(&t) {
@@ -264,7 +279,13 @@ impl Store {
         let current = backend
             .list(&domain)
             .map_err(backend_err(&domain, "list", None))?;
-        let goal = reapply::goal(reapply, target.to_vec(), None, &current);
+        let goal = reapply::goal(
+            reapply,
+            target.to_vec(),
+            chain,
+            &current,
+            self.opts.prune_foreign,
+        );
         warnings.extend(goal.warnings);
         let checked = self.check_bitmaps(
             backend,
@@ -671,6 +692,7 @@ fn chain_of(
         });
     }
     Ok(Chain {
+        scope: None,
         vm_id,
         domain: Some(domain.to_string()),
         disks,
@@ -717,6 +739,7 @@ mod tests {
     fn progress_counts_every_call_of_a_round() {
         let disk = Uuid::from_u128(1).to_string();
         let chain = Chain {
+            scope: None,
             vm_id: Uuid::from_u128(2),
             domain: Some("vm".into()),
             disks: BTreeMap::from([(disk.clone(), "sda".to_string())]),

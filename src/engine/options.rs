@@ -60,6 +60,10 @@ pub struct StoreOptions {
     /// What a sync does about the bitmaps of the checkpoints it defines
     /// (default: [`BitmapPolicy::Degrade`]).
     pub bitmaps: BitmapPolicy,
+    /// A re-apply deletes the checkpoints libvirt has that the committed
+    /// chain does not and does not adopt (`foreign`), within the chain's
+    /// scope (default: kept).
+    pub prune_foreign: bool,
     /// Threads that work on different domains at once (recover, resync of
     /// many domains). Calls within one domain are always sequential.
     pub workers: usize,
@@ -96,6 +100,7 @@ impl Default for StoreOptions {
             reconnect_delay: Duration::from_millis(500),
             journal: JournalOptions::default(),
             bitmaps: BitmapPolicy::default(),
+            prune_foreign: false,
             workers: 4,
             progress: None,
             #[cfg(feature = "testing")]
@@ -111,6 +116,7 @@ impl std::fmt::Debug for StoreOptions {
             .field("reconnect_attempts", &self.reconnect_attempts)
             .field("reconnect_delay", &self.reconnect_delay)
             .field("bitmaps", &self.bitmaps)
+            .field("prune_foreign", &self.prune_foreign)
             .field("workers", &self.workers)
             .finish_non_exhaustive()
     }

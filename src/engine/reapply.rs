@@ -40,9 +40,44 @@ pub(super) struct Reconciled {
     pub(super) superseded: Vec<(String, Vec<String>)>,
 }
 
+/// What becomes of a checkpoint libvirt has and the target lacks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Extra {
+    /// It joins the chain.
+    Adopt,
+    /// It stays as libvirt has it, reported as foreign.
+    Keep,
+    /// It goes (`--prune-foreign`, or a scoped chain's own).
+    Drop,
+}
+
+/// The rules of a reconcile: the chain's scope, and whether foreign
+/// checkpoints in it are pruned.
+#[derive(Debug, Clone, Copy, Default)]
+pub(super) struct Rules<'a> {
+    pub(super) scope: Option<&'a str>,
+    pub(super) prune_foreign: bool,
+}
+
+impl Rules<'_> {
+    fn in_scope(&self, name: &str) -> bool {
+        self.scope.is_none_or(|s| name.starts_with(s))
+    }
+}
+
 /// Reconcile the committed definitions (parent first) with libvirt's
 /// listing (topological, as libvirt lists).
+#[cfg(test)]
 pub(super) fn reconcile(committed: Vec<CheckpointDef>, current: &[CheckpointDef]) -> Reconciled {
+    reconcile_with(committed, current, Rules::default())
+}
+
+/// [`reconcile`] under `rules`.
+pub(super) fn reconcile_with(
+    committed: Vec<CheckpointDef>,
+    current: &[CheckpointDef],
+    rules: Rules<'_>,
+) -> Reconciled {
     let held: HashMap<&str, &CheckpointDef> =
         current.iter().map(|d| (d.name.as_str(), d)).collect();
     let leaf = leaf_of(&committed).map(|d| d.name.clone());
@@ -81,30 +116,56 @@ pub(super) fn reconcile(committed: Vec<CheckpointDef>, current: &[CheckpointDef]
         out.superseded.push((name.clone(), dropped));
     }
     let leaf = leaf.filter(|l| !below.contains_key(l) && !replaced.contains(l));
+    add_extras(&mut out, current, |def| {
+        if !rules.in_scope(&def.name) {
+            Extra::Keep
+        } else if leaf
+            .as_deref()
+            .is_some_and(|l| descends_from(def, l, &held))
+            && def.disks.values().all(|b| *b == def.name)
+        {
+            Extra::Adopt
+        } else if rules.prune_foreign {
+            Extra::Drop
+        } else {
+            Extra::Keep
+        }
+    });
+    out
+}
+
+/// Add libvirt's checkpoints the target lacks (in libvirt's order), each
+/// as `decide` says; a kept one hangs off its nearest kept ancestor, as
+/// libvirt re-parents the children of a checkpoint whose metadata is
+/// deleted.
+fn add_extras(
+    out: &mut Reconciled,
+    current: &[CheckpointDef],
+    decide: impl Fn(&CheckpointDef) -> Extra,
+) {
+    let held: HashMap<&str, &CheckpointDef> =
+        current.iter().map(|d| (d.name.as_str(), d)).collect();
     let mut kept: HashSet<String> = out.target.iter().map(|d| d.name.clone()).collect();
     for h in current {
         if kept.contains(&h.name) {
             continue;
         }
+        let what = decide(h);
+        if what == Extra::Drop {
+            continue;
+        }
         let mut def = h.clone();
-        let adopt = leaf
-            .as_deref()
-            .is_some_and(|l| descends_from(&def, l, &held))
-            && def.disks.values().all(|b| *b == def.name);
-        // Hang it off its nearest kept ancestor, as libvirt re-parents the
-        // children of a checkpoint whose metadata is deleted.
         while let Some(p) = def.parent.clone().filter(|p| !kept.contains(p)) {
             def.parent = held.get(p.as_str()).and_then(|d| d.parent.clone());
         }
         kept.insert(def.name.clone());
-        if adopt {
+        if what == Extra::Adopt {
             out.adopted.push(def.clone());
         } else {
             out.foreign.push(def.name.clone());
         }
         out.target.push(def);
     }
-    out
 }
 
 /// What a transaction aims at once libvirt's own checkpoints are
@@ -128,15 +189,47 @@ pub(super) fn goal(
     target: Vec<CheckpointDef>,
     chain: Option<&Chain>,
     current: &[CheckpointDef],
+    prune_foreign: bool,
 ) -> Goal {
+    let scope = chain
+        .and_then(|c| c.scope.as_deref())
+        .filter(|s| !s.is_empty());
     if !reapply {
-        return Goal {
+        // A chain makes libvirt exactly itself, within its scope.
+        let Some(scope) = scope else {
+            return Goal {
+                target,
+                chain: chain.cloned(),
+                ..Goal::default()
+            };
+        };
+        let mut out = Reconciled {
             target,
+            ..Reconciled::default()
+        };
+        add_extras(&mut out, current, |d| {
+            if d.name.starts_with(scope) {
+                Extra::Drop
+            } else {
+                Extra::Keep
+            }
+        });
+        return Goal {
+            keep: out.foreign.iter().cloned().collect(),
+            foreign: out.foreign,
+            target: out.target,
             chain: chain.cloned(),
             ..Goal::default()
         };
     }
-    let r = reconcile(target, current);
+    let r = reconcile_with(
+        target,
+        current,
+        Rules {
+            scope,
+            prune_foreign,
+        },
+    );
     let mut warnings = Vec::new();
     for (name, dropped) in &r.superseded {
         let below = if dropped.is_empty() {
@@ -278,6 +371,37 @@ mod tests {
         assert_eq!(names(&r.target), ["a", "b", "x", "y"]);
         assert_eq!(r.foreign, ["x", "y"]);
         assert!(r.adopted.is_empty());
+    }
+
+    #[test]
+    fn prune_drops_foreign_in_scope_and_keeps_the_rest() {
+        let committed = vec![def("o-a", None, 1), def("o-b", Some("o-a"), 2)];
+        let current = vec![
+            def("o-a", None, 1),
+            def("o-b", Some("o-a"), 2),
+            def("o-c", Some("o-b"), 3), // after the leaf: adopted
+            def("o-x", Some("o-a"), 4), // in scope, not after the leaf
+            def("t-1", None, 5),        // another tool's: out of scope
+        ];
+        let rules = Rules {
+            scope: Some("o-"),
+            prune_foreign: true,
+        };
+        let r = reconcile_with(committed, &current, rules);
+        assert_eq!(names(&r.target), ["o-a", "o-b", "o-c", "t-1"]);
+        assert_eq!(names(&r.adopted), ["o-c"]);
+        assert_eq!(r.foreign, ["t-1"]);
+        // Without prune, o-x stays too.
+        let committed = vec![def("o-a", None, 1), def("o-b", Some("o-a"), 2)];
+        let r = reconcile_with(
+            committed,
+            &current,
+            Rules {
+                scope: Some("o-"),
+                prune_foreign: false,
+            },
+        );
+        assert_eq!(r.foreign, ["o-x", "t-1"]);
     }
 
     #[test]

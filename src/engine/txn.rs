@@ -270,7 +270,13 @@ impl Store {
         let current = backend
             .list(domain)
             .map_err(backend_err(domain, "list", None))?;
-        let goal = reapply::goal(kind == TxnKind::Resync, target, chain, &current);
+        let goal = reapply::goal(
+            kind == TxnKind::Resync,
+            target,
+            chain,
+            &current,
+            self.opts.prune_foreign,
+        );
         warnings.extend(goal.warnings);
         let chain = goal.chain.as_ref();
         let checked =

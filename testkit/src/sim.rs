@@ -66,6 +66,7 @@ pub fn linear_chain(n: usize, disks: usize) -> Chain {
 pub fn tree_chain(parents: &[Option<usize>], disks: usize) -> Chain {
     let targets = ["sda", "sdb", "sdc", "sdd"];
     Chain {
+        scope: None,
         vm_id: Uuid::parse_str(VM_UUID).unwrap(),
         domain: Some(DOMAIN.into()),
         disks: (0..disks)

@@ -71,6 +71,7 @@ impl Fixture {
         }
         let names = cps.iter().map(|c| c.id.clone()).collect();
         let chain = Chain {
+            scope: None,
             vm_id: Uuid::new_v4(),
             domain: Some(dom.name.clone()),
             disks: disk_ids,

@@ -1004,3 +1004,59 @@ fn a_running_domain_is_checked_by_libvirt() {
     );
     assert_eq!(fake.peek(DOMAIN), before);
 }
+
+/// A chain with a scope manages only the checkpoints named in it: another
+/// tool's checkpoints stay (foreign) through `sync --chain`, and a re-apply
+/// with `prune_foreign` deletes only foreign checkpoints in the scope.
+#[test]
+fn a_scope_keeps_other_tools_checkpoints() {
+    let fake = fake_with_domain();
+    let j = TempJournal::new();
+    let store = j.store(1);
+    let mut chain = linear_chain(3, 2);
+    chain.scope = Some("00000000-".into());
+    // Another tool's checkpoint, outside the scope, and a stray one inside.
+    fake.set_checkpoints(
+        DOMAIN,
+        vec![
+            extra_def("tool-1", None, 1_500_000_000),
+            extra_def("00000000-stray", None, 1_500_000_100),
+        ],
+    );
+    let r = store.sync(&fake, chain.clone()).unwrap();
+    assert_eq!(r.foreign, ["tool-1"]);
+    assert_eq!(r.deleted, ["00000000-stray"]);
+    let names: Vec<String> = fake.peek(DOMAIN).into_iter().map(|d| d.name).collect();
+    assert!(names.contains(&"tool-1".to_string()), "{names:?}");
+    assert_eq!(names.len(), 4);
+    // An id outside its own scope is refused.
+    let mut bad = chain.clone();
+    bad.scope = Some("ovirt-".into());
+    assert!(matches!(
+        store.sync(&fake, bad).unwrap_err(),
+        Error::Chain(ckptstore::ChainError::OutOfScope { .. })
+    ));
+    // A re-apply with prune deletes foreign checkpoints in scope only.
+    fake.set_checkpoints(
+        DOMAIN,
+        fake.peek(DOMAIN)
+            .into_iter()
+            .chain([extra_def("00000000-late", None, 1_500_000_200)])
+            .collect(),
+    );
+    let r = store.resync(&fake, DOMAIN).unwrap();
+    assert_eq!(r.foreign, ["tool-1", "00000000-late"]);
+    drop(store);
+    let pruning = Store::open_with(
+        j.path(),
+        StoreOptions {
+            prune_foreign: true,
+            ..StoreOptions::default()
+        },
+    )
+    .unwrap();
+    let r = pruning.resync(&fake, DOMAIN).unwrap();
+    assert_eq!(r.deleted, ["00000000-late"]);
+    assert_eq!(r.foreign, ["tool-1"]);
+    assert_eq!(fake.peek(DOMAIN).len(), 4);
+}

@@ -156,6 +156,7 @@ fn line(n: usize) -> Vec<Option<usize>> {
 /// hour after its parent, on every disk of the domain.
 fn chain(dom: &TestDomain, parents: &[Option<usize>]) -> Chain {
     Chain {
+        scope: None,
         vm_id: Uuid::parse_str(&dom.uuid).unwrap(),
         domain: Some(dom.name.clone()),
         disks: dom

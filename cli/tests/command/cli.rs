@@ -38,6 +38,7 @@ fn ckpt_id(i: usize) -> String {
 /// A line of `n` hourly checkpoints of `domain` over disks with `targets`.
 fn chain(domain: &str, n: usize, targets: &[&str]) -> Chain {
     Chain {
+        scope: None,
         vm_id: Uuid::parse_str("93a5c045-6457-2c09-e56c-927cdf34e178").unwrap(),
         domain: Some(domain.to_string()),
         disks: targets

@@ -35,6 +35,7 @@ pub fn ckpt_id(i: usize) -> String {
 /// A line of `n` hourly checkpoints of `domain` over disks with `targets`.
 pub fn chain(domain: &str, n: usize, targets: &[&str]) -> Chain {
     Chain {
+        scope: None,
         vm_id: Uuid::parse_str(VM_UUID).unwrap(),
         domain: Some(domain.to_string()),
         disks: targets

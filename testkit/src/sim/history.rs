@@ -38,6 +38,7 @@ impl Kept {
     fn chain(&self) -> Chain {
         let disks = [disk_id(0), disk_id(1)];
         Chain {
+            scope: None,
             vm_id: Uuid::parse_str(VM_UUID).unwrap(),
             domain: Some(DOMAIN.into()),
             disks: BTreeMap::from([

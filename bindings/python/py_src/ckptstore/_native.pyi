@@ -33,6 +33,7 @@ class ChainCheckpoint(TypedDict):
 class Chain(TypedDict):
     vm_id: str
     domain: NotRequired[str]
+    scope: NotRequired[str]
     disks: Mapping[str, str]
     checkpoints: List[ChainCheckpoint]
 
