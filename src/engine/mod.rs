@@ -36,7 +36,7 @@ pub use report::{
 use crate::backend::Backend;
 use crate::bitmaps::images::{ImageReader, Qcow2Reader};
 use crate::bitmaps::{Bad, BitmapPolicy, Checked, How};
-use crate::chain::{leaf_of, root_of, Chain, Checkpoint, CheckpointDef, ValidChain};
+use crate::chain::{leaf_of, root_of, Chain, CheckpointDef, ValidChain};
 use crate::error::{Error, ErrorDoc, Result};
 use crate::journal::{
     Begin, Committed, Journal, JournalError, NewTxn, StepPhase, TxnKind, TxnRecord,
@@ -665,8 +665,6 @@ fn chain_of(
     vm_id: Uuid,
     defs: &[CheckpointDef],
 ) -> std::result::Result<Chain, String> {
-    let mut disks = std::collections::BTreeMap::new();
-    let mut checkpoints = Vec::with_capacity(defs.len());
     for d in defs {
         if let Some((target, bitmap)) = d.disks.iter().find(|(_, b)| **b != d.name) {
             return Err(format!(
@@ -674,30 +672,21 @@ fn chain_of(
                 d.name
             ));
         }
-        let created = chrono::DateTime::from_timestamp(d.creation_time, 0).ok_or_else(|| {
-            format!(
+        if chrono::DateTime::from_timestamp(d.creation_time, 0).is_none() {
+            return Err(format!(
                 "checkpoint {} has creation time {}",
                 d.name, d.creation_time
-            )
-        })?;
-        for t in d.disks.keys() {
-            disks.insert(t.clone(), t.clone());
+            ));
         }
-        checkpoints.push(Checkpoint {
-            id: d.name.clone(),
-            parent: d.parent.clone(),
-            created,
-            description: d.description.clone(),
-            disks: d.disks.keys().cloned().collect(),
-        });
     }
-    Ok(Chain {
+    let empty = Chain {
         scope: None,
         vm_id,
         domain: Some(domain.to_string()),
-        disks,
-        checkpoints,
-    })
+        disks: std::collections::BTreeMap::new(),
+        checkpoints: Vec::new(),
+    };
+    Ok(reapply::with_defs(&empty, defs))
 }
 
 fn detached_warnings(v: &ValidChain) -> Vec<String> {

@@ -116,7 +116,7 @@ pub(super) fn reconcile_with(
         out.superseded.push((name.clone(), dropped));
     }
     let leaf = leaf.filter(|l| !below.contains_key(l) && !replaced.contains(l));
-    add_extras(&mut out, current, |def| {
+    add_extras(&mut out, current, &held, |def| {
         if !rules.in_scope(&def.name) {
             Extra::Keep
         } else if leaf
@@ -141,10 +141,9 @@ pub(super) fn reconcile_with(
 fn add_extras(
     out: &mut Reconciled,
     current: &[CheckpointDef],
+    held: &HashMap<&str, &CheckpointDef>,
     decide: impl Fn(&CheckpointDef) -> Extra,
 ) {
-    let held: HashMap<&str, &CheckpointDef> =
-        current.iter().map(|d| (d.name.as_str(), d)).collect();
     let mut kept: HashSet<String> = out.target.iter().map(|d| d.name.clone()).collect();
     for h in current {
         if kept.contains(&h.name) {
@@ -207,7 +206,8 @@ pub(super) fn goal(
             target,
             ..Reconciled::default()
         };
-        add_extras(&mut out, current, |d| {
+        let held = current.iter().map(|d| (d.name.as_str(), d)).collect();
+        add_extras(&mut out, current, &held, |d| {
             if d.name.starts_with(scope) {
                 Extra::Drop
             } else {
@@ -245,7 +245,7 @@ pub(super) fn goal(
         ));
     }
     Goal {
-        chain: chain.map(|c| with_adopted(c, &r.adopted)),
+        chain: chain.map(|c| with_defs(c, &r.adopted)),
         keep: r.foreign.iter().cloned().collect(),
         adopted: r.adopted.iter().map(|d| d.name.clone()).collect(),
         foreign: r.foreign,
@@ -274,9 +274,11 @@ fn descends_from(
     false
 }
 
-/// The chain with the adopted checkpoints added (each disk by the chain's
-/// id for its target, or the target's name for a disk the map lacks).
-pub(super) fn with_adopted(chain: &Chain, adopted: &[CheckpointDef]) -> Chain {
+/// The chain with these definitions added as checkpoints (each disk by the
+/// chain's id for its target, or the target's name for a disk the map
+/// lacks; a definition whose creation time a chain cannot hold is left
+/// out): the adopted ones of a re-apply, or an imported chain's whole.
+pub(super) fn with_defs(chain: &Chain, adopted: &[CheckpointDef]) -> Chain {
     let mut c = chain.clone();
     let ids: HashMap<String, String> = c
         .disks
