@@ -28,6 +28,10 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "0002_progress.sql",
         sql: include_str!("../../migrations/0002_progress.sql"),
     },
+    Migration {
+        name: "0003_lifecycle.sql",
+        sql: include_str!("../../migrations/0003_lifecycle.sql"),
+    },
 ];
 
 /// The schema version this build writes.
@@ -52,7 +56,24 @@ pub(super) fn check_not_newer(conn: &Connection) -> Result<u32, JournalError> {
 
 /// Apply every pending migration and bump `user_version`, all in one
 /// transaction. Returns the number applied.
+///
+/// A migration may rebuild a table (SQLite cannot widen a `CHECK`): as
+/// SQLite's own procedure asks, foreign keys are off while the migrations
+/// run (a dropped parent table would cascade), checked before the commit
+/// (`PRAGMA foreign_key_check`), and on again afterwards.
 pub(super) fn migrate(conn: &mut Connection) -> Result<usize, JournalError> {
+    if check_not_newer(conn)? as usize == MIGRATIONS.len() {
+        return Ok(0);
+    }
+    conn.pragma_update(None, "foreign_keys", "OFF")
+        .sql("PRAGMA foreign_keys = OFF")?;
+    let applied = apply_pending(conn);
+    conn.pragma_update(None, "foreign_keys", "ON")
+        .sql("PRAGMA foreign_keys = ON")?;
+    applied
+}
+
+fn apply_pending(conn: &mut Connection) -> Result<usize, JournalError> {
     write(conn, |tx| {
         // Read again inside the write lock: another process may have migrated.
         let found = check_not_newer(tx)?;
@@ -60,6 +81,20 @@ pub(super) fn migrate(conn: &mut Connection) -> Result<usize, JournalError> {
         for m in pending {
             tx.execute_batch(m.sql)
                 .map_err(|e| JournalError::migration(m.name, e))?;
+        }
+        let broken: Option<String> = tx
+            .prepare("PRAGMA foreign_key_check")
+            .and_then(|mut st| {
+                let mut rows = st.query([])?;
+                rows.next()?.map(|r| r.get::<_, String>(0)).transpose()
+            })
+            .sql("PRAGMA foreign_key_check")?;
+        if let (Some(table), Some(last)) = (broken, pending.last()) {
+            return Err(JournalError::Migration {
+                name: last.name,
+                detail: format!("foreign keys broken in table {table}"),
+                cause: None,
+            });
         }
         if !pending.is_empty() {
             tx.pragma_update(None, "user_version", SCHEMA_VERSION)

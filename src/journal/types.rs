@@ -26,6 +26,14 @@ pub enum TxnKind {
     Resync,
     /// Adopt libvirt's current checkpoints (no libvirt change).
     Import,
+    /// Make one checkpoint, the base of the next incremental backup,
+    /// usable in libvirt (never deletes).
+    Ensure,
+    /// Remove orphan and unusable bitmaps, and the checkpoints left without
+    /// one.
+    Reclaim,
+    /// Retention: delete the oldest checkpoints with their bitmaps.
+    Prune,
 }
 
 /// The state of a transaction. The only transitions are those of
@@ -180,6 +188,9 @@ stored_by_name!(TxnKind, "transaction kind", {
     Sync => "sync",
     Resync => "resync",
     Import => "import",
+    Ensure => "ensure",
+    Reclaim => "reclaim",
+    Prune => "prune",
 });
 stored_by_name!(TxnState, "transaction state", {
     Applying => "applying",

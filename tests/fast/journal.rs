@@ -21,6 +21,10 @@ const RELEASED: &[(&str, &str)] = &[
         "0002_progress.sql",
         "0e33cd2a9990aa67858b5b5b0253b38a8bbd4d396eb54c705442bb2d349dbb6b",
     ),
+    (
+        "0003_lifecycle.sql",
+        "eef8f1a259cd3beac2fb208a68dd4ea76486795ff9a5d5358e58f3c92ca390f8",
+    ),
 ];
 
 #[test]
@@ -102,6 +106,73 @@ fn a_schema_1_journal_keeps_its_call_counts_after_migration() {
     let t = j.txn(id).unwrap();
     assert_eq!(t.libvirt_calls, 6);
     assert!(t.updated_at.as_str() > "2024-05-01T09:00:00.000Z");
+}
+
+#[test]
+fn a_schema_2_journal_keeps_its_transactions_steps_and_progress_after_migration() {
+    // Schema 3 rebuilds txns and steps (wider CHECKs): every row, and the
+    // progress rows that reference them, must come through, and the
+    // one-open-transaction-per-domain rule must hold again.
+    let t = TempJournal::new();
+    let id = "5c3e1b7a-2d4f-4a6b-8e9c-0a1b2c3d4e5f";
+    {
+        let conn = rusqlite::Connection::open(t.path()).unwrap();
+        conn.execute_batch(MIGRATIONS[0].sql).unwrap();
+        conn.execute_batch(MIGRATIONS[1].sql).unwrap();
+        conn.pragma_update(None, "user_version", 2).unwrap();
+        conn.execute(
+            "INSERT INTO txns (id, domain, kind, state, target_json, before_json, owner_pid, owner_boot_id, \
+             owner_start, started_at, updated_at, libvirt_calls) \
+             VALUES (?1, 'd', 'resync', 'applying', '[]', '[]', 1, 'b', 1, \
+             '2024-05-01T09:00:00.000Z', '2024-05-01T09:00:00.000Z', 2)",
+            [id],
+        )
+        .unwrap();
+        conn.execute(
+            "INSERT INTO steps (txn_id, phase, seq, op, checkpoint, xml, before_json, state) \
+             VALUES (?1, 'apply', 0, 'delete', 'c0', NULL, NULL, 'done')",
+            [id],
+        )
+        .unwrap();
+        conn.execute(
+            "INSERT INTO txn_progress (txn_id, calls, updated_at) VALUES (?1, 3, '2024-05-01T09:00:01.000Z')",
+            [id],
+        )
+        .unwrap();
+    }
+    let j = Journal::open(&t.path()).unwrap();
+    let uuid = uuid::Uuid::parse_str(id).unwrap();
+    let txn = j.txn(uuid).unwrap();
+    assert_eq!(
+        txn.libvirt_calls, 5,
+        "the schema-1 count plus the progress row"
+    );
+    assert_eq!(j.incomplete(Some("d")).unwrap().len(), 1);
+    drop(j);
+    let conn = rusqlite::Connection::open(t.path()).unwrap();
+    let steps: i64 = conn
+        .query_row(
+            "SELECT count(*) FROM steps WHERE txn_id = ?1 AND state = 'done'",
+            [id],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(steps, 1);
+    let second_open = conn.execute(
+        "INSERT INTO txns (id, domain, kind, state, target_json, before_json, owner_pid, owner_boot_id, \
+         owner_start, started_at, updated_at) \
+         VALUES ('6c3e1b7a-2d4f-4a6b-8e9c-0a1b2c3d4e5f', 'd', 'prune', 'applying', '[]', '[]', 1, 'b', 1, \
+         '2024-05-01T09:00:00.000Z', '2024-05-01T09:00:00.000Z')",
+        [],
+    );
+    assert!(
+        second_open.is_err(),
+        "the unique open-transaction index was rebuilt"
+    );
+    let fk: i64 = conn
+        .query_row("PRAGMA foreign_key_check", [], |_| Ok(1))
+        .unwrap_or(0);
+    assert_eq!(fk, 0);
 }
 
 #[test]
