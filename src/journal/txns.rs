@@ -31,9 +31,10 @@ const SET_FINISHED: &str =
     "UPDATE txns SET state = :state, updated_at = :now, finished_at = :now WHERE id = :id";
 
 /// The target becomes the committed chain as stored: a long chain's JSON
-/// is megabytes, never decoded here.
+/// is megabytes, never decoded here. An `ensure` makes one checkpoint
+/// usable and leaves the committed chain as it is.
 const COMMIT_TARGET: &str = "INSERT INTO domains (domain, chain_json, defs_json, txn_id, committed_at) \
-     SELECT domain, chain_json, target_json, id, :now FROM txns WHERE id = :id \
+     SELECT domain, chain_json, target_json, id, :now FROM txns WHERE id = :id AND kind <> 'ensure' \
      ON CONFLICT(domain) DO UPDATE SET chain_json = excluded.chain_json, \
      defs_json = excluded.defs_json, txn_id = excluded.txn_id, committed_at = excluded.committed_at";
 

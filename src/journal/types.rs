@@ -27,7 +27,9 @@ pub enum TxnKind {
     /// Adopt libvirt's current checkpoints (no libvirt change).
     Import,
     /// Make one checkpoint, the base of the next incremental backup,
-    /// usable in libvirt (never deletes).
+    /// usable in libvirt (never deletes). Its target is libvirt's
+    /// checkpoints with that one; committing it leaves the domain's
+    /// committed chain as it was.
     Ensure,
     /// Remove orphan and unusable bitmaps, and the checkpoints left without
     /// one.
