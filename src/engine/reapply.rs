@@ -42,7 +42,7 @@ pub(super) struct Reconciled {
 
 /// What becomes of a checkpoint libvirt has and the target lacks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Extra {
+pub(super) enum Extra {
     /// It joins the chain.
     Adopt,
     /// It stays as libvirt has it, reported as foreign.
@@ -138,7 +138,7 @@ pub(super) fn reconcile_with(
 /// as `decide` says; a kept one hangs off its nearest kept ancestor, as
 /// libvirt re-parents the children of a checkpoint whose metadata is
 /// deleted.
-fn add_extras(
+pub(super) fn add_extras(
     out: &mut Reconciled,
     current: &[CheckpointDef],
     held: &HashMap<&str, &CheckpointDef>,

@@ -210,6 +210,10 @@ pub struct Recovered {
     pub outcome: Outcome,
     /// Mutating libvirt calls the recovery made.
     pub libvirt_calls: u64,
+    /// Checkpoints that appeared after the transaction began (a backup
+    /// between the crash and the recovery): kept as libvirt has them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub foreign: Vec<String>,
     /// Things the caller should know (libvirt's crash leftovers repaired).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub warnings: Vec<String>,

@@ -3,11 +3,13 @@
 //! a transaction whose owner died, which runs the same phases. `apply`,
 //! `roll_back` and the recovery live together: each calls the others.
 
+use std::collections::HashSet;
 use std::time::Instant;
 
 use tracing::{debug, info, info_span, warn};
 use uuid::Uuid;
 
+use super::arrivals::without_arrivals;
 use super::report::{Outcome, Policy, Recovered, SyncReport};
 use super::{reapply, Store};
 use crate::backend::{Backend, BackendError, BackendErrorKind};
@@ -44,6 +46,11 @@ pub(super) struct Txn<'a> {
     /// Apply-phase redefines ask libvirt to check the bitmaps
     /// (`REDEFINE_VALIDATE`).
     pub(super) validate: bool,
+    /// The checkpoints of its before-image and target; any other that
+    /// libvirt lists appeared after it began (`reapply::with_arrivals`).
+    pub(super) known: HashSet<String>,
+    /// Those that appeared, kept as foreign.
+    pub(super) arrived: Vec<String>,
 }
 
 impl Store {
@@ -113,6 +120,8 @@ impl Store {
             calls: 0,
             warnings: Vec::new(),
             validate: false,
+            known: Txn::known_from(&t.before, &t.target),
+            arrived: Vec::new(),
         };
         let outcome = match (t.state, policy) {
             (TxnState::Applying, Policy::Resume) => {
@@ -175,6 +184,7 @@ impl Store {
             domain: t.domain.clone(),
             outcome,
             libvirt_calls: txn.calls,
+            foreign: txn.arrived,
             warnings: txn.warnings,
         }))
     }
@@ -335,9 +345,12 @@ impl Store {
             calls: 0,
             warnings: Vec::new(),
             validate: checked.validate,
+            known: Txn::known_from(&current, &target),
+            arrived: Vec::new(),
         };
         let applied = self.run_phase(backend, &mut txn, StepPhase::Apply, &target, Some(plan));
         report.warnings.append(&mut txn.warnings);
+        report.foreign.append(&mut txn.arrived);
         match applied {
             Ok(()) => {
                 self.journal
@@ -478,7 +491,8 @@ impl Store {
         given: Option<Plan>,
     ) -> std::result::Result<bool, PhaseError> {
         let domain = txn.domain;
-        let lost = |op| backend_err(domain, op, Some(txn.id));
+        let id = txn.id;
+        let lost = |op| backend_err(domain, op, Some(id));
         let (plan, seqs) = match given {
             Some(p) => {
                 let n = p.steps.len() as u32;
@@ -488,9 +502,17 @@ impl Store {
                 let current = backend
                     .list(domain)
                     .map_err(|e| PhaseError::Other(lost("list")(e)))?;
+                let goal = txn.goal_now(goal, &current);
                 let journaled = self.journal.steps(txn.id, phase)?;
-                let at = self.replayed(txn.id, phase, &journaled, &current)?;
-                let plan = plan_from(&current, goal, &at.current);
+                // The journal replays to libvirt without the newcomers; a
+                // backup's new checkpoint became libvirt's current one.
+                let (ours, newest) = without_arrivals(&current, &txn.known);
+                let mut at = self.replayed(txn.id, phase, &journaled, ours.as_ref())?;
+                if let Some(n) = newest {
+                    let then = at.current.candidates().iter().cloned();
+                    at.current = Current::one_of(std::iter::once(Some(n)).chain(then));
+                }
+                let plan = plan_from(&current, &goal, &at.current);
                 let seqs = self.match_steps(txn.id, phase, &plan, &journaled, at.made)?;
                 (plan, seqs)
             }
@@ -575,7 +597,8 @@ impl Store {
         let after = backend
             .list(domain)
             .map_err(|e| PhaseError::Other(lost("list")(e)))?;
-        Ok(same_content(&after, goal))
+        let goal = txn.goal_now(goal, &after);
+        Ok(same_content(&after, &goal))
     }
 
     /// Give each step of a fresh plan a journal row, so that the phase's

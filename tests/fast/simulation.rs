@@ -365,3 +365,85 @@ fn tree_syncs_leave_the_leaf_current() {
          redefines: {calls_over_content:?}"
     );
 }
+
+/// A backup that runs between a crash and the recovery makes a checkpoint
+/// the transaction never knew (as virtnbdbackup does: its parent is
+/// libvirt's current checkpoint, and it becomes current). At every crash
+/// point of a sync, for both policies: the recovery keeps it as libvirt has
+/// it (re-parented only as libvirt re-parents), reports it as foreign, and
+/// otherwise ends at the target or the before-image.
+#[test]
+fn a_backup_between_the_crash_and_the_recovery_is_kept() {
+    let mut scenarios = 0u64;
+    let mut reported = 0u64;
+    for n in 1..=5 {
+        for pre in PRES {
+            for policy in [Policy::Resume, Policy::Rollback] {
+                let case = Case {
+                    n,
+                    pre,
+                    refuse: false,
+                    policy,
+                };
+                let (fake, chain, _) = case.world();
+                let j = TempJournal::new();
+                let (store, points) = j.store_counting(1);
+                store.sync(&fake, chain).unwrap();
+                let total = points.count();
+                drop(store);
+                for k in 1..=total {
+                    let label = format!("{} crash at {k}", case.label());
+                    let (fake, chain, before) = case.world();
+                    let target = chain.clone().validate().unwrap().defs();
+                    let j = TempJournal::new();
+                    let crashed = j.store_crashing_at(100, k);
+                    assert!(run_crashing(|| crashed.sync(&fake, chain.clone())).is_none());
+                    drop(crashed);
+                    // The backup: the domain runs, a checkpoint is made.
+                    fake.set_running(DOMAIN, true);
+                    fake.create(DOMAIN, "backup.1", 9_000_000_000).unwrap();
+                    let made = fake_list(&fake)
+                        .into_iter()
+                        .find(|d| d.name == "backup.1")
+                        .unwrap();
+                    let out = j.store(200).recover(&fake, policy, None).unwrap();
+                    assert!(out.failed.is_empty(), "{label}: {:?}", out.failed);
+                    let now = fake_list(&fake);
+                    let kept = now
+                        .iter()
+                        .find(|d| d.name == "backup.1")
+                        .cloned()
+                        .unwrap_or_else(|| panic!("{label}: the backup's checkpoint was deleted"));
+                    assert_eq!(
+                        (kept.creation_time, &kept.disks),
+                        (made.creation_time, &made.disks),
+                        "{label}: the backup's checkpoint changed"
+                    );
+                    assert!(
+                        fake.bitmaps(DOMAIN, "sda")
+                            .contains(&"backup.1".to_string()),
+                        "{label}"
+                    );
+                    let rest: Vec<_> = now.into_iter().filter(|d| d.name != "backup.1").collect();
+                    assert!(
+                        same_content(&rest, &target) || same_content(&rest, &before),
+                        "{label}: libvirt is neither target nor before-image: {rest:#?}"
+                    );
+                    // Whatever the transaction deleted, the newcomer hangs
+                    // off a checkpoint libvirt still has.
+                    if let Some(p) = &kept.parent {
+                        assert!(rest.iter().any(|d| &d.name == p), "{label}: parent {p}");
+                    }
+                    for r in &out.recovered {
+                        assert_eq!(r.foreign, ["backup.1"], "{label}");
+                        reported += 1;
+                    }
+                    assert!(j.store(900).status(None).unwrap().incomplete.is_empty());
+                    scenarios += 1;
+                }
+            }
+        }
+    }
+    println!("a backup during the crash: {scenarios} scenarios, {reported} recoveries reported it as foreign");
+    assert!(scenarios > 100 && reported > 50);
+}
