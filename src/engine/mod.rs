@@ -17,6 +17,7 @@ mod options;
 mod pool;
 mod reapply;
 mod report;
+mod steps;
 mod txn;
 
 use std::collections::{BTreeSet, HashSet};

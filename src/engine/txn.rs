@@ -3,22 +3,21 @@
 //! a transaction whose owner died, which runs the same phases. `apply`,
 //! `roll_back` and the recovery live together: each calls the others.
 
-use std::collections::HashSet;
+use std::borrow::Cow;
 use std::time::Instant;
 
 use tracing::{debug, info, info_span, warn};
 use uuid::Uuid;
 
-use super::arrivals::without_arrivals;
+use super::arrivals::{without_arrivals, Known};
 use super::report::{Outcome, Policy, Recovered, SyncReport};
+use super::steps::{journal_steps, replayable};
 use super::{reapply, Store};
 use crate::backend::{Backend, BackendError, BackendErrorKind};
 use crate::bitmaps::{Bad, BitmapPolicy, Checked};
 use crate::chain::{Chain, CheckpointDef};
 use crate::error::{Error, Result};
-use crate::journal::{
-    NewStep, NewTxn, StepOp, StepPhase, StepRecord, TxnEvent, TxnKind, TxnRecord, TxnState,
-};
+use crate::journal::{NewTxn, StepPhase, StepRecord, TxnEvent, TxnKind, TxnRecord, TxnState};
 use crate::plan::{plan, plan_from, replay_journal, same_content, Current, Plan, Replayed, Step};
 use crate::xml::{parse_checkpoint, render_checkpoint};
 
@@ -46,11 +45,14 @@ pub(super) struct Txn<'a> {
     /// Apply-phase redefines ask libvirt to check the bitmaps
     /// (`REDEFINE_VALIDATE`).
     pub(super) validate: bool,
-    /// The checkpoints of its before-image and target; any other that
-    /// libvirt lists appeared after it began (`reapply::with_arrivals`).
-    pub(super) known: HashSet<String>,
+    /// The checkpoints of its before-image and target: any other that
+    /// libvirt lists appeared after it began (`arrivals.rs`).
+    pub(super) known: Known,
     /// Those that appeared, kept as foreign.
     pub(super) arrived: Vec<String>,
+    /// What the last verified round found applied, when newcomers made it
+    /// differ from the goal: what a commit records.
+    pub(super) applied: Option<Vec<CheckpointDef>>,
 }
 
 impl Store {
@@ -120,15 +122,20 @@ impl Store {
             calls: 0,
             warnings: Vec::new(),
             validate: false,
-            known: Txn::known_from(&t.before, &t.target),
+            known: Known::of(&t.before, &t.target),
             arrived: Vec::new(),
+            applied: None,
         };
         let outcome = match (t.state, policy) {
             (TxnState::Applying, Policy::Resume) => {
                 match self.run_phase(backend, &mut txn, StepPhase::Apply, &t.target, None) {
                     Ok(()) => {
-                        self.journal
-                            .finish(t.id, TxnEvent::Commit, self.opts.history)?;
+                        self.journal.finish_applied(
+                            t.id,
+                            TxnEvent::Commit,
+                            self.opts.history,
+                            txn.applied.as_deref(),
+                        )?;
                         self.point("txn.finished");
                         Outcome::Committed
                     }
@@ -345,16 +352,21 @@ impl Store {
             calls: 0,
             warnings: Vec::new(),
             validate: checked.validate,
-            known: Txn::known_from(&current, &target),
+            known: Known::of(&current, &target),
             arrived: Vec::new(),
+            applied: None,
         };
         let applied = self.run_phase(backend, &mut txn, StepPhase::Apply, &target, Some(plan));
         report.warnings.append(&mut txn.warnings);
         report.foreign.append(&mut txn.arrived);
         match applied {
             Ok(()) => {
-                self.journal
-                    .finish(id, TxnEvent::Commit, self.opts.history)?;
+                self.journal.finish_applied(
+                    id,
+                    TxnEvent::Commit,
+                    self.opts.history,
+                    txn.applied.as_deref(),
+                )?;
                 self.point("txn.finished");
                 report.outcome = Outcome::Committed;
                 report.libvirt_calls = txn.calls;
@@ -598,7 +610,11 @@ impl Store {
             .list(domain)
             .map_err(|e| PhaseError::Other(lost("list")(e)))?;
         let goal = txn.goal_now(goal, &after);
-        Ok(same_content(&after, &goal))
+        let same = same_content(&after, &goal);
+        if let (true, Cow::Owned(applied)) = (same, goal) {
+            txn.applied = Some(applied);
+        }
+        Ok(same)
     }
 
     /// Give each step of a fresh plan a journal row, so that the phase's
@@ -738,47 +754,4 @@ pub(super) fn backend_err<'a>(
         txn,
         source,
     }
-}
-
-fn journal_steps(plan: &Plan) -> Vec<NewStep> {
-    plan.steps
-        .iter()
-        .map(|s| match s {
-            Step::Delete { before } => NewStep {
-                op: StepOp::Delete,
-                checkpoint: before.name.clone(),
-                xml: None,
-                before: Some(before.clone()),
-            },
-            Step::Redefine { def, before, .. } => NewStep {
-                op: StepOp::Redefine,
-                checkpoint: def.name.clone(),
-                xml: Some(render_checkpoint(def)),
-                before: before.clone(),
-            },
-        })
-        .collect()
-}
-
-/// A phase's journaled steps as the planner replays them, with their
-/// recorded-done flags; `None` when a row cannot be read back.
-fn replayable(rows: &[StepRecord]) -> Option<Vec<(Step, bool)>> {
-    rows.iter()
-        .map(|r| {
-            let step = match r.step.op {
-                StepOp::Delete => Step::Delete {
-                    before: r.step.before.clone()?,
-                },
-                StepOp::Redefine => {
-                    let def = parse_checkpoint(r.step.xml.as_deref()?).ok()?;
-                    Step::Redefine {
-                        forced: r.step.before.as_ref() == Some(&def),
-                        before: r.step.before.clone(),
-                        def,
-                    }
-                }
-            };
-            Some((step, r.done))
-        })
-        .collect()
 }

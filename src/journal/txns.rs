@@ -14,6 +14,7 @@ use super::steps::insert_steps;
 use super::types::{FINISHED_STATES, OPEN_STATES};
 use super::{now, to_json, Journal, JournalError, Result, Sql};
 use super::{Begin, NewTxn, StepPhase, TxnEvent, TxnState};
+use crate::chain::CheckpointDef;
 use crate::owner::Owner;
 
 const INSERT_TXN: &str = "INSERT INTO txns (id, domain, kind, state, chain_json, target_json, \
@@ -26,6 +27,8 @@ const TXN_DOMAIN: &str = "SELECT domain FROM txns WHERE id = ?1";
 
 const SET_STATE: &str = "UPDATE txns SET state = :state, updated_at = :now, \
      error = COALESCE(:error, error) WHERE id = :id";
+
+const SET_TARGET: &str = "UPDATE txns SET target_json = :target WHERE id = :id";
 
 const SET_FINISHED: &str =
     "UPDATE txns SET state = :state, updated_at = :now, finished_at = :now WHERE id = :id";
@@ -132,8 +135,32 @@ impl Journal {
     ///
     /// As [`Journal::transition`].
     pub fn finish(&self, txn: Uuid, event: TxnEvent, keep: usize) -> Result<TxnState> {
+        self.finish_applied(txn, event, keep, None)
+    }
+
+    /// [`Journal::finish`], recording first what the transaction applied
+    /// when it differs from the target it began with (checkpoints that
+    /// appeared meanwhile were kept): with `Commit`, that becomes the
+    /// domain's committed chain's definitions.
+    ///
+    /// # Errors
+    ///
+    /// As [`Journal::transition`].
+    pub fn finish_applied(
+        &self,
+        txn: Uuid,
+        event: TxnEvent,
+        keep: usize,
+        applied: Option<&[CheckpointDef]>,
+    ) -> Result<TxnState> {
         self.write(|tx| {
             let id = txn.to_string();
+            if let Some(defs) = applied {
+                tx.exec(
+                    SET_TARGET,
+                    named_params! {":id": id, ":target": to_json(&defs)},
+                )?;
+            }
             let state = txn_state(tx, &id)?;
             let next = state
                 .next(event)

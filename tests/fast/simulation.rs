@@ -17,6 +17,7 @@ use testkit::sim;
 use std::collections::BTreeMap;
 
 use ckptstore::testing::same_content;
+use ckptstore::Backend;
 use ckptstore::FakeBackend;
 use ckptstore::Policy;
 use sim::*;
@@ -366,84 +367,124 @@ fn tree_syncs_leave_the_leaf_current() {
     );
 }
 
+/// What a backup between a crash and the recovery does to libvirt.
+#[derive(Debug, Clone, Copy)]
+enum Backup {
+    /// An incremental: a new checkpoint under libvirt's current one, which
+    /// it becomes.
+    Next,
+    /// A new chain, as virtnbdbackup's full backup makes one: every
+    /// checkpoint deleted for real (bitmaps too), then the first name of
+    /// the chain made again, newer.
+    NewChain,
+}
+
 /// A backup that runs between a crash and the recovery makes a checkpoint
-/// the transaction never knew (as virtnbdbackup does: its parent is
-/// libvirt's current checkpoint, and it becomes current). At every crash
-/// point of a sync, for both policies: the recovery keeps it as libvirt has
-/// it (re-parented only as libvirt re-parents), reports it as foreign, and
-/// otherwise ends at the target or the before-image.
+/// the transaction never knew. At every crash point of a sync, for both
+/// policies and both kinds of backup: the recovery keeps the backup's
+/// checkpoint as libvirt made it, reports it as foreign, leaves no
+/// checkpoint below a reused name, and otherwise ends at the target or the
+/// before-image.
 #[test]
 fn a_backup_between_the_crash_and_the_recovery_is_kept() {
     let mut scenarios = 0u64;
     let mut reported = 0u64;
-    for n in 1..=5 {
-        for pre in PRES {
-            for policy in [Policy::Resume, Policy::Rollback] {
-                let case = Case {
-                    n,
-                    pre,
-                    refuse: false,
-                    policy,
-                };
-                let (fake, chain, _) = case.world();
-                let j = TempJournal::new();
-                let (store, points) = j.store_counting(1);
-                store.sync(&fake, chain).unwrap();
-                let total = points.count();
-                drop(store);
-                for k in 1..=total {
-                    let label = format!("{} crash at {k}", case.label());
-                    let (fake, chain, before) = case.world();
-                    let target = chain.clone().validate().unwrap().defs();
+    for backup in [Backup::Next, Backup::NewChain] {
+        for n in 1..=5 {
+            for pre in PRES {
+                for policy in [Policy::Resume, Policy::Rollback] {
+                    let case = Case {
+                        n,
+                        pre,
+                        refuse: false,
+                        policy,
+                    };
+                    let (fake, chain, _) = case.world();
                     let j = TempJournal::new();
-                    let crashed = j.store_crashing_at(100, k);
-                    assert!(run_crashing(|| crashed.sync(&fake, chain.clone())).is_none());
-                    drop(crashed);
-                    // The backup: the domain runs, a checkpoint is made.
-                    fake.set_running(DOMAIN, true);
-                    fake.create(DOMAIN, "backup.1", 9_000_000_000).unwrap();
-                    let made = fake_list(&fake)
-                        .into_iter()
-                        .find(|d| d.name == "backup.1")
-                        .unwrap();
-                    let out = j.store(200).recover(&fake, policy, None).unwrap();
-                    assert!(out.failed.is_empty(), "{label}: {:?}", out.failed);
-                    let now = fake_list(&fake);
-                    let kept = now
-                        .iter()
-                        .find(|d| d.name == "backup.1")
-                        .cloned()
-                        .unwrap_or_else(|| panic!("{label}: the backup's checkpoint was deleted"));
-                    assert_eq!(
-                        (kept.creation_time, &kept.disks),
-                        (made.creation_time, &made.disks),
-                        "{label}: the backup's checkpoint changed"
-                    );
-                    assert!(
-                        fake.bitmaps(DOMAIN, "sda")
-                            .contains(&"backup.1".to_string()),
-                        "{label}"
-                    );
-                    let rest: Vec<_> = now.into_iter().filter(|d| d.name != "backup.1").collect();
-                    assert!(
-                        same_content(&rest, &target) || same_content(&rest, &before),
-                        "{label}: libvirt is neither target nor before-image: {rest:#?}"
-                    );
-                    // Whatever the transaction deleted, the newcomer hangs
-                    // off a checkpoint libvirt still has.
-                    if let Some(p) = &kept.parent {
-                        assert!(rest.iter().any(|d| &d.name == p), "{label}: parent {p}");
+                    let (store, points) = j.store_counting(1);
+                    store.sync(&fake, chain).unwrap();
+                    let total = points.count();
+                    drop(store);
+                    for k in 1..=total {
+                        let label = format!("{} {backup:?} after a crash at {k}", case.label());
+                        reported += backup_then_recover(&case, backup, k, &label);
+                        scenarios += 1;
                     }
-                    for r in &out.recovered {
-                        assert_eq!(r.foreign, ["backup.1"], "{label}");
-                        reported += 1;
-                    }
-                    assert!(j.store(900).status(None).unwrap().incomplete.is_empty());
-                    scenarios += 1;
                 }
             }
         }
     }
     println!("a backup during the crash: {scenarios} scenarios, {reported} recoveries reported it as foreign");
-    assert!(scenarios > 100 && reported > 50);
+    assert!(scenarios > 300 && reported > 250);
+}
+
+/// One scenario: crash at point `k`, the backup, the recovery, the checks.
+/// Returns how many recoveries reported the backup's checkpoint.
+fn backup_then_recover(case: &Case, backup: Backup, k: u64, label: &str) -> u64 {
+    let (fake, chain, before) = case.world();
+    let target = chain.clone().validate().unwrap().defs();
+    let j = TempJournal::new();
+    let crashed = j.store_crashing_at(100, k);
+    assert!(run_crashing(|| crashed.sync(&fake, chain.clone())).is_none());
+    drop(crashed);
+    fake.set_running(DOMAIN, true);
+    let name = match backup {
+        Backup::Next => "backup.1".to_string(),
+        Backup::NewChain => {
+            for d in fake_list(&fake).iter().rev() {
+                fake.delete(DOMAIN, &d.name).unwrap();
+                for t in ["sda", "sdb"] {
+                    fake.remove_bitmap(DOMAIN, t, &d.name);
+                }
+            }
+            ckpt_id(0)
+        }
+    };
+    fake.create(DOMAIN, &name, 9_000_000_000).unwrap();
+    let made = fake_list(&fake)
+        .into_iter()
+        .find(|d| d.name == name)
+        .unwrap();
+    let out = j.store(200).recover(&fake, case.policy, None).unwrap();
+    assert!(out.failed.is_empty(), "{label}: {:?}", out.failed);
+    let now = fake_list(&fake);
+    let kept = now
+        .iter()
+        .find(|d| d.name == name)
+        .cloned()
+        .unwrap_or_else(|| panic!("{label}: the backup's checkpoint was deleted"));
+    assert_eq!(
+        (kept.creation_time, &kept.disks),
+        (made.creation_time, &made.disks),
+        "{label}: the backup's checkpoint changed"
+    );
+    assert!(fake.bitmaps(DOMAIN, "sda").contains(&name), "{label}");
+    let rest: Vec<_> = now.into_iter().filter(|d| d.name != name).collect();
+    match backup {
+        Backup::Next => assert!(
+            same_content(&rest, &target) || same_content(&rest, &before),
+            "{label}: libvirt is neither target nor before-image: {rest:#?}"
+        ),
+        // Everything of the old chain hung off the reused name.
+        Backup::NewChain => assert!(rest.is_empty(), "{label}: {rest:#?}"),
+    }
+    // Whatever the transaction deleted, the newcomer hangs off a
+    // checkpoint libvirt still has.
+    if let Some(p) = &kept.parent {
+        assert!(rest.iter().any(|d| &d.name == p), "{label}: parent {p}");
+    }
+    for r in &out.recovered {
+        assert_eq!(r.foreign, std::slice::from_ref(&name), "{label}");
+        if r.outcome == ckptstore::Outcome::Committed {
+            // The committed chain is what was applied, the newcomer kept.
+            let committed = j.store(901).committed(DOMAIN).unwrap().unwrap();
+            assert!(
+                same_content(&committed.defs, &fake_list(&fake)),
+                "{label}: committed {:#?}",
+                committed.defs
+            );
+        }
+    }
+    assert!(j.store(900).status(None).unwrap().incomplete.is_empty());
+    out.recovered.len() as u64
 }

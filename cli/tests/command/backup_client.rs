@@ -148,35 +148,7 @@ fn resync_killed_then_recovered() {
             Loss::Recreate
         };
         loss.apply(&vm);
-        // Kill at a seeded moment within a whole run until one dies with
-        // its transaction open (not before its intent, not after its end);
-        // a run that got through is undone by deleting the metadata again.
-        let mut attempts = 0;
-        let (at, open) = loop {
-            attempts += 1;
-            assert!(
-                attempts <= 60,
-                "seed {seed}: no kill landed inside sync --domain in 60 attempts"
-            );
-            if !vm.names().is_empty() {
-                vm.delete_metadata();
-            }
-            let at = rng.millis(0, span.as_millis() as u64);
-            let cmd = rel::command_checked(&db, &["sync", "--domain", vm.name(), "--json"]);
-            let (out, killed) = rel::Running::spawn(cmd).kill_at(at);
-            if !killed {
-                out.expect(0, "sync --domain that outran its kill");
-                continue;
-            }
-            let status = ckptstore(&db, &["status", "--domain", vm.name()], 0);
-            let open = status["incomplete"].as_array().unwrap().clone();
-            if open.is_empty() {
-                // Died before its intent: libvirt is untouched.
-                assert_eq!(vm.names(), Vec::<String>::new(), "seed {seed}");
-                continue;
-            }
-            break (at, open);
-        };
+        let (at, open, attempts) = kill_resync_inside(&vm, &db, &mut rng, span, seed);
         tries += attempts;
         assert_eq!(open.len(), 1, "{open:?}");
         assert_eq!(open[0]["owner_alive"], false, "{open:?}");
@@ -199,6 +171,104 @@ fn resync_killed_then_recovered() {
     vm.restore_and_compare();
     println!("backup_client: {KILL_ROUNDS} syncs killed mid-transaction in {tries} attempts");
     vm.report("sync --domain SIGKILLed, recover (3 rounds)");
+}
+
+/// Run `sync --domain` and SIGKILL it (by its pid) at a seeded moment
+/// within `span` until one dies with its transaction open (not before its
+/// intent, not after its end); a run that got through is undone by deleting
+/// the metadata again. Returns the moment, the open transaction's status
+/// and the attempts it took.
+fn kill_resync_inside(
+    vm: &Vm,
+    db: &std::path::Path,
+    rng: &mut testkit::rng::Rng,
+    span: Duration,
+    seed: u64,
+) -> (Duration, Vec<serde_json::Value>, usize) {
+    // Kill at a seeded moment within a whole run until one dies with
+    // its transaction open (not before its intent, not after its end);
+    // a run that got through is undone by deleting the metadata again.
+    let mut attempts = 0;
+    let (at, open) = loop {
+        attempts += 1;
+        assert!(
+            attempts <= 60,
+            "seed {seed}: no kill landed inside sync --domain in 60 attempts"
+        );
+        if !vm.names().is_empty() {
+            vm.delete_metadata();
+        }
+        let at = rng.millis(0, span.as_millis() as u64);
+        let cmd = rel::command_checked(db, &["sync", "--domain", vm.name(), "--json"]);
+        let (out, killed) = rel::Running::spawn(cmd).kill_at(at);
+        if !killed {
+            out.expect(0, "sync --domain that outran its kill");
+            continue;
+        }
+        let status = ckptstore(db, &["status", "--domain", vm.name()], 0);
+        let open = status["incomplete"].as_array().unwrap().clone();
+        if open.is_empty() {
+            // Died before its intent: libvirt is untouched.
+            assert_eq!(vm.names(), Vec::<String>::new(), "seed {seed}");
+            continue;
+        }
+        break (at, open);
+    };
+    (at, open, attempts)
+}
+
+/// `sync --domain` SIGKILLed while it redefines, then the backup tool
+/// starts a new chain before `recover` (a full backup: virtnbdbackup
+/// deletes its checkpoints for real, bitmaps too, and makes a new
+/// `virtnbdbackup.0`). The recovery must keep the new base as libvirt made
+/// it and report it as foreign, leave no checkpoint of the old chain (their
+/// bitmaps are gone), and the next incremental must hang off the new base.
+/// (Without this, the recovery redefined the old `.0` over the new one and
+/// `.1`, `.2` without bitmaps.)
+#[test]
+fn a_new_chain_between_a_kill_and_recover_is_kept() {
+    let seed = testkit::rng::seed("CKPTSTORE_VNB_SEED");
+    println!("backup_client: seed {seed} (CKPTSTORE_VNB_SEED={seed} replays the choices)");
+    let mut rng = testkit::rng::Rng::new(seed);
+    let mut vm = Vm::start("vnb-between", false);
+    three_backups(&mut vm);
+    let db = vm.work().join("journal.db");
+    import(&vm, &db);
+    let before = vm.checkpoints();
+    vm.delete_metadata();
+    let timed =
+        rel::run_checked(&db, &["sync", "--domain", vm.name(), "--json"]).expect(0, "timed sync");
+    assert_eq!(timed.json()["outcome"], "committed");
+    assert_eq!(vm.checkpoints(), before);
+    let span = timed.elapsed.max(Duration::from_millis(20));
+    let (at, open, attempts) = kill_resync_inside(&vm, &db, &mut rng, span, seed);
+    println!(
+        "backup_client: sync --domain killed at {} ms (attempt {attempts}), {}/{} steps recorded, libvirt had {:?}; a full backup starts a new chain",
+        at.as_millis(),
+        open[0]["done"],
+        open[0]["total"],
+        vm.names()
+    );
+    vm.write_each_disk();
+    assert_eq!(vm.backup(Level::Full), ckpt(0));
+    let base = vm.checkpoint(&ckpt(0));
+    let r = ckptstore(&db, &["recover", "--domain", vm.name()], 0);
+    println!("backup_client: recover after a new chain: {r}");
+    assert_eq!(names(&r["recovered"][0]["foreign"]), [ckpt(0)], "{r}");
+    assert_eq!(r["left_open"], serde_json::json!([]), "{r}");
+    assert_eq!(
+        vm.checkpoints(),
+        [base],
+        "seed {seed}: recover must keep only the new base: {r}"
+    );
+    let refused = vm.failing_validation();
+    assert!(
+        refused.is_empty(),
+        "seed {seed}: REDEFINE_VALIDATE refuses {refused:?}"
+    );
+    vm.next_backup_hangs_off(&ckpt(0));
+    vm.restore_and_compare();
+    vm.report("sync --domain SIGKILLed, a new chain, recover");
 }
 
 /// A backup made after the journal's last `import`, then `sync --domain`:
