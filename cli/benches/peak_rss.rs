@@ -16,15 +16,18 @@ use testkit::support;
 
 use std::path::Path;
 use std::process::Command;
+use std::sync::Arc;
 use std::time::Instant;
 
 use chrono::DateTime;
 use ckptstore::FakeBackend;
-use ckptstore::{Chain, Checkpoint, Store};
+use ckptstore::{BitmapPolicy, Chain, Checkpoint, Store, StoreOptions};
+use testkit::sim::FakeImages;
 use uuid::Uuid;
 
 const CHECKPOINTS: usize = 10_000;
 const CASE: &str = "CKPTSTORE_RSS_DISKS";
+const CHECKED: &str = "CKPTSTORE_RSS_CHECKED";
 
 /// `VmHWM` and `VmRSS` in KiB.
 fn memory() -> (u64, u64) {
@@ -72,25 +75,44 @@ fn chain(domain: &str, disks: usize) -> Chain {
 }
 
 /// One case, in this (child) process: prints one Markdown row per phase.
-fn case(disks: usize) {
+/// With `checked`, the sync checks every bitmap first (the default policy,
+/// `degrade`) in images that hold them all (the fake's, read through the
+/// image-reader seam as the qcow2 reader reads a shut-off domain's);
+/// without, the bitmap policy is `ignore`.
+fn case(disks: usize, checked: bool) {
     let (_, start) = memory();
     let chain = chain("rss", disks);
     let targets: Vec<String> = chain.disks.values().cloned().collect();
     let targets: Vec<&str> = targets.iter().map(String::as_str).collect();
-    let fake = FakeBackend::new();
+    let fake = Arc::new(FakeBackend::new());
     fake.define_domain(
         "rss",
         "93a5c045-6457-2c09-e56c-927cdf34e178",
         &targets,
         false,
     );
+    let mut opts = StoreOptions {
+        bitmaps: BitmapPolicy::Ignore,
+        ..StoreOptions::default()
+    };
+    if checked {
+        for c in &chain.checkpoints {
+            for t in &targets {
+                fake.add_bitmap("rss", t, &c.id);
+            }
+        }
+        opts.bitmaps = BitmapPolicy::Degrade;
+        opts.seams.images = Some(Arc::new(FakeImages(fake.clone())));
+    }
+    let checks = if checked { "degrade" } else { "ignore" };
     let dir = tempfile::tempdir_in("/var/tmp").unwrap();
-    let store = Store::open(dir.path().join("journal.db")).unwrap();
+    let store = Store::open_with(dir.path().join("journal.db"), opts).unwrap();
+    let fake = &*fake;
     let (_, ready) = memory();
     let row = |phase: &str, secs: f64| {
         let (peak, now) = memory();
         println!(
-            "| {CHECKPOINTS} × {disks} | {phase} | {:.1} | {:.1} | {:.1} | {:.1} | {secs:.1} |",
+            "| {CHECKPOINTS} × {disks} | {phase}, bitmaps {checks} | {:.1} | {:.1} | {:.1} | {:.1} | {secs:.1} |",
             mib(start),
             mib(ready),
             mib(peak),
@@ -99,8 +121,9 @@ fn case(disks: usize) {
     };
     reset_peak();
     let t = Instant::now();
-    let r = store.sync(&fake, chain.clone()).unwrap();
+    let r = store.sync(fake, chain.clone()).unwrap();
     assert_eq!(r.redefined.len(), CHECKPOINTS);
+    assert!(r.degraded.is_empty() && r.unverified.is_empty() || !checked);
     row("sync into an empty domain", t.elapsed().as_secs_f64());
     // For a heap profile of the sync alone:
     // CKPTSTORE_RSS_DISKS=4 CKPTSTORE_RSS_SYNC_ONLY=1 heaptrack target/release/deps/peak_rss-*
@@ -109,7 +132,7 @@ fn case(disks: usize) {
     }
     reset_peak();
     let t = Instant::now();
-    let r = store.sync(&fake, chain).unwrap();
+    let r = store.sync(fake, chain).unwrap();
     assert!(r.redefined.is_empty());
     row("no-op re-sync", t.elapsed().as_secs_f64());
 }
@@ -185,7 +208,10 @@ fn cli_case() {
 
 fn main() {
     if let Ok(disks) = std::env::var(CASE) {
-        case(disks.parse().unwrap());
+        case(
+            disks.parse().unwrap(),
+            std::env::var_os(CHECKED).is_some(),
+        );
         return;
     }
     println!(
@@ -193,12 +219,14 @@ fn main() {
          | RSS after MiB | seconds |"
     );
     println!("|---|---|---:|---:|---:|---:|---:|");
-    for disks in [4, 16] {
+    for (disks, checked) in [(4, false), (4, true), (16, false), (16, true)] {
         let me = std::env::current_exe().unwrap();
-        let out = Command::new(me)
-            .env(CASE, disks.to_string())
-            .output()
-            .unwrap();
+        let mut cmd = Command::new(me);
+        cmd.env(CASE, disks.to_string());
+        if checked {
+            cmd.env(CHECKED, "1");
+        }
+        let out = cmd.output().unwrap();
         assert!(
             out.status.success(),
             "{}",

@@ -11,7 +11,7 @@ use uuid::Uuid;
 
 use super::arrivals::{without_arrivals, Known};
 use super::report::{Outcome, Policy, Recovered, SyncReport};
-use super::steps::{journal_steps, replayable};
+use super::steps::{from_journal_steps, into_journal_steps, journal_steps, replayable};
 use super::{reapply, Store};
 use crate::backend::{Backend, BackendError, BackendErrorKind};
 use crate::bitmaps::{Bad, BitmapPolicy, Checked};
@@ -305,7 +305,24 @@ impl Store {
         let id = Uuid::new_v4();
         let span = info_span!("txn", txn = %id, domain);
         let _e = span.enter();
-        let steps = journal_steps(&plan);
+        let mut report = SyncReport {
+            txn: id,
+            domain: domain.to_string(),
+            outcome: Outcome::Unchanged,
+            redefined: plan.redefined(),
+            deleted: plan.deleted(),
+            unchanged: plan.unchanged,
+            libvirt_calls: 0,
+            warnings,
+            recovered,
+            refused: None,
+            degraded: checked.degraded,
+            unverified: checked.unverified,
+            adopted: goal.adopted,
+            foreign: goal.foreign,
+        };
+        // Each definition once at the intent's commit: as its step's XML.
+        let steps = into_journal_steps(plan.steps);
         let new = NewTxn {
             id,
             domain,
@@ -316,23 +333,7 @@ impl Store {
             owner: &self.owner,
             steps: &steps,
         };
-        let mut report = SyncReport {
-            txn: id,
-            domain: domain.to_string(),
-            outcome: Outcome::Unchanged,
-            redefined: plan.redefined(),
-            deleted: plan.deleted(),
-            unchanged: plan.unchanged.clone(),
-            libvirt_calls: 0,
-            warnings,
-            recovered,
-            refused: None,
-            degraded: checked.degraded,
-            unverified: checked.unverified,
-            adopted: goal.adopted,
-            foreign: goal.foreign,
-        };
-        if plan.is_empty() {
+        if steps.is_empty() {
             self.busy_if_open(
                 domain,
                 self.journal.record_unchanged(new, self.opts.history)?,
@@ -341,11 +342,15 @@ impl Store {
             return Ok(report);
         }
         self.busy_if_open(domain, self.journal.begin(new)?)?;
-        // The steps' XML is in the journal now; the plan drives the calls.
-        let planned = steps.len();
-        drop(steps);
         self.point("txn.intent_committed");
-        info!(steps = planned, "intent committed");
+        info!(steps = steps.len(), "intent committed");
+        // The journaled steps drive the calls (a row that cannot be read
+        // back: the phase plans from libvirt and the journal instead).
+        let first = from_journal_steps(steps).map(|steps| Plan {
+            steps,
+            unchanged: Vec::new(),
+            warnings: Vec::new(),
+        });
         let mut txn = Txn {
             id,
             domain,
@@ -356,7 +361,7 @@ impl Store {
             arrived: Vec::new(),
             applied: None,
         };
-        let applied = self.run_phase(backend, &mut txn, StepPhase::Apply, &target, Some(plan));
+        let applied = self.run_phase(backend, &mut txn, StepPhase::Apply, &target, first);
         report.warnings.append(&mut txn.warnings);
         report.foreign.append(&mut txn.arrived);
         match applied {
