@@ -9,6 +9,9 @@
 -- a step needs beyond its checkpoint (for remove_bitmap: the disk and the
 -- image, as JSON). SQLite cannot widen a CHECK, so both tables are rebuilt
 -- (foreign keys off while this runs; the runner checks them after).
+-- The rebuilt txns table puts its large JSON columns last: SQLite reaches a
+-- column stored after them only by walking their overflow pages, and the
+-- small ones (state, owner) are read at every step.
 -- `validations` keeps each domain's last `validate` report.
 
 CREATE TABLE txns_v3 (
@@ -16,9 +19,6 @@ CREATE TABLE txns_v3 (
     domain        TEXT NOT NULL,
     kind          TEXT NOT NULL CHECK (kind IN ('sync', 'resync', 'import', 'ensure', 'reclaim', 'prune')),
     state         TEXT NOT NULL CHECK (state IN ('applying', 'rolling_back', 'committed', 'rolled_back')),
-    chain_json    TEXT,
-    target_json   TEXT NOT NULL,
-    before_json   TEXT NOT NULL,
     owner_pid     INTEGER NOT NULL,
     owner_boot_id TEXT NOT NULL,
     owner_start   INTEGER NOT NULL,
@@ -26,7 +26,10 @@ CREATE TABLE txns_v3 (
     updated_at    TEXT NOT NULL,
     finished_at   TEXT,
     error         TEXT,
-    libvirt_calls INTEGER NOT NULL DEFAULT 0
+    libvirt_calls INTEGER NOT NULL DEFAULT 0,
+    chain_json    TEXT,
+    target_json   TEXT NOT NULL,
+    before_json   TEXT NOT NULL
 );
 INSERT INTO txns_v3 (id, domain, kind, state, chain_json, target_json, before_json, owner_pid,
                      owner_boot_id, owner_start, started_at, updated_at, finished_at, error, libvirt_calls)

@@ -23,7 +23,7 @@ const RELEASED: &[(&str, &str)] = &[
     ),
     (
         "0003_lifecycle.sql",
-        "eef8f1a259cd3beac2fb208a68dd4ea76486795ff9a5d5358e58f3c92ca390f8",
+        "581be6080fae329a4d279993194e6be88d8833107c53e9859cdc03d7c2f7573c",
     ),
 ];
 
