@@ -148,6 +148,20 @@ impl From<crate::bitmaps::Problem> for FindingKind {
 }
 
 impl FindingKind {
+    /// Every kind, in the order `metrics` lists them.
+    pub const ALL: &'static [FindingKind] = &[
+        FindingKind::MissingInLibvirt,
+        FindingKind::UnexpectedInLibvirt,
+        FindingKind::Mismatch,
+        FindingKind::MissingBitmap,
+        FindingKind::InconsistentBitmap,
+        FindingKind::DisabledBitmap,
+        FindingKind::BrokenChain,
+        FindingKind::OrphanBitmap,
+        FindingKind::UnreadableImage,
+        FindingKind::LibvirtLeftover,
+    ];
+
     /// The name used in JSON and messages (`missing_bitmap`, ...).
     pub fn as_str(self) -> &'static str {
         match self {
@@ -288,7 +302,10 @@ pub fn validate_with(
     findings.append(&mut check.findings);
     notes.append(&mut check.notes);
     leftover_findings(backend, domain, &libvirt, &mut findings, &mut notes)?;
-    Ok(Report {
+    // Recorded under the journal's name for the domain, where it has one.
+    let key = committed.as_ref().map_or(domain, |c| c.domain.as_str());
+    let key = key.to_string();
+    let report = Report {
         domain: domain.to_string(),
         ok: findings.is_empty(),
         findings,
@@ -300,7 +317,20 @@ pub fn validate_with(
         images_read: check.images_read,
         libvirt_validations: check.validations,
         notes,
-    })
+    };
+    record(store, &key, &report)?;
+    Ok(report)
+}
+
+/// Keep the report as the domain's last validate (what `metrics` shows);
+/// the journal is the only thing written.
+fn record(store: &Store, key: &str, report: &Report) -> Result<()> {
+    let json = serde_json::to_string(report).map_err(|e| {
+        Error::Journal(crate::journal::JournalError::io(format!(
+            "cannot encode the validate report: {e}"
+        )))
+    })?;
+    Ok(store.journal().record_validation(key, &json)?)
 }
 
 /// Notes for the domain's open transactions whose owner is gone; a live

@@ -25,6 +25,10 @@ const RELEASED: &[(&str, &str)] = &[
         "0003_lifecycle.sql",
         "eef8f1a259cd3beac2fb208a68dd4ea76486795ff9a5d5358e58f3c92ca390f8",
     ),
+    (
+        "0004_counters.sql",
+        "216534ad7a932f01ef06cefc30f4d6a4791fa8dc7b51f1a6b550cfeeef978bd3",
+    ),
 ];
 
 #[test]
