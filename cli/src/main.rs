@@ -148,8 +148,11 @@ ckptstore_last_commit_timestamp_seconds, ckptstore_transactions_total{kind,outco
 ckptstore_validate_findings{kind} and ckptstore_last_validate_timestamp_seconds,
 each labelled with the domain. `--json` prints the metrics document instead.
 
-Example (node_exporter's textfile collector, every minute from cron):
-  $ ckptstore metrics --textfile /var/lib/node_exporter/textfile/ckptstore.prom
+`--textfile PATH` replaces PATH atomically (a temporary file in its folder, renamed
+over it), mode 0644, for node_exporter's textfile collector; run it from cron.
+
+Example:
+  $ ckptstore metrics --textfile /var/lib/node_exporter/textfile_collector/ckptstore.prom
   $ ckptstore metrics | grep ckptstore_checkpoints
   ckptstore_checkpoints{domain=\"fedora\"} 8";
 

@@ -5,9 +5,9 @@
 //! text, mode 0644, fsync, rename over PATH, fsync of the folder. A reader
 //! sees the old file or the new one, never half of one.
 
-use std::fs::{File, Permissions};
+use std::fs::{File, OpenOptions, Permissions};
 use std::io::Write as _;
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use ckptstore::{ErrorKind, Metrics, Store};
@@ -36,35 +36,65 @@ fn write_textfile(path: &Path, metrics: &Metrics) -> anyhow::Result<()> {
     let fail = |what: &str, e: &dyn std::fmt::Display| {
         Fail::of(
             ErrorKind::BadInput,
-            format!("cannot write the metrics to {}: {what}: {e}", path.display()),
+            format!("cannot write the metrics to {}: {what}{e}", path.display()),
             "check that the folder exists and is writable and that the path is a file's \
              (node_exporter reads *.prom files in --collector.textfile.directory); nothing was changed",
         )
     };
     let name = path
         .file_name()
-        .ok_or_else(|| fail("the path", &"names no file"))?;
+        .ok_or_else(|| fail("", &"the path names no file"))?;
     let dir = match path.parent() {
         Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
         _ => PathBuf::from("."),
     };
     if path.is_dir() {
-        return Err(fail("the path", &"is a directory").into());
+        return Err(fail("", &"it is a directory").into());
     }
-    let mut tmp = tempfile::Builder::new()
-        .prefix(&format!(".{}.", name.to_string_lossy()))
-        .suffix(".tmp")
-        .tempfile_in(&dir)
-        .map_err(|e| fail("a temporary file in its folder", &e))?;
-    tmp.write_all(metrics.to_prometheus().as_bytes())
-        .map_err(|e| fail("write", &e))?;
-    tmp.as_file()
-        .set_permissions(Permissions::from_mode(0o644))
-        .map_err(|e| fail("chmod", &e))?;
-    tmp.as_file().sync_all().map_err(|e| fail("fsync", &e))?;
-    tmp.persist(path).map_err(|e| fail("rename", &e.error))?;
+    let tmp = Temp(dir.join(format!(
+        ".{}.{}.tmp",
+        name.to_string_lossy(),
+        std::process::id()
+    )));
+    let mut file = create_new(&tmp.0).map_err(|e| fail("a temporary file in its folder: ", &e))?;
+    file.write_all(metrics.to_prometheus().as_bytes())
+        .map_err(|e| fail("write: ", &e))?;
+    file.set_permissions(Permissions::from_mode(0o644))
+        .map_err(|e| fail("chmod: ", &e))?;
+    file.sync_all().map_err(|e| fail("fsync: ", &e))?;
+    drop(file);
+    std::fs::rename(&tmp.0, path).map_err(|e| fail("rename: ", &e))?;
+    std::mem::forget(tmp);
     File::open(&dir)
         .and_then(|d| d.sync_all())
-        .map_err(|e| fail("fsync of its folder", &e))?;
+        .map_err(|e| fail("fsync of its folder: ", &e))?;
     Ok(())
+}
+
+/// A new file, never an existing one (nor a symlink's target): one left by
+/// a killed run with the same pid is removed first.
+fn create_new(path: &Path) -> std::io::Result<File> {
+    let open = || {
+        OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o644)
+            .open(path)
+    };
+    match open() {
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            std::fs::remove_file(path)?;
+            open()
+        }
+        other => other,
+    }
+}
+
+/// The temporary file, removed unless it was renamed.
+struct Temp(PathBuf);
+
+impl Drop for Temp {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
 }
