@@ -132,7 +132,7 @@ impl Store {
         for c in &snap.committed {
             let m = domain_entry(&mut domains, &c.domain);
             m.checkpoints = Some(c.checkpoints);
-            m.last_commit_at = later(m.last_commit_at.take(), &c.committed_at);
+            m.last_commit_at = Some(later(m.last_commit_at.take(), &c.committed_at));
         }
         for c in &snap.counters {
             let m = domain_entry(&mut domains, &c.domain);
@@ -144,7 +144,7 @@ impl Store {
                 t.count = c.count;
             }
             if c.outcome == TxnState::Committed {
-                m.last_commit_at = later(m.last_commit_at.take(), &c.last_at);
+                m.last_commit_at = Some(later(m.last_commit_at.take(), &c.last_at));
             }
         }
         for s in &snap.open {
@@ -191,10 +191,10 @@ fn domain_entry<'a>(
 
 /// The later of two RFC 3339 times of the journal (one format: they
 /// compare as text).
-fn later(have: Option<String>, seen: &str) -> Option<String> {
+fn later(have: Option<String>, seen: &str) -> String {
     match have {
-        Some(h) if h.as_str() >= seen => Some(h),
-        _ => Some(seen.to_string()),
+        Some(h) if h.as_str() >= seen => h,
+        _ => seen.to_string(),
     }
 }
 
