@@ -37,8 +37,10 @@
 //! read for every checkpoint on every disk
 //! ([`crate::Backend::bitmap_states`]: the checkpoint's XML with
 //! `VIR_DOMAIN_CHECKPOINT_XML_SIZE`, where libvirt sizes only the bitmaps
-//! that pass). Nothing is written: libvirt's metadata, its hidden *current*
-//! checkpoint and the images stay as they were. A bitmap libvirt finds
+//! that pass). Nothing is written in libvirt or the images: libvirt's
+//! metadata, its hidden *current* checkpoint and the images stay as they
+//! were. The one write is the report itself, kept in the journal as the
+//! domain's last validate (what `metrics` shows). A bitmap libvirt finds
 //! missing or broken is told apart by the image on disk, with the rules of a
 //! shut-off domain except that a bitmap in use is expected: a
 //! [`FindingKind::MissingBitmap`] when it is in no layer, the rule it breaks
@@ -247,7 +249,8 @@ impl Report {
 /// Validate a domain: the journal's committed chain against libvirt's
 /// checkpoints, and libvirt's checkpoints against the bitmaps in the
 /// domain's images (read in-process when the domain is shut off, checked by
-/// libvirt when it runs, per disk, changing nothing). See the module documentation
+/// libvirt when it runs, per disk, changing nothing there; the report is
+/// kept in the journal as the domain's last). See the module documentation
 /// for the rules and for what [`Report::usable`] means.
 ///
 /// `domain` is a libvirt domain name or UUID; the journal's committed chain
