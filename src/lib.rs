@@ -12,6 +12,7 @@ mod error;
 mod journal;
 mod leftovers;
 mod lock;
+mod metrics;
 mod owner;
 mod plan;
 mod qcow2;
@@ -41,6 +42,7 @@ pub use error::{Error, ErrorDoc, ErrorKind, Result};
 pub use journal::{
     Committed, JournalError, JournalOptions, SqliteCause, StepPhase, TxnKind, TxnState,
 };
+pub use metrics::{DomainMetrics, FindingCount, LastValidate, Metrics, OpenTransactions, TxnCount};
 pub use owner::Owner;
 pub use qcow2::{
     read_chain as read_qcow2_chain, read_image as read_qcow2, Backing as Qcow2Backing,

@@ -13,6 +13,7 @@ pub use crate::journal::{
     Begin, Journal, Migration, NewStep, NewTxn, StepOp, StepRecord, TxnRecord, TxnSummary,
     MIGRATIONS, SCHEMA_VERSION,
 };
+pub use crate::journal::{CommittedSize, Counter, MetricsSnapshot, Validation};
 pub use crate::journal::{JournalError, JournalOptions, StepPhase, TxnKind, TxnState};
 pub use crate::plan::{plan, plan_with, same_content, Plan, Step};
 pub use crate::validate::{

@@ -11,6 +11,7 @@ mod demo;
 mod exit;
 #[cfg(feature = "failpoints")]
 mod failpoints;
+mod metrics;
 mod output;
 mod progress;
 
@@ -140,6 +141,21 @@ Example:
     orphan_bitmap          checkpoint stray disk vda image /var/lib/libvirt/images/fedora.qcow2: bitmap stray is in the top image but no checkpoint names it for this disk
   usable for an incremental backup: 0f4b9b0e-5e47-4c39-8d2a-6b1f7f3d2a11 (the leaf 1a4b9b0e-5e47-4c39-8d2a-6b1f7f3d2a12 is not)";
 
+const METRICS_AFTER: &str = "\
+Prometheus' text format (0.0.4) from the journal alone (libvirt is not asked):
+ckptstore_checkpoints, ckptstore_open_transactions{owner_alive},
+ckptstore_last_commit_timestamp_seconds, ckptstore_transactions_total{kind,outcome},
+ckptstore_validate_findings{kind} and ckptstore_last_validate_timestamp_seconds,
+each labelled with the domain. `--json` prints the metrics document instead.
+
+`--textfile PATH` replaces PATH atomically (a temporary file in its folder, renamed
+over it), mode 0644, for node_exporter's textfile collector; run it from cron.
+
+Example:
+  $ ckptstore metrics --textfile /var/lib/node_exporter/textfile_collector/ckptstore.prom
+  $ ckptstore metrics | grep ckptstore_checkpoints
+  ckptstore_checkpoints{domain=\"fedora\"} 8";
+
 const DEMO_AFTER: &str = "\
 Example:
   $ ckptstore demo
@@ -228,6 +244,9 @@ enum Command {
     /// Check the journal, libvirt's checkpoints and the qcow2 bitmaps against each other
     #[command(after_help = VALIDATE_AFTER)]
     Validate(DomainArg),
+    /// The journal's figures for Prometheus (text on stdout, or a file for node_exporter)
+    #[command(after_help = METRICS_AFTER)]
+    Metrics(MetricsArgs),
     /// The whole story on libvirt's built-in test driver (no daemon needed)
     #[command(after_help = DEMO_AFTER)]
     Demo,
@@ -285,6 +304,13 @@ struct HistoryArgs {
     /// At most this many transactions
     #[arg(long, value_name = "N", default_value_t = 20)]
     limit: usize,
+}
+
+#[derive(Debug, Args)]
+struct MetricsArgs {
+    /// Write the text to this file atomically (for node_exporter's textfile collector) instead of stdout
+    #[arg(long, value_name = "PATH")]
+    textfile: Option<PathBuf>,
 }
 
 /// What the error messages need to know about the invocation.
@@ -438,6 +464,10 @@ fn run(cli: Cli, out: &Out) -> anyhow::Result<()> {
             )
             .with_report(&report)
             .into())
+        }
+        Command::Metrics(args) => {
+            let store = open_store(&cli.db, cli.bitmaps, false)?;
+            metrics::run(&store, args.textfile.as_deref(), out)
         }
         Command::Demo => demo::run(out),
     }

@@ -41,7 +41,7 @@ use crate::bitmaps::{Bad, BitmapPolicy, Checked, How};
 use crate::chain::{leaf_of, root_of, Chain, CheckpointDef, ValidChain};
 use crate::error::{Error, ErrorDoc, Result};
 use crate::journal::{
-    Begin, Committed, Journal, JournalError, NewTxn, StepPhase, TxnKind, TxnRecord,
+    Begin, Committed, Journal, JournalError, NewTxn, StepPhase, TxnKind, TxnRecord, TxnSummary,
 };
 use crate::lock::{DomainLock, Locks};
 use crate::owner::Owner;
@@ -169,6 +169,11 @@ impl Store {
     /// the transaction open after an error and may still recover it.
     pub(crate) fn orphaned(&self, t: &TxnRecord) -> bool {
         t.owner == self.owner || !self.alive(&t.owner)
+    }
+
+    /// Is an open transaction's owner alive (`status`, `metrics`)?
+    pub(crate) fn owner_alive(&self, s: &TxnSummary) -> bool {
+        self.locks.is_held(&s.domain) || self.alive(&s.owner)
     }
 
     /// Take the domain's lock, held until the returned guard is dropped.
@@ -520,7 +525,7 @@ impl Store {
             .incomplete_summaries(domain)?
             .into_iter()
             .map(|s| {
-                let alive = self.locks.is_held(&s.domain) || self.alive(&s.owner);
+                let alive = self.owner_alive(&s);
                 Incomplete::new(s, alive)
             })
             .collect();

@@ -32,6 +32,10 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "0003_lifecycle.sql",
         sql: include_str!("../../migrations/0003_lifecycle.sql"),
     },
+    Migration {
+        name: "0004_counters.sql",
+        sql: include_str!("../../migrations/0004_counters.sql"),
+    },
 ];
 
 /// The schema version this build writes.

@@ -13,16 +13,20 @@
 //! `error.rs` ([`JournalError`]), `txns.rs` (a transaction's intent, state
 //! changes, end and owner), `steps.rs` (steps and the count of libvirt
 //! calls), `queries.rs` (what the engine and the command read back),
-//! `migrate.rs` (the schema's numbered migrations); this file holds
+//! `migrate.rs` (the schema's numbered migrations), `counters.rs` (the
+//! monotonic transaction counters and what `metrics` reads),
+//! `validations.rs` (each domain's last validate report); this file holds
 //! [`Journal`]: opening it with its asserted settings, and the commit
 //! without fsync.
 
+mod counters;
 mod error;
 mod migrate;
 mod queries;
 mod steps;
 mod txns;
 mod types;
+mod validations;
 
 use std::fs::{self, OpenOptions};
 use std::os::unix::fs::OpenOptionsExt;
@@ -37,6 +41,9 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use uuid::Uuid;
 
+pub(crate) use counters::{kind_name, TXN_KINDS};
+#[cfg(feature = "testing")]
+pub use counters::{CommittedSize, Counter, MetricsSnapshot, Validation};
 pub use error::{JournalError, SqliteCause};
 #[cfg(feature = "testing")]
 pub use migrate::{Migration, MIGRATIONS, SCHEMA_VERSION};

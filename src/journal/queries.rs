@@ -38,7 +38,7 @@ static INCOMPLETE: LazyLock<String> = LazyLock::new(|| {
     )
 });
 
-static INCOMPLETE_SUMMARIES: LazyLock<String> = LazyLock::new(|| {
+pub(super) static INCOMPLETE_SUMMARIES: LazyLock<String> = LazyLock::new(|| {
     format!(
         "{} WHERE {} AND (:domain IS NULL OR domain = :domain) ORDER BY rowid",
         summary_select(),
@@ -185,7 +185,7 @@ fn read_txn(r: &Row<'_>) -> rusqlite::Result<TxnRecord> {
     })
 }
 
-fn read_summary(r: &Row<'_>) -> rusqlite::Result<TxnSummary> {
+pub(super) fn read_summary(r: &Row<'_>) -> rusqlite::Result<TxnSummary> {
     Ok(TxnSummary {
         id: txn_id(r, "id")?,
         domain: r.get("domain")?,

@@ -8,6 +8,7 @@ use std::sync::LazyLock;
 use rusqlite::{named_params, Connection, ToSql};
 use uuid::Uuid;
 
+use super::counters::count_finished;
 use super::error::SqlContext;
 use super::queries::open_txn;
 use super::steps::insert_steps;
@@ -88,7 +89,8 @@ impl Journal {
     }
 
     /// Record a transaction that needed no libvirt call as committed at
-    /// once, and make its target the domain's committed chain.
+    /// once (counted as committed), and make its target the domain's
+    /// committed chain.
     ///
     /// # Errors
     ///
@@ -100,7 +102,9 @@ impl Journal {
             }
             let ts = now();
             insert_txn(tx, &t, TxnState::Committed, &ts)?;
-            commit_target(tx, &t.id.to_string(), &ts)?;
+            let id = t.id.to_string();
+            commit_target(tx, &id, &ts)?;
+            count_finished(tx, &id, &ts)?;
             prune(tx, t.domain, keep)?;
             Ok(Begin::Started)
         })
@@ -128,7 +132,8 @@ impl Journal {
     }
 
     /// Close a transaction: `Commit` makes its target the domain's committed
-    /// chain; `FinishRollback` leaves the committed chain as it was. History
+    /// chain; `FinishRollback` leaves the committed chain as it was. The
+    /// domain's counter of its kind and outcome goes up by one. History
     /// beyond `keep` finished transactions of the domain is pruned.
     ///
     /// # Errors
@@ -174,6 +179,7 @@ impl Journal {
             if next == TxnState::Committed {
                 commit_target(tx, &id, &ts)?;
             }
+            count_finished(tx, &id, &ts)?;
             let domain: String = tx.one(TXN_DOMAIN, [&id], |r| r.get("domain"))?;
             prune(tx, &domain, keep)?;
             Ok(next)

@@ -37,8 +37,10 @@
 //! read for every checkpoint on every disk
 //! ([`crate::Backend::bitmap_states`]: the checkpoint's XML with
 //! `VIR_DOMAIN_CHECKPOINT_XML_SIZE`, where libvirt sizes only the bitmaps
-//! that pass). Nothing is written: libvirt's metadata, its hidden *current*
-//! checkpoint and the images stay as they were. A bitmap libvirt finds
+//! that pass). Nothing is written in libvirt or the images: libvirt's
+//! metadata, its hidden *current* checkpoint and the images stay as they
+//! were. The one write is the report itself, kept in the journal as the
+//! domain's last validate (what `metrics` shows). A bitmap libvirt finds
 //! missing or broken is told apart by the image on disk, with the rules of a
 //! shut-off domain except that a bitmap in use is expected: a
 //! [`FindingKind::MissingBitmap`] when it is in no layer, the rule it breaks
@@ -148,6 +150,20 @@ impl From<crate::bitmaps::Problem> for FindingKind {
 }
 
 impl FindingKind {
+    /// Every kind, in the order `metrics` lists them.
+    pub const ALL: &'static [FindingKind] = &[
+        FindingKind::MissingInLibvirt,
+        FindingKind::UnexpectedInLibvirt,
+        FindingKind::Mismatch,
+        FindingKind::MissingBitmap,
+        FindingKind::InconsistentBitmap,
+        FindingKind::DisabledBitmap,
+        FindingKind::BrokenChain,
+        FindingKind::OrphanBitmap,
+        FindingKind::UnreadableImage,
+        FindingKind::LibvirtLeftover,
+    ];
+
     /// The name used in JSON and messages (`missing_bitmap`, ...).
     pub fn as_str(self) -> &'static str {
         match self {
@@ -233,7 +249,8 @@ impl Report {
 /// Validate a domain: the journal's committed chain against libvirt's
 /// checkpoints, and libvirt's checkpoints against the bitmaps in the
 /// domain's images (read in-process when the domain is shut off, checked by
-/// libvirt when it runs, per disk, changing nothing). See the module documentation
+/// libvirt when it runs, per disk, changing nothing there; the report is
+/// kept in the journal as the domain's last). See the module documentation
 /// for the rules and for what [`Report::usable`] means.
 ///
 /// `domain` is a libvirt domain name or UUID; the journal's committed chain
@@ -288,7 +305,10 @@ pub fn validate_with(
     findings.append(&mut check.findings);
     notes.append(&mut check.notes);
     leftover_findings(backend, domain, &libvirt, &mut findings, &mut notes)?;
-    Ok(Report {
+    // Recorded under the journal's name for the domain, where it has one.
+    let key = committed.as_ref().map_or(domain, |c| c.domain.as_str());
+    let key = key.to_string();
+    let report = Report {
         domain: domain.to_string(),
         ok: findings.is_empty(),
         findings,
@@ -300,7 +320,20 @@ pub fn validate_with(
         images_read: check.images_read,
         libvirt_validations: check.validations,
         notes,
-    })
+    };
+    record(store, &key, &report)?;
+    Ok(report)
+}
+
+/// Keep the report as the domain's last validate (what `metrics` shows);
+/// the journal is the only thing written.
+fn record(store: &Store, key: &str, report: &Report) -> Result<()> {
+    let json = serde_json::to_string(report).map_err(|e| {
+        Error::Journal(crate::journal::JournalError::io(format!(
+            "cannot encode the validate report: {e}"
+        )))
+    })?;
+    Ok(store.journal().record_validation(key, &json)?)
 }
 
 /// Notes for the domain's open transactions whose owner is gone; a live

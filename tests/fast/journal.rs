@@ -25,6 +25,10 @@ const RELEASED: &[(&str, &str)] = &[
         "0003_lifecycle.sql",
         "581be6080fae329a4d279993194e6be88d8833107c53e9859cdc03d7c2f7573c",
     ),
+    (
+        "0004_counters.sql",
+        "216534ad7a932f01ef06cefc30f4d6a4791fa8dc7b51f1a6b550cfeeef978bd3",
+    ),
 ];
 
 #[test]

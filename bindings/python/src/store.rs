@@ -254,6 +254,22 @@ impl Store {
         self.call(py, clock, None, move |s, b| Ok(s.import(b, &domain)?))
     }
 
+    /// Every domain's figures from the journal (the `metrics` document;
+    /// libvirt is not asked).
+    fn metrics(&self, py: Python<'_>) -> PyResult<Py<PyAny>> {
+        let clock = Clock::start();
+        self.call(py, clock, None, move |s, _| Ok(s.metrics()?))
+    }
+
+    /// The same figures in Prometheus' text exposition format 0.0.4 (what
+    /// `ckptstore metrics` prints).
+    fn metrics_text(&self, py: Python<'_>) -> PyResult<Py<PyAny>> {
+        let clock = Clock::start();
+        self.call(py, clock, None, move |s, _| {
+            Ok(s.metrics()?.to_prometheus())
+        })
+    }
+
     /// A panic inside an operation's call path, for the tests: it must come
     /// out as an exception, and the store must stay usable.
     fn _panic(&self, py: Python<'_>, message: String) -> PyResult<Py<PyAny>> {

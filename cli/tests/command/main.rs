@@ -2,8 +2,8 @@
 //! (`qemu:///system`), which these tests share and never stop: whole-output
 //! snapshots of every command and exit code (`cli`), hostile input and its
 //! fuzzing (`hostile_cli`), file modes and credentials (`security`),
-//! concurrent agents (`concurrent`) and a real backup client
-//! (`backup_client`).
+//! concurrent agents (`concurrent`), a real backup client
+//! (`backup_client`) and `metrics` with its textfile (`metrics`).
 
 use testkit::support;
 
@@ -16,4 +16,5 @@ mod backup_client;
 mod cli;
 mod concurrent;
 mod hostile_cli;
+mod metrics;
 mod security;

@@ -17,7 +17,7 @@ __version__: str
 
 ErrorKindName = Literal["rolled_back", "bad_input", "busy", "unreachable", "journal", "findings"]
 OutcomeName = Literal["committed", "unchanged", "rolled_back"]
-TxnKindName = Literal["sync", "resync", "import"]
+TxnKindName = Literal["sync", "resync", "import", "ensure", "reclaim", "prune"]
 TxnStateName = Literal["applying", "rolling_back", "committed", "rolled_back"]
 PhaseName = Literal["apply", "rollback"]
 
@@ -156,19 +156,21 @@ class History(TypedDict):
     domain: str
     transactions: List[HistoryEntry]
 
+FindingKindName = Literal[
+    "missing_in_libvirt",
+    "unexpected_in_libvirt",
+    "mismatch",
+    "missing_bitmap",
+    "inconsistent_bitmap",
+    "disabled_bitmap",
+    "broken_chain",
+    "orphan_bitmap",
+    "unreadable_image",
+    "libvirt_leftover",
+]
+
 class Finding(TypedDict):
-    kind: Literal[
-        "missing_in_libvirt",
-        "unexpected_in_libvirt",
-        "mismatch",
-        "missing_bitmap",
-        "inconsistent_bitmap",
-        "disabled_bitmap",
-        "broken_chain",
-        "orphan_bitmap",
-        "unreadable_image",
-        "libvirt_leftover",
-    ]
+    kind: FindingKindName
     checkpoint: Optional[str]
     disk: Optional[str]
     image: Optional[str]
@@ -186,6 +188,34 @@ class Report(TypedDict):
     images_read: int
     libvirt_validations: int
     notes: List[str]
+
+class OpenTransactions(TypedDict):
+    owner_alive: int
+    owner_dead: int
+
+class TxnCount(TypedDict):
+    kind: TxnKindName
+    outcome: Literal["committed", "rolled_back"]
+    count: int
+
+class FindingCount(TypedDict):
+    kind: FindingKindName
+    count: int
+
+class LastValidate(TypedDict):
+    validated_at: str
+    findings: List[FindingCount]
+
+class DomainMetrics(TypedDict):
+    domain: str
+    checkpoints: Optional[int]
+    last_commit_at: Optional[str]
+    open_transactions: OpenTransactions
+    transactions: List[TxnCount]
+    last_validate: Optional[LastValidate]
+
+class Metrics(TypedDict):
+    domains: List[DomainMetrics]
 
 # The exceptions.
 
@@ -245,5 +275,7 @@ class Store:
     def history(self, domain: str, limit: Optional[int] = None) -> History: ...
     def validate(self, domain: str) -> Report: ...
     def import_domain(self, domain: str) -> SyncReport: ...
+    def metrics(self) -> Metrics: ...
+    def metrics_text(self) -> str: ...
 
 def _gil_stats(reset: bool = False) -> dict[str, int]: ...

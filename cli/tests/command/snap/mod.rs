@@ -5,7 +5,8 @@
 //! the record with `tests/snapshots/<name>.txt`. Volatile parts are
 //! replaced by stable placeholders first: the test's temporary folder,
 //! names given to [`Snap::redact`], random (version 4) UUIDs numbered in
-//! order of appearance, timestamps, pids, boot ids, process start times
+//! order of appearance, timestamps (RFC 3339, and Prometheus'
+//! `_timestamp_seconds` values), pids, boot ids, process start times
 //! and call durations.
 //!
 //! `CKPTSTORE_UPDATE_SNAPSHOTS=1 cargo test -p ckptstore-cli --test command cli::`
@@ -218,6 +219,10 @@ pub fn redact(text: &str, fixed: &[(String, String)]) -> String {
         (r#""boot_id": "[^"]*""#, r#""boot_id": "[BOOT]""#),
         (r#""start": \d+"#, r#""start": "[START]""#),
         (r"ms=[0-9.e-]+", "ms=[MS]"),
+        (
+            r"(_timestamp_seconds\{[^\n]*\}) -?\d+\.\d{3}\n",
+            "$1 [SECONDS]\n",
+        ),
     ] {
         s = Regex::new(pattern)
             .unwrap()
