@@ -140,6 +140,18 @@ Example:
     orphan_bitmap          checkpoint stray disk vda image /var/lib/libvirt/images/fedora.qcow2: bitmap stray is in the top image but no checkpoint names it for this disk
   usable for an incremental backup: 0f4b9b0e-5e47-4c39-8d2a-6b1f7f3d2a11 (the leaf 1a4b9b0e-5e47-4c39-8d2a-6b1f7f3d2a12 is not)";
 
+const ENSURE_AFTER: &str = "\
+Makes one checkpoint, the base of the next incremental backup, usable in libvirt: redefined on
+exactly the disks whose bitmap is usable, as a root when libvirt lacks its parent. Its definition
+comes from the domain's committed chain, or from --chain FILE. Nothing is ever deleted; a second
+call makes no libvirt call. Exit 0 even when every disk is full: the per-disk mode is the answer.
+
+Example:
+  $ ckptstore ensure --domain fedora --checkpoint 1a4b9b0e-5e47-4c39-8d2a-6b1f7f3d2a12
+  domain fedora: checkpoint 1a4b9b0e-5e47-4c39-8d2a-6b1f7f3d2a12 redefined (transaction 6e0c…, 1 libvirt call)
+    vda  incremental
+    vdb  full: libvirt finds bitmap 1a4b9b0e-5e47-4c39-8d2a-6b1f7f3d2a12 missing or broken";
+
 const DEMO_AFTER: &str = "\
 Example:
   $ ckptstore demo
@@ -228,6 +240,9 @@ enum Command {
     /// Check the journal, libvirt's checkpoints and the qcow2 bitmaps against each other
     #[command(after_help = VALIDATE_AFTER)]
     Validate(DomainArg),
+    /// Make one checkpoint, the next incremental backup's base, usable in libvirt
+    #[command(after_help = ENSURE_AFTER)]
+    Ensure(EnsureArgs),
     /// The whole story on libvirt's built-in test driver (no daemon needed)
     #[command(after_help = DEMO_AFTER)]
     Demo,
@@ -275,6 +290,19 @@ struct DomainArg {
     /// The libvirt domain (name or UUID)
     #[arg(long, value_name = "DOMAIN")]
     domain: String,
+}
+
+#[derive(Debug, Args)]
+struct EnsureArgs {
+    /// The libvirt domain (name or UUID)
+    #[arg(long, value_name = "DOMAIN")]
+    domain: String,
+    /// The checkpoint to make usable
+    #[arg(long, value_name = "NAME")]
+    checkpoint: String,
+    /// Take its definition from this chain (JSON, "-" reads standard input) instead of the committed chain
+    #[arg(long, value_name = "FILE")]
+    chain: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -438,6 +466,11 @@ fn run(cli: Cli, out: &Out) -> anyhow::Result<()> {
             )
             .with_report(&report)
             .into())
+        }
+        Command::Ensure(args) => {
+            let chain = args.chain.as_deref().map(read_chain).transpose()?;
+            let store = open_store(&cli.db, cli.bitmaps, false)?;
+            out.ensure(&store.ensure(&backend(), &args.domain, &args.checkpoint, chain)?)
         }
         Command::Demo => demo::run(out),
     }
