@@ -307,10 +307,10 @@ pub(super) fn goal(target: Vec<CheckpointDef>, current: &[CheckpointDef]) -> Goa
     let mut keep: HashSet<String> = current.iter().map(|d| d.name.clone()).collect();
     let mut warnings = Vec::new();
     for mut def in target {
-        if let Some(p) = def
+        let gone = def
             .parent
-            .take_if(|p| !current.iter().any(|d| d.name == *p))
-        {
+            .take_if(|p| !current.iter().any(|d| d.name == *p));
+        if let Some(p) = gone.filter(|_| !current.contains(&def)) {
             warnings.push(format!(
                 "libvirt has no checkpoint {p}, the parent of {}: redefined as a root",
                 def.name

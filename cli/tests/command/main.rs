@@ -15,5 +15,6 @@ mod vnb;
 mod backup_client;
 mod cli;
 mod concurrent;
+mod ensure;
 mod hostile_cli;
 mod security;
