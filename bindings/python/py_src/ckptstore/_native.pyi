@@ -17,7 +17,7 @@ __version__: str
 
 ErrorKindName = Literal["rolled_back", "bad_input", "busy", "unreachable", "journal", "findings"]
 OutcomeName = Literal["committed", "unchanged", "rolled_back"]
-TxnKindName = Literal["sync", "resync", "import"]
+TxnKindName = Literal["sync", "resync", "import", "ensure"]
 TxnStateName = Literal["applying", "rolling_back", "committed", "rolled_back"]
 PhaseName = Literal["apply", "rollback"]
 
@@ -83,6 +83,21 @@ class SyncReport(TypedDict):
     unverified: NotRequired[List[Unverified]]
     adopted: NotRequired[List[str]]
     foreign: NotRequired[List[str]]
+
+class EnsureDisk(TypedDict):
+    disk: str
+    target: str
+    mode: Literal["incremental", "full"]
+    reason: NotRequired[str]
+
+class EnsureReport(TypedDict):
+    txn: str
+    domain: str
+    checkpoint: str
+    disks: List[EnsureDisk]
+    redefined: bool
+    libvirt_calls: int
+    warnings: NotRequired[List[str]]
 
 class PlanStep(TypedDict):
     op: Literal["delete", "redefine"]
@@ -245,5 +260,6 @@ class Store:
     def history(self, domain: str, limit: Optional[int] = None) -> History: ...
     def validate(self, domain: str) -> Report: ...
     def import_domain(self, domain: str) -> SyncReport: ...
+    def ensure(self, domain: str, checkpoint: str, chain: Optional[ChainInput] = None) -> EnsureReport: ...
 
 def _gil_stats(reset: bool = False) -> dict[str, int]: ...
