@@ -4,7 +4,9 @@
 //! An example that drifts from the types, or a type that drifts from the
 //! README, fails here.
 
-use ckptstore::{Chain, EnsureReport, ErrorDoc, History, PlanReport, RecoverReport, Report, Status, SyncReport};
+use ckptstore::{
+    Chain, EnsureReport, ErrorDoc, History, PlanReport, RecoverReport, Report, Status, SyncReport,
+};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
