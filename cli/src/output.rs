@@ -2,7 +2,7 @@
 //! command's result, and the JSON form, which is the library's own type
 //! serialised as it is (the wire format is defined once, in the library:
 //! `SyncReport`, `PlanReport`, `RecoverReport`, `Status`, `History`,
-//! `Report`, `ErrorDoc`). The README lists every document.
+//! `EnsureReport`, `Report`, `ErrorDoc`). The README lists every document.
 
 use std::fmt::Write as _;
 use std::io::Write as _;

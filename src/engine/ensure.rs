@@ -251,12 +251,7 @@ impl Store {
                 Err(e) => return Ok(every(&format!("unverified: libvirt's check failed: {e}"))),
             };
             for t in def.disks.keys() {
-                let why = if !held.disks.contains_key(t) {
-                    Some(format!(
-                        "libvirt's checkpoint {} has no bitmap on this disk",
-                        def.name
-                    ))
-                } else {
+                let why = if held.disks.contains_key(t) {
                     match states.iter().find(|s| s.target == *t).map(|s| s.state) {
                         Some(BitmapState::Usable { .. }) => None,
                         Some(_) => Some(format!(
@@ -265,6 +260,11 @@ impl Store {
                         )),
                         None => Some("unverified: libvirt did not check this disk".into()),
                     }
+                } else {
+                    Some(format!(
+                        "libvirt's checkpoint {} has no bitmap on this disk",
+                        def.name
+                    ))
                 };
                 if let Some(why) = why {
                     out.insert(t.clone(), why);
