@@ -323,10 +323,10 @@ fn bad_input_changes_nothing() {
 }
 
 /// Crash an ensure (the running domain's refusal, rollback and retry
-/// included) at every crash point, then recover (resume and rollback, and
-/// a second crash during the recovery): libvirt is unchanged or holds the
-/// base usable, never a checkpoint naming a missing bitmap; a new ensure
-/// then ends where an uninterrupted one does.
+/// included) at every crash point, then recover (resume and rollback), and
+/// also crash that recovery at each of its own points before a final one:
+/// libvirt is unchanged or holds the base usable, never a checkpoint naming
+/// a missing bitmap; a new ensure then ends where an uninterrupted one does.
 #[test]
 fn every_crash_point_of_an_ensure() {
     let total = {
@@ -337,42 +337,62 @@ fn every_crash_point_of_an_ensure() {
             .unwrap();
         points.count()
     };
-    assert!(total > 10, "{total}");
+    assert!(total >= 10, "{total}");
+    let crashed_world = |k: u64| {
+        let (fake, j) = lost_world(true);
+        let crashed = j.store_crashing_at(100, k);
+        let r = run_crashing(|| crashed.ensure(fake.as_ref(), DOMAIN, &ckpt_id(2), None));
+        assert!(r.is_none(), "ensure did not reach point {k}");
+        (fake, j)
+    };
     let mut scenarios = 0;
+    let mut second = 0;
     for k in 1..=total {
         for policy in [Policy::Resume, Policy::Rollback] {
-            for second in [false, true] {
-                let (fake, j) = lost_world(true);
-                let crashed = j.store_crashing_at(100, k);
-                let r = run_crashing(|| crashed.ensure(fake.as_ref(), DOMAIN, &ckpt_id(2), None));
-                assert!(r.is_none(), "ensure did not reach point {k}");
-                drop(crashed);
-                if second {
-                    let rec = j.store_crashing_at(150, 1);
-                    let _ = run_crashing(|| rec.recover(fake.as_ref(), policy, None));
-                }
-                let rec = j.store(200);
-                let out = rec.recover(fake.as_ref(), policy, None).unwrap();
-                assert!(out.failed.is_empty() && out.left_open.is_empty(), "{out:?}");
-                let held = shape(&fake.peek(DOMAIN));
-                assert!(
-                    held.is_empty() || held == c2_on_sda(),
-                    "point {k} {policy:?}: {held:?}"
-                );
-                for d in fake.peek(DOMAIN) {
-                    for (t, b) in &d.disks {
-                        assert!(fake.bitmaps(DOMAIN, t).contains(b), "point {k}");
-                    }
-                }
-                let r = rec
-                    .ensure(fake.as_ref(), DOMAIN, &ckpt_id(2), None)
-                    .unwrap();
-                expect_degraded(&r);
-                assert_eq!(shape(&fake.peek(DOMAIN)), c2_on_sda(), "point {k}");
-                assert_eq!(fake.current(DOMAIN), Some(ckpt_id(2)), "point {k}");
+            let (fake, j) = crashed_world(k);
+            let (rec, points) = j.store_counting(200);
+            let out = rec.recover(fake.as_ref(), policy, None).unwrap();
+            let rtotal = points.count();
+            settle(&fake, &j, out, &format!("point {k} {policy:?}"));
+            scenarios += 1;
+            for r2 in 1..=rtotal {
+                let (fake, j) = crashed_world(k);
+                let rec = j.store_crashing_at(150, r2);
+                let r = run_crashing(|| rec.recover(fake.as_ref(), policy, None));
+                assert!(r.is_none(), "recovery did not reach point {r2}");
+                drop(rec);
+                let out = j.store(300).recover(fake.as_ref(), policy, None).unwrap();
+                settle(&fake, &j, out, &format!("point {k}, then {r2} {policy:?}"));
                 scenarios += 1;
+                second += 1;
             }
         }
     }
-    println!("ensure crash simulation: {total} crash points, {scenarios} scenarios");
+    println!(
+        "ensure crash simulation: {total} crash points, {scenarios} scenarios ({second} with a second crash during the recovery)"
+    );
+}
+
+/// After the final recovery: nothing open; libvirt holds nothing or the
+/// base on sda only, every bitmap it names present; a new ensure ends
+/// where an uninterrupted one does, the base current.
+fn settle(fake: &Arc<FakeBackend>, j: &TempJournal, out: ckptstore::RecoverReport, label: &str) {
+    assert!(
+        out.failed.is_empty() && out.left_open.is_empty(),
+        "{label}: {out:?}"
+    );
+    let held = shape(&fake.peek(DOMAIN));
+    assert!(held.is_empty() || held == c2_on_sda(), "{label}: {held:?}");
+    for d in fake.peek(DOMAIN) {
+        for (t, b) in &d.disks {
+            assert!(fake.bitmaps(DOMAIN, t).contains(b), "{label}");
+        }
+    }
+    let r = j
+        .store(400)
+        .ensure(fake.as_ref(), DOMAIN, &ckpt_id(2), None)
+        .unwrap();
+    expect_degraded(&r);
+    assert_eq!(shape(&fake.peek(DOMAIN)), c2_on_sda(), "{label}");
+    assert_eq!(fake.current(DOMAIN), Some(ckpt_id(2)), "{label}");
 }
