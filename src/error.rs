@@ -134,6 +134,24 @@ pub enum Error {
         /// What a chain file cannot say.
         reason: String,
     },
+    /// `ensure` of a checkpoint the chain it is taken from does not have.
+    #[error("checkpoint {checkpoint} is not in domain {domain}'s {from}")]
+    UnknownCheckpoint {
+        /// The domain.
+        domain: String,
+        /// The checkpoint asked for.
+        checkpoint: String,
+        /// Where it was looked for: `committed chain` or `chain file`.
+        from: &'static str,
+    },
+    /// `ensure --chain FILE` with a chain of another domain.
+    #[error("the chain is for domain {chain}, not {domain}")]
+    OtherDomain {
+        /// The domain asked for.
+        domain: String,
+        /// The chain's domain.
+        chain: String,
+    },
     /// The journal cannot be used.
     #[error(transparent)]
     Journal(#[from] JournalError),
@@ -187,7 +205,9 @@ impl Error {
             Error::Chain(_)
             | Error::UnknownTarget { .. }
             | Error::NoCommittedChain { .. }
-            | Error::NotExportable { .. } => ErrorKind::BadInput,
+            | Error::NotExportable { .. }
+            | Error::UnknownCheckpoint { .. }
+            | Error::OtherDomain { .. } => ErrorKind::BadInput,
             Error::Busy { .. } | Error::TakenOver { .. } | Error::Diverged { .. } => {
                 ErrorKind::Busy
             }
@@ -219,6 +239,12 @@ impl Error {
             ),
             Error::MissingBitmaps { .. } => {
                 "nothing was changed; `--bitmaps degrade` leaves those disks out, or take a new full backup".into()
+            }
+            Error::UnknownCheckpoint { domain, .. } => format!(
+                "`ckptstore export --domain {domain}` shows the committed chain; nothing was changed"
+            ),
+            Error::OtherDomain { .. } => {
+                "give the chain of that domain, or `--domain` of this chain; nothing was changed".into()
             }
             Error::NotExportable { domain, .. } => format!(
                 "`ckptstore history --domain {domain}` shows the committed transactions; nothing was changed"
@@ -296,6 +322,8 @@ impl Error {
             | Error::NoCommittedChain { .. }
             | Error::NotExportable { .. }
             | Error::MissingBitmaps { .. }
+            | Error::UnknownCheckpoint { .. }
+            | Error::OtherDomain { .. }
             | Error::Journal(_) => None,
         }
     }

@@ -34,9 +34,9 @@ pub use chain::{
     MAX_CHECKPOINTS, MAX_NAME_BYTES,
 };
 pub use engine::{
-    DomainStatus, History, HistoryEntry, Incomplete, Outcome, PlanReport, PlanStep, Policy,
-    Progress, ProgressFn, RecoverFailure, RecoverReport, Recovered, Status, Store, StoreOptions,
-    SyncReport, CRASH_POINTS,
+    DiskMode, DomainStatus, EnsureDisk, EnsureReport, History, HistoryEntry, Incomplete, Outcome,
+    PlanReport, PlanStep, Policy, Progress, ProgressFn, RecoverFailure, RecoverReport, Recovered,
+    Status, Store, StoreOptions, SyncReport, CRASH_POINTS,
 };
 pub use error::{Error, ErrorDoc, ErrorKind, Result};
 pub use journal::{

@@ -208,10 +208,7 @@ fn cli_case() {
 
 fn main() {
     if let Ok(disks) = std::env::var(CASE) {
-        case(
-            disks.parse().unwrap(),
-            std::env::var_os(CHECKED).is_some(),
-        );
+        case(disks.parse().unwrap(), std::env::var_os(CHECKED).is_some());
         return;
     }
     println!(

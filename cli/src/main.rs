@@ -155,6 +155,17 @@ Example:
   $ ckptstore metrics --textfile /var/lib/node_exporter/textfile_collector/ckptstore.prom
   $ ckptstore metrics | grep ckptstore_checkpoints
   ckptstore_checkpoints{domain=\"fedora\"} 8";
+const ENSURE_AFTER: &str = "\
+Makes one checkpoint, the base of the next incremental backup, usable in libvirt: redefined on
+exactly the disks whose bitmap is usable, as a root when libvirt lacks its parent. Its definition
+comes from the domain's committed chain, or from --chain FILE. Nothing is ever deleted; a second
+call makes no libvirt call. Exit 0 even when every disk is full: the per-disk mode is the answer.
+
+Example:
+  $ ckptstore ensure --domain fedora --checkpoint 1a4b9b0e-5e47-4c39-8d2a-6b1f7f3d2a12
+  domain fedora: checkpoint 1a4b9b0e-5e47-4c39-8d2a-6b1f7f3d2a12 redefined (transaction 6e0c…, 1 libvirt call)
+    vda  incremental
+    vdb  full: libvirt finds bitmap 1a4b9b0e-5e47-4c39-8d2a-6b1f7f3d2a12 missing or broken";
 
 const DEMO_AFTER: &str = "\
 Example:
@@ -247,6 +258,9 @@ enum Command {
     /// The journal's figures for Prometheus (text on stdout, or a file for node_exporter)
     #[command(after_help = METRICS_AFTER)]
     Metrics(MetricsArgs),
+    /// Make one checkpoint, the next incremental backup's base, usable in libvirt
+    #[command(after_help = ENSURE_AFTER)]
+    Ensure(EnsureArgs),
     /// The whole story on libvirt's built-in test driver (no daemon needed)
     #[command(after_help = DEMO_AFTER)]
     Demo,
@@ -294,6 +308,19 @@ struct DomainArg {
     /// The libvirt domain (name or UUID)
     #[arg(long, value_name = "DOMAIN")]
     domain: String,
+}
+
+#[derive(Debug, Args)]
+struct EnsureArgs {
+    /// The libvirt domain (name or UUID)
+    #[arg(long, value_name = "DOMAIN")]
+    domain: String,
+    /// The checkpoint to make usable
+    #[arg(long, value_name = "NAME")]
+    checkpoint: String,
+    /// Take its definition from this chain (JSON, "-" reads standard input) instead of the committed chain
+    #[arg(long, value_name = "FILE")]
+    chain: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -468,6 +495,11 @@ fn run(cli: Cli, out: &Out) -> anyhow::Result<()> {
         Command::Metrics(args) => {
             let store = open_store(&cli.db, cli.bitmaps, false)?;
             metrics::run(&store, args.textfile.as_deref(), out)
+        }
+        Command::Ensure(args) => {
+            let chain = args.chain.as_deref().map(read_chain).transpose()?;
+            let store = open_store(&cli.db, cli.bitmaps, false)?;
+            out.ensure(&store.ensure(&backend(), &args.domain, &args.checkpoint, chain)?)
         }
         Command::Demo => demo::run(out),
     }

@@ -2,14 +2,14 @@
 //! command's result, and the JSON form, which is the library's own type
 //! serialised as it is (the wire format is defined once, in the library:
 //! `SyncReport`, `PlanReport`, `RecoverReport`, `Status`, `History`,
-//! `Report`, `ErrorDoc`). The README lists every document.
+//! `EnsureReport`, `Report`, `ErrorDoc`). The README lists every document.
 
 use std::fmt::Write as _;
 use std::io::Write as _;
 
 use ckptstore::{
-    Chain, Degraded, ErrorDoc, History, PlanReport, PlanStep, RecoverReport, Report, Status,
-    SyncReport, Unverified,
+    Chain, Degraded, DiskMode, EnsureReport, ErrorDoc, History, PlanReport, PlanStep,
+    RecoverReport, Report, Status, SyncReport, Unverified,
 };
 use serde::Serialize;
 use serde_json::{Map, Value};
@@ -107,6 +107,37 @@ impl Out {
     pub fn history(&self, h: &History) -> anyhow::Result<()> {
         self.emit(h, || history_text(h))
     }
+
+    pub fn ensure(&self, r: &EnsureReport) -> anyhow::Result<()> {
+        self.emit(r, || ensure_text(r))
+    }
+}
+
+/// The human form of `ensure`: a line, then one line per disk.
+pub fn ensure_text(r: &EnsureReport) -> String {
+    let what = if r.redefined {
+        "redefined"
+    } else if r.disks.iter().any(|d| d.mode == DiskMode::Incremental) {
+        "already usable"
+    } else {
+        "not redefined (no disk has a usable bitmap)"
+    };
+    let mut s = format!(
+        "domain {}: checkpoint {} {what} (transaction {}, {} libvirt call{})\n",
+        r.domain,
+        r.checkpoint,
+        r.txn,
+        r.libvirt_calls,
+        plural(r.libvirt_calls)
+    );
+    for d in &r.disks {
+        let _ = match &d.reason {
+            Some(why) => writeln!(s, "  {}  {}: {why}", d.target, name(&d.mode)),
+            None => writeln!(s, "  {}  {}", d.target, name(&d.mode)),
+        };
+    }
+    warnings(&mut s, &r.warnings);
+    s
 }
 
 /// The human form of `plan`.

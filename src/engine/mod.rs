@@ -9,10 +9,12 @@
 //!
 //! The code map: `options.rs` (how a store is opened, the test seams),
 //! `report.rs` (what the operations answer: the wire format), `txn.rs`
-//! (the transaction driver and recovery), `pool.rs` (the worker pool of
+//! (the transaction driver and recovery), `ensure.rs` (one checkpoint
+//! made usable: `ensure`), `pool.rs` (the worker pool of
 //! independent domains); this file holds [`Store`] and its operations.
 
 mod arrivals;
+mod ensure;
 mod options;
 mod pool;
 mod reapply;
@@ -27,6 +29,7 @@ use std::path::Path;
 use tracing::{info, warn};
 use uuid::Uuid;
 
+pub use ensure::{DiskMode, EnsureDisk, EnsureReport};
 #[cfg(feature = "testing")]
 pub use options::{Hook, Liveness, Seams};
 pub use options::{ProgressFn, StoreOptions, CRASH_POINTS};

@@ -121,7 +121,10 @@ impl Store {
             domain: &t.domain,
             calls: 0,
             warnings: Vec::new(),
-            validate: false,
+            // A resumed redefine asks libvirt to check bitmaps as the apply did.
+            validate: self.opts.bitmaps != BitmapPolicy::Ignore
+                && backend.checks_bitmaps().unwrap_or(false)
+                && backend.domain_info(&t.domain).is_ok_and(|i| i.running),
             known: Known::of(&t.before, &t.target),
             arrived: Vec::new(),
             applied: None,
@@ -287,13 +290,12 @@ impl Store {
         let current = backend
             .list(domain)
             .map_err(backend_err(domain, "list", None))?;
-        let goal = reapply::goal(
-            kind == TxnKind::Resync,
-            target,
-            chain,
-            &current,
-            self.opts.prune_foreign,
-        );
+        let goal = if kind == TxnKind::Ensure {
+            super::ensure::goal(target, &current)
+        } else {
+            let resync = kind == TxnKind::Resync;
+            reapply::goal(resync, target, chain, &current, self.opts.prune_foreign)
+        };
         warnings.extend(goal.warnings);
         let chain = goal.chain.as_ref();
         let checked =
@@ -710,7 +712,7 @@ impl Store {
 
 /// The disk named in libvirt's `VIR_ERR_CHECKPOINT_INCONSISTENT` message
 /// ("… missing or broken bitmap 'NAME' for disk 'vdb'").
-fn refused_disk(message: &str) -> Option<String> {
+pub(super) fn refused_disk(message: &str) -> Option<String> {
     let (_, rest) = message.rsplit_once("for disk '")?;
     let disk = rest.split('\'').next()?;
     (!disk.is_empty()).then(|| disk.to_string())

@@ -6,6 +6,7 @@
 //! running.
 
 mod conformance;
+mod ensure;
 mod leftovers;
 mod libvirt_running;
 mod validate;

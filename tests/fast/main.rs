@@ -5,6 +5,7 @@
 //! map. None needs the daemon; they run side by side.
 
 mod engine;
+mod ensure;
 mod fake_vs_libvirt;
 mod hostile;
 mod journal;

@@ -5,7 +5,8 @@
 //! README, fails here.
 
 use ckptstore::{
-    Chain, ErrorDoc, History, Metrics, PlanReport, RecoverReport, Report, Status, SyncReport,
+    Chain, EnsureReport, ErrorDoc, History, Metrics, PlanReport, RecoverReport, Report, Status,
+    SyncReport,
 };
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
@@ -88,6 +89,7 @@ fn every_json_example_in_the_readme_is_a_library_type() {
             "Report" => check::<Report>(name, json),
             "History" => check::<History>(name, json),
             "Metrics" => check::<Metrics>(name, json),
+            "EnsureReport" => check::<EnsureReport>(name, json),
             "Failure" => check::<Failure>(name, json),
             other => panic!("the README names an unknown wire type {other}"),
         }
@@ -98,6 +100,7 @@ fn every_json_example_in_the_readme_is_a_library_type() {
         seen,
         [
             "Chain",
+            "EnsureReport",
             "Failure",
             "History",
             "Metrics",

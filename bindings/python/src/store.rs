@@ -182,6 +182,27 @@ impl Store {
         self.call(py, clock, progress, move |s, b| Ok(s.resync(b, &domain)?))
     }
 
+    /// Make `checkpoint`, the base of the next incremental backup, usable
+    /// in libvirt on exactly the disks whose bitmap is usable (the
+    /// `ensure` document: each disk `incremental` or `full`). Its
+    /// definition comes from `chain` (a dict or JSON text), or else from
+    /// the domain's committed chain.
+    #[pyo3(signature = (domain, checkpoint, chain = None))]
+    fn ensure(
+        &self,
+        py: Python<'_>,
+        domain: String,
+        checkpoint: String,
+        chain: Option<&Bound<'_, PyAny>>,
+    ) -> PyResult<Py<PyAny>> {
+        let clock = Clock::start();
+        let input = chain.map(|c| take_chain(py, c)).transpose()?;
+        self.call(py, clock, None, move |s, b| {
+            let chain = input.map(parse_chain).transpose()?;
+            Ok(s.ensure(b, &domain, &checkpoint, chain)?)
+        })
+    }
+
     /// Finish (`policy="resume"`) or undo (`"rollback"`) every open
     /// transaction whose owner is dead (the `recover` document; failures
     /// are in its `failed`, not raised).

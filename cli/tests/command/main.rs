@@ -15,6 +15,7 @@ mod vnb;
 mod backup_client;
 mod cli;
 mod concurrent;
+mod ensure;
 mod hostile_cli;
 mod metrics;
 mod security;

@@ -84,6 +84,21 @@ class SyncReport(TypedDict):
     adopted: NotRequired[List[str]]
     foreign: NotRequired[List[str]]
 
+class EnsureDisk(TypedDict):
+    disk: str
+    target: str
+    mode: Literal["incremental", "full"]
+    reason: NotRequired[str]
+
+class EnsureReport(TypedDict):
+    txn: str
+    domain: str
+    checkpoint: str
+    disks: List[EnsureDisk]
+    redefined: bool
+    libvirt_calls: int
+    warnings: NotRequired[List[str]]
+
 class PlanStep(TypedDict):
     op: Literal["delete", "redefine"]
     checkpoint: str
@@ -277,5 +292,6 @@ class Store:
     def import_domain(self, domain: str) -> SyncReport: ...
     def metrics(self) -> Metrics: ...
     def metrics_text(self) -> str: ...
+    def ensure(self, domain: str, checkpoint: str, chain: Optional[ChainInput] = None) -> EnsureReport: ...
 
 def _gil_stats(reset: bool = False) -> dict[str, int]: ...
