@@ -12,6 +12,7 @@
 //! (the transaction driver and recovery), `pool.rs` (the worker pool of
 //! independent domains); this file holds [`Store`] and its operations.
 
+mod lifecycle;
 mod options;
 mod pool;
 mod reapply;

@@ -104,6 +104,9 @@ impl Store {
             return Ok(None);
         }
         self.point("recover.taken_over");
+        if matches!(t.kind, TxnKind::Prune | TxnKind::Reclaim) {
+            return self.recover_lifecycle(backend, t, policy).map(Some);
+        }
         let span = info_span!("recover", txn = %t.id, domain = %t.domain);
         let _e = span.enter();
         info!(state = t.state.as_str(), ?policy, previous_owner = %t.owner, "recovering");
@@ -372,7 +375,7 @@ impl Store {
 
     /// libvirt refused a step of the apply phase: restore the before-image
     /// and return the error describing the refusal.
-    fn roll_back(
+    pub(super) fn roll_back(
         &self,
         backend: &dyn Backend,
         txn: &mut Txn<'_>,
@@ -416,7 +419,7 @@ impl Store {
     /// Drive libvirt to `goal`: execute the plan (or plan from libvirt's
     /// state), then list and compare by content; repeat while libvirt
     /// differs. A lost connection is waited for and reconciled by content.
-    fn run_phase(
+    pub(super) fn run_phase(
         &self,
         backend: &dyn Backend,
         txn: &mut Txn<'_>,
@@ -726,12 +729,14 @@ fn journal_steps(plan: &Plan) -> Vec<NewStep> {
                 checkpoint: before.name.clone(),
                 xml: None,
                 before: Some(before.clone()),
+                detail: None,
             },
             Step::Redefine { def, before, .. } => NewStep {
                 op: StepOp::Redefine,
                 checkpoint: def.name.clone(),
                 xml: Some(render_checkpoint(def)),
                 before: before.clone(),
+                detail: None,
             },
         })
         .collect()
@@ -754,6 +759,8 @@ fn replayable(rows: &[StepRecord]) -> Option<Vec<(Step, bool)>> {
                         def,
                     }
                 }
+                // A lifecycle transaction's removals are not the planner's.
+                StepOp::Purge | StepOp::RemoveBitmap => return None,
             };
             Some((step, r.done))
         })

@@ -191,7 +191,7 @@ impl JournalError {
 
     /// A value or a request the journal cannot make sense of (not SQLite's
     /// error): `what: e`.
-    pub(super) fn decode(what: &str, e: impl fmt::Display) -> JournalError {
+    pub(crate) fn decode(what: &str, e: impl fmt::Display) -> JournalError {
         JournalError::Decode {
             detail: format!("{what}: {e}"),
             cause: None,

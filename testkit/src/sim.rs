@@ -14,6 +14,7 @@ use chrono::DateTime;
 use ckptstore::testing::same_content;
 use ckptstore::testing::{DiskChain, ImageError, ImageReader, Layer, LayerBitmap};
 use ckptstore::testing::{FakeBackend, Fault, Op, Phase};
+use ckptstore::testing::{ImageEditError, ImageEditor, Removed};
 use ckptstore::Owner;
 use ckptstore::{
     BackendErrorKind, BitmapPolicy, Chain, Checkpoint, CheckpointDef, Policy, Store, StoreOptions,
@@ -166,6 +167,7 @@ impl TempJournal {
     ) -> Store {
         let mut opts = Self::options(owner, None);
         opts.seams.images = Some(Arc::new(FakeImages(fake.clone())));
+        opts.seams.editor = Some(Arc::new(FakeImages(fake.clone())));
         opts.bitmaps = bitmaps;
         Store::open_with(self.path(), opts).unwrap()
     }
@@ -237,6 +239,55 @@ impl ImageReader for FakeImages {
             }],
             unfollowed: None,
         })
+    }
+}
+
+/// The domain and disk target of a fake image path
+/// (`/fake/<domain>/<target>.qcow2`).
+fn fake_disk(path: &std::path::Path) -> Option<(String, String)> {
+    let rest = path.strip_prefix("/fake").ok()?;
+    let mut parts = rest.iter().map(|p| p.to_string_lossy().into_owned());
+    let (Some(domain), Some(file), None) = (parts.next(), parts.next(), parts.next()) else {
+        return None;
+    };
+    Some((domain, file.strip_suffix(".qcow2")?.to_string()))
+}
+
+/// `qemu-img bitmap --remove` on the fake's images: refused, as QEMU's
+/// image lock refuses it, while the domain runs or another process holds
+/// the image ([`FakeBackend::hold_image`]).
+impl ImageEditor for FakeImages {
+    fn remove_bitmap(
+        &self,
+        image: &std::path::Path,
+        bitmap: &str,
+    ) -> Result<Removed, ImageEditError> {
+        self.check_writable(image)?;
+        let (domain, target) = fake_disk(image).expect("checked");
+        if !self.0.bitmaps(&domain, &target).iter().any(|b| b == bitmap) {
+            return Ok(Removed::AlreadyGone);
+        }
+        self.0.remove_bitmap(&domain, &target, bitmap);
+        Ok(Removed::Removed)
+    }
+
+    fn check_writable(&self, image: &std::path::Path) -> Result<(), ImageEditError> {
+        let Some((domain, target)) = fake_disk(image) else {
+            return Err(ImageEditError::Failed {
+                image: image.to_path_buf(),
+                message: "not a fake image".into(),
+            });
+        };
+        if self.0.image_in_use(&domain, &target) {
+            return Err(ImageEditError::InUse {
+                image: image.to_path_buf(),
+                message: format!(
+                    "Could not open '{}': Failed to get \"write\" lock",
+                    image.display()
+                ),
+            });
+        }
+        Ok(())
     }
 }
 
