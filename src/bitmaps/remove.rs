@@ -185,7 +185,6 @@ impl ImageEditor for QemuImg {
 ///
 /// The reader's: an image that is not qcow2 holds no bitmap (an empty
 /// list), an unreadable one is an error.
-#[allow(dead_code)] // prune's and reclaim's
 pub(crate) fn layers_holding(
     reader: &dyn ImageReader,
     top: &Path,
