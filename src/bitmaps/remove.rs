@@ -47,15 +47,6 @@ pub enum ImageEditError {
     },
 }
 
-impl ImageEditError {
-    /// The image concerned.
-    pub fn image(&self) -> &Path {
-        match self {
-            ImageEditError::InUse { image, .. } | ImageEditError::Failed { image, .. } => image,
-        }
-    }
-}
-
 /// Where bitmaps are removed from image files. [`QemuImg`] runs
 /// `qemu-img`; the test seam of a store may supply another.
 pub trait ImageEditor {

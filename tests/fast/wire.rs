@@ -86,6 +86,7 @@ fn every_json_example_in_the_readme_is_a_library_type() {
             "Report" => check::<Report>(name, json),
             "History" => check::<History>(name, json),
             "Failure" => check::<Failure>(name, json),
+            "PruneReport" => check::<ckptstore::PruneReport>(name, json),
             other => panic!("the README names an unknown wire type {other}"),
         }
         seen.push(name.as_str());
@@ -98,6 +99,7 @@ fn every_json_example_in_the_readme_is_a_library_type() {
             "Failure",
             "History",
             "PlanReport",
+            "PruneReport",
             "RecoverReport",
             "Report",
             "Status",
