@@ -200,11 +200,15 @@ impl Harness for LibvirtHarness {
     }
     fn image_bitmaps(&self, dom: &Dom) -> Option<Vec<Vec<String>>> {
         let guard = dom.guard.as_ref().filter(|_| !self.always_running)?;
+        let running = self.backend.domain_info(&dom.name).unwrap().running;
         Some(
             guard
                 .images
                 .iter()
                 .map(|p| {
+                    if running {
+                        return testkit::qemu::running_bitmaps(support::SYSTEM_URI, &dom.name, p);
+                    }
                     let mut names: Vec<String> =
                         testkit::qemu::info_bitmaps(&testkit::qemu::info(p))
                             .into_iter()
@@ -1005,7 +1009,7 @@ fn purge_deletes_the_checkpoint_and_its_bitmaps(h: &dyn Harness) {
         assert_eq!(h.create(&on, name).unwrap().as_deref(), parent);
     }
     let all = |names: &[&str]| -> Option<Vec<Vec<String>>> {
-        Some(vec![names.iter().map(|n| n.to_string()).collect(); 2])
+        Some(vec![names.iter().map(ToString::to_string).collect(); 2])
     };
     assert_eq!(h.image_bitmaps(&on), all(&["c1", "c2", "c3"]));
     b.purge(&on.name, "c2").unwrap();

@@ -64,7 +64,7 @@ fn keep_two_on_a_running_domain() {
     for n in &all {
         create(&backend, &dom, n);
     }
-    assert_eq!(images(&dom), vec![all.clone(); 2]);
+    assert_eq!(running(&dom), vec![all.clone(); 2]);
     let dir = tempfile::tempdir().unwrap();
     let store = store(&dir);
     store.import(&backend, &dom.name).unwrap();
@@ -77,11 +77,23 @@ fn keep_two_on_a_running_domain() {
     let left = backend.list(&dom.name).unwrap();
     assert_eq!(names(&left), all[3..]);
     assert_eq!(left[0].parent, None);
-    assert_eq!(images(&dom), vec![all[3..].to_vec(); 2]);
+    assert_eq!(running(&dom), vec![all[3..].to_vec(); 2]);
     assert_validate(&backend, &dom);
     let committed = store.committed(&dom.name).unwrap().unwrap();
     assert_eq!(names(&committed.defs), all[3..]);
     assert_eq!(create(&backend, &dom, "c5").parent.as_deref(), Some("c4"));
+    // QEMU writes the bitmaps into the images when it closes them.
+    dom.domain().destroy().unwrap();
+    let left = vec!["c3".to_string(), "c4".into(), "c5".into()];
+    assert_eq!(images(&dom), vec![left; 2]);
+}
+
+/// What the running QEMU holds per image.
+fn running(dom: &TestDomain) -> Vec<Vec<String>> {
+    dom.images
+        .iter()
+        .map(|p| qemu::running_bitmaps(support::SYSTEM_URI, &dom.name, p))
+        .collect()
 }
 
 #[test]
@@ -94,6 +106,10 @@ fn keep_two_on_a_shut_off_domain_with_qemu_img() {
         create(&backend, &dom, n);
     }
     dom.domain().destroy().unwrap();
+    // The killed QEMU may hold its images' locks a moment longer.
+    for image in &dom.images {
+        wait_released(image);
+    }
     let dir = tempfile::tempdir().unwrap();
     let store = store(&dir);
     store.import(&backend, &dom.name).unwrap();
@@ -125,6 +141,29 @@ fn keep_two_on_a_shut_off_domain_with_qemu_img() {
     assert_eq!(create(&backend, &dom, "c5").parent.as_deref(), Some("c4"));
 }
 
+/// Wait until no process holds `image` (a writer is not refused).
+fn wait_released(image: &std::path::Path) {
+    let start = Instant::now();
+    while String::from_utf8_lossy(
+        &qemu::qemu_img_output(&[
+            "bitmap",
+            "--remove",
+            image.to_str().unwrap(),
+            "ckptstore-holder-probe",
+        ])
+        .stderr,
+    )
+    .contains("lock")
+    {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "{} stays locked",
+            image.display()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 /// `qemu-io` holding an image open (QEMU's write lock) until dropped.
 struct Holder(Child);
 
@@ -132,12 +171,12 @@ impl Holder {
     fn hold(image: &std::path::Path) -> Holder {
         // Read-only (`-r`): it still takes QEMU's lock against writers, and
         // a killed read-write qemu-io would leave every bitmap in use.
-        let child = Command::new("qemu-io")
+        let mut child = Command::new("qemu-io")
             .args(["-r", "-f", "qcow2"])
             .arg(image)
             .stdin(Stdio::piped())
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(Stdio::piped())
             .spawn()
             .expect("qemu-io runs");
         let start = Instant::now();
@@ -154,10 +193,14 @@ impl Holder {
         )
         .contains("lock")
         {
-            assert!(
-                start.elapsed() < Duration::from_secs(10),
-                "qemu-io did not open the image"
-            );
+            if start.elapsed() > Duration::from_secs(10) {
+                let _ = child.kill();
+                let out = child.wait_with_output().unwrap();
+                panic!(
+                    "qemu-io did not open the image: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+            }
             std::thread::sleep(Duration::from_millis(50));
         }
         Holder(child)

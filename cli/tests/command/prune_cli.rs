@@ -66,12 +66,12 @@ impl Holder {
     fn hold(image: &std::path::Path) -> Holder {
         // Read-only (`-r`): it still takes QEMU's lock against writers, and
         // a killed read-write qemu-io would leave every bitmap in use.
-        let child = Command::new("qemu-io")
+        let mut child = Command::new("qemu-io")
             .args(["-r", "-f", "qcow2"])
             .arg(image)
             .stdin(Stdio::piped())
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(Stdio::piped())
             .spawn()
             .expect("qemu-io runs");
         let start = Instant::now();
@@ -88,10 +88,14 @@ impl Holder {
         )
         .contains("lock")
         {
-            assert!(
-                start.elapsed() < Duration::from_secs(10),
-                "qemu-io did not open the image"
-            );
+            if start.elapsed() > Duration::from_secs(10) {
+                let _ = child.kill();
+                let out = child.wait_with_output().unwrap();
+                panic!(
+                    "qemu-io did not open the image: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+            }
             std::thread::sleep(Duration::from_millis(50));
         }
         Holder(child)
