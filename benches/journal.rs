@@ -63,6 +63,7 @@ fn begin(journal: &Journal, domain: &str) -> Uuid {
             checkpoint: d.name.clone(),
             xml: Some(ckptstore::testing::render_checkpoint(d)),
             before: None,
+            detail: None,
         })
         .collect();
     let id = Uuid::new_v4();

@@ -152,6 +152,46 @@ pub enum Error {
         /// The chain's domain.
         chain: String,
     },
+    /// A shut-off domain's image that a removal must write is held open by
+    /// another process (QEMU's write lock). Before the intent: refused,
+    /// nothing changed (exit 2). During a transaction: it is left open for
+    /// `recover` (exit 4).
+    #[error("domain {domain}: image {} is in use by another process ({message}){}", image.display(),
+            txn.map(|t| format!("; transaction {t} is left open for recover")).unwrap_or_default())]
+    ImageInUse {
+        /// The domain.
+        domain: String,
+        /// The image.
+        image: std::path::PathBuf,
+        /// `qemu-img`'s message.
+        message: String,
+        /// The open transaction, if one was started.
+        txn: Option<Uuid>,
+    },
+    /// A shut-off domain's image could not be read or edited (not the
+    /// lock). Before the intent: nothing changed (exit 2); during a
+    /// transaction: left open for `recover` (exit 4).
+    #[error("domain {domain}: image {}: {message}{}", image.display(),
+            txn.map(|t| format!("; transaction {t} is left open for recover")).unwrap_or_default())]
+    ImageEdit {
+        /// The domain.
+        domain: String,
+        /// The image.
+        image: std::path::PathBuf,
+        /// Why.
+        message: String,
+        /// The open transaction, if one was started.
+        txn: Option<Uuid>,
+    },
+    /// A retention rule that would delete what must stay (`--keep 0`, the
+    /// leaf), or that cannot be read (a bad duration).
+    #[error("bad retention for domain {domain}: {reason}")]
+    BadRetention {
+        /// The domain.
+        domain: String,
+        /// What is wrong.
+        reason: String,
+    },
     /// The journal cannot be used.
     #[error(transparent)]
     Journal(#[from] JournalError),
@@ -207,7 +247,10 @@ impl Error {
             | Error::NoCommittedChain { .. }
             | Error::NotExportable { .. }
             | Error::UnknownCheckpoint { .. }
-            | Error::OtherDomain { .. } => ErrorKind::BadInput,
+            | Error::OtherDomain { .. }
+            | Error::BadRetention { .. }
+            | Error::ImageInUse { txn: None, .. }
+            | Error::ImageEdit { txn: None, .. } => ErrorKind::BadInput,
             Error::Busy { .. } | Error::TakenOver { .. } | Error::Diverged { .. } => {
                 ErrorKind::Busy
             }
@@ -219,6 +262,8 @@ impl Error {
                 rolled_back: false, ..
             }
             | Error::Backend { .. }
+            | Error::ImageInUse { .. }
+            | Error::ImageEdit { .. }
             | Error::Aborted { .. } => ErrorKind::Unreachable,
             Error::Journal(_) => ErrorKind::Journal,
         }
@@ -279,6 +324,18 @@ impl Error {
             Error::Backend { .. } => {
                 "the transaction is left open: run `ckptstore recover` once libvirt answers again".into()
             }
+            Error::BadRetention { .. } => {
+                "give --keep N (N at least 1) or --older-than DURATION (like 7d, 12h, 30m); nothing was changed".into()
+            }
+            Error::ImageInUse { txn: None, .. } => {
+                "stop the process that holds the image (the domain, qemu-nbd, a backup), then retry; nothing was changed".into()
+            }
+            Error::ImageEdit { txn: None, .. } => {
+                "check the image and that qemu-img runs; nothing was changed".into()
+            }
+            Error::ImageInUse { domain, .. } | Error::ImageEdit { domain, .. } => format!(
+                "the transaction is left open: fix the image, then run `ckptstore recover --domain {domain}`"
+            ),
             Error::Journal(j) => j.hint().into(),
         }
     }
@@ -316,7 +373,10 @@ impl Error {
             | Error::Diverged { txn, .. }
             | Error::TakenOver { txn, .. }
             | Error::Aborted { txn, .. } => Some(*txn),
-            Error::Backend { txn, .. } | Error::Busy { txn, .. } => *txn,
+            Error::Backend { txn, .. }
+            | Error::Busy { txn, .. }
+            | Error::ImageInUse { txn, .. }
+            | Error::ImageEdit { txn, .. } => *txn,
             Error::Chain(_)
             | Error::UnknownTarget { .. }
             | Error::NoCommittedChain { .. }
@@ -324,6 +384,7 @@ impl Error {
             | Error::MissingBitmaps { .. }
             | Error::UnknownCheckpoint { .. }
             | Error::OtherDomain { .. }
+            | Error::BadRetention { .. }
             | Error::Journal(_) => None,
         }
     }

@@ -35,8 +35,8 @@ pub use chain::{
 };
 pub use engine::{
     DiskMode, DomainStatus, EnsureDisk, EnsureReport, History, HistoryEntry, Incomplete, Outcome,
-    PlanReport, PlanStep, Policy, Progress, ProgressFn, RecoverFailure, RecoverReport, Recovered,
-    Status, Store, StoreOptions, SyncReport, CRASH_POINTS,
+    PlanReport, PlanStep, Policy, Progress, ProgressFn, PruneReport, RecoverFailure, RecoverReport,
+    Recovered, RemovedBitmap, Retention, Status, Store, StoreOptions, SyncReport, CRASH_POINTS,
 };
 pub use error::{Error, ErrorDoc, ErrorKind, Result};
 pub use journal::{

@@ -6,6 +6,7 @@
 
 pub use crate::backend::fake::FakeBackend;
 pub use crate::backend::fake::{Fault, Op, Phase};
+pub use crate::bitmaps::remove::{ImageEditError, ImageEditor, QemuImg, Removed};
 pub use crate::chain::is_valid_checkpoint_name;
 pub use crate::chain::{leaf_of, root_of, xml_safe_text};
 pub use crate::engine::{Hook, Liveness, Seams, CRASH_POINTS};

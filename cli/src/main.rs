@@ -14,6 +14,7 @@ mod failpoints;
 mod metrics;
 mod output;
 mod progress;
+mod prune;
 
 use std::fs::DirBuilder;
 use std::io::{IsTerminal, Read};
@@ -264,6 +265,9 @@ enum Command {
     /// The whole story on libvirt's built-in test driver (no daemon needed)
     #[command(after_help = DEMO_AFTER)]
     Demo,
+    /// Delete a domain's oldest checkpoints and their bitmaps (retention); a dry run without --apply
+    #[command(after_help = prune::PRUNE_AFTER)]
+    Prune(prune::PruneArgs),
 }
 
 #[derive(Debug, Args)]
@@ -502,6 +506,14 @@ fn run(cli: Cli, out: &Out) -> anyhow::Result<()> {
             out.ensure(&store.ensure(&backend(), &args.domain, &args.checkpoint, chain)?)
         }
         Command::Demo => demo::run(out),
+        Command::Prune(args) => {
+            let retention = args.retention()?;
+            let store = open_store(&cli.db, cli.bitmaps, false)?;
+            prune::print(
+                out,
+                &store.prune(&backend(), &args.domain, retention, args.apply)?,
+            )
+        }
     }
 }
 

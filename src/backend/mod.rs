@@ -204,6 +204,26 @@ pub trait Backend: Send + Sync {
     /// [`BackendErrorKind::NoCheckpoint`] when there is no such checkpoint.
     fn delete(&self, domain: &str, name: &str) -> Result<(), BackendError>;
 
+    /// libvirt's real delete of one checkpoint (`virDomainCheckpointDelete`
+    /// with no flag): its metadata and its bitmap in every disk's image
+    /// (QEMU merges a non-root checkpoint's bitmap into its parent's); its
+    /// children are re-parented to its parent. Needs a running domain. The
+    /// provided implementation cannot: `Unsupported`.
+    ///
+    /// # Errors
+    ///
+    /// [`BackendErrorKind::NoCheckpoint`] when there is no such checkpoint,
+    /// [`BackendErrorKind::NotRunning`] on a shut-off domain ("cannot
+    /// delete checkpoint for inactive domain"),
+    /// [`BackendErrorKind::Unsupported`], connection errors.
+    fn purge(&self, domain: &str, name: &str) -> Result<(), BackendError> {
+        let _ = (domain, name);
+        Err(BackendError::new(
+            BackendErrorKind::Unsupported,
+            format!("{} cannot delete a checkpoint's bitmaps", self.describe()),
+        ))
+    }
+
     /// The domain's disks and run state.
     ///
     /// # Errors

@@ -4,7 +4,9 @@
 //!
 //! The code map: `images.rs` (where the layers and their bitmaps come
 //! from: [`ImageReader`], the in-process [`Qcow2Reader`]), `rules.rs`
-//! (libvirt's rules for a usable bitmap, `qemuBlockBitmapChainIsValid`);
+//! (libvirt's rules for a usable bitmap, `qemuBlockBitmapChainIsValid`),
+//! `remove.rs` (a bitmap removed from a shut-off domain's image:
+//! [`remove::ImageEditor`], `qemu-img bitmap --remove`);
 //! this file holds the policy and the check before a redefine.
 //!
 //! Before the intent, for every checkpoint of the target and every disk of
@@ -27,6 +29,7 @@
 //! redefined, and its children hang off its nearest kept ancestor.
 
 pub(crate) mod images;
+pub(crate) mod remove;
 mod rules;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};

@@ -15,8 +15,10 @@
 
 mod arrivals;
 mod ensure;
+mod lifecycle;
 mod options;
 mod pool;
+mod prune;
 mod reapply;
 mod report;
 mod steps;
@@ -33,6 +35,7 @@ pub use ensure::{DiskMode, EnsureDisk, EnsureReport};
 #[cfg(feature = "testing")]
 pub use options::{Hook, Liveness, Seams};
 pub use options::{ProgressFn, StoreOptions, CRASH_POINTS};
+pub use prune::{PruneReport, RemovedBitmap, Retention};
 pub use report::{
     DomainStatus, History, HistoryEntry, Incomplete, Outcome, PlanReport, PlanStep, Policy,
     Progress, RecoverFailure, RecoverReport, Recovered, Status, SyncReport,

@@ -9,6 +9,8 @@ use std::time::Duration;
 use super::report::Progress;
 #[cfg(feature = "testing")]
 use crate::bitmaps::images::ImageReader;
+#[cfg(feature = "testing")]
+use crate::bitmaps::remove::ImageEditor;
 use crate::bitmaps::BitmapPolicy;
 use crate::journal::JournalOptions;
 #[cfg(feature = "testing")]
@@ -90,6 +92,9 @@ pub struct Seams {
     /// Where a shut-off domain's images are read from (default: the
     /// in-process qcow2 reader).
     pub images: Option<Arc<dyn ImageReader + Send + Sync>>,
+    /// Where a shut-off domain's bitmaps are removed (default:
+    /// `qemu-img bitmap --remove`).
+    pub editor: Option<Arc<dyn ImageEditor + Send + Sync>>,
 }
 
 impl Default for StoreOptions {

@@ -23,12 +23,14 @@ pub(super) fn into_journal_steps(steps: Vec<Step>) -> Vec<NewStep> {
                 checkpoint: before.name.clone(),
                 xml: None,
                 before: Some(before),
+                detail: None,
             },
             Step::Redefine { def, before, .. } => NewStep {
                 op: StepOp::Redefine,
                 xml: Some(render_checkpoint(&def)),
                 checkpoint: def.name,
                 before,
+                detail: None,
             },
         })
         .collect()
@@ -68,5 +70,7 @@ fn step(op: StepOp, xml: Option<&str>, before: Option<CheckpointDef>) -> Option<
                 def,
             }
         }
+        // A lifecycle transaction's removals are not the planner's.
+        StepOp::Purge | StepOp::RemoveBitmap => return None,
     })
 }

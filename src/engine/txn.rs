@@ -113,6 +113,9 @@ impl Store {
             return Ok(None);
         }
         self.point("recover.taken_over");
+        if matches!(t.kind, TxnKind::Prune | TxnKind::Reclaim) {
+            return self.recover_lifecycle(backend, t, policy).map(Some);
+        }
         let span = info_span!("recover", txn = %t.id, domain = %t.domain);
         let _e = span.enter();
         info!(state = t.state.as_str(), ?policy, previous_owner = %t.owner, "recovering");
@@ -404,7 +407,7 @@ impl Store {
 
     /// libvirt refused a step of the apply phase: restore the before-image
     /// and return the error describing the refusal.
-    fn roll_back(
+    pub(super) fn roll_back(
         &self,
         backend: &dyn Backend,
         txn: &mut Txn<'_>,
@@ -448,7 +451,7 @@ impl Store {
     /// Drive libvirt to `goal`: execute the plan (or plan from libvirt's
     /// state), then list and compare by content; repeat while libvirt
     /// differs. A lost connection is waited for and reconciled by content.
-    fn run_phase(
+    pub(super) fn run_phase(
         &self,
         backend: &dyn Backend,
         txn: &mut Txn<'_>,

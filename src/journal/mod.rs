@@ -384,6 +384,7 @@ mod tests {
             checkpoint: "c".into(),
             xml: None,
             before: None,
+            detail: None,
         };
         let id = Uuid::new_v4();
         let new = NewTxn {

@@ -257,6 +257,7 @@ mod tests {
             checkpoint: "c".into(),
             xml: None,
             before: None,
+            detail: None,
         };
         j.add_steps(txn, StepPhase::Rollback, &[one]).unwrap();
         let s = &j.history("d", 10).unwrap()[0];

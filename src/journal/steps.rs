@@ -24,10 +24,11 @@ const NEXT_SEQ: &str =
     "SELECT COALESCE(MAX(seq) + 1, 0) AS next FROM steps WHERE txn_id = ?1 AND phase = ?2";
 
 const INSERT_STEP: &str =
-    "INSERT INTO steps (txn_id, phase, seq, op, checkpoint, xml, before_json, state) \
-     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)";
+    "INSERT INTO steps (txn_id, phase, seq, op, checkpoint, xml, before_json, state, detail) \
+     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)";
 
-const STEPS: &str = "SELECT phase, seq, op, checkpoint, xml, before_json, state FROM steps \
+const STEPS: &str =
+    "SELECT phase, seq, op, checkpoint, xml, before_json, state, detail FROM steps \
      WHERE txn_id = ?1 AND phase = ?2 ORDER BY seq";
 
 impl Journal {
@@ -149,7 +150,8 @@ pub(super) fn insert_steps(
             s.checkpoint,
             s.xml,
             s.before.as_ref().map(to_json),
-            StepState::Pending
+            StepState::Pending,
+            s.detail
         ])
         .sql(INSERT_STEP)?;
         seqs.push(seq);
@@ -166,6 +168,7 @@ fn read_step(r: &Row<'_>) -> rusqlite::Result<StepRecord> {
             checkpoint: r.get("checkpoint")?,
             xml: r.get("xml")?,
             before: json(r, "before_json", "step before-image")?,
+            detail: r.get("detail")?,
         },
         done: r.get::<_, StepState>("state")? == StepState::Done,
     })

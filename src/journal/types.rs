@@ -134,6 +134,13 @@ pub enum StepOp {
     Delete,
     /// Redefine a checkpoint from XML.
     Redefine,
+    /// libvirt's real delete of a checkpoint: metadata and bitmaps (a
+    /// lifecycle transaction's, on a running domain).
+    Purge,
+    /// Remove a checkpoint's bitmap from one image file (a lifecycle
+    /// transaction's, on a shut-off domain); `detail` names the disk and
+    /// the image.
+    RemoveBitmap,
 }
 
 /// A step's recorded progress (the journal's `steps.state`; a step record
@@ -207,6 +214,8 @@ stored_by_name!(StepPhase, "step phase", {
 stored_by_name!(StepOp, "step op", {
     Delete => "delete",
     Redefine => "redefine",
+    Purge => "purge",
+    RemoveBitmap => "remove_bitmap",
 });
 stored_by_name!(StepState, "step state", {
     Pending => "pending",
@@ -224,6 +233,10 @@ pub struct NewStep {
     pub xml: Option<String>,
     /// The definition this step replaces or deletes, if libvirt had one.
     pub before: Option<CheckpointDef>,
+    /// What the op needs beyond its checkpoint, as JSON (`remove_bitmap`:
+    /// `{"target": …, "image": …}`); `None` for the others.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
 }
 
 /// A journaled step.

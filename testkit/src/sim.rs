@@ -14,6 +14,7 @@ use chrono::DateTime;
 use ckptstore::testing::same_content;
 use ckptstore::testing::{DiskChain, ImageError, ImageReader, Layer, LayerBitmap};
 use ckptstore::testing::{FakeBackend, Fault, Op, Phase};
+use ckptstore::testing::{ImageEditError, ImageEditor, Removed};
 use ckptstore::Owner;
 use ckptstore::{
     BackendErrorKind, BitmapPolicy, Chain, Checkpoint, CheckpointDef, Policy, Store, StoreOptions,
@@ -166,8 +167,48 @@ impl TempJournal {
     ) -> Store {
         let mut opts = Self::options(owner, None);
         opts.seams.images = Some(Arc::new(FakeImages(fake.clone())));
+        opts.seams.editor = Some(Arc::new(FakeImages(fake.clone())));
         opts.bitmaps = bitmaps;
         Store::open_with(self.path(), opts).unwrap()
+    }
+
+    /// [`TempJournal::store_with_images`] (policy `degrade`) that removes
+    /// bitmaps from the fake's images too, with a crash hook.
+    fn store_on_images(
+        &self,
+        owner: u32,
+        fake: &Arc<FakeBackend>,
+        hook: Option<ckptstore::testing::Hook>,
+    ) -> Store {
+        let mut opts = Self::options(owner, hook);
+        opts.seams.images = Some(Arc::new(FakeImages(fake.clone())));
+        opts.seams.editor = Some(Arc::new(FakeImages(fake.clone())));
+        Store::open_with(self.path(), opts).unwrap()
+    }
+
+    /// A store on the fake's images that counts the crash points it passes.
+    pub fn store_with_images_counting(
+        &self,
+        owner: u32,
+        fake: &Arc<FakeBackend>,
+    ) -> (Store, Counter) {
+        let c = Counter::default();
+        let c2 = c.clone();
+        let hook: ckptstore::testing::Hook = Arc::new(move |_| {
+            c2.0.fetch_add(1, Ordering::SeqCst);
+        });
+        (self.store_on_images(owner, fake, Some(hook)), c)
+    }
+
+    /// A store on the fake's images whose process dies at its `k`-th crash
+    /// point (1-based).
+    pub fn store_with_images_crashing_at(
+        &self,
+        owner: u32,
+        fake: &Arc<FakeBackend>,
+        k: u64,
+    ) -> Store {
+        self.store_on_images(owner, fake, Some(crash_at(k)))
     }
 
     /// A store acting as simulated process `owner`.
@@ -190,14 +231,18 @@ impl TempJournal {
 
     /// A store whose process dies at its `k`-th crash point (1-based).
     pub fn store_crashing_at(&self, owner: u32, k: u64) -> Store {
-        let seen = Arc::new(AtomicU64::new(0));
-        let hook: ckptstore::testing::Hook = Arc::new(move |_| {
-            if seen.fetch_add(1, Ordering::SeqCst) + 1 == k {
-                std::panic::panic_any(SimCrash);
-            }
-        });
-        Store::open_with(self.path(), Self::options(owner, Some(hook))).unwrap()
+        Store::open_with(self.path(), Self::options(owner, Some(crash_at(k)))).unwrap()
     }
+}
+
+/// A crash hook that dies (panics with [`SimCrash`]) at its `k`-th point.
+fn crash_at(k: u64) -> ckptstore::testing::Hook {
+    let seen = Arc::new(AtomicU64::new(0));
+    Arc::new(move |_| {
+        if seen.fetch_add(1, Ordering::SeqCst) + 1 == k {
+            std::panic::panic_any(SimCrash);
+        }
+    })
 }
 
 pub use crate::rng::Rng;
@@ -237,6 +282,55 @@ impl ImageReader for FakeImages {
             }],
             unfollowed: None,
         })
+    }
+}
+
+/// The domain and disk target of a fake image path
+/// (`/fake/<domain>/<target>.qcow2`).
+fn fake_disk(path: &std::path::Path) -> Option<(String, String)> {
+    let rest = path.strip_prefix("/fake").ok()?;
+    let mut parts = rest.iter().map(|p| p.to_string_lossy().into_owned());
+    let (Some(domain), Some(file), None) = (parts.next(), parts.next(), parts.next()) else {
+        return None;
+    };
+    Some((domain, file.strip_suffix(".qcow2")?.to_string()))
+}
+
+/// `qemu-img bitmap --remove` on the fake's images: refused, as QEMU's
+/// image lock refuses it, while the domain runs or another process holds
+/// the image ([`FakeBackend::hold_image`]).
+impl ImageEditor for FakeImages {
+    fn remove_bitmap(
+        &self,
+        image: &std::path::Path,
+        bitmap: &str,
+    ) -> Result<Removed, ImageEditError> {
+        self.check_writable(image)?;
+        let (domain, target) = fake_disk(image).expect("checked");
+        if !self.0.bitmaps(&domain, &target).iter().any(|b| b == bitmap) {
+            return Ok(Removed::AlreadyGone);
+        }
+        self.0.remove_bitmap(&domain, &target, bitmap);
+        Ok(Removed::Removed)
+    }
+
+    fn check_writable(&self, image: &std::path::Path) -> Result<(), ImageEditError> {
+        let Some((domain, target)) = fake_disk(image) else {
+            return Err(ImageEditError::Failed {
+                image: image.to_path_buf(),
+                message: "not a fake image".into(),
+            });
+        };
+        if self.0.image_in_use(&domain, &target) {
+            return Err(ImageEditError::InUse {
+                image: image.to_path_buf(),
+                message: format!(
+                    "Could not open '{}': Failed to get \"write\" lock",
+                    image.display()
+                ),
+            });
+        }
+        Ok(())
     }
 }
 

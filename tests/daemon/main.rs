@@ -9,4 +9,5 @@ mod conformance;
 mod ensure;
 mod leftovers;
 mod libvirt_running;
+mod prune;
 mod validate;

@@ -10,6 +10,7 @@ mod fake_vs_libvirt;
 mod hostile;
 mod journal;
 mod metrics;
+mod prune;
 mod qcow2;
 mod qcow2_fuzz;
 mod simulation;

@@ -91,6 +91,7 @@ fn every_json_example_in_the_readme_is_a_library_type() {
             "Metrics" => check::<Metrics>(name, json),
             "EnsureReport" => check::<EnsureReport>(name, json),
             "Failure" => check::<Failure>(name, json),
+            "PruneReport" => check::<ckptstore::PruneReport>(name, json),
             other => panic!("the README names an unknown wire type {other}"),
         }
         seen.push(name.as_str());
@@ -105,6 +106,7 @@ fn every_json_example_in_the_readme_is_a_library_type() {
             "History",
             "Metrics",
             "PlanReport",
+            "PruneReport",
             "RecoverReport",
             "Report",
             "Status",

@@ -43,8 +43,8 @@ cargo test --workspace --locked --lib --bins --tests -- --nocapture 2>&1 | tee -
 # build (never a release build); it replaces target/debug/ckptstore.
 echo "== cargo clippy --workspace --all-targets --features failpoints -- -D warnings" >&2
 cargo clippy --workspace --all-targets --locked --features ckptstore-cli/failpoints -- -D warnings
-echo "== cargo test -p ckptstore-cli --features failpoints --test kill_points (libvirt $lv_version)" >&2
-cargo test --locked -p ckptstore-cli --features failpoints --test kill_points -- --nocapture 2>&1 | tee -a target/test-output.txt
+echo "== cargo test -p ckptstore-cli --features failpoints --test kill_points --test kill_points_prune (libvirt $lv_version)" >&2
+cargo test --locked -p ckptstore-cli --features failpoints --test kill_points --test kill_points_prune -- --nocapture 2>&1 | tee -a target/test-output.txt
 echo "== cargo test --doc" >&2
 cargo test --workspace --locked --doc
 # The Python module: a venv, `pip install bindings/python` (maturin builds

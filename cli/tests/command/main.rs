@@ -18,4 +18,5 @@ mod concurrent;
 mod ensure;
 mod hostile_cli;
 mod metrics;
+mod prune_cli;
 mod security;

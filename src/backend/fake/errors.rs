@@ -116,6 +116,16 @@ pub(super) fn inactive() -> BackendError {
     )
 }
 
+/// A real delete on a shut-off domain (libvirt's code is
+/// `VIR_ERR_OPERATION_UNSUPPORTED`; the backend says `NotRunning`).
+pub(super) fn cannot_delete_inactive() -> BackendError {
+    BackendError::with_code(
+        K::NotRunning,
+        code::OPERATION_UNSUPPORTED,
+        "Operation not supported: cannot delete checkpoint for inactive domain",
+    )
+}
+
 /// A new (non-redefine) checkpoint whose name is taken.
 pub(super) fn bitmap_exists(name: &str) -> BackendError {
     BackendError::with_code(

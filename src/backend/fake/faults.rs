@@ -22,6 +22,8 @@ pub enum Op {
     Redefine,
     /// [`Backend::delete`](crate::backend::Backend::delete)
     Delete,
+    /// [`Backend::purge`](crate::backend::Backend::purge)
+    Purge,
     /// [`Backend::domain_info`](crate::backend::Backend::domain_info)
     DomainInfo,
 }

@@ -25,6 +25,10 @@
 //! - disk names are not checked against the domain's disks;
 //! - delete (metadata only) re-parents the children to the deleted one's
 //!   parent; an unknown name is `NoCheckpoint`;
+//! - purge (libvirt's real delete) is delete plus the removal of the
+//!   checkpoint's bitmap from each of its disks' images; an unknown name is
+//!   `NoCheckpoint`, then a shut-off domain is refused ("cannot delete
+//!   checkpoint for inactive domain", `NotRunning`);
 //! - the hidden *current* checkpoint: a redefined checkpoint becomes current
 //!   when its parent is current or there is none (a replaced current one
 //!   stays current); deleting the current one makes its parent current;
@@ -153,6 +157,27 @@ impl FakeBackend {
         }
     }
 
+    /// Another process opens (`true`) or closes a disk's image, as
+    /// `qemu-nbd` or `qemu-io` would: it holds QEMU's image lock.
+    pub fn hold_image(&self, domain: &str, target: &str, held: bool) {
+        if let Some(d) = self.lock().domain(domain) {
+            if held {
+                d.held.insert(target.into());
+            } else {
+                d.held.remove(target);
+            }
+        }
+    }
+
+    /// Whether a process holds a disk's image open: the domain runs (its
+    /// QEMU has it open) or another process holds it
+    /// ([`FakeBackend::hold_image`]). `qemu-img` cannot write it then.
+    pub fn image_in_use(&self, domain: &str, target: &str) -> bool {
+        self.lock()
+            .domain(domain)
+            .is_some_and(|d| d.running || d.held.contains(target))
+    }
+
     /// The bitmaps in a disk's image, by name (what `qemu-img info` lists).
     pub fn bitmaps(&self, domain: &str, target: &str) -> Vec<String> {
         self.lock()
@@ -236,6 +261,10 @@ impl Backend for FakeBackend {
 
     fn delete(&self, domain: &str, name: &str) -> Result<(), BackendError> {
         self.call(Op::Delete, |st| st.find(domain)?.delete(name))
+    }
+
+    fn purge(&self, domain: &str, name: &str) -> Result<(), BackendError> {
+        self.call(Op::Purge, |st| st.find(domain)?.purge(name))
     }
 
     fn domain_info(&self, domain: &str) -> Result<DomainInfo, BackendError> {

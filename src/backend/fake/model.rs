@@ -23,6 +23,9 @@ pub(super) struct FakeDomain {
     disks: Vec<DomainDisk>,
     /// Bitmap names present in each disk's image, by target.
     pub(super) bitmaps: BTreeMap<String, BTreeSet<String>>,
+    /// Disks (by target) whose image another process holds open (QEMU's
+    /// image lock): `qemu-img` cannot write them.
+    pub(super) held: BTreeSet<String>,
     /// Checkpoints by name.
     checkpoints: HashMap<String, CheckpointDef>,
     /// libvirt's sibling lists: parent (`None`: the roots) → children,
@@ -326,6 +329,30 @@ impl FakeDomain {
             self.current = gone.parent;
         }
         Ok(())
+    }
+
+    /// libvirt's real delete: refused on a shut-off domain (after the
+    /// lookup); the checkpoint's bitmap leaves each of its disks' images
+    /// (QEMU merges a non-root one into its parent's bitmap, which keeps its
+    /// name), then its metadata goes as [`FakeDomain::delete`] does.
+    pub(super) fn purge(&mut self, name: &str) -> Result<(), BackendError> {
+        let Some(def) = self.checkpoints.get(name) else {
+            return Err(errors::no_checkpoint(name));
+        };
+        if !self.running {
+            return Err(errors::cannot_delete_inactive());
+        }
+        let disks: Vec<(String, String)> = def
+            .disks
+            .iter()
+            .map(|(t, b)| (t.clone(), b.clone()))
+            .collect();
+        for (target, bitmap) in disks {
+            if let Some(set) = self.bitmaps.get_mut(&target) {
+                set.remove(&bitmap);
+            }
+        }
+        self.delete(name)
     }
 
     /// The daemon restarts: every readable crash leftover is loaded (and

@@ -167,6 +167,20 @@ impl Backend for LibvirtBackend {
         })
     }
 
+    /// `virDomainCheckpointDelete` with no flag: metadata and bitmaps.
+    /// libvirt refuses a shut-off domain with `VIR_ERR_OPERATION_UNSUPPORTED`
+    /// ("cannot delete checkpoint for inactive domain"), after the lookup:
+    /// that refusal is [`K::NotRunning`].
+    fn purge(&self, domain: &str, name: &str) -> Result<(), BackendError> {
+        self.on_domain(domain, |dom| ffi::lookup_by_name(dom, name)?.delete(0))
+            .map_err(|mut e| {
+                if e.kind == K::Unsupported && e.message.contains("for inactive domain") {
+                    e.kind = K::NotRunning;
+                }
+                e
+            })
+    }
+
     /// `virDomainCheckpointGetXMLDesc` with no flag: the full XML,
     /// `<domain>` included when libvirt stores one.
     fn checkpoint_xml(&self, domain: &str, name: &str) -> Result<String, BackendError> {

@@ -234,6 +234,21 @@ class Metrics(TypedDict):
 
 # The exceptions.
 
+class RemovedBitmap(TypedDict):
+    checkpoint: str
+    target: str
+    image: str
+
+class PruneReport(TypedDict):
+    txn: Optional[str]
+    domain: str
+    applied: bool
+    pruned: List[str]
+    kept: List[str]
+    bitmaps_removed: List[RemovedBitmap]
+    libvirt_calls: int
+    warnings: List[str]
+
 class Error(Exception):
     """A ckptstore operation failed; the fields are the command's `error` document."""
 
@@ -293,5 +308,12 @@ class Store:
     def metrics(self) -> Metrics: ...
     def metrics_text(self) -> str: ...
     def ensure(self, domain: str, checkpoint: str, chain: Optional[ChainInput] = None) -> EnsureReport: ...
+    def prune(
+        self,
+        domain: str,
+        keep: Optional[int] = None,
+        older_than: Optional[str] = None,
+        apply: bool = False,
+    ) -> PruneReport: ...
 
 def _gil_stats(reset: bool = False) -> dict[str, int]: ...
