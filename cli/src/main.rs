@@ -13,6 +13,7 @@ mod exit;
 mod failpoints;
 mod output;
 mod progress;
+mod reclaim;
 
 use std::fs::DirBuilder;
 use std::io::{IsTerminal, Read};
@@ -228,6 +229,9 @@ enum Command {
     /// Check the journal, libvirt's checkpoints and the qcow2 bitmaps against each other
     #[command(after_help = VALIDATE_AFTER)]
     Validate(DomainArg),
+    /// Find (and with --apply remove) orphan and inconsistent bitmaps and the checkpoints they leave unusable
+    #[command(after_help = reclaim::RECLAIM_AFTER)]
+    Reclaim(reclaim::ReclaimArgs),
     /// The whole story on libvirt's built-in test driver (no daemon needed)
     #[command(after_help = DEMO_AFTER)]
     Demo,
@@ -438,6 +442,10 @@ fn run(cli: Cli, out: &Out) -> anyhow::Result<()> {
             )
             .with_report(&report)
             .into())
+        }
+        Command::Reclaim(args) => {
+            let store = open_store(&cli.db, cli.bitmaps, false)?;
+            reclaim::print(out, &store.reclaim(&backend(), &args.domain, args.apply)?)
         }
         Command::Demo => demo::run(out),
     }

@@ -16,6 +16,7 @@ mod lifecycle;
 mod options;
 mod pool;
 mod reapply;
+mod reclaim;
 mod report;
 mod txn;
 
@@ -29,6 +30,7 @@ use uuid::Uuid;
 #[cfg(feature = "testing")]
 pub use options::{Hook, Liveness, Seams};
 pub use options::{ProgressFn, StoreOptions, CRASH_POINTS};
+pub use reclaim::ReclaimReport;
 pub use report::{
     DomainStatus, History, HistoryEntry, Incomplete, Outcome, PlanReport, PlanStep, Policy,
     Progress, RecoverFailure, RecoverReport, Recovered, Status, SyncReport,

@@ -8,4 +8,5 @@
 mod conformance;
 mod leftovers;
 mod libvirt_running;
+mod reclaim;
 mod validate;

@@ -10,6 +10,7 @@ mod hostile;
 mod journal;
 mod qcow2;
 mod qcow2_fuzz;
+mod reclaim;
 mod simulation;
 mod tidy;
 mod wire;

@@ -16,4 +16,5 @@ mod backup_client;
 mod cli;
 mod concurrent;
 mod hostile_cli;
+mod reclaim;
 mod security;
