@@ -32,7 +32,7 @@ fn sha256(path: &Path) -> String {
 }
 
 /// The bitmap names `qemu-img info` lists for an image, sorted.
-fn names(image: &Path) -> Vec<String> {
+fn bitmaps_of(image: &Path) -> Vec<String> {
     let mut v: Vec<String> = info_bitmaps(&info(image))
         .into_iter()
         .map(|b| b.0)
@@ -164,8 +164,8 @@ fn reclaim_removes_exactly_the_orphan_and_in_use_bitmaps_of_a_shut_off_domain() 
     let done = store.reclaim(&backend, &dom.name, true).unwrap();
     assert!(done.applied && done.txn.is_some(), "{done:#?}");
     assert_eq!(done.orphans, dry.orphans);
-    assert_eq!(names(&dom.images[0]), ["c0", "c2"]);
-    assert_eq!(names(&dom.images[1]), ["c0", "c1", "c2"]);
+    assert_eq!(bitmaps_of(&dom.images[0]), ["c0", "c2"]);
+    assert_eq!(bitmaps_of(&dom.images[1]), ["c0", "c1", "c2"]);
     let after = backend.list(&dom.name).unwrap();
     assert_eq!(after.len(), 3);
     assert_eq!(
@@ -227,9 +227,9 @@ fn reclaim_removes_an_orphan_bitmap_of_a_running_domain_through_libvirt() {
     // A redefine and a real delete.
     assert_eq!(done.libvirt_calls, 2, "{done:#?}");
     assert!(
-        names(&dom.images[0]).is_empty(),
+        bitmaps_of(&dom.images[0]).is_empty(),
         "{:?}",
-        names(&dom.images[0])
+        bitmaps_of(&dom.images[0])
     );
     assert_eq!(backend.list(&dom.name).unwrap(), held);
     let report = validate(&store, &backend, &dom.name).unwrap();

@@ -10,12 +10,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use ckptstore::testing::{
-    same_content, DiskChain, FakeBackend, ImageEditError, ImageEditor, ImageError, ImageReader,
-    Layer, LayerBitmap, Op, Removed,
+    render_checkpoint, same_content, validate_with, DiskChain, FakeBackend, ImageEditError,
+    ImageEditor, ImageError, ImageReader, Layer, LayerBitmap, Op, Removed,
 };
 use ckptstore::{
-    BitmapPolicy, CheckpointAction, Error, ErrorKind, InconsistentReason, Owner, Policy, Store,
-    StoreOptions,
+    Backend, BitmapPolicy, CheckpointAction, CheckpointDef, Error, ErrorKind, InconsistentReason,
+    Owner, Policy, Store, StoreOptions,
 };
 use sim::*;
 
@@ -310,7 +310,7 @@ fn reclaim_refuses_an_image_in_use_before_any_change() {
 
 #[test]
 fn reclaim_crashed_at_every_point_then_recovered_ends_reclaimed_or_untouched() {
-    let mut points = 0;
+    let (mut points, mut restored) = (0, 0);
     for policy in [Policy::Resume, Policy::Rollback] {
         for k in 1.. {
             let (w, j) = world();
@@ -332,6 +332,8 @@ fn reclaim_crashed_at_every_point_then_recovered_ends_reclaimed_or_untouched() {
             let untouched = (w.fake.peek(DOMAIN), bitmaps(&w.fake)) == before;
             if policy == Policy::Resume || !untouched {
                 assert_reclaimed(&w, &label);
+            } else {
+                restored += 1;
             }
             let s = store(&w, &j, 4, None);
             assert!(
@@ -343,6 +345,90 @@ fn reclaim_crashed_at_every_point_then_recovered_ends_reclaimed_or_untouched() {
             assert_reclaimed(&w, &format!("{label}, reclaimed again"));
         }
     }
-    println!("reclaim: {points} crash points, each recovered (resume and rollback)");
-    assert!(points > 10, "{points}");
+    println!(
+        "reclaim: {points} crashes (resume and rollback), each recovered; {restored} rollbacks restored \
+         the before-image, the others finished"
+    );
+    assert!(points > 10 && restored > 0, "{points} {restored}");
+}
+
+fn def(i: usize, parent: Option<usize>, disks: &[&str]) -> CheckpointDef {
+    CheckpointDef {
+        name: ckpt_id(i),
+        parent: parent.map(ckpt_id),
+        creation_time: 1_700_000_000 + i as i64,
+        description: None,
+        disks: disks
+            .iter()
+            .map(|t| ((*t).to_string(), ckpt_id(i)))
+            .collect(),
+    }
+}
+
+/// A running domain: the orphans go through libvirt (a root checkpoint
+/// naming them, then a real delete), one under another name when a
+/// checkpoint of libvirt's already has the bitmap's; the checkpoint whose
+/// bitmap libvirt finds missing is degraded.
+#[test]
+fn reclaim_of_a_running_domain_goes_through_libvirt() {
+    let fake = Arc::new(FakeBackend::new());
+    fake.define_domain(DOMAIN, VM_UUID, &["sda", "sdb"], true);
+    for (t, b) in [
+        ("sda", ckpt_id(0)),
+        ("sda", ckpt_id(1)),
+        ("sda", ckpt_id(2)),
+        ("sda", "stray".to_string()),
+        ("sdb", ckpt_id(0)),
+        ("sdb", ckpt_id(2)),
+    ] {
+        fake.add_bitmap(DOMAIN, t, &b);
+    }
+    for d in [
+        def(0, None, &["sda", "sdb"]),
+        def(1, Some(0), &["sda", "sdb"]),
+        def(2, Some(1), &["sda"]),
+    ] {
+        fake.redefine(DOMAIN, &render_checkpoint(&d), false)
+            .unwrap();
+    }
+    let j = TempJournal::new();
+    let store = j.store_with_images(1, &fake, BitmapPolicy::Degrade);
+    store.import(fake.as_ref(), DOMAIN).unwrap();
+    let dry = store.reclaim(fake.as_ref(), DOMAIN, false).unwrap();
+    let orphans: Vec<(String, String)> = dry
+        .orphans
+        .iter()
+        .map(|b| (b.target.clone(), b.bitmap.clone()))
+        .collect();
+    assert_eq!(
+        orphans,
+        [
+            ("sda".to_string(), "stray".to_string()),
+            ("sdb".to_string(), ckpt_id(2))
+        ]
+    );
+    assert!(dry.inconsistent.is_empty());
+    assert_eq!(dry.checkpoints.len(), 1);
+    assert_eq!(dry.checkpoints[0].checkpoint, ckpt_id(1));
+    assert_eq!(dry.checkpoints[0].disks, ["sdb"]);
+    fake.reset_calls();
+    let r = store.reclaim(fake.as_ref(), DOMAIN, true).unwrap();
+    assert!(r.applied && r.txn.is_some());
+    // c1 redefined; two removals, each a redefine and a real delete.
+    assert_eq!(r.libvirt_calls, 5, "{r:?}");
+    assert_eq!((fake.calls(Op::Redefine), fake.calls(Op::Purge)), (3, 2));
+    assert_eq!(
+        fake.peek(DOMAIN),
+        [
+            def(0, None, &["sda", "sdb"]),
+            def(1, Some(0), &["sda"]),
+            def(2, Some(1), &["sda"]),
+        ]
+    );
+    let mut sda = fake.bitmaps(DOMAIN, "sda");
+    sda.sort();
+    assert_eq!(sda, [ckpt_id(0), ckpt_id(1), ckpt_id(2)]);
+    assert_eq!(fake.bitmaps(DOMAIN, "sdb"), [ckpt_id(0)]);
+    let report = validate_with(&store, fake.as_ref(), DOMAIN, &FakeImages(fake.clone())).unwrap();
+    assert!(report.ok, "{report:?}");
 }

@@ -4,7 +4,9 @@
 //! An example that drifts from the types, or a type that drifts from the
 //! README, fails here.
 
-use ckptstore::{Chain, ErrorDoc, History, PlanReport, RecoverReport, Report, Status, SyncReport};
+use ckptstore::{
+    Chain, ErrorDoc, History, PlanReport, ReclaimReport, RecoverReport, Report, Status, SyncReport,
+};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -85,6 +87,7 @@ fn every_json_example_in_the_readme_is_a_library_type() {
             "Status" => check::<Status>(name, json),
             "Report" => check::<Report>(name, json),
             "History" => check::<History>(name, json),
+            "ReclaimReport" => check::<ReclaimReport>(name, json),
             "Failure" => check::<Failure>(name, json),
             other => panic!("the README names an unknown wire type {other}"),
         }
@@ -98,6 +101,7 @@ fn every_json_example_in_the_readme_is_a_library_type() {
             "Failure",
             "History",
             "PlanReport",
+            "ReclaimReport",
             "RecoverReport",
             "Report",
             "Status",
