@@ -240,7 +240,9 @@ fn assert_reclaimed(w: &World, label: &str) {
     let mut want: Vec<String> = [0, 1, 3].iter().map(|i| ckpt_id(*i)).collect();
     want.sort();
     let mut have = bitmaps(&w.fake);
-    have.iter_mut().for_each(|v| v.sort());
+    for v in &mut have {
+        v.sort();
+    }
     // sda loses the stray bitmap, sdb c3's (in use); c2's were gone before.
     assert_eq!(have, [want, vec![ckpt_id(0)]], "{label}");
     let held: Vec<(String, Option<String>, Vec<String>)> = w
