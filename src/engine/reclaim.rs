@@ -75,7 +75,10 @@ impl Store {
     ///
     /// [`Error::Backend`] when the domain does not exist or libvirt cannot
     /// be reached; [`Error::Busy`] when a live process works on the domain;
-    /// [`Error::Journal`].
+    /// [`Error::ImageInUse`] (nothing changed) when another process holds
+    /// an image a removal must write; with `apply`, the lifecycle
+    /// transaction's errors (a failure part-way leaves it open for
+    /// `recover`); [`Error::Journal`].
     pub fn reclaim(
         &self,
         backend: &dyn Backend,
