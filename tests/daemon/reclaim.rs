@@ -236,3 +236,37 @@ fn reclaim_removes_an_orphan_bitmap_of_a_running_domain_through_libvirt() {
     assert!(report.ok, "{report:#?}");
     assert_eq!(report.usable.as_deref(), Some("c0"));
 }
+
+/// An image another process holds open (QEMU's lock, here `qemu-io`) is
+/// refused before any change: exit 2, images and libvirt as they were, no
+/// transaction.
+#[test]
+fn reclaim_refuses_an_image_another_process_holds() {
+    let dom = TestDomain::define(&support::system(), "reclaim-held", 1);
+    dom.add_bitmap(0, "stray");
+    let journal = tempfile::tempdir().unwrap();
+    let store = Store::open(journal.path().join("journal.db")).unwrap();
+    let backend = LibvirtBackend::connect(support::SYSTEM_URI).unwrap();
+    let child = Command::new("qemu-io")
+        .args(["-f", "qcow2", "-c", "sleep 60000"])
+        .arg(&dom.images[0])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("qemu-io starts");
+    let holder = KillOnDrop(child);
+    // qemu-io has the image open once it marked the bitmap in use.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !info_bitmaps(&info(&dom.images[0])).iter().any(|b| b.2) {
+        assert!(Instant::now() < deadline, "qemu-io never opened the image");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let before = sha256(&dom.images[0]);
+    let err = store.reclaim(&backend, &dom.name, true).unwrap_err();
+    assert!(matches!(err, ckptstore::Error::ImageInUse { txn: None, .. }), "{err:?}");
+    assert_eq!(err.kind().exit_code(), 2);
+    assert_eq!(sha256(&dom.images[0]), before);
+    assert!(store.history(&dom.name, 10).unwrap().transactions.is_empty());
+    drop(holder);
+}
