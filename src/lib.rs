@@ -37,8 +37,8 @@ pub use chain::{
 };
 pub use engine::{
     DomainStatus, History, HistoryEntry, Incomplete, Outcome, PlanReport, PlanStep, Policy,
-    Progress, ProgressFn, ReclaimReport, RecoverFailure, RecoverReport, Recovered, Status, Store,
-    StoreOptions, SyncReport, CRASH_POINTS,
+    Progress, ProgressFn, PruneReport, ReclaimReport, RecoverFailure, RecoverReport, Recovered,
+    RemovedBitmap, Retention, Status, Store, StoreOptions, SyncReport, CRASH_POINTS,
 };
 pub use error::{Error, ErrorDoc, ErrorKind, Result};
 pub use journal::{

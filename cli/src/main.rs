@@ -13,6 +13,7 @@ mod exit;
 mod failpoints;
 mod output;
 mod progress;
+mod prune;
 mod reclaim;
 
 use std::fs::DirBuilder;
@@ -235,6 +236,9 @@ enum Command {
     /// The whole story on libvirt's built-in test driver (no daemon needed)
     #[command(after_help = DEMO_AFTER)]
     Demo,
+    /// Delete a domain's oldest checkpoints and their bitmaps (retention); a dry run without --apply
+    #[command(after_help = prune::PRUNE_AFTER)]
+    Prune(prune::PruneArgs),
 }
 
 #[derive(Debug, Args)]
@@ -448,6 +452,14 @@ fn run(cli: Cli, out: &Out) -> anyhow::Result<()> {
             reclaim::print(out, &store.reclaim(&backend(), &args.domain, args.apply)?)
         }
         Command::Demo => demo::run(out),
+        Command::Prune(args) => {
+            let retention = args.retention()?;
+            let store = open_store(&cli.db, cli.bitmaps, false)?;
+            prune::print(
+                out,
+                &store.prune(&backend(), &args.domain, retention, args.apply)?,
+            )
+        }
     }
 }
 

@@ -376,7 +376,7 @@ fn bitmaps(s: &mut String, degraded: &[Degraded], unverified: &[Unverified]) {
     }
 }
 
-fn warnings(s: &mut String, warnings: &[String]) {
+pub fn warnings(s: &mut String, warnings: &[String]) {
     for w in warnings {
         let _ = writeln!(s, "  warning: {w}");
     }

@@ -47,15 +47,6 @@ pub enum ImageEditError {
     },
 }
 
-impl ImageEditError {
-    /// The image concerned.
-    pub fn image(&self) -> &Path {
-        match self {
-            ImageEditError::InUse { image, .. } | ImageEditError::Failed { image, .. } => image,
-        }
-    }
-}
-
 /// Where bitmaps are removed from image files. [`QemuImg`] runs
 /// `qemu-img`; the test seam of a store may supply another.
 pub trait ImageEditor {
@@ -185,7 +176,6 @@ impl ImageEditor for QemuImg {
 ///
 /// The reader's: an image that is not qcow2 holds no bitmap (an empty
 /// list), an unreadable one is an error.
-#[allow(dead_code)] // prune's and reclaim's
 pub(crate) fn layers_holding(
     reader: &dyn ImageReader,
     top: &Path,

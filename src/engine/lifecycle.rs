@@ -202,7 +202,6 @@ impl Store {
     /// [`Error::Busy`]; [`Error::Refused`]; [`Error::Backend`];
     /// [`Error::ImageInUse`], [`Error::ImageEdit`] (left open);
     /// [`Error::Diverged`]; [`Error::Journal`].
-    #[allow(dead_code)] // reached by prune and reclaim
     pub(crate) fn run_lifecycle(
         &self,
         backend: &dyn Backend,

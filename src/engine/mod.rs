@@ -15,6 +15,7 @@
 mod lifecycle;
 mod options;
 mod pool;
+mod prune;
 mod reapply;
 mod reclaim;
 mod report;
@@ -30,6 +31,7 @@ use uuid::Uuid;
 #[cfg(feature = "testing")]
 pub use options::{Hook, Liveness, Seams};
 pub use options::{ProgressFn, StoreOptions, CRASH_POINTS};
+pub use prune::{PruneReport, RemovedBitmap, Retention};
 pub use reclaim::ReclaimReport;
 pub use report::{
     DomainStatus, History, HistoryEntry, Incomplete, Outcome, PlanReport, PlanStep, Policy,

@@ -97,3 +97,33 @@ pub fn info_bitmaps(info: &Value) -> Vec<InfoBitmap> {
         })
         .collect()
 }
+
+/// The persistent bitmaps a running domain's QEMU holds for the image at
+/// `path`, sorted (QEMU writes them into the image only when it closes it,
+/// so `qemu-img info` cannot see them while the domain runs):
+/// `query-named-block-nodes` through `virsh qemu-monitor-command`.
+pub fn running_bitmaps(uri: &str, domain: &str, path: &Path) -> Vec<String> {
+    let out = Command::new("virsh")
+        .args(["-c", uri, "qemu-monitor-command", domain])
+        .arg(r#"{"execute":"query-named-block-nodes","arguments":{"flat":true}}"#)
+        .output()
+        .expect("virsh runs");
+    assert!(
+        out.status.success(),
+        "virsh qemu-monitor-command failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: Value = serde_json::from_slice(&out.stdout).expect("QMP answers JSON");
+    let mut names: Vec<String> = v["return"]
+        .as_array()
+        .expect("a list of nodes")
+        .iter()
+        .filter(|n| n["drv"] == "qcow2" && n["file"].as_str() == path.to_str())
+        .flat_map(|n| n["dirty-bitmaps"].as_array().cloned().unwrap_or_default())
+        .filter(|b| b["persistent"] == true)
+        .map(|b| b["name"].as_str().unwrap_or_default().to_owned())
+        .collect();
+    names.sort();
+    names.dedup();
+    names
+}

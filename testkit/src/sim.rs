@@ -172,6 +172,45 @@ impl TempJournal {
         Store::open_with(self.path(), opts).unwrap()
     }
 
+    /// [`TempJournal::store_with_images`] (policy `degrade`) that removes
+    /// bitmaps from the fake's images too, with a crash hook.
+    fn store_on_images(
+        &self,
+        owner: u32,
+        fake: &Arc<FakeBackend>,
+        hook: Option<ckptstore::testing::Hook>,
+    ) -> Store {
+        let mut opts = Self::options(owner, hook);
+        opts.seams.images = Some(Arc::new(FakeImages(fake.clone())));
+        opts.seams.editor = Some(Arc::new(FakeImages(fake.clone())));
+        Store::open_with(self.path(), opts).unwrap()
+    }
+
+    /// A store on the fake's images that counts the crash points it passes.
+    pub fn store_with_images_counting(
+        &self,
+        owner: u32,
+        fake: &Arc<FakeBackend>,
+    ) -> (Store, Counter) {
+        let c = Counter::default();
+        let c2 = c.clone();
+        let hook: ckptstore::testing::Hook = Arc::new(move |_| {
+            c2.0.fetch_add(1, Ordering::SeqCst);
+        });
+        (self.store_on_images(owner, fake, Some(hook)), c)
+    }
+
+    /// A store on the fake's images whose process dies at its `k`-th crash
+    /// point (1-based).
+    pub fn store_with_images_crashing_at(
+        &self,
+        owner: u32,
+        fake: &Arc<FakeBackend>,
+        k: u64,
+    ) -> Store {
+        self.store_on_images(owner, fake, Some(crash_at(k)))
+    }
+
     /// A store acting as simulated process `owner`.
     pub fn store(&self, owner: u32) -> Store {
         Store::open_with(self.path(), Self::options(owner, None)).unwrap()
@@ -192,14 +231,18 @@ impl TempJournal {
 
     /// A store whose process dies at its `k`-th crash point (1-based).
     pub fn store_crashing_at(&self, owner: u32, k: u64) -> Store {
-        let seen = Arc::new(AtomicU64::new(0));
-        let hook: ckptstore::testing::Hook = Arc::new(move |_| {
-            if seen.fetch_add(1, Ordering::SeqCst) + 1 == k {
-                std::panic::panic_any(SimCrash);
-            }
-        });
-        Store::open_with(self.path(), Self::options(owner, Some(hook))).unwrap()
+        Store::open_with(self.path(), Self::options(owner, Some(crash_at(k)))).unwrap()
     }
+}
+
+/// A crash hook that dies (panics with [`SimCrash`]) at its `k`-th point.
+fn crash_at(k: u64) -> ckptstore::testing::Hook {
+    let seen = Arc::new(AtomicU64::new(0));
+    Arc::new(move |_| {
+        if seen.fetch_add(1, Ordering::SeqCst) + 1 == k {
+            std::panic::panic_any(SimCrash);
+        }
+    })
 }
 
 pub use crate::rng::Rng;

@@ -24,7 +24,7 @@ struct Dom {
     name: String,
     uuid: String,
     targets: Vec<String>,
-    _guard: Option<TestDomain>,
+    guard: Option<TestDomain>,
 }
 
 /// What a behaviour needs from a backend besides the [`Backend`] trait.
@@ -54,6 +54,10 @@ trait Harness {
 
     /// Whether the driver knows REDEFINE_VALIDATE.
     fn validates(&self) -> bool;
+
+    /// The bitmap names in each disk's image, where images exist (not on
+    /// the test driver).
+    fn image_bitmaps(&self, dom: &Dom) -> Option<Vec<Vec<String>>>;
 }
 
 fn now() -> i64 {
@@ -89,7 +93,7 @@ impl FakeHarness {
             name,
             uuid,
             targets,
-            _guard: None,
+            guard: None,
         }
     }
 }
@@ -115,6 +119,14 @@ impl Harness for FakeHarness {
     }
     fn validates(&self) -> bool {
         true
+    }
+    fn image_bitmaps(&self, dom: &Dom) -> Option<Vec<Vec<String>>> {
+        Some(
+            dom.targets
+                .iter()
+                .map(|t| self.fake.bitmaps(&dom.name, t))
+                .collect(),
+        )
     }
 }
 
@@ -156,7 +168,7 @@ impl LibvirtHarness {
             name: d.name.clone(),
             uuid: d.uuid.clone(),
             targets: d.targets.clone(),
-            _guard: Some(d),
+            guard: Some(d),
         }
     }
 }
@@ -185,6 +197,28 @@ impl Harness for LibvirtHarness {
     }
     fn validates(&self) -> bool {
         !self.always_running
+    }
+    fn image_bitmaps(&self, dom: &Dom) -> Option<Vec<Vec<String>>> {
+        let guard = dom.guard.as_ref().filter(|_| !self.always_running)?;
+        let running = self.backend.domain_info(&dom.name).unwrap().running;
+        Some(
+            guard
+                .images
+                .iter()
+                .map(|p| {
+                    if running {
+                        return testkit::qemu::running_bitmaps(support::SYSTEM_URI, &dom.name, p);
+                    }
+                    let mut names: Vec<String> =
+                        testkit::qemu::info_bitmaps(&testkit::qemu::info(p))
+                            .into_iter()
+                            .map(|b| b.0)
+                            .collect();
+                    names.sort();
+                    names
+                })
+                .collect(),
+        )
     }
 }
 
@@ -945,7 +979,48 @@ conformance!(
     bitmap_states_cover_every_disk_of_a_running_domain,
     a_checkpoint_without_bitmap_disks,
     libvirts_own_checkpoint_files,
+    purge_deletes_the_checkpoint_and_its_bitmaps,
 );
+
+/// libvirt's real delete ([`Backend::purge`]): an unknown name is
+/// `NoCheckpoint`, then a shut-off domain is refused; on a running one the
+/// checkpoint's metadata and its bitmap on every disk go (a middle one's
+/// merged into its parent's, which keeps its name), the children are
+/// re-parented, and the next checkpoint still hangs off the leaf.
+fn purge_deletes_the_checkpoint_and_its_bitmaps(h: &dyn Harness) {
+    let b = h.backend();
+    if h.domains_run() {
+        // The test driver has no bitmaps: nothing of this applies.
+        return;
+    }
+    let off = h.domain("purge-off", 1, &["c1"]);
+    put_ok(h, &off, &def("c1", None, 1, &["vda"]));
+    assert_err(b.purge(&off.name, "nope"), K::NoCheckpoint, 103, None);
+    assert_err(
+        b.purge(&off.name, "c1"),
+        K::NotRunning,
+        84,
+        Some("Operation not supported: cannot delete checkpoint for inactive domain"),
+    );
+    assert_eq!(tree(h, &off), t(&[("c1", None)]));
+
+    let on = h.running_domain("purge-on", 2, &[]);
+    for (name, parent) in [("c1", None), ("c2", Some("c1")), ("c3", Some("c2"))] {
+        assert_eq!(h.create(&on, name).unwrap().as_deref(), parent);
+    }
+    let all = |names: &[&str]| -> Option<Vec<Vec<String>>> {
+        Some(vec![names.iter().map(ToString::to_string).collect(); 2])
+    };
+    assert_eq!(h.image_bitmaps(&on), all(&["c1", "c2", "c3"]));
+    b.purge(&on.name, "c2").unwrap();
+    assert_eq!(tree(h, &on), t(&[("c1", None), ("c3", Some("c1"))]));
+    assert_eq!(h.image_bitmaps(&on), all(&["c1", "c3"]));
+    b.purge(&on.name, "c1").unwrap();
+    assert_eq!(tree(h, &on), t(&[("c3", None)]));
+    assert_eq!(h.image_bitmaps(&on), all(&["c3"]));
+    assert_err(b.purge(&on.name, "c1"), K::NoCheckpoint, 103, None);
+    assert_eq!(h.create(&on, "c4").unwrap().as_deref(), Some("c3"));
+}
 
 // ---------------------------------------------------------------------------
 // libvirt's own checkpoint files, parsed

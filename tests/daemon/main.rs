@@ -8,5 +8,6 @@
 mod conformance;
 mod leftovers;
 mod libvirt_running;
+mod prune;
 mod reclaim;
 mod validate;

@@ -264,9 +264,16 @@ fn reclaim_refuses_an_image_another_process_holds() {
     }
     let before = sha256(&dom.images[0]);
     let err = store.reclaim(&backend, &dom.name, true).unwrap_err();
-    assert!(matches!(err, ckptstore::Error::ImageInUse { txn: None, .. }), "{err:?}");
+    assert!(
+        matches!(err, ckptstore::Error::ImageInUse { txn: None, .. }),
+        "{err:?}"
+    );
     assert_eq!(err.kind().exit_code(), 2);
     assert_eq!(sha256(&dom.images[0]), before);
-    assert!(store.history(&dom.name, 10).unwrap().transactions.is_empty());
+    assert!(store
+        .history(&dom.name, 10)
+        .unwrap()
+        .transactions
+        .is_empty());
     drop(holder);
 }

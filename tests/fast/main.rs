@@ -8,6 +8,7 @@ mod engine;
 mod fake_vs_libvirt;
 mod hostile;
 mod journal;
+mod prune;
 mod qcow2;
 mod qcow2_fuzz;
 mod reclaim;

@@ -89,6 +89,7 @@ fn every_json_example_in_the_readme_is_a_library_type() {
             "History" => check::<History>(name, json),
             "ReclaimReport" => check::<ReclaimReport>(name, json),
             "Failure" => check::<Failure>(name, json),
+            "PruneReport" => check::<ckptstore::PruneReport>(name, json),
             other => panic!("the README names an unknown wire type {other}"),
         }
         seen.push(name.as_str());
@@ -101,6 +102,7 @@ fn every_json_example_in_the_readme_is_a_library_type() {
             "Failure",
             "History",
             "PlanReport",
+            "PruneReport",
             "ReclaimReport",
             "RecoverReport",
             "Report",

@@ -12,7 +12,8 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use ckptstore::{
-    redact_uri, BitmapPolicy, Chain, ErrorDoc, ErrorKind, LibvirtBackend, Policy, StoreOptions,
+    redact_uri, BitmapPolicy, Chain, ErrorDoc, ErrorKind, LibvirtBackend, Policy, Retention,
+    StoreOptions,
 };
 use pyo3::prelude::*;
 use serde::Serialize;
@@ -263,6 +264,46 @@ impl Store {
     fn import_domain(&self, py: Python<'_>, domain: String) -> PyResult<Py<PyAny>> {
         let clock = Clock::start();
         self.call(py, clock, None, move |s, b| Ok(s.import(b, &domain)?))
+    }
+
+    /// Retention: delete the domain's oldest checkpoints, bitmaps included
+    /// (the `prune` document). Give exactly one of `keep` (the N newest
+    /// stay, N at least 1) and `older_than` (a duration like `"7d"`,
+    /// `"12h"`, `"30m"`); without `apply`, a dry run that changes nothing.
+    #[pyo3(signature = (domain, keep = None, older_than = None, apply = false))]
+    fn prune(
+        &self,
+        py: Python<'_>,
+        domain: String,
+        keep: Option<usize>,
+        older_than: Option<String>,
+        apply: bool,
+    ) -> PyResult<Py<PyAny>> {
+        let clock = Clock::start();
+        let hint = "give keep=N (N at least 1) or older_than=\"7d\" (units s, m, h, d, w), not both; nothing was changed";
+        let retention = match (keep, older_than) {
+            (Some(n), None) => Retention::Keep(n),
+            (None, Some(text)) => match Retention::parse_age(&text) {
+                Some(age) => Retention::OlderThan(age),
+                None => {
+                    return Err(errors::bad_input(
+                        py,
+                        format!("older_than {text:?} is not a duration"),
+                        hint,
+                    ))
+                }
+            },
+            _ => {
+                return Err(errors::bad_input(
+                    py,
+                    "prune takes exactly one of keep and older_than".into(),
+                    hint,
+                ))
+            }
+        };
+        self.call(py, clock, None, move |s, b| {
+            Ok(s.prune(b, &domain, retention, apply)?)
+        })
     }
 
     /// A panic inside an operation's call path, for the tests: it must come

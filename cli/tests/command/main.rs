@@ -16,5 +16,6 @@ mod backup_client;
 mod cli;
 mod concurrent;
 mod hostile_cli;
+mod prune_cli;
 mod reclaim;
 mod security;

@@ -17,7 +17,7 @@ __version__: str
 
 ErrorKindName = Literal["rolled_back", "bad_input", "busy", "unreachable", "journal", "findings"]
 OutcomeName = Literal["committed", "unchanged", "rolled_back"]
-TxnKindName = Literal["sync", "resync", "import"]
+TxnKindName = Literal["sync", "resync", "import", "ensure", "reclaim", "prune"]
 TxnStateName = Literal["applying", "rolling_back", "committed", "rolled_back"]
 PhaseName = Literal["apply", "rollback"]
 
@@ -216,6 +216,21 @@ class Report(TypedDict):
 
 # The exceptions.
 
+class RemovedBitmap(TypedDict):
+    checkpoint: str
+    target: str
+    image: str
+
+class PruneReport(TypedDict):
+    txn: Optional[str]
+    domain: str
+    applied: bool
+    pruned: List[str]
+    kept: List[str]
+    bitmaps_removed: List[RemovedBitmap]
+    libvirt_calls: int
+    warnings: List[str]
+
 class Error(Exception):
     """A ckptstore operation failed; the fields are the command's `error` document."""
 
@@ -272,6 +287,13 @@ class Store:
     def history(self, domain: str, limit: Optional[int] = None) -> History: ...
     def validate(self, domain: str) -> Report: ...
     def import_domain(self, domain: str) -> SyncReport: ...
+    def prune(
+        self,
+        domain: str,
+        keep: Optional[int] = None,
+        older_than: Optional[str] = None,
+        apply: bool = False,
+    ) -> PruneReport: ...
     def reclaim(self, domain: str, apply: bool = False) -> ReclaimReport: ...
 
 def _gil_stats(reset: bool = False) -> dict[str, int]: ...
