@@ -28,15 +28,19 @@ pub use backend::{
     Backend, BackendError, BackendErrorKind, BitmapState, DiskBitmap, DomainDisk, DomainInfo,
     Leftover, LeftoverScan,
 };
-pub use bitmaps::{BitmapPolicy, Degraded, Unverified};
+pub use bitmaps::{
+    BitmapPolicy, BitmapRef, CheckpointAction, Degraded, InconsistentBitmap, InconsistentReason,
+    ReclaimedCheckpoint, Unverified,
+};
 pub use chain::{
     Chain, ChainError, Checkpoint, CheckpointDef, DetachedDisk, NameError, ValidChain,
     MAX_CHECKPOINTS, MAX_NAME_BYTES,
 };
 pub use engine::{
     DiskMode, DomainStatus, EnsureDisk, EnsureReport, History, HistoryEntry, Incomplete, Outcome,
-    PlanReport, PlanStep, Policy, Progress, ProgressFn, PruneReport, RecoverFailure, RecoverReport,
-    Recovered, RemovedBitmap, Retention, Status, Store, StoreOptions, SyncReport, CRASH_POINTS,
+    PlanReport, PlanStep, Policy, Progress, ProgressFn, PruneReport, ReclaimReport, RecoverFailure,
+    RecoverReport, Recovered, RemovedBitmap, Retention, Status, Store, StoreOptions, SyncReport,
+    CRASH_POINTS,
 };
 pub use error::{Error, ErrorDoc, ErrorKind, Result};
 pub use journal::{

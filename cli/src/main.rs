@@ -15,6 +15,7 @@ mod metrics;
 mod output;
 mod progress;
 mod prune;
+mod reclaim;
 
 use std::fs::DirBuilder;
 use std::io::{IsTerminal, Read};
@@ -262,6 +263,9 @@ enum Command {
     /// Make one checkpoint, the next incremental backup's base, usable in libvirt
     #[command(after_help = ENSURE_AFTER)]
     Ensure(EnsureArgs),
+    /// Find (and with --apply remove) orphan and inconsistent bitmaps and the checkpoints they leave unusable
+    #[command(after_help = reclaim::RECLAIM_AFTER)]
+    Reclaim(reclaim::ReclaimArgs),
     /// The whole story on libvirt's built-in test driver (no daemon needed)
     #[command(after_help = DEMO_AFTER)]
     Demo,
@@ -504,6 +508,10 @@ fn run(cli: Cli, out: &Out) -> anyhow::Result<()> {
             let chain = args.chain.as_deref().map(read_chain).transpose()?;
             let store = open_store(&cli.db, cli.bitmaps, false)?;
             out.ensure(&store.ensure(&backend(), &args.domain, &args.checkpoint, chain)?)
+        }
+        Command::Reclaim(args) => {
+            let store = open_store(&cli.db, cli.bitmaps, false)?;
+            reclaim::print(out, &store.reclaim(&backend(), &args.domain, args.apply)?)
         }
         Command::Demo => demo::run(out),
         Command::Prune(args) => {

@@ -29,6 +29,7 @@
 //! redefined, and its children hang off its nearest kept ancestor.
 
 pub(crate) mod images;
+pub(crate) mod reclaim;
 pub(crate) mod remove;
 mod rules;
 
@@ -39,6 +40,9 @@ use serde::{Deserialize, Serialize};
 use crate::backend::{Backend, BackendError, BackendErrorKind, BitmapState, DomainInfo};
 use crate::chain::CheckpointDef;
 use images::{ImageError, ImageReader, Indexed};
+pub use reclaim::{
+    BitmapRef, CheckpointAction, InconsistentBitmap, InconsistentReason, ReclaimedCheckpoint,
+};
 pub(crate) use rules::{bitmap_problems, InUse, Problem};
 
 /// What a sync does about the bitmaps of the checkpoints it defines.

@@ -20,6 +20,7 @@ mod options;
 mod pool;
 mod prune;
 mod reapply;
+mod reclaim;
 mod report;
 mod steps;
 mod txn;
@@ -36,6 +37,7 @@ pub use ensure::{DiskMode, EnsureDisk, EnsureReport};
 pub use options::{Hook, Liveness, Seams};
 pub use options::{ProgressFn, StoreOptions, CRASH_POINTS};
 pub use prune::{PruneReport, RemovedBitmap, Retention};
+pub use reclaim::ReclaimReport;
 pub use report::{
     DomainStatus, History, HistoryEntry, Incomplete, Outcome, PlanReport, PlanStep, Policy,
     Progress, RecoverFailure, RecoverReport, Recovered, Status, SyncReport,

@@ -10,4 +10,5 @@ mod ensure;
 mod leftovers;
 mod libvirt_running;
 mod prune;
+mod reclaim;
 mod validate;

@@ -169,41 +169,47 @@ struct Holder(Child);
 
 impl Holder {
     fn hold(image: &std::path::Path) -> Holder {
-        // Read-only (`-r`): it still takes QEMU's lock against writers, and
-        // a killed read-write qemu-io would leave every bitmap in use.
-        let mut child = Command::new("qemu-io")
-            .args(["-r", "-f", "qcow2"])
-            .arg(image)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("qemu-io runs");
         let start = Instant::now();
-        // Held once a writer is refused (a bitmap no image has: nothing
-        // is removed either way).
-        while !String::from_utf8_lossy(
-            &qemu::qemu_img_output(&[
-                "bitmap",
-                "--remove",
-                image.to_str().unwrap(),
-                "ckptstore-holder-probe",
-            ])
-            .stderr,
-        )
-        .contains("lock")
-        {
-            if start.elapsed() > Duration::from_secs(10) {
-                let _ = child.kill();
-                let out = child.wait_with_output().unwrap();
-                panic!(
-                    "qemu-io did not open the image: {}",
-                    String::from_utf8_lossy(&out.stderr)
-                );
+        loop {
+            // Read-only (`-r`): it still takes QEMU's lock against writers,
+            // and a killed read-write qemu-io would leave every bitmap in
+            // use.
+            let mut child = Command::new("qemu-io")
+                .args(["-r", "-f", "qcow2"])
+                .arg(image)
+                .stdin(Stdio::piped())
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped())
+                .spawn()
+                .expect("qemu-io runs");
+            // Held once a writer is refused (a bitmap no image has: nothing
+            // is removed either way) while qemu-io still runs. A probe that
+            // held the lock just as qemu-io opened makes qemu-io exit:
+            // start it again.
+            loop {
+                if child.try_wait().unwrap().is_some() {
+                    let out = child.wait_with_output().unwrap();
+                    assert!(
+                        start.elapsed() < Duration::from_secs(10),
+                        "qemu-io did not open the image: {}",
+                        String::from_utf8_lossy(&out.stderr)
+                    );
+                    break;
+                }
+                let probe = qemu::qemu_img_output(&[
+                    "bitmap",
+                    "--remove",
+                    image.to_str().unwrap(),
+                    "ckptstore-holder-probe",
+                ]);
+                if String::from_utf8_lossy(&probe.stderr).contains("lock")
+                    && child.try_wait().unwrap().is_none()
+                {
+                    return Holder(child);
+                }
+                std::thread::sleep(Duration::from_millis(50));
             }
-            std::thread::sleep(Duration::from_millis(50));
         }
-        Holder(child)
     }
 }
 

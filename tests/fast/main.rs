@@ -13,6 +13,7 @@ mod metrics;
 mod prune;
 mod qcow2;
 mod qcow2_fuzz;
+mod reclaim;
 mod simulation;
 mod tidy;
 mod wire;

@@ -5,8 +5,8 @@
 //! README, fails here.
 
 use ckptstore::{
-    Chain, EnsureReport, ErrorDoc, History, Metrics, PlanReport, RecoverReport, Report, Status,
-    SyncReport,
+    Chain, EnsureReport, ErrorDoc, History, Metrics, PlanReport, ReclaimReport, RecoverReport,
+    Report, Status, SyncReport,
 };
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
@@ -90,6 +90,7 @@ fn every_json_example_in_the_readme_is_a_library_type() {
             "History" => check::<History>(name, json),
             "Metrics" => check::<Metrics>(name, json),
             "EnsureReport" => check::<EnsureReport>(name, json),
+            "ReclaimReport" => check::<ReclaimReport>(name, json),
             "Failure" => check::<Failure>(name, json),
             "PruneReport" => check::<ckptstore::PruneReport>(name, json),
             other => panic!("the README names an unknown wire type {other}"),
@@ -107,6 +108,7 @@ fn every_json_example_in_the_readme_is_a_library_type() {
             "Metrics",
             "PlanReport",
             "PruneReport",
+            "ReclaimReport",
             "RecoverReport",
             "Report",
             "Status",

@@ -269,6 +269,17 @@ impl Store {
         })
     }
 
+    /// Find the domain's orphan and inconsistent bitmaps and the
+    /// checkpoints they leave unusable; with `apply=True` remove them in one
+    /// journaled transaction (the `reclaim` document).
+    #[pyo3(signature = (domain, apply = false))]
+    fn reclaim(&self, py: Python<'_>, domain: String, apply: bool) -> PyResult<Py<PyAny>> {
+        let clock = Clock::start();
+        self.call(py, clock, None, move |s, b| {
+            Ok(s.reclaim(b, &domain, apply)?)
+        })
+    }
+
     /// Adopt the domain's current libvirt checkpoints as its committed
     /// chain (the `import` document).
     fn import_domain(&self, py: Python<'_>, domain: String) -> PyResult<Py<PyAny>> {

@@ -197,3 +197,22 @@ def test_the_bitmap_policy_is_the_commands(domains: Any, db: Path, tmp_path: Pat
 
     with pytest.raises(ckptstore.BadInput):
         ckptstore.Store(db, bitmaps="sometimes")
+
+
+def test_reclaim_equals_the_command_and_apply_removes_the_orphan(domains: Any, db: Path) -> None:
+    dom = domains("parity-reclaim")
+    ids = checkpoint_ids(2)
+    dom.add_bitmaps(ids + ["stray"])
+    store = ckptstore.Store(db)
+    store.sync(chain_for(dom, ids))
+
+    dry = store.reclaim(dom.name)
+    same(dry, cli(db, "reclaim", "--domain", dom.name).doc)
+    assert (dry["applied"], dry["txn"]) == (False, None)
+    assert [(b["target"], b["bitmap"]) for b in dry["orphans"]] == [("vda", "stray")]
+    assert dry["inconsistent"] == [] and dry["checkpoints"] == []
+
+    done = store.reclaim(dom.name, apply=True)
+    assert done["applied"] and UUID.fullmatch(done["txn"])
+    assert store.validate(dom.name)["ok"]
+    assert store.reclaim(dom.name)["orphans"] == []

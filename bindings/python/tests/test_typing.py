@@ -71,6 +71,7 @@ def test_the_stub_describes_every_document(domains: Any, db: Path) -> None:
     check("HistoryEntry", history["transactions"][0])
     report = store.validate(dom.name)
     check("Report", report)
+    check("ReclaimReport", store.reclaim(dom.name))
     check("RecoverReport", store.recover())
 
     # An open transaction: status's Incomplete, its owner, recover's Recovered.

@@ -180,7 +180,7 @@ fn help_and_version() {
     assert_eq!(r.code, 0);
     assert!(r.stdout.contains("Exit codes:") && r.stdout.contains("$ ckptstore demo"));
     for cmd in [
-        "sync", "plan", "recover", "status", "import", "history", "metrics", "demo",
+        "sync", "plan", "recover", "status", "import", "history", "metrics", "demo", "reclaim",
     ] {
         let r = s.run(&[cmd, "--help"]);
         assert_eq!(r.code, 0, "{cmd} --help");

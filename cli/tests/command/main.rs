@@ -19,4 +19,5 @@ mod ensure;
 mod hostile_cli;
 mod metrics;
 mod prune_cli;
+mod reclaim;
 mod security;

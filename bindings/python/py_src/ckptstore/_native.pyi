@@ -191,6 +191,33 @@ class Finding(TypedDict):
     image: Optional[str]
     detail: str
 
+class BitmapRef(TypedDict):
+    target: str
+    image: str
+    bitmap: str
+
+class InconsistentBitmap(TypedDict):
+    target: str
+    image: str
+    bitmap: str
+    reason: Literal["in_use", "inconsistent_extension"]
+
+class ReclaimedCheckpoint(TypedDict):
+    checkpoint: str
+    action: Literal["degraded", "deleted"]
+    disks: List[str]
+
+class ReclaimReport(TypedDict):
+    txn: Optional[str]
+    domain: str
+    applied: bool
+    orphans: List[BitmapRef]
+    inconsistent: List[InconsistentBitmap]
+    checkpoints: List[ReclaimedCheckpoint]
+    foreign_bitmaps: NotRequired[List[BitmapRef]]
+    libvirt_calls: int
+    warnings: List[str]
+
 class Report(TypedDict):
     domain: str
     ok: bool
@@ -315,5 +342,6 @@ class Store:
         older_than: Optional[str] = None,
         apply: bool = False,
     ) -> PruneReport: ...
+    def reclaim(self, domain: str, apply: bool = False) -> ReclaimReport: ...
 
 def _gil_stats(reset: bool = False) -> dict[str, int]: ...
