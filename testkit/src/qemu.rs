@@ -1,7 +1,8 @@
 //! `qemu-img` helpers shared by the qcow2 tests, the fuzz test and the bench.
 
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
@@ -126,4 +127,61 @@ pub fn running_bitmaps(uri: &str, domain: &str, path: &Path) -> Vec<String> {
     names.sort();
     names.dedup();
     names
+}
+
+/// `qemu-io` holding an image open (QEMU's write lock) until dropped.
+pub struct ImageHolder(Child);
+
+impl ImageHolder {
+    /// Start `qemu-io` on `image` and return once QEMU's lock refuses a writer.
+    pub fn hold(image: &Path) -> ImageHolder {
+        let start = Instant::now();
+        loop {
+            // Read-only (`-r`): it still takes QEMU's lock against writers,
+            // and a killed read-write qemu-io would leave every bitmap in
+            // use.
+            let mut child = Command::new("qemu-io")
+                .args(["-r", "-f", "qcow2"])
+                .arg(image)
+                .stdin(Stdio::piped())
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped())
+                .spawn()
+                .expect("qemu-io runs");
+            // Held once a writer is refused (a bitmap no image has: nothing
+            // is removed either way) while qemu-io still runs. A probe that
+            // held the lock just as qemu-io opened makes qemu-io exit:
+            // start it again.
+            loop {
+                if child.try_wait().unwrap().is_some() {
+                    let out = child.wait_with_output().unwrap();
+                    assert!(
+                        start.elapsed() < Duration::from_secs(10),
+                        "qemu-io did not open the image: {}",
+                        String::from_utf8_lossy(&out.stderr)
+                    );
+                    break;
+                }
+                let probe = qemu_img_output(&[
+                    "bitmap",
+                    "--remove",
+                    image.to_str().unwrap(),
+                    "ckptstore-holder-probe",
+                ]);
+                if String::from_utf8_lossy(&probe.stderr).contains("lock")
+                    && child.try_wait().unwrap().is_none()
+                {
+                    return ImageHolder(child);
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+    }
+}
+
+impl Drop for ImageHolder {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }

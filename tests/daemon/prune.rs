@@ -4,7 +4,6 @@
 //! the old bitmaps are gone from the images, the next checkpoint hangs off
 //! the leaf; an image held by another process is refused, nothing changed.
 
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use testkit::{qemu, support};
@@ -116,7 +115,7 @@ fn keep_two_on_a_shut_off_domain_with_qemu_img() {
 
     // Another process holds one image: refused before any change.
     {
-        let _held = Holder::hold(&dom.images[1]);
+        let _held = qemu::ImageHolder::hold(&dom.images[1]);
         let e = store
             .prune(&backend, &dom.name, Retention::Keep(2), true)
             .unwrap_err();
@@ -161,61 +160,5 @@ fn wait_released(image: &std::path::Path) {
             image.display()
         );
         std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-/// `qemu-io` holding an image open (QEMU's write lock) until dropped.
-struct Holder(Child);
-
-impl Holder {
-    fn hold(image: &std::path::Path) -> Holder {
-        let start = Instant::now();
-        loop {
-            // Read-only (`-r`): it still takes QEMU's lock against writers,
-            // and a killed read-write qemu-io would leave every bitmap in
-            // use.
-            let mut child = Command::new("qemu-io")
-                .args(["-r", "-f", "qcow2"])
-                .arg(image)
-                .stdin(Stdio::piped())
-                .stdout(Stdio::null())
-                .stderr(Stdio::piped())
-                .spawn()
-                .expect("qemu-io runs");
-            // Held once a writer is refused (a bitmap no image has: nothing
-            // is removed either way) while qemu-io still runs. A probe that
-            // held the lock just as qemu-io opened makes qemu-io exit:
-            // start it again.
-            loop {
-                if child.try_wait().unwrap().is_some() {
-                    let out = child.wait_with_output().unwrap();
-                    assert!(
-                        start.elapsed() < Duration::from_secs(10),
-                        "qemu-io did not open the image: {}",
-                        String::from_utf8_lossy(&out.stderr)
-                    );
-                    break;
-                }
-                let probe = qemu::qemu_img_output(&[
-                    "bitmap",
-                    "--remove",
-                    image.to_str().unwrap(),
-                    "ckptstore-holder-probe",
-                ]);
-                if String::from_utf8_lossy(&probe.stderr).contains("lock")
-                    && child.try_wait().unwrap().is_none()
-                {
-                    return Holder(child);
-                }
-                std::thread::sleep(Duration::from_millis(50));
-            }
-        }
-    }
-}
-
-impl Drop for Holder {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
     }
 }

@@ -3,8 +3,6 @@
 //! apply (human and JSON, snapshots), the bitmaps gone from the images,
 //! and every refusal's exit code, nothing changed.
 
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
 
 use chrono::DateTime;
 use ckptstore::{Backend, Chain, Checkpoint, LibvirtBackend};
@@ -59,56 +57,6 @@ fn image_bitmaps(dom: &TestDomain) -> Vec<Vec<String>> {
         .collect()
 }
 
-/// `qemu-io` holding an image open (QEMU's write lock) until dropped.
-struct Holder(Child);
-
-impl Holder {
-    fn hold(image: &std::path::Path) -> Holder {
-        // Read-only (`-r`): it still takes QEMU's lock against writers, and
-        // a killed read-write qemu-io would leave every bitmap in use.
-        let mut child = Command::new("qemu-io")
-            .args(["-r", "-f", "qcow2"])
-            .arg(image)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("qemu-io runs");
-        let start = Instant::now();
-        // Held once a writer is refused (a bitmap no image has: nothing
-        // is removed either way).
-        while !String::from_utf8_lossy(
-            &qemu::qemu_img_output(&[
-                "bitmap",
-                "--remove",
-                image.to_str().unwrap(),
-                "ckptstore-holder-probe",
-            ])
-            .stderr,
-        )
-        .contains("lock")
-        {
-            if start.elapsed() > Duration::from_secs(10) {
-                let _ = child.kill();
-                let out = child.wait_with_output().unwrap();
-                panic!(
-                    "qemu-io did not open the image: {}",
-                    String::from_utf8_lossy(&out.stderr)
-                );
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        Holder(child)
-    }
-}
-
-impl Drop for Holder {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 #[test]
 fn prune_dry_run_apply_and_refusals_on_qemu() {
     let conn = support::system();
@@ -159,7 +107,7 @@ fn prune_dry_run_apply_and_refusals_on_qemu() {
     ]);
     assert_eq!(r.code, 4, "{}", r.stderr);
     {
-        let _held = Holder::hold(&dom.images[1]);
+        let _held = testkit::qemu::ImageHolder::hold(&dom.images[1]);
         let r = s.run(&[
             "prune", "--domain", &dom.name, "--keep", "2", "--apply", "--json",
         ]);
