@@ -3,7 +3,6 @@
 //! apply (human and JSON, snapshots), the bitmaps gone from the images,
 //! and every refusal's exit code, nothing changed.
 
-
 use chrono::DateTime;
 use ckptstore::{Backend, Chain, Checkpoint, LibvirtBackend};
 use testkit::qemu;

@@ -468,6 +468,16 @@ impl Vm {
         DELETED.fetch_add(1, Ordering::SeqCst);
     }
 
+    /// Stop the persistent domain (QEMU writes the bitmaps it holds into
+    /// the images as it closes them), run `f`, and start it again.
+    pub fn while_stopped<T>(&self, f: impl FnOnce() -> T) -> T {
+        assert!(!self.transient, "a transient domain stopped is gone");
+        self.dom.domain().destroy().expect("destroy");
+        let out = f();
+        self.dom.domain().create().expect("start the domain again");
+        out
+    }
+
     /// Lose libvirt's checkpoint metadata the other way: destroy the
     /// transient domain (libvirt forgets it and its checkpoints) and
     /// create it again from its XML.
