@@ -562,43 +562,10 @@ impl Store {
                 Err(e) => return Err(e),
             }
         } else {
-            if t.state == TxnState::Applying {
-                self.journal.transition(
-                    t.id,
-                    TxnEvent::BeginRollback,
-                    Some("rollback requested by recover"),
-                )?;
-                self.point("txn.rollback_begun");
-            }
-            match self.run_phase(backend, &mut txn, StepPhase::Rollback, &t.before, None) {
-                Ok(()) => {
-                    self.journal
-                        .finish(t.id, TxnEvent::FinishRollback, self.opts.history)?;
-                    self.point("txn.finished");
-                    Outcome::RolledBack
-                }
-                Err(PhaseError::Refused(checkpoint, source)) => {
-                    return Err(Error::Refused {
-                        domain: t.domain.clone(),
-                        txn: t.id,
-                        checkpoint,
-                        source,
-                        rolled_back: false,
-                        report: None,
-                    })
-                }
-                Err(PhaseError::Other(e)) => return Err(e),
-            }
+            self.recover_by_rollback(backend, &mut txn, t)?
         };
         info!(?outcome, calls = txn.calls, "recovered");
-        Ok(Recovered {
-            txn: t.id,
-            domain: t.domain.clone(),
-            outcome,
-            libvirt_calls: txn.calls,
-            foreign: txn.arrived,
-            warnings: txn.warnings,
-        })
+        Ok(txn.recovered(t, outcome))
     }
 
     /// Where a shut-off domain's bitmaps are removed.

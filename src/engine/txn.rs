@@ -55,6 +55,20 @@ pub(super) struct Txn<'a> {
     pub(super) applied: Option<Vec<CheckpointDef>>,
 }
 
+impl Txn<'_> {
+    /// What a recovery of `t` that ended with `outcome` reports.
+    pub(super) fn recovered(self, t: &TxnRecord, outcome: Outcome) -> Recovered {
+        Recovered {
+            txn: t.id,
+            domain: t.domain.clone(),
+            outcome,
+            libvirt_calls: self.calls,
+            foreign: self.arrived,
+            warnings: self.warnings,
+        }
+    }
+}
+
 impl Store {
     /// Recover an orphaned open transaction on `domain`, or fail with
     /// `Busy` when a live process holds it. The caller holds the domain's
@@ -161,45 +175,46 @@ impl Store {
                     Err(PhaseError::Other(e)) => return Err(e),
                 }
             }
-            _ => {
-                if t.state == TxnState::Applying {
-                    self.journal.transition(
-                        t.id,
-                        TxnEvent::BeginRollback,
-                        Some("rollback requested by recover"),
-                    )?;
-                    self.point("txn.rollback_begun");
-                }
-                match self.run_phase(backend, &mut txn, StepPhase::Rollback, &t.before, None) {
-                    Ok(()) => {
-                        self.journal
-                            .finish(t.id, TxnEvent::FinishRollback, self.opts.history)?;
-                        self.point("txn.finished");
-                        Outcome::RolledBack
-                    }
-                    Err(PhaseError::Refused(checkpoint, source)) => {
-                        return Err(Error::Refused {
-                            domain: t.domain.clone(),
-                            txn: t.id,
-                            checkpoint,
-                            source,
-                            rolled_back: false,
-                            report: None,
-                        })
-                    }
-                    Err(PhaseError::Other(e)) => return Err(e),
-                }
-            }
+            _ => self.recover_by_rollback(backend, &mut txn, t)?,
         };
         info!(?outcome, calls = txn.calls, "recovered");
-        Ok(Some(Recovered {
-            txn: t.id,
-            domain: t.domain.clone(),
-            outcome,
-            libvirt_calls: txn.calls,
-            foreign: txn.arrived,
-            warnings: txn.warnings,
-        }))
+        Ok(Some(txn.recovered(t, outcome)))
+    }
+
+    /// The rollback `recover` was asked for: the transaction's before-image
+    /// restored and the transaction ended rolled back (journaled as
+    /// rolling back first, if it was not yet).
+    pub(super) fn recover_by_rollback(
+        &self,
+        backend: &dyn Backend,
+        txn: &mut Txn<'_>,
+        t: &TxnRecord,
+    ) -> Result<Outcome> {
+        if t.state == TxnState::Applying {
+            self.journal.transition(
+                t.id,
+                TxnEvent::BeginRollback,
+                Some("rollback requested by recover"),
+            )?;
+            self.point("txn.rollback_begun");
+        }
+        match self.run_phase(backend, txn, StepPhase::Rollback, &t.before, None) {
+            Ok(()) => {
+                self.journal
+                    .finish(t.id, TxnEvent::FinishRollback, self.opts.history)?;
+                self.point("txn.finished");
+                Ok(Outcome::RolledBack)
+            }
+            Err(PhaseError::Refused(checkpoint, source)) => Err(Error::Refused {
+                domain: t.domain.clone(),
+                txn: t.id,
+                checkpoint,
+                source,
+                rolled_back: false,
+                report: None,
+            }),
+            Err(PhaseError::Other(e)) => Err(e),
+        }
     }
 
     /// [`Store::apply`], and under `degrade` on a running domain, once
