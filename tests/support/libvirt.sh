@@ -44,9 +44,10 @@ need_install() {
   return 1
 }
 
-# The installed version of a package, or nothing.
+# The installed version of a package, or nothing (also for a package dpkg
+# has never heard of, where dpkg-query fails: pipefail must not end the script).
 installed() {
-  dpkg-query -W -f '${db:Status-Abbrev} ${Version}\n' "$1" 2>/dev/null | awk '$1 == "ii" {print $2}'
+  { dpkg-query -W -f '${db:Status-Abbrev} ${Version}\n' "$1" 2>/dev/null || true; } | awk '$1 == "ii" {print $2}'
 }
 
 at_floor() {
