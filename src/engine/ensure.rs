@@ -139,7 +139,14 @@ impl Store {
             vec![def]
         };
         let r = self
-            .apply_degrading(backend, domain, TxnKind::Ensure, None, target, Vec::new())
+            .apply_degrading(
+                backend,
+                domain,
+                TxnKind::Ensure,
+                None,
+                &|| target.clone(),
+                Vec::new(),
+            )
             .map_err(|e| strict_refusal(e, self.opts.bitmaps, checkpoint))?;
         for d in r.degraded.iter().filter(|d| d.checkpoint == checkpoint) {
             full.entry(d.disk.clone())
@@ -302,7 +309,7 @@ impl Store {
 /// libvirt's listing `current`): every checkpoint libvirt has, as it has
 /// it, with `target`'s checkpoint (if any) put in, as a root when libvirt
 /// lacks its parent. Only that checkpoint's bitmaps are checked again.
-pub(super) fn goal(target: Vec<CheckpointDef>, current: &[CheckpointDef]) -> Goal {
+pub(super) fn goal(target: Vec<CheckpointDef>, current: &[CheckpointDef]) -> Goal<'static> {
     let mut defs = current.to_vec();
     let mut keep: HashSet<String> = current.iter().map(|d| d.name.clone()).collect();
     let mut warnings = Vec::new();

@@ -25,7 +25,7 @@ mod report;
 mod steps;
 mod txn;
 
-use std::collections::{BTreeSet, HashSet};
+use std::collections::HashSet;
 use std::ops::ControlFlow;
 use std::path::Path;
 
@@ -222,13 +222,12 @@ impl Store {
         let domain = valid.domain();
         self.check_targets(backend, &domain, valid.targets().into_iter())?;
         let warnings = detached_warnings(&valid);
-        let target = valid.defs();
         self.apply_degrading(
             backend,
             &domain,
             TxnKind::Sync,
             Some(valid.chain()),
-            target,
+            &|| valid.defs(),
             warnings,
         )
     }
@@ -265,10 +264,10 @@ impl Store {
         self.preview(
             backend,
             domain.to_string(),
-            &re.target,
-            re.warnings,
+            &re.target(),
+            re.warnings.clone(),
             true,
-            re.chain.as_ref(),
+            re.chain(),
         )
     }
 
@@ -373,9 +372,9 @@ impl Store {
             backend,
             domain,
             TxnKind::Resync,
-            re.chain.as_ref(),
-            re.target,
-            re.warnings,
+            re.chain(),
+            &|| re.target(),
+            re.warnings.clone(),
         )
     }
 
@@ -393,21 +392,21 @@ impl Store {
                 let valid = chain.validate()?;
                 Reapply {
                     warnings: detached_warnings(&valid),
-                    target: valid.defs(),
-                    chain: Some(valid.chain().clone()),
+                    source: Source::Chain(valid),
                 }
             }
             None => Reapply {
-                chain: None,
-                target: committed.defs,
+                source: Source::Imported(committed.defs),
                 warnings: Vec::new(),
             },
         };
-        let targets: BTreeSet<&str> = re
-            .target
-            .iter()
-            .flat_map(|d| d.disks.keys().map(String::as_str))
-            .collect();
+        let targets = match &re.source {
+            Source::Chain(valid) => valid.targets(),
+            Source::Imported(defs) => defs
+                .iter()
+                .flat_map(|d| d.disks.keys().map(String::as_str))
+                .collect(),
+        };
         self.check_targets(backend, domain, targets.into_iter())?;
         Ok(re)
     }
@@ -668,9 +667,35 @@ impl Store {
 /// The goal of a re-apply: the committed chain (when a sync gave one),
 /// its definitions, and the warnings about it.
 struct Reapply {
-    chain: Option<Chain>,
-    target: Vec<CheckpointDef>,
+    source: Source,
     warnings: Vec<String>,
+}
+
+/// Where a re-apply's definitions come from.
+enum Source {
+    /// The committed chain file, validated.
+    Chain(ValidChain),
+    /// An imported chain: the definitions libvirt had.
+    Imported(Vec<CheckpointDef>),
+}
+
+impl Reapply {
+    /// The chain to journal, if the committed chain came from one.
+    fn chain(&self) -> Option<&Chain> {
+        match &self.source {
+            Source::Chain(valid) => Some(valid.chain()),
+            Source::Imported(_) => None,
+        }
+    }
+
+    /// The definitions to aim at, made afresh for each attempt (a long
+    /// chain's are megabytes: never held twice).
+    fn target(&self) -> Vec<CheckpointDef> {
+        match &self.source {
+            Source::Chain(valid) => valid.defs(),
+            Source::Imported(defs) => defs.clone(),
+        }
+    }
 }
 
 /// A chain file describing `defs` (an imported chain): disk ids are the

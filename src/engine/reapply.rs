@@ -21,6 +21,7 @@
 //!
 //! `sync --chain` does none of this: it makes libvirt exactly the chain.
 
+use std::borrow::Cow;
 use std::collections::{HashMap, HashSet};
 
 use crate::chain::{leaf_of, Chain, Checkpoint, CheckpointDef};
@@ -172,9 +173,11 @@ pub(super) fn add_extras(
 /// libvirt has them (not judged by the bitmap check), and the report's
 /// lists and warnings.
 #[derive(Debug, Default)]
-pub(super) struct Goal {
+pub(super) struct Goal<'a> {
     pub(super) target: Vec<CheckpointDef>,
-    pub(super) chain: Option<Chain>,
+    /// The chain to journal: the one given, borrowed (a long chain is
+    /// megabytes), or a copy that gained the adopted checkpoints.
+    pub(super) chain: Option<Cow<'a, Chain>>,
     pub(super) keep: HashSet<String>,
     pub(super) adopted: Vec<String>,
     pub(super) foreign: Vec<String>,
@@ -183,13 +186,13 @@ pub(super) struct Goal {
 
 /// The goal of a transaction: a re-apply (`reapply`) reconciles with
 /// libvirt's listing `current`; a sync of a chain aims at it exactly.
-pub(super) fn goal(
+pub(super) fn goal<'a>(
     reapply: bool,
     target: Vec<CheckpointDef>,
-    chain: Option<&Chain>,
+    chain: Option<&'a Chain>,
     current: &[CheckpointDef],
     prune_foreign: bool,
-) -> Goal {
+) -> Goal<'a> {
     let scope = chain
         .and_then(|c| c.scope.as_deref())
         .filter(|s| !s.is_empty());
@@ -198,7 +201,7 @@ pub(super) fn goal(
         let Some(scope) = scope else {
             return Goal {
                 target,
-                chain: chain.cloned(),
+                chain: chain.map(Cow::Borrowed),
                 ..Goal::default()
             };
         };
@@ -218,7 +221,7 @@ pub(super) fn goal(
             keep: out.foreign.iter().cloned().collect(),
             foreign: out.foreign,
             target: out.target,
-            chain: chain.cloned(),
+            chain: chain.map(Cow::Borrowed),
             ..Goal::default()
         };
     }
@@ -245,7 +248,13 @@ pub(super) fn goal(
         ));
     }
     Goal {
-        chain: chain.map(|c| with_defs(c, &r.adopted)),
+        chain: chain.map(|c| {
+            if r.adopted.is_empty() {
+                Cow::Borrowed(c)
+            } else {
+                Cow::Owned(with_defs(c, &r.adopted))
+            }
+        }),
         keep: r.foreign.iter().cloned().collect(),
         adopted: r.adopted.iter().map(|d| d.name.clone()).collect(),
         foreign: r.foreign,

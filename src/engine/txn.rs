@@ -222,13 +222,15 @@ impl Store {
     /// for a disk's bitmap: the refused transaction is rolled back whole
     /// (libvirt is at its before-image), and the next one leaves that disk
     /// out. Each refusal adds one (checkpoint, disk), so it ends.
+    /// `target` makes the goal's definitions for each attempt: a long
+    /// chain's are megabytes, and are never held twice.
     pub(super) fn apply_degrading(
         &self,
         backend: &dyn Backend,
         domain: &str,
         kind: TxnKind,
         chain: Option<&Chain>,
-        target: Vec<CheckpointDef>,
+        target: &dyn Fn() -> Vec<CheckpointDef>,
         warnings: Vec<String>,
     ) -> Result<SyncReport> {
         let mut refused = Bad::new();
@@ -239,7 +241,7 @@ impl Store {
                 domain,
                 kind,
                 chain,
-                target.clone(),
+                target(),
                 warnings.clone(),
                 &refused,
             );
@@ -315,7 +317,7 @@ impl Store {
             reapply::goal(resync, target, chain, &current, self.opts.prune_foreign)
         };
         warnings.extend(goal.warnings);
-        let chain = goal.chain.as_ref();
+        let chain = goal.chain.as_deref();
         let checked =
             self.check_bitmaps(backend, domain, &current, goal.target, &goal.keep, refused)?;
         warnings.extend(dropped_warnings(&checked));
