@@ -30,7 +30,7 @@ const COUNT_FINISHED: &str = "INSERT INTO counters (domain, kind, outcome, count
      SELECT domain, kind, state, 1, :now FROM txns WHERE id = :id \
      ON CONFLICT(domain, kind, outcome) DO UPDATE SET count = count + 1, last_at = excluded.last_at";
 
-const COMMITTED_SIZES: &str = "SELECT domain, json_array_length(defs_json) AS checkpoints, \
+const COMMITTED_SIZES: &str = "SELECT domain, checkpoints, \
      committed_at FROM domains ORDER BY domain";
 
 const COUNTERS: &str =

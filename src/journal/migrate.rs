@@ -36,6 +36,10 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "0004_counters.sql",
         sql: include_str!("../../migrations/0004_counters.sql"),
     },
+    Migration {
+        name: "0005_documents.sql",
+        sql: include_str!("../../migrations/0005_documents.sql"),
+    },
 ];
 
 /// The schema version this build writes.

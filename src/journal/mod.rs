@@ -20,6 +20,7 @@
 //! without fsync.
 
 mod counters;
+mod docs;
 mod error;
 mod migrate;
 mod queries;
@@ -339,7 +340,8 @@ fn json<T: DeserializeOwned>(r: &Row<'_>, col: &str, what: &'static str) -> rusq
     let idx = r.as_ref().column_index(col)?;
     let value = r.get_ref(idx)?;
     let text = match value {
-        ValueRef::Text(t) => t,
+        // Documents written in pieces are BLOBs of UTF-8 JSON (`docs`).
+        ValueRef::Text(t) | ValueRef::Blob(t) => t,
         ValueRef::Null => b"null",
         other => {
             return Err(rusqlite::Error::InvalidColumnType(

@@ -14,7 +14,10 @@ use crate::owner::Owner;
 
 /// The columns of a [`TxnRecord`], selected `FROM txns`; the call count and
 /// the last change add the row's `txn_progress`.
-const TXN_COLS: &str = "id, domain, kind, state, chain_json, target_json, before_json, \
+const TXN_COLS: &str = "id, domain, kind, state, \
+     (SELECT d.json FROM txn_docs d WHERE d.txn_id = txns.id AND d.name = 'chain') AS chain_json, \
+     (SELECT d.json FROM txn_docs d WHERE d.txn_id = txns.id AND d.name = 'target') AS target_json, \
+     (SELECT d.json FROM txn_docs d WHERE d.txn_id = txns.id AND d.name = 'before') AS before_json, \
      owner_pid, owner_boot_id, owner_start, started_at, \
      MAX(updated_at, COALESCE((SELECT p.updated_at FROM txn_progress p WHERE p.txn_id = txns.id), '')) \
      AS updated_at, finished_at, error, \
@@ -76,7 +79,7 @@ fn summary_select() -> String {
         "SELECT t.id AS id, t.domain AS domain, t.kind AS kind, t.state AS state, \
          t.owner_pid AS owner_pid, t.owner_boot_id AS owner_boot_id, t.owner_start AS owner_start, \
          ({steps} AND s.state = :done) AS done, ({steps}) AS total, \
-         json_array_length(t.target_json) AS target_len, t.started_at AS started_at, \
+         (SELECT d.items FROM txn_docs d WHERE d.txn_id = t.id AND d.name = 'target') AS target_len, t.started_at AS started_at, \
          t.finished_at AS finished_at, t.error AS error, \
          t.libvirt_calls + COALESCE((SELECT p.calls FROM txn_progress p WHERE p.txn_id = t.id), 0) \
          AS libvirt_calls \
@@ -271,7 +274,7 @@ mod tests {
         let (j, txn) = super::super::tests::journal_with_txn(dir.path());
         j.conn()
             .execute(
-                "UPDATE txns SET target_json = '[{' WHERE id = ?1",
+                "UPDATE txn_docs SET json = '[{' WHERE txn_id = ?1 AND name = 'target'",
                 [txn.to_string()],
             )
             .unwrap();
@@ -286,7 +289,13 @@ mod tests {
             .unwrap();
         j.conn()
             .execute(
-                "UPDATE txns SET kind = 'bogus', target_json = '[]' WHERE id = ?1",
+                "UPDATE txns SET kind = 'bogus' WHERE id = ?1",
+                [txn.to_string()],
+            )
+            .unwrap();
+        j.conn()
+            .execute(
+                "UPDATE txn_docs SET json = '[]' WHERE txn_id = ?1 AND name = 'target'",
                 [txn.to_string()],
             )
             .unwrap();

@@ -5,22 +5,22 @@
 
 use std::sync::LazyLock;
 
-use rusqlite::{named_params, Connection, ToSql};
+use rusqlite::{named_params, params, Connection};
 use uuid::Uuid;
 
 use super::counters::count_finished;
-use super::error::SqlContext;
+use super::docs::{self, Doc};
 use super::queries::open_txn;
 use super::steps::insert_steps;
 use super::types::{FINISHED_STATES, OPEN_STATES};
-use super::{now, to_json, Journal, JournalError, Result, Sql};
-use super::{Begin, NewTxn, StepPhase, TxnEvent, TxnState};
+use super::{now, Journal, JournalError, Result, Sql};
+use super::{Begin, NewTxn, StepPhase, TxnEvent, TxnKind, TxnState};
 use crate::chain::CheckpointDef;
 use crate::owner::Owner;
 
-const INSERT_TXN: &str = "INSERT INTO txns (id, domain, kind, state, chain_json, target_json, \
-     before_json, owner_pid, owner_boot_id, owner_start, started_at, updated_at, finished_at) \
-     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?11, ?12)";
+const INSERT_TXN: &str = "INSERT INTO txns (id, domain, kind, state, \
+     owner_pid, owner_boot_id, owner_start, started_at, updated_at, finished_at) \
+     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?8, ?9)";
 
 const TXN_STATE: &str = "SELECT state FROM txns WHERE id = ?1";
 
@@ -29,18 +29,10 @@ const TXN_DOMAIN: &str = "SELECT domain FROM txns WHERE id = ?1";
 const SET_STATE: &str = "UPDATE txns SET state = :state, updated_at = :now, \
      error = COALESCE(:error, error) WHERE id = :id";
 
-const SET_TARGET: &str = "UPDATE txns SET target_json = :target WHERE id = :id";
-
 const SET_FINISHED: &str =
     "UPDATE txns SET state = :state, updated_at = :now, finished_at = :now WHERE id = :id";
 
-/// The target becomes the committed chain as stored: a long chain's JSON
-/// is megabytes, never decoded here. An `ensure` makes one checkpoint
-/// usable and leaves the committed chain as it is.
-const COMMIT_TARGET: &str = "INSERT INTO domains (domain, chain_json, defs_json, txn_id, committed_at) \
-     SELECT domain, chain_json, target_json, id, :now FROM txns WHERE id = :id AND kind <> 'ensure' \
-     ON CONFLICT(domain) DO UPDATE SET chain_json = excluded.chain_json, \
-     defs_json = excluded.defs_json, txn_id = excluded.txn_id, committed_at = excluded.committed_at";
+const TXN_KIND: &str = "SELECT domain, kind FROM txns WHERE id = ?1";
 
 static PRUNE: LazyLock<String> = LazyLock::new(|| {
     format!(
@@ -161,10 +153,7 @@ impl Journal {
         self.write(|tx| {
             let id = txn.to_string();
             if let Some(defs) = applied {
-                tx.exec(
-                    SET_TARGET,
-                    named_params! {":id": id, ":target": to_json(&defs)},
-                )?;
+                docs::put_defs(tx, &id, Doc::Target, defs)?;
             }
             let state = txn_state(tx, &id)?;
             let next = state
@@ -244,31 +233,40 @@ fn not_allowed(what: &str, event: TxnEvent, state: TxnState) -> JournalError {
 }
 
 /// Insert a transaction row in `state` (a finished one gets `finished_at`).
+/// The transaction's row, then its documents, each written in pieces
+/// (`docs`): a long chain's are megabytes.
 fn insert_txn(conn: &Connection, t: &NewTxn<'_>, state: TxnState, ts: &str) -> Result<()> {
-    let mut stmt = conn.prepare(INSERT_TXN).sql(INSERT_TXN)?;
-    // The JSON of a long chain is megabytes and SQLite keeps its own copy of
-    // what is bound: each document is bound as soon as it is made and
-    // dropped at once, so no two of ours are alive next to SQLite's copies.
-    let mut bind = |i: usize, v: &dyn ToSql| stmt.raw_bind_parameter(i, v).sql(INSERT_TXN);
-    bind(1, &t.id.to_string())?;
-    bind(2, &t.domain)?;
-    bind(3, &t.kind)?;
-    bind(4, &state)?;
-    bind(5, &t.chain.map(to_json))?;
-    bind(6, &to_json(&t.target))?;
-    bind(7, &to_json(&t.before))?;
-    bind(8, &t.owner.pid)?;
-    bind(9, &t.owner.boot_id)?;
-    bind(10, &(t.owner.start as i64))?;
-    bind(11, &ts)?;
-    bind(12, &(!state.is_open()).then_some(ts))?;
-    stmt.raw_execute().map(|_| ()).sql(INSERT_TXN)
+    let id = t.id.to_string();
+    conn.exec(
+        INSERT_TXN,
+        params![
+            id,
+            t.domain,
+            t.kind,
+            state,
+            t.owner.pid,
+            t.owner.boot_id,
+            t.owner.start as i64,
+            ts,
+            (!state.is_open()).then_some(ts),
+        ],
+    )?;
+    if let Some(chain) = t.chain {
+        docs::put_chain(conn, &id, chain)?;
+    }
+    docs::put_defs(conn, &id, Doc::Target, t.target)?;
+    docs::put_defs(conn, &id, Doc::Before, t.before)
 }
 
-/// Make a transaction's target its domain's committed chain.
+/// Make a transaction's target its domain's committed chain. An `ensure`
+/// makes one checkpoint usable and leaves the committed chain as it is.
 fn commit_target(conn: &Connection, id: &str, ts: &str) -> Result<()> {
-    conn.exec(COMMIT_TARGET, named_params! {":id": id, ":now": ts})
-        .map(|_| ())
+    let (domain, kind): (String, TxnKind) =
+        conn.one(TXN_KIND, [id], |r| Ok((r.get("domain")?, r.get("kind")?)))?;
+    if kind == TxnKind::Ensure {
+        return Ok(());
+    }
+    docs::commit(conn, &domain, id, ts)
 }
 
 /// Keep the newest `keep` finished transactions of a domain; open ones are

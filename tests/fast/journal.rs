@@ -7,6 +7,7 @@ use testkit::sim;
 use std::os::unix::fs::PermissionsExt;
 
 use ckptstore::testing::{Journal, JournalError, MIGRATIONS, SCHEMA_VERSION};
+use ckptstore::{Chain, CheckpointDef};
 use sha2::{Digest, Sha256};
 use sim::TempJournal;
 
@@ -28,6 +29,10 @@ const RELEASED: &[(&str, &str)] = &[
     (
         "0004_counters.sql",
         "216534ad7a932f01ef06cefc30f4d6a4791fa8dc7b51f1a6b550cfeeef978bd3",
+    ),
+    (
+        "0005_documents.sql",
+        "a31fb2c7bd33baa8a26a47634e18cd61265073984d7f29bac585ebeee50d423c",
     ),
 ];
 
@@ -177,6 +182,74 @@ fn a_schema_2_journal_keeps_its_transactions_steps_and_progress_after_migration(
         .query_row("PRAGMA foreign_key_check", [], |_| Ok(1))
         .unwrap_or(0);
     assert_eq!(fk, 0);
+}
+
+#[test]
+fn a_schema_4_journal_keeps_its_documents_and_committed_chains_after_migration() {
+    // Schema 5 moves each transaction's chain, target and before-image into
+    // txn_docs and rebuilds domains: every document must come through as
+    // it was, the sizes status and metrics report with them.
+    let t = TempJournal::new();
+    let open_id = "5c3e1b7a-2d4f-4a6b-8e9c-0a1b2c3d4e5f";
+    let done_id = "6c3e1b7a-2d4f-4a6b-8e9c-0a1b2c3d4e5f";
+    let def = |name: &str, parent: Option<&str>| {
+        serde_json::json!({
+            "name": name, "parent": parent, "creation_time": 1_700_000_000,
+            "disks": {"vda": name, "vdb": name},
+        })
+    };
+    let target = serde_json::json!([def("c0", None), def("c1", Some("c0"))]).to_string();
+    let before = serde_json::json!([def("c0", None)]).to_string();
+    let chain = serde_json::json!({
+        "vm_id": "93a5c045-6457-2c09-e56c-927cdf34e178",
+        "disks": {"d0": "vda"},
+        "checkpoints": [],
+    })
+    .to_string();
+    {
+        let conn = rusqlite::Connection::open(t.path()).unwrap();
+        for m in &MIGRATIONS[..4] {
+            conn.execute_batch(m.sql).unwrap();
+        }
+        conn.pragma_update(None, "user_version", 4).unwrap();
+        for (id, state, chain) in [
+            (done_id, "committed", None),
+            (open_id, "applying", Some(&chain)),
+        ] {
+            conn.execute(
+                "INSERT INTO txns (id, domain, kind, state, owner_pid, owner_boot_id, owner_start, \
+                 started_at, updated_at, chain_json, target_json, before_json) \
+                 VALUES (?1, 'd', 'sync', ?2, 1, 'b', 1, '2024-05-01T09:00:00.000Z', \
+                 '2024-05-01T09:00:00.000Z', ?3, ?4, ?5)",
+                rusqlite::params![id, state, chain, target, before],
+            )
+            .unwrap();
+        }
+        conn.execute(
+            "INSERT INTO domains (domain, chain_json, defs_json, txn_id, committed_at) \
+             VALUES ('d', ?1, ?2, ?3, '2024-05-01T09:00:00.000Z')",
+            rusqlite::params![chain, target, done_id],
+        )
+        .unwrap();
+    }
+    let j = Journal::open(&t.path()).unwrap();
+    let defs = |s: &str| serde_json::from_str::<Vec<CheckpointDef>>(s).unwrap();
+    let chain: Chain = serde_json::from_str(&chain).unwrap();
+    let open = j.txn(uuid::Uuid::parse_str(open_id).unwrap()).unwrap();
+    assert_eq!(open.target, defs(&target));
+    assert_eq!(open.before, defs(&before));
+    assert_eq!(open.chain.as_ref(), Some(&chain));
+    let done = j.txn(uuid::Uuid::parse_str(done_id).unwrap()).unwrap();
+    assert!(done.chain.is_none());
+    let committed = j.committed("d").unwrap().unwrap();
+    assert_eq!(committed.defs, defs(&target));
+    assert_eq!(committed.chain.as_ref(), Some(&chain));
+    assert_eq!(committed.txn.to_string(), done_id);
+    let status = j.incomplete_summaries(Some("d")).unwrap();
+    assert_eq!(status[0].target_len, 2);
+    let sizes = j.metrics_snapshot().unwrap().committed;
+    assert_eq!(sizes[0].checkpoints, 2);
+    assert_eq!(j.integrity_check().unwrap(), "ok");
 }
 
 #[test]
