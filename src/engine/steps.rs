@@ -2,10 +2,17 @@
 //! steps as the rows the journal keeps (with their XML and before-images),
 //! and a phase's rows read back as the steps the planner replays.
 
+use std::collections::VecDeque;
+
+use uuid::Uuid;
+
 use crate::chain::CheckpointDef;
-use crate::journal::{NewStep, StepOp, StepRecord};
+use crate::journal::{Journal, JournalError, NewStep, StepOp, StepPhase, StepRecord};
 use crate::plan::{Plan, Step};
 use crate::xml::{parse_checkpoint, render_checkpoint};
+
+/// Journal rows read back per batch by [`RoundSteps::Journaled`].
+const BATCH: usize = 256;
 
 /// The plan's steps as journal rows, in the order of the calls.
 pub(super) fn journal_steps(plan: &Plan) -> Vec<NewStep> {
@@ -36,12 +43,83 @@ pub(super) fn into_journal_steps(steps: Vec<Step>) -> Vec<NewStep> {
         .collect()
 }
 
-/// Rows back as the steps they journal, consuming them (each XML parsed
-/// again); `None` when a row cannot be read back.
-pub(super) fn from_journal_steps(rows: Vec<NewStep>) -> Option<Vec<Step>> {
-    rows.into_iter()
-        .map(|r| step(r.op, r.xml.as_deref(), r.before))
-        .collect()
+/// The steps one round makes, each with its journal sequence number.
+pub(super) enum RoundSteps {
+    /// A plan made in memory, its rows already journaled.
+    Planned(std::iter::Zip<std::vec::IntoIter<Step>, std::vec::IntoIter<u32>>),
+    /// The phase's journaled steps `next..end`, read back a batch at a
+    /// time: a long chain's steps are megabytes, never all held at once.
+    Journaled {
+        /// The next sequence number to read.
+        next: u32,
+        /// One past the last.
+        end: u32,
+        /// Read and not yet made.
+        batch: VecDeque<(Step, u32)>,
+    },
+}
+
+/// What [`RoundSteps::next`] gives.
+pub(super) enum Next {
+    /// The next step and its sequence number.
+    Step(Step, u32),
+    /// No step left.
+    End,
+    /// A journaled row cannot be read back as a step: the round plans
+    /// afresh from libvirt instead.
+    Unreadable,
+}
+
+impl RoundSteps {
+    /// A plan's steps and their sequence numbers.
+    pub(super) fn planned(plan: Plan, seqs: Vec<u32>) -> Self {
+        RoundSteps::Planned(plan.steps.into_iter().zip(seqs))
+    }
+
+    /// The first `count` steps journaled for the phase.
+    pub(super) fn journaled(count: u32) -> Self {
+        RoundSteps::Journaled {
+            next: 0,
+            end: count,
+            batch: VecDeque::new(),
+        }
+    }
+
+    /// The next step, reading the next batch of rows when it is needed.
+    pub(super) fn next(
+        &mut self,
+        journal: &Journal,
+        txn: Uuid,
+        phase: StepPhase,
+    ) -> Result<Next, JournalError> {
+        match self {
+            RoundSteps::Planned(steps) => {
+                Ok(steps.next().map_or(Next::End, |(s, q)| Next::Step(s, q)))
+            }
+            RoundSteps::Journaled { next, end, batch } => {
+                if batch.is_empty() && *next < *end {
+                    let limit = BATCH.min((*end - *next) as usize);
+                    for r in journal.steps_from(txn, phase, *next, limit)? {
+                        if r.seq >= *end {
+                            break;
+                        }
+                        let Some(s) = step(r.step.op, r.step.xml.as_deref(), r.step.before) else {
+                            return Ok(Next::Unreadable);
+                        };
+                        *next = r.seq + 1;
+                        batch.push_back((s, r.seq));
+                    }
+                    if batch.is_empty() {
+                        // Fewer rows than journaled: not the steps begun with.
+                        return Ok(Next::Unreadable);
+                    }
+                }
+                Ok(batch
+                    .pop_front()
+                    .map_or(Next::End, |(s, q)| Next::Step(s, q)))
+            }
+        }
+    }
 }
 
 /// A phase's journaled steps as the planner replays them, with their

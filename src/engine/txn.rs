@@ -11,7 +11,7 @@ use uuid::Uuid;
 
 use super::arrivals::{without_arrivals, Known};
 use super::report::{Outcome, Policy, Recovered, SyncReport};
-use super::steps::{from_journal_steps, into_journal_steps, journal_steps, replayable};
+use super::steps::{into_journal_steps, journal_steps, replayable, Next, RoundSteps};
 use super::{reapply, Store};
 use crate::backend::{Backend, BackendError, BackendErrorKind};
 use crate::bitmaps::{Bad, BitmapPolicy, Checked};
@@ -366,13 +366,11 @@ impl Store {
         self.busy_if_open(domain, self.journal.begin(new)?)?;
         self.point("txn.intent_committed");
         info!(steps = steps.len(), "intent committed");
-        // The journaled steps drive the calls (a row that cannot be read
-        // back: the phase plans from libvirt and the journal instead).
-        let first = from_journal_steps(steps).map(|steps| Plan {
-            steps,
-            unchanged: Vec::new(),
-            warnings: Vec::new(),
-        });
+        // The journaled steps drive the calls, read back a batch at a time
+        // (a row that cannot be read back: the phase plans from libvirt and
+        // the journal instead).
+        let first = u32::try_from(steps.len()).ok();
+        drop(steps);
         let mut txn = Txn {
             id,
             domain,
@@ -474,7 +472,7 @@ impl Store {
         txn: &mut Txn<'_>,
         phase: StepPhase,
         goal: &[CheckpointDef],
-        first: Option<Plan>,
+        first: Option<u32>,
     ) -> std::result::Result<(), PhaseError> {
         let mut plan_given = first;
         let mut lost = 0u32;
@@ -527,16 +525,13 @@ impl Store {
         txn: &mut Txn<'_>,
         phase: StepPhase,
         goal: &[CheckpointDef],
-        given: Option<Plan>,
+        given: Option<u32>,
     ) -> std::result::Result<bool, PhaseError> {
         let domain = txn.domain;
         let id = txn.id;
         let lost = |op| backend_err(domain, op, Some(id));
-        let (plan, seqs) = match given {
-            Some(p) => {
-                let n = p.steps.len() as u32;
-                (p, (0..n).collect::<Vec<u32>>())
-            }
+        let (mut steps, total) = match given {
+            Some(n) => (RoundSteps::journaled(n), u64::from(n)),
             None => {
                 let current = backend
                     .list(domain)
@@ -553,14 +548,21 @@ impl Store {
                 }
                 let plan = plan_from(&current, &goal, &at.current);
                 let seqs = self.match_steps(txn.id, phase, &plan, &journaled, at.made)?;
-                (plan, seqs)
+                let total = plan.steps.len() as u64;
+                (RoundSteps::planned(plan, seqs), total)
             }
         };
-        let total = plan.steps.len() as u64;
         let mut done = 0;
         self.report_progress(txn, phase, done, total)
             .map_err(PhaseError::Other)?;
-        for (step, seq) in plan.steps.iter().zip(seqs) {
+        loop {
+            let (step, seq) = match steps.next(&self.journal, txn.id, phase)? {
+                Next::Step(step, seq) => (step, seq),
+                Next::End => break,
+                // Plan afresh from libvirt in the next round.
+                Next::Unreadable => return Ok(false),
+            };
+            let step = &step;
             self.point("step.before_call");
             if !self.journal.still_owns(txn.id, &self.owner)? {
                 return Err(PhaseError::Other(Error::TakenOver {
@@ -630,9 +632,6 @@ impl Store {
                 }
             }
         }
-        // The plan holds a copy of every definition: let it go before
-        // libvirt's listing makes another.
-        drop(plan);
         let after = backend
             .list(domain)
             .map_err(|e| PhaseError::Other(lost("list")(e)))?;

@@ -31,6 +31,10 @@ const STEPS: &str =
     "SELECT phase, seq, op, checkpoint, xml, before_json, state, detail FROM steps \
      WHERE txn_id = ?1 AND phase = ?2 ORDER BY seq";
 
+const STEPS_FROM: &str =
+    "SELECT phase, seq, op, checkpoint, xml, before_json, state, detail FROM steps \
+     WHERE txn_id = ?1 AND phase = ?2 AND seq >= ?3 ORDER BY seq LIMIT ?4";
+
 impl Journal {
     /// Mark one step done and count its libvirt call.
     ///
@@ -122,6 +126,26 @@ impl Journal {
     pub fn steps(&self, txn: Uuid, phase: StepPhase) -> Result<Vec<StepRecord>> {
         self.conn()
             .all(STEPS, params![txn.to_string(), phase], read_step)
+    }
+
+    /// At most `limit` steps of a phase from sequence number `from` on, in
+    /// order: a long phase read back a batch at a time.
+    ///
+    /// # Errors
+    ///
+    /// SQLite errors.
+    pub fn steps_from(
+        &self,
+        txn: Uuid,
+        phase: StepPhase,
+        from: u32,
+        limit: usize,
+    ) -> Result<Vec<StepRecord>> {
+        self.conn().all(
+            STEPS_FROM,
+            params![txn.to_string(), phase, from, limit as i64],
+            read_step,
+        )
     }
 }
 

@@ -48,6 +48,59 @@ fn a_sync_redefines_each_missing_checkpoint_once_and_a_resync_nothing() {
 }
 
 #[test]
+fn a_long_sync_is_driven_by_its_journaled_steps_a_batch_at_a_time() {
+    // More steps than one batch read back from the journal, and not a
+    // multiple of it: every one made once, parent first, each marked done.
+    let fake = fake_with_domain();
+    let j = TempJournal::new();
+    let store = j.store(1);
+    let r = store.sync(&fake, linear_chain(600, 2)).unwrap();
+    assert_eq!(r.outcome, Outcome::Committed);
+    assert_eq!((r.libvirt_calls, fake.calls(Op::Redefine)), (600, 600));
+    assert!(same_content(&fake.peek(DOMAIN), &defs(600)));
+    let h = &store.history(DOMAIN, 1).unwrap().transactions[0];
+    assert_eq!((h.done, h.total, h.checkpoints), (600, 600, 600));
+}
+
+#[test]
+fn a_journaled_step_that_cannot_be_read_back_is_planned_again_from_libvirt() {
+    // Someone damages the step row 300 of the intent just committed: the
+    // steps before it are made as journaled, then the phase plans the rest
+    // from libvirt, and the sync still ends with libvirt at its target.
+    let fake = fake_with_domain();
+    let j = TempJournal::new();
+    let path = j.path();
+    let hook: Hook = Arc::new(move |p| {
+        if p == "txn.intent_committed" {
+            let conn = rusqlite::Connection::open(&path).unwrap();
+            let n = conn
+                .execute(
+                    "UPDATE steps SET xml = '<domaincheckpoint' WHERE seq = 300",
+                    [],
+                )
+                .unwrap();
+            assert_eq!(n, 1);
+        }
+    });
+    let store = Store::open_with(
+        j.path(),
+        StoreOptions {
+            seams: ckptstore::testing::Seams {
+                hook: Some(hook),
+                ..Default::default()
+            },
+            ..StoreOptions::default()
+        },
+    )
+    .unwrap();
+    let r = store.sync(&fake, linear_chain(600, 2)).unwrap();
+    assert_eq!(r.outcome, Outcome::Committed);
+    assert_eq!(fake.calls(Op::Redefine), 600, "each checkpoint once");
+    assert!(same_content(&fake.peek(DOMAIN), &defs(600)));
+    assert!(store.status(None).unwrap().incomplete.is_empty());
+}
+
+#[test]
 fn a_prefix_costs_only_the_rest() {
     let fake = fake_with_domain();
     fake.set_checkpoints(DOMAIN, defs(12)[..7].to_vec());
