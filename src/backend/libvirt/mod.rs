@@ -144,13 +144,15 @@ fn unreadable(e: crate::xml::XmlError) -> BackendError {
 
 impl Backend for LibvirtBackend {
     fn list(&self, domain: &str) -> Result<Vec<CheckpointDef>, BackendError> {
-        let xmls: Vec<String> = self.on_domain(domain, |dom| {
+        // Each XML is parsed as it arrives: 10,000 checkpoints' XML is
+        // megabytes, never all held next to their definitions.
+        let defs: Vec<Result<CheckpointDef, BackendError>> = self.on_domain(domain, |dom| {
             ffi::list_all(dom, ffi::LIST_TOPOLOGICAL)?
                 .iter()
-                .map(|c| c.xml_desc(ffi::XML_NO_DOMAIN))
+                .map(|c| c.xml_desc(ffi::XML_NO_DOMAIN).map(|x| parse(&x)))
                 .collect()
         })?;
-        xmls.iter().map(|x| parse(x)).collect()
+        defs.into_iter().collect()
     }
 
     fn redefine(&self, domain: &str, xml: &str, validate: bool) -> Result<(), BackendError> {
