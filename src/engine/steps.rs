@@ -60,6 +60,7 @@ pub(super) enum RoundSteps {
 }
 
 /// What [`RoundSteps::next`] gives.
+#[allow(clippy::large_enum_variant)] // one at a time, moved out at once
 pub(super) enum Next {
     /// The next step and its sequence number.
     Step(Step, u32),
