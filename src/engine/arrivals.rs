@@ -145,21 +145,8 @@ pub(super) fn without_arrivals<'l>(
 
 #[cfg(test)]
 mod tests {
+    use super::super::reapply::tests::{def, names};
     use super::*;
-
-    fn def(name: &str, parent: Option<&str>, t: i64) -> CheckpointDef {
-        CheckpointDef {
-            name: name.into(),
-            parent: parent.map(Into::into),
-            creation_time: t,
-            description: None,
-            disks: [("vda".to_string(), name.to_string())].into(),
-        }
-    }
-
-    fn names(defs: &[CheckpointDef]) -> Vec<&str> {
-        defs.iter().map(|d| d.name.as_str()).collect()
-    }
 
     #[test]
     fn a_checkpoint_made_after_a_transaction_began_stays_under_its_nearest_kept_ancestor() {

@@ -321,10 +321,11 @@ pub(super) fn with_defs(chain: &Chain, adopted: &[CheckpointDef]) -> Chain {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
 
-    fn def(name: &str, parent: Option<&str>, t: i64) -> CheckpointDef {
+    /// A checkpoint on one disk, `vda`, whose bitmap is its name.
+    pub(in crate::engine) fn def(name: &str, parent: Option<&str>, t: i64) -> CheckpointDef {
         CheckpointDef {
             name: name.into(),
             parent: parent.map(Into::into),
@@ -334,7 +335,8 @@ mod tests {
         }
     }
 
-    fn names(defs: &[CheckpointDef]) -> Vec<&str> {
+    /// The names, in order.
+    pub(in crate::engine) fn names(defs: &[CheckpointDef]) -> Vec<&str> {
         defs.iter().map(|d| d.name.as_str()).collect()
     }
 
