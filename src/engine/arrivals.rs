@@ -17,9 +17,32 @@ use std::collections::{HashMap, HashSet};
 
 use tracing::warn;
 
-use super::reapply::{add_extras, Extra, Reconciled};
+use super::reapply::{add_extras, with_defs, Extra, Reconciled};
 use super::txn::Txn;
-use crate::chain::CheckpointDef;
+use crate::chain::{Chain, CheckpointDef};
+
+/// The chain that describes what a transaction applied, when newcomers
+/// made it differ from its target: the chain's header (vm id, disks, scope)
+/// with the applied checkpoints within its scope, so that the committed
+/// chain, and `export`, show what libvirt holds. `None` for a transaction
+/// that had no chain (an import keeps definitions only).
+pub(super) fn applied_chain(chain: Option<&Chain>, applied: &[CheckpointDef]) -> Option<Chain> {
+    let c = chain?;
+    let scope = c.scope.as_deref().filter(|s| !s.is_empty());
+    let header = Chain {
+        vm_id: c.vm_id,
+        domain: c.domain.clone(),
+        scope: c.scope.clone(),
+        disks: c.disks.clone(),
+        checkpoints: Vec::new(),
+    };
+    let ours: Vec<CheckpointDef> = applied
+        .iter()
+        .filter(|d| scope.is_none_or(|s| d.name.starts_with(s)))
+        .cloned()
+        .collect();
+    Some(with_defs(&header, &ours))
+}
 
 /// What a transaction knows: each checkpoint name of its before-image and
 /// target, with the newest creation time it knows under that name.

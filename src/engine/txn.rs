@@ -9,7 +9,7 @@ use std::time::Instant;
 use tracing::{debug, info, info_span, warn};
 use uuid::Uuid;
 
-use super::arrivals::{without_arrivals, Known};
+use super::arrivals::{applied_chain, without_arrivals, Known};
 use super::report::{Outcome, Policy, Recovered, SyncReport};
 use super::steps::{into_journal_steps, journal_steps, replayable, Next, RoundSteps};
 use super::{reapply, Store};
@@ -155,6 +155,10 @@ impl Store {
                             TxnEvent::Commit,
                             self.opts.history,
                             txn.applied.as_deref(),
+                            txn.applied
+                                .as_deref()
+                                .and_then(|a| applied_chain(t.chain.as_ref(), a))
+                                .as_ref(),
                         )?;
                         self.point("txn.finished");
                         Outcome::Committed
@@ -391,6 +395,10 @@ impl Store {
                     TxnEvent::Commit,
                     self.opts.history,
                     txn.applied.as_deref(),
+                    txn.applied
+                        .as_deref()
+                        .and_then(|a| applied_chain(chain, a))
+                        .as_ref(),
                 )?;
                 self.point("txn.finished");
                 report.outcome = Outcome::Committed;

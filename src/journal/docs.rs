@@ -59,9 +59,15 @@ const INSERT_COMMITTED: &str = "INSERT INTO domains \
      (domain, txn_id, committed_at, checkpoints, chain_json, defs_json) \
      VALUES (:domain, :txn, :now, :checkpoints, :chain, :defs)";
 
-/// The chain as given.
-pub(super) fn put_chain(conn: &Connection, txn: &str, chain: &Chain) -> Result<()> {
-    put(conn, txn, Doc::Chain, None, chain)
+/// The chain, replacing the one the transaction had; `None` leaves it
+/// without one.
+pub(super) fn put_chain(conn: &Connection, txn: &str, chain: Option<&Chain>) -> Result<()> {
+    let name = Doc::Chain.name();
+    conn.exec(DELETE_DOC, named_params! {":txn": txn, ":name": name})?;
+    match chain {
+        Some(chain) => put(conn, txn, Doc::Chain, None, chain),
+        None => Ok(()),
+    }
 }
 
 /// Definitions (the target or the before-image), replacing the ones the
@@ -318,7 +324,7 @@ mod tests {
         // What a commit records as applied replaces the target, and is what
         // `domains` then holds.
         let applied = defs(1_501, "a");
-        j.finish_applied(id, TxnEvent::Commit, 10, Some(&applied))
+        j.finish_applied(id, TxnEvent::Commit, 10, Some(&applied), None)
             .unwrap();
         assert_eq!(j.txn(id).unwrap().target, applied);
         let c = j.committed("d").unwrap().unwrap();

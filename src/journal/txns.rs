@@ -15,7 +15,7 @@ use super::steps::insert_steps;
 use super::types::{FINISHED_STATES, OPEN_STATES};
 use super::{now, Journal, JournalError, Result, Sql};
 use super::{Begin, NewTxn, StepPhase, TxnEvent, TxnKind, TxnState};
-use crate::chain::CheckpointDef;
+use crate::chain::{Chain, CheckpointDef};
 use crate::owner::Owner;
 
 const INSERT_TXN: &str = "INSERT INTO txns (id, domain, kind, state, \
@@ -132,13 +132,15 @@ impl Journal {
     ///
     /// As [`Journal::transition`].
     pub fn finish(&self, txn: Uuid, event: TxnEvent, keep: usize) -> Result<TxnState> {
-        self.finish_applied(txn, event, keep, None)
+        self.finish_applied(txn, event, keep, None, None)
     }
 
     /// [`Journal::finish`], recording first what the transaction applied
     /// when it differs from the target it began with (checkpoints that
     /// appeared meanwhile were kept): with `Commit`, that becomes the
-    /// domain's committed chain's definitions.
+    /// domain's committed chain's definitions, and `chain` (the chain that
+    /// describes them, if the transaction had one) its chain, so that an
+    /// export shows what libvirt holds.
     ///
     /// # Errors
     ///
@@ -149,11 +151,13 @@ impl Journal {
         event: TxnEvent,
         keep: usize,
         applied: Option<&[CheckpointDef]>,
+        chain: Option<&Chain>,
     ) -> Result<TxnState> {
         self.write(|tx| {
             let id = txn.to_string();
             if let Some(defs) = applied {
                 docs::put_defs(tx, &id, Doc::Target, defs)?;
+                docs::put_chain(tx, &id, chain)?;
             }
             let state = txn_state(tx, &id)?;
             let next = state
@@ -251,9 +255,7 @@ fn insert_txn(conn: &Connection, t: &NewTxn<'_>, state: TxnState, ts: &str) -> R
             (!state.is_open()).then_some(ts),
         ],
     )?;
-    if let Some(chain) = t.chain {
-        docs::put_chain(conn, &id, chain)?;
-    }
+    docs::put_chain(conn, &id, t.chain)?;
     docs::put_defs(conn, &id, Doc::Target, t.target)?;
     docs::put_defs(conn, &id, Doc::Before, t.before)
 }

@@ -483,6 +483,17 @@ fn backup_then_recover(case: &Case, backup: Backup, k: u64, label: &str) -> u64 
                 "{label}: committed {:#?}",
                 committed.defs
             );
+            // And the exported chain describes it: a sync of it changes
+            // nothing, the newcomer kept.
+            let exported = j.store(902).export(&fake, DOMAIN).unwrap();
+            assert!(
+                same_content(
+                    &exported.clone().validate().unwrap().defs(),
+                    &fake_list(&fake)
+                ),
+                "{label}: exported {:#?}",
+                exported.checkpoints
+            );
         }
     }
     assert!(j.store(900).status(None).unwrap().incomplete.is_empty());
