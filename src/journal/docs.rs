@@ -271,9 +271,8 @@ mod tests {
 
     use uuid::Uuid;
 
-    use super::super::{Begin, Journal, NewTxn, TxnEvent, TxnKind};
+    use super::super::{Journal, TxnEvent};
     use crate::chain::CheckpointDef;
-    use crate::owner::Owner;
 
     /// `n` definitions on 4 disks: about 250 bytes of JSON each.
     fn defs(n: usize, tag: &str) -> Vec<CheckpointDef> {
@@ -292,24 +291,7 @@ mod tests {
     }
 
     fn begin(j: &Journal, target: &[CheckpointDef], before: &[CheckpointDef]) -> Uuid {
-        let owner = Owner {
-            pid: 1,
-            boot_id: "test".into(),
-            start: 1,
-        };
-        let id = Uuid::new_v4();
-        let new = NewTxn {
-            id,
-            domain: "d",
-            kind: TxnKind::Sync,
-            chain: None,
-            target,
-            before,
-            owner: &owner,
-            steps: &[],
-        };
-        assert_eq!(j.begin(new).unwrap(), Begin::Started);
-        id
+        super::super::tests::begin(j, target, before, &[])
     }
 
     #[test]

@@ -366,6 +366,7 @@ mod tests {
     use uuid::Uuid;
 
     use super::*;
+    use crate::chain::CheckpointDef;
     use crate::owner::Owner;
 
     fn synchronous(conn: &Connection) -> i64 {
@@ -376,11 +377,6 @@ mod tests {
     /// A journal holding one open transaction of two steps.
     pub(in crate::journal) fn journal_with_txn(dir: &Path) -> (Journal, Uuid) {
         let j = Journal::open(&dir.join("journal.db")).unwrap();
-        let owner = Owner {
-            pid: 1,
-            boot_id: "test".into(),
-            start: 1,
-        };
         let step = NewStep {
             op: StepOp::Delete,
             checkpoint: "c".into(),
@@ -388,19 +384,35 @@ mod tests {
             before: None,
             detail: None,
         };
+        let id = begin(&j, &[], &[], &[step.clone(), step]);
+        (j, id)
+    }
+
+    /// A new open sync of domain `d`, begun: its id.
+    pub(in crate::journal) fn begin(
+        j: &Journal,
+        target: &[CheckpointDef],
+        before: &[CheckpointDef],
+        steps: &[NewStep],
+    ) -> Uuid {
+        let owner = Owner {
+            pid: 1,
+            boot_id: "test".into(),
+            start: 1,
+        };
         let id = Uuid::new_v4();
         let new = NewTxn {
             id,
             domain: "d",
             kind: TxnKind::Sync,
             chain: None,
-            target: &[],
-            before: &[],
+            target,
+            before,
             owner: &owner,
-            steps: &[step.clone(), step],
+            steps,
         };
         assert_eq!(j.begin(new).unwrap(), Begin::Started);
-        (j, id)
+        id
     }
 
     #[test]
