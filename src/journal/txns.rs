@@ -24,15 +24,13 @@ const INSERT_TXN: &str = "INSERT INTO txns (id, domain, kind, state, \
 
 const TXN_STATE: &str = "SELECT state FROM txns WHERE id = ?1";
 
-const TXN_DOMAIN: &str = "SELECT domain FROM txns WHERE id = ?1";
+const TXN_DOMAIN_KIND: &str = "SELECT domain, kind FROM txns WHERE id = ?1";
 
 const SET_STATE: &str = "UPDATE txns SET state = :state, updated_at = :now, \
      error = COALESCE(:error, error) WHERE id = :id";
 
 const SET_FINISHED: &str =
     "UPDATE txns SET state = :state, updated_at = :now, finished_at = :now WHERE id = :id";
-
-const TXN_KIND: &str = "SELECT domain, kind FROM txns WHERE id = ?1";
 
 static PRUNE: LazyLock<String> = LazyLock::new(|| {
     format!(
@@ -95,7 +93,7 @@ impl Journal {
             let ts = now();
             insert_txn(tx, &t, TxnState::Committed, &ts)?;
             let id = t.id.to_string();
-            commit_target(tx, &id, &ts)?;
+            commit_target(tx, &id, t.domain, t.kind, &ts)?;
             count_finished(tx, &id, &ts)?;
             prune(tx, t.domain, keep)?;
             Ok(Begin::Started)
@@ -169,11 +167,13 @@ impl Journal {
                 SET_FINISHED,
                 named_params! {":id": id, ":state": next, ":now": ts},
             )?;
+            let (domain, kind): (String, TxnKind) = tx.one(TXN_DOMAIN_KIND, [&id], |r| {
+                Ok((r.get("domain")?, r.get("kind")?))
+            })?;
             if next == TxnState::Committed {
-                commit_target(tx, &id, &ts)?;
+                commit_target(tx, &id, &domain, kind, &ts)?;
             }
             count_finished(tx, &id, &ts)?;
-            let domain: String = tx.one(TXN_DOMAIN, [&id], |r| r.get("domain"))?;
             prune(tx, &domain, keep)?;
             Ok(next)
         })
@@ -236,9 +236,9 @@ fn not_allowed(what: &str, event: TxnEvent, state: TxnState) -> JournalError {
     )
 }
 
-/// Insert a transaction row in `state` (a finished one gets `finished_at`).
-/// The transaction's row, then its documents, each written in pieces
-/// (`docs`): a long chain's are megabytes.
+/// Insert a transaction row in `state` (a finished one gets `finished_at`),
+/// then its documents, each written in pieces (`docs`): a long chain's are
+/// megabytes.
 fn insert_txn(conn: &Connection, t: &NewTxn<'_>, state: TxnState, ts: &str) -> Result<()> {
     let id = t.id.to_string();
     conn.exec(
@@ -262,13 +262,11 @@ fn insert_txn(conn: &Connection, t: &NewTxn<'_>, state: TxnState, ts: &str) -> R
 
 /// Make a transaction's target its domain's committed chain. An `ensure`
 /// makes one checkpoint usable and leaves the committed chain as it is.
-fn commit_target(conn: &Connection, id: &str, ts: &str) -> Result<()> {
-    let (domain, kind): (String, TxnKind) =
-        conn.one(TXN_KIND, [id], |r| Ok((r.get("domain")?, r.get("kind")?)))?;
+fn commit_target(conn: &Connection, id: &str, domain: &str, kind: TxnKind, ts: &str) -> Result<()> {
     if kind == TxnKind::Ensure {
         return Ok(());
     }
-    docs::commit(conn, &domain, id, ts)
+    docs::commit(conn, domain, id, ts)
 }
 
 /// Keep the newest `keep` finished transactions of a domain; open ones are
