@@ -150,16 +150,7 @@ impl Store {
             (TxnState::Applying, Policy::Resume) => {
                 match self.run_phase(backend, &mut txn, StepPhase::Apply, &t.target, None) {
                     Ok(()) => {
-                        self.journal.finish_applied(
-                            t.id,
-                            TxnEvent::Commit,
-                            self.opts.history,
-                            txn.applied.as_deref(),
-                            txn.applied
-                                .as_deref()
-                                .and_then(|a| applied_chain(t.chain.as_ref(), a))
-                                .as_ref(),
-                        )?;
+                        self.commit(&txn, t.chain.as_ref())?;
                         self.point("txn.finished");
                         Outcome::Committed
                     }
@@ -390,16 +381,7 @@ impl Store {
         report.foreign.append(&mut txn.arrived);
         match applied {
             Ok(()) => {
-                self.journal.finish_applied(
-                    id,
-                    TxnEvent::Commit,
-                    self.opts.history,
-                    txn.applied.as_deref(),
-                    txn.applied
-                        .as_deref()
-                        .and_then(|a| applied_chain(chain, a))
-                        .as_ref(),
-                )?;
+                self.commit(&txn, chain)?;
                 self.point("txn.finished");
                 report.outcome = Outcome::Committed;
                 report.libvirt_calls = txn.calls;
@@ -426,6 +408,22 @@ impl Store {
             }
             Err(PhaseError::Other(e)) => Err(e),
         }
+    }
+
+    /// Commit a transaction whose apply phase verified. When newcomers made
+    /// what it applied differ from its target, that is recorded, with the
+    /// chain that describes it (`chain`: the transaction's own, if any).
+    fn commit(&self, txn: &Txn<'_>, chain: Option<&Chain>) -> Result<()> {
+        let applied = txn.applied.as_deref();
+        let described = applied.and_then(|a| applied_chain(chain, a));
+        self.journal.finish_applied(
+            txn.id,
+            TxnEvent::Commit,
+            self.opts.history,
+            applied,
+            described.as_ref(),
+        )?;
+        Ok(())
     }
 
     /// libvirt refused a step of the apply phase: restore the before-image
