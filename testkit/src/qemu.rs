@@ -173,6 +173,60 @@ pub fn running_bitmaps(uri: &str, domain: &str, path: &Path) -> Vec<String> {
     names
 }
 
+/// `qemu-io` holding a qcow2 image open for writing: QEMU marks every
+/// bitmap the image holds in use at once. Killed with SIGKILL (by the
+/// child's own pid) by [`InUseWriter::kill`] or when dropped, so a failing
+/// test leaves no `qemu-io` behind.
+pub struct InUseWriter(Child);
+
+impl InUseWriter {
+    /// Start the writer and return once `qemu-img info` shows a bitmap of
+    /// `image` in use (the image needs one).
+    pub fn start(image: &Path) -> InUseWriter {
+        let child = Command::new("qemu-io")
+            .args(["-f", "qcow2", "-c", "sleep 60000"])
+            .arg(image)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("qemu-io starts");
+        let mut writer = InUseWriter(child);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !info_bitmaps(&info(image)).iter().any(|b| b.2) {
+            assert!(
+                Instant::now() < deadline,
+                "qemu-io never marked the bitmap in use"
+            );
+            assert!(
+                writer.0.try_wait().unwrap().is_none(),
+                "qemu-io exited early"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        writer
+    }
+
+    /// SIGKILL: the bitmaps stay marked in use, as after a crashed QEMU.
+    pub fn kill(mut self) {
+        self.0.kill().unwrap();
+        self.0.wait().unwrap();
+    }
+}
+
+impl Drop for InUseWriter {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Leave every bitmap `image` holds now in use: a writer opens it and is
+/// killed with SIGKILL.
+pub fn leave_in_use(image: &Path) {
+    InUseWriter::start(image).kill();
+}
+
 /// `qemu-io` holding an image open (QEMU's write lock) until dropped.
 pub struct ImageHolder(Child);
 

@@ -9,15 +9,14 @@ use testkit::support;
 
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Command, Stdio};
 
 use chrono::DateTime;
 use ckptstore::{
     validate, Backend, BitmapPolicy, Chain, Checkpoint, CheckpointAction, InconsistentReason,
     LibvirtBackend, Store, StoreOptions,
 };
-use qemu::{info, info_bitmaps};
+use qemu::{info, info_bitmaps, leave_in_use, InUseWriter};
 use support::TestDomain;
 use uuid::Uuid;
 
@@ -39,43 +38,6 @@ fn bitmaps_of(image: &Path) -> Vec<String> {
         .collect();
     v.sort();
     v
-}
-
-/// Kills its child with SIGKILL (by the child's own pid) if the test fails.
-struct KillOnDrop(Child);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// Leave every bitmap the image holds now in use: a writer opens it and
-/// is killed with SIGKILL.
-fn leave_in_use(image: &Path) {
-    let child = Command::new("qemu-io")
-        .args(["-f", "qcow2", "-c", "sleep 60000", image.to_str().unwrap()])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("qemu-io starts");
-    let mut writer = KillOnDrop(child);
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !info_bitmaps(&info(image)).iter().any(|b| b.2) {
-        assert!(
-            Instant::now() < deadline,
-            "qemu-io never marked the bitmap in use"
-        );
-        assert!(
-            writer.0.try_wait().unwrap().is_none(),
-            "qemu-io exited early"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    writer.0.kill().unwrap();
-    writer.0.wait().unwrap();
 }
 
 /// A line of checkpoints over every disk of `dom`, named `names`.
@@ -247,21 +209,8 @@ fn reclaim_refuses_an_image_another_process_holds() {
     let journal = tempfile::tempdir().unwrap();
     let store = Store::open(journal.path().join("journal.db")).unwrap();
     let backend = LibvirtBackend::connect(support::SYSTEM_URI).unwrap();
-    let child = Command::new("qemu-io")
-        .args(["-f", "qcow2", "-c", "sleep 60000"])
-        .arg(&dom.images[0])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("qemu-io starts");
-    let holder = KillOnDrop(child);
     // qemu-io has the image open once it marked the bitmap in use.
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !info_bitmaps(&info(&dom.images[0])).iter().any(|b| b.2) {
-        assert!(Instant::now() < deadline, "qemu-io never opened the image");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let holder = InUseWriter::start(&dom.images[0]);
     let before = sha256(&dom.images[0]);
     let err = store.reclaim(&backend, &dom.name, true).unwrap_err();
     assert!(

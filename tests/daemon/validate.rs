@@ -13,8 +13,6 @@ use std::collections::BTreeMap;
 use std::fs::OpenOptions;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
 
 use chrono::DateTime;
 use ckptstore::testing::render_checkpoint;
@@ -22,7 +20,7 @@ use ckptstore::{
     validate, Backend, BitmapPolicy, Chain, Checkpoint, FindingKind as K, LibvirtBackend, Report,
     Store, StoreOptions,
 };
-use qemu::{info, info_bitmaps, qemu_img};
+use qemu::{leave_in_use, qemu_img};
 use support::TestDomain;
 use uuid::Uuid;
 
@@ -154,16 +152,6 @@ fn clean_domain_is_ok_with_the_leaf_usable() {
     assert!(r.journal_txn.is_some());
 }
 
-/// Kills its child with SIGKILL (by the child's own pid) if the test fails.
-struct KillOnDrop(Child);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 #[test]
 fn in_use_bitmap_after_a_killed_writer_is_inconsistent() {
     let f = Fixture::new("v-inuse", 1, 2);
@@ -171,29 +159,7 @@ fn in_use_bitmap_after_a_killed_writer_is_inconsistent() {
     // Only the leaf's bitmap exists while the writer runs, so only it is
     // left in use; the root's is added after.
     f.dom.add_bitmap(0, f.name(1));
-    let child = Command::new("qemu-io")
-        .args(["-f", "qcow2", "-c", "sleep 60000", img.to_str().unwrap()])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("qemu-io starts");
-    let mut writer = KillOnDrop(child);
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !info_bitmaps(&info(img)).iter().any(|b| b.2) {
-        assert!(
-            Instant::now() < deadline,
-            "qemu-io never marked the bitmap in use"
-        );
-        assert!(
-            writer.0.try_wait().unwrap().is_none(),
-            "qemu-io exited early"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    writer.0.kill().unwrap();
-    writer.0.wait().unwrap();
-    drop(writer);
+    leave_in_use(img);
     f.dom.add_bitmap(0, f.name(0));
     f.sync();
 

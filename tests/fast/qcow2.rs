@@ -5,15 +5,14 @@ use testkit::qemu;
 
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
 
 use ckptstore::testing::qcow2::{
     read_chain, read_image, Backing, BackingChain, ChainEnd, Image, Qcow2Error,
 };
 use qemu::{
     add_bitmap, create, disable_bitmap, info, info_bitmaps, info_chain, qemu_img, qemu_img_output,
-    InfoBitmap,
+    InUseWriter, InfoBitmap,
 };
 use serde_json::Value;
 
@@ -400,50 +399,18 @@ fn version_2_image() {
     assert_eq!(chain.layers.len(), 2);
 }
 
-/// Kills its child with SIGKILL when dropped, so a failing test leaves no
-/// `qemu-io` behind.
-struct KillOnDrop(Child);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 #[test]
 fn in_use_bitmap_from_a_killed_writer() {
     let dir = tempfile::tempdir().unwrap();
     let img = dir.path().join("a.qcow2");
     create(&img, "1G", &[]);
     add_bitmap(&img, "live", None);
-    let child = Command::new("qemu-io")
-        .args(["-f", "qcow2", "-c", "sleep 60000", img.to_str().unwrap()])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("qemu-io starts");
-    let mut writer = KillOnDrop(child);
-    // A writable open marks every bitmap in use at once; wait for it.
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !info_bitmaps(&info(&img)).iter().any(|b| b.2) {
-        assert!(
-            Instant::now() < deadline,
-            "qemu-io never marked the bitmap in use"
-        );
-        assert!(
-            writer.0.try_wait().unwrap().is_none(),
-            "qemu-io exited early"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    // A writable open marks every bitmap in use at once.
+    let writer = InUseWriter::start(&img);
     // Read while the image is open for writing.
     let live = read_image(&img).unwrap();
     assert!(live.bitmap("live").unwrap().in_use);
-    writer.0.kill().unwrap(); // SIGKILL to this child's pid
-    writer.0.wait().unwrap();
-    drop(writer);
+    writer.kill(); // SIGKILL to this child's pid
 
     add_bitmap(&img, "later", None);
     let image = check(&img);
